@@ -1,0 +1,35 @@
+# Two set-up commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/local
+CKPT := $(RUN_DIR)/checkpoints/tiny
+
+.PHONY: install run test protos clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU build that lies on disk; constraints.txt keeps every
+# later resolution from replacing it.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/cmx checkpoint create --preset tiny --out $(CKPT)
+	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
+		"The CloudMatrix384 supernode serves"
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) runs

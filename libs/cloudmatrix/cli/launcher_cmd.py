@@ -1,0 +1,83 @@
+"""`cmx up / status / down`: run a topology's service processes on this machine."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cloudmatrix.launcher.processes import (
+    StartupError,
+    is_alive,
+    load_state,
+    save_state,
+    spawn,
+    stop_all,
+    wait_healthy,
+)
+from cloudmatrix.launcher.topology import load_topology
+from cloudmatrix.rpc.channel import health_check_sync
+
+DEFAULT_TOPOLOGY = "topologies/local.yaml"
+DEFAULT_RUN_DIR = "runs/local"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start the processes a topology lists and wait until all are SERVING")
+    up.add_argument("--topology", default=DEFAULT_TOPOLOGY)
+    up.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="logs, ready files, spans and state go here")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every health check")
+    up.set_defaults(handler=_up)
+    status = sub.add_parser("status", help="print each process, its address and its health")
+    status.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    status.set_defaults(handler=_status)
+    down = sub.add_parser("down", help="stop the processes gracefully (SIGTERM, then SIGKILL after --grace)")
+    down.add_argument("--run-dir", default=DEFAULT_RUN_DIR)
+    down.add_argument("--grace", type=float, default=15.0)
+    down.set_defaults(handler=_down)
+
+
+def _up(args: argparse.Namespace) -> int:
+    topology = load_topology(args.topology)
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "state.json").exists() and any(map(is_alive, load_state(run_dir))):
+        raise ValueError(f"{run_dir} already runs a topology; stop it first with `cmx down --run-dir {args.run_dir}`")
+    procs = [spawn(spec, run_dir) for spec in topology.processes]
+    records = [r for _, r in procs]
+    save_state(run_dir, topology, records)
+    try:
+        wait_healthy(procs, health_check_sync, args.timeout)
+    except (StartupError, KeyboardInterrupt) as exc:
+        stop_all(records, grace_s=5.0)
+        (run_dir / "state.json").unlink(missing_ok=True)
+        print(f"cmx up: {exc}", file=sys.stderr)
+        return 1
+    save_state(run_dir, topology, records)
+    print(f"topology {topology.name!r}: {len(records)} processes SERVING (run dir {run_dir})")
+    _print_table(records)
+    return 0
+
+
+def _print_table(records) -> None:
+    print(f"{'NAME':<20} {'SERVICE':<14} {'PID':>7}  {'ADDRESS':<22} {'METRICS':>7}  {'HEALTH':<12} LOG")
+    for r in records:
+        health = health_check_sync(r.address, timeout=1.0) if is_alive(r) and r.port else "STOPPED"
+        print(f"{r.name:<20} {r.service:<14} {r.pid:>7}  {r.address:<22} {r.metrics_port or '-':>7}  "
+              f"{health:<12} {r.log}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    records = load_state(Path(args.run_dir).resolve())
+    _print_table(records)
+    return 0 if all(map(is_alive, records)) else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    records = load_state(run_dir)
+    killed = stop_all(records, args.grace)
+    (run_dir / "state.json").unlink()
+    for name in killed:
+        print(f"{name} did not stop within {args.grace:.0f} s and was killed", file=sys.stderr)
+    print(f"stopped {len(records)} processes")
+    return 0

@@ -1,0 +1,30 @@
+"""The `cmx` command line: checkpoints, local generation, and the local process launcher."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cloudmatrix.cli import checkpoint_cmd, generate_cmd, launcher_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmx", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (checkpoint_cmd, generate_cmd, launcher_cmd):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cmx {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Topology files: which service processes a local deployment runs, how many, on which ports."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SERVICES = ("npu_emulator", "ub_fabric", "kvcache", "prefill", "decode", "gateway")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """One process to start: ``python -m services.<service>`` with its config and overrides."""
+
+    name: str
+    service: str
+    host: str
+    port: int  # 0 = let the process pick a free port (it reports it in its ready file)
+    config: str | None
+    overrides: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    processes: tuple[ProcessSpec, ...]
+
+
+def _require(entry: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = entry.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _expand(entry: dict[str, Any], where: str, base_dir: Path) -> list[ProcessSpec]:
+    service = _require(entry, "service", str, where)
+    if service not in SERVICES:
+        raise ValueError(f"{where}.service: unknown service {service!r}; known: {', '.join(SERVICES)}")
+    name = entry.get("name", service)
+    count = entry.get("count", 1)
+    port = entry.get("port", 0)
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"{where}.count: expected a positive int, got {count!r}")
+    if not isinstance(port, int) or not 0 <= port <= 65535 - count:
+        raise ValueError(f"{where}.port: expected 0 (any free port) or a base port, got {port!r}")
+    config = entry.get("config")
+    config = str((base_dir / config).resolve()) if config else None
+    overrides = tuple(f"{k}={v}" for k, v in (entry.get("set") or {}).items())
+    return [
+        ProcessSpec(f"{name}-{i}", service, entry.get("host", "127.0.0.1"), port + i if port else 0, config,
+                    overrides + tuple(o.replace("{index}", str(i)) for o in entry.get("set_each", ())))
+        for i in range(count)
+    ]
+
+
+def parse_topology(raw: dict[str, Any], base_dir: Path) -> Topology:
+    entries = raw.get("services")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("topology.services: expected a non-empty list")
+    processes = [p for i, e in enumerate(entries) for p in _expand(e, f"services[{i}]", base_dir)]
+    names = [p.name for p in processes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"topology.services: process names repeat: {sorted(names)}")
+    return Topology(str(raw.get("name", "local")), tuple(processes))
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"topology file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"topology file {path}: expected a mapping at the top level")
+    return parse_topology(raw, path.parent)

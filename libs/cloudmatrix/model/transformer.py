@@ -1,0 +1,57 @@
+"""The DeepSeek-V3 decoder stack. Module names mirror the Hugging Face checkpoint keys.
+
+Shape legend: B = batch, S = new tokens, D = hidden size, V = vocab.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cloudmatrix.model.attention import LatentKVCache, MLAttention
+from cloudmatrix.model.config import ModelConfig
+from cloudmatrix.model.layers import MLP, RMSNorm
+from cloudmatrix.model.moe import MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        # x: [B, S, D] -> [B, S, D]
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3 for causal LM: ``forward(token_ids, positions, cache) -> logits``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self) -> LatentKVCache:
+        return LatentKVCache.empty(self.cfg.num_hidden_layers)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        # token_ids, positions: [B, S] -> logits [B, S, V] (fp32)
+        x = self.model.embed_tokens(token_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, cache)
+        return self.lm_head(self.model.norm(x)).float()

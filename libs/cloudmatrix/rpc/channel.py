@@ -1,0 +1,69 @@
+"""Outbound gRPC channels with the suite's message limits, and health probes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+UNREACHABLE = "UNREACHABLE"
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size options shared by servers and channels so both sides agree."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def make_channel(
+    target: str,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    credentials: grpc.ChannelCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """A grpc.aio channel to ``target`` ("host:port"); TLS when ``credentials`` is given.
+
+    Looked up on ``grpc.aio`` at call time, so ``instrument_grpc()`` tracing applies.
+    """
+    options = channel_options(max_message_bytes)
+    extra = {"interceptors": list(interceptors)} if interceptors else {}
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, **extra)
+    return grpc.aio.insecure_channel(target, options=options, **extra)
+
+
+async def health_check(target: str, timeout: float = 1.0, service: str = "") -> str:
+    """"SERVING", "NOT_SERVING", "UNKNOWN" (no such service / odd answer) or "UNREACHABLE"."""
+    async with make_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            return _status_for_error(err.code())
+    return _status_name(reply.status)
+
+
+def health_check_sync(target: str, timeout: float = 1.0, service: str = "") -> str:
+    """Blocking ``health_check`` for CLI use (do not call it from a running event loop)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as err:
+            return _status_for_error(err.code())
+    return _status_name(reply.status)
+
+
+def _status_for_error(code: grpc.StatusCode) -> str:
+    return UNREACHABLE if code in _UNREACHABLE_CODES else "UNKNOWN"
+
+
+def _status_name(status: int) -> str:
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    return name if name in ("SERVING", "NOT_SERVING") else "UNKNOWN"

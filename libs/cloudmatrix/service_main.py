@@ -1,0 +1,122 @@
+"""run_service: the main() every service process shares.
+
+    def main() -> None:
+        run_service("npu", NpuConfig, build)   # never returns; exits 0 after a clean drain
+
+Config comes from ``--config FILE``, the environment (``CMX_<NAME>__SECTION__FIELD``, e.g.
+``CMX_NPU__SERVER__PORT=5001``) and repeated ``--set section.field=value`` flags, in increasing
+priority. A bad value exits 2 with one ``config error: <dotted.field>: ...`` line on stderr. This is
+the only place that reads ``os.environ``; everything below receives the frozen config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from cloudmatrix.config import ConfigError, ServerConfig, load_config
+from cloudmatrix.rpc.server import RegistrationLike, ServiceHost
+from cloudmatrix.telemetry.logging import setup_logging
+from cloudmatrix.telemetry.tracing import instrument_grpc, setup_tracing
+
+log = logging.getLogger(__name__)
+
+OnReady = Callable[[ServiceHost], Awaitable[None]]
+OnStop = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ServiceParts:
+    """What a service's ``build(config)`` returns (a ``(registrations, on_ready)`` tuple works too).
+
+    ``on_ready(host)`` runs after the server is bound (``host.port`` is known) and before the
+    services flip to SERVING; ``on_stop()`` runs after the drain, before telemetry is flushed.
+    """
+
+    registrations: Sequence[RegistrationLike]
+    on_ready: OnReady | None = None
+    on_stop: OnStop | None = None
+
+
+Build = Callable[[Any], Awaitable["ServiceParts | tuple[Sequence[RegistrationLike], OnReady | None]"]]
+
+
+def env_prefix(name: str) -> str:
+    """``"npu_emulator"`` -> ``"CMX_NPU_EMULATOR"``."""
+    return "CMX_" + re.sub(r"[^0-9A-Za-z]", "_", name).upper()
+
+
+def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] | None = None) -> NoReturn:
+    """Load config, set up logging/tracing, serve until SIGTERM/SIGINT, drain, exit."""
+    args = _parse_args(name, sys.argv[1:] if argv is None else argv)
+    config = _load_or_exit(name, config_cls, args)
+    server: ServerConfig = config.server
+    service = server.service_name or name
+    _limit_torch_threads()
+    setup_logging(service, server.log_level, server.log_format)
+    provider = setup_tracing(service, otlp_endpoint=server.otlp_endpoint,
+                             span_file=server.span_file(service, os.getpid()))
+    instrument_grpc()
+    try:
+        code = asyncio.run(_serve(service, config, build, provider))
+    except Exception:  # logged as one structured line, then a non-zero exit
+        log.exception("service failed")
+        code = 1
+    raise SystemExit(code)
+
+
+def _parse_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=name, description=f"CloudMatrix-Infer {name} service")
+    parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override one field, e.g. server.port=5001")
+    return parser.parse_args(list(argv))
+
+
+def _load_or_exit(name: str, config_cls: type, args: argparse.Namespace) -> Any:
+    try:
+        config = load_config(config_cls, path=args.config, env=os.environ,
+                             overrides=args.overrides, env_prefix=env_prefix(name))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from err
+    if not isinstance(getattr(config, "server", None), ServerConfig):
+        raise TypeError(f"{config_cls.__name__} needs a field `server: ServerConfig`")
+    return config
+
+
+def _limit_torch_threads() -> None:
+    """One intra-op thread per process: each service process is one die / one worker."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch
+
+    torch.set_num_threads(1)
+
+
+async def _serve(service: str, config: Any, build: Build, provider: Any) -> int:
+    parts = _as_parts(await build(config))
+    host = ServiceHost(config.server, parts.registrations, service=service,
+                       tracer_provider=provider, on_stop=parts.on_stop)
+    async with host:
+        host.install_signal_handlers()
+        if parts.on_ready is not None:
+            await parts.on_ready(host)
+        await host.set_serving()
+        await host.wait()
+    return 0
+
+
+def _as_parts(built: Any) -> ServiceParts:
+    if isinstance(built, ServiceParts):
+        return built
+    registrations, on_ready = built
+    return ServiceParts(registrations=registrations, on_ready=on_ready)

@@ -1,0 +1,84 @@
+from cmx.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("die_id", "world_size", "group")
+    DIE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    die_id: int
+    world_size: int
+    group: str
+    def __init__(self, die_id: _Optional[int] = ..., world_size: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
+
+class TokenPayload(_message.Message):
+    __slots__ = ("hidden", "scales", "token_index", "expert_ids", "weights")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    hidden: _common_pb2.Tensor
+    scales: _common_pb2.Tensor
+    token_index: _common_pb2.Tensor
+    expert_ids: _common_pb2.Tensor
+    weights: _common_pb2.Tensor
+    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scales: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., token_index: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "modeled_send_s", "modeled_arrival_s")
+    SRC_DIE_FIELD_NUMBER: _ClassVar[int]
+    DST_DIE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_FIELD_NUMBER: _ClassVar[int]
+    MODELED_SEND_S_FIELD_NUMBER: _ClassVar[int]
+    MODELED_ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
+    src_die: int
+    dst_die: int
+    round: _common_pb2.RoundId
+    hello: Hello
+    tokens: TokenPayload
+    empty: bool
+    modeled_send_s: float
+    modeled_arrival_s: float
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ("reset",)
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    reset: bool
+    def __init__(self, reset: _Optional[bool] = ...) -> None: ...
+
+class LinkStats(_message.Message):
+    __slots__ = ("src_die", "dst_die", "bytes", "frames", "modeled_transfer_s", "measured_s")
+    SRC_DIE_FIELD_NUMBER: _ClassVar[int]
+    DST_DIE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MODELED_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_S_FIELD_NUMBER: _ClassVar[int]
+    src_die: int
+    dst_die: int
+    bytes: int
+    frames: int
+    modeled_transfer_s: float
+    measured_s: float
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., bytes: _Optional[int] = ..., frames: _Optional[int] = ..., modeled_transfer_s: _Optional[float] = ..., measured_s: _Optional[float] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("links", "rounds_completed", "attached_dies")
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_DIES_FIELD_NUMBER: _ClassVar[int]
+    links: _containers.RepeatedCompositeFieldContainer[LinkStats]
+    rounds_completed: int
+    attached_dies: int
+    def __init__(self, links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., rounds_completed: _Optional[int] = ..., attached_dies: _Optional[int] = ...) -> None: ...

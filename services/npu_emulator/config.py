@@ -1,0 +1,26 @@
+"""npu_emulator configuration: one frozen dataclass, from YAML + env (CMX_NPU_EMULATOR__...) + --set."""
+from __future__ import annotations
+
+import dataclasses
+
+from cloudmatrix.config import ServerConfig
+from cloudmatrix.costmodel.die import ASCEND_910C_DIE
+
+
+@dataclasses.dataclass(frozen=True)
+class NpuEmulatorConfig:
+    server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="npu_emulator"))
+    die_id: int = 0                                  # rank of this die within its instance
+    num_dies: int = 1                                # dies in the instance (the EP world size)
+    hbm_bytes: int = ASCEND_910C_DIE.hbm_bytes      # emulated HBM capacity
+    threads: int = 1                                 # torch intra-op threads for this process
+
+    def __post_init__(self) -> None:
+        if self.num_dies < 1:
+            raise ValueError(f"num_dies must be >= 1, got {self.num_dies}")
+        if not 0 <= self.die_id < self.num_dies:
+            raise ValueError(f"die_id must be in [0, num_dies={self.num_dies}), got {self.die_id}")
+        if self.hbm_bytes <= 0:
+            raise ValueError(f"hbm_bytes must be > 0, got {self.hbm_bytes}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")

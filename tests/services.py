@@ -1,0 +1,26 @@
+"""Start real service processes for tests (via the launcher's own spawn/wait), always stopped."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from cloudmatrix.launcher.processes import ProcessRecord, spawn, stop_all, wait_healthy
+from cloudmatrix.launcher.topology import ProcessSpec
+from cloudmatrix.rpc.channel import health_check_sync
+
+
+@contextlib.contextmanager
+def running_service(service: str, run_dir: Path, *overrides: str, name: str | None = None):
+    """Yield the ProcessRecord of a SERVING process; SIGTERM (then SIGKILL) it on exit."""
+    spec = ProcessSpec(name or service, service, "127.0.0.1", 0, None, tuple(overrides))
+    proc, record = spawn(spec, run_dir)
+    try:
+        wait_healthy([(proc, record)], health_check_sync, timeout_s=60)
+        yield record
+    finally:
+        stop_all([record], grace_s=10)
+        proc.wait(timeout=10)
+
+
+def log_text(record: ProcessRecord) -> str:
+    return Path(record.log).read_text()

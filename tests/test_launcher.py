@@ -1,0 +1,97 @@
+"""`cmx up / status / down` with real service processes, and topology validation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from cloudmatrix.launcher.processes import ProcessRecord, is_alive
+from cloudmatrix.launcher.topology import load_topology, parse_topology
+from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cmx(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cloudmatrix.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _write_topology(path: Path, dies: int, bad_die: int | None = None) -> Path:
+    services = [{"name": "die", "service": "npu_emulator", "count": dies, "set": {"num_dies": dies},
+                 "set_each": ["die_id={index}"]}]
+    if bad_die is not None:
+        services.append({"name": "broken", "service": "npu_emulator", "set": {"num_dies": 2, "die_id": bad_die}})
+    path.write_text(yaml.safe_dump({"name": "test", "services": services}))
+    return path
+
+
+def _records(run_dir: Path) -> list[ProcessRecord]:
+    return [ProcessRecord(**p) for p in json.loads((run_dir / "state.json").read_text())["processes"]]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    yield run
+    if (run / "state.json").exists():  # never leave processes behind, whatever the test did
+        cmx("down", "--run-dir", str(run), "--grace", "5")
+
+
+def test_up_status_down_with_real_processes(tmp_path, run_dir):
+    topo = _write_topology(tmp_path / "topo.yaml", dies=2)
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
+    assert up.returncode == 0, up.stderr
+    records = _records(run_dir)
+    assert [r.name for r in records] == ["die-0", "die-1"] and all(map(is_alive, records))
+    for i, record in enumerate(records):
+        with grpc.insecure_channel(record.address) as channel:
+            info = npu_pb2_grpc.NpuEmulatorStub(channel).GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=5)
+        assert (info.die_id, info.num_dies) == (i, 2)
+        assert Path(record.log).is_file()
+    status = cmx("status", "--run-dir", str(run_dir))
+    assert status.returncode == 0 and status.stdout.count("SERVING") == 2
+    assert all(r.address in status.stdout for r in records)
+    down = cmx("down", "--run-dir", str(run_dir))
+    assert down.returncode == 0, down.stderr
+    assert not any(map(is_alive, records))
+    assert all('"msg": "stopped"' in Path(r.log).read_text() for r in records)  # drained, not killed
+    assert cmx("status", "--run-dir", str(run_dir)).returncode != 0
+
+
+def test_a_process_that_fails_makes_up_exit_nonzero_and_stops_the_rest(tmp_path, run_dir):
+    topo = _write_topology(tmp_path / "topo.yaml", dies=1, bad_die=7)
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
+    assert up.returncode != 0
+    log = run_dir / "logs" / "broken-0.log"
+    assert "broken-0" in up.stderr and str(log) in up.stderr
+    assert "die_id" in log.read_text()  # the service's own one-line config error
+    assert not (run_dir / "state.json").exists()
+    assert "stopped" in (run_dir / "logs" / "die-0.log").read_text()
+
+
+def test_health_timeout_names_the_process(tmp_path, run_dir):
+    topo = _write_topology(tmp_path / "topo.yaml", dies=1)
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir), "--timeout", "0")
+    assert up.returncode != 0 and "did not report SERVING" in up.stderr and "die-0" in up.stderr
+
+
+def test_default_topology_parses():
+    topology = load_topology(REPO / "topologies" / "local.yaml")
+    assert topology.processes and all(p.service for p in topology.processes)
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({}, "topology.services"),
+    ({"services": [{"service": "teleporter"}]}, "services[0].service"),
+    ({"services": [{"service": "npu_emulator", "count": 0}]}, "services[0].count"),
+    ({"services": [{"service": "npu_emulator", "port": 70000}]}, "services[0].port"),
+    ({"services": [{"service": "npu_emulator"}, {"service": "npu_emulator"}]}, "repeat"),
+])
+def test_bad_topologies_name_the_field(raw, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        parse_topology(raw, Path("."))

@@ -1,0 +1,152 @@
+"""run_service in a real subprocess: serve, trace across processes, drain on SIGTERM, bad config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cloudmatrix.rpc.channel import health_check_sync, make_channel
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+
+from tests.rpc_helpers import (
+    ONE_SPAN,
+    fetch,
+    hex_id,
+    memory_tracer_provider,
+    read_spans,
+    run,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+DEMO_SERVICE = '''
+from dataclasses import dataclass, field
+
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from cloudmatrix.config import ServerConfig
+from cloudmatrix.service_main import ServiceParts, run_service
+
+
+class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    async def Export(self, request, context):
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    stop_marker: str = ""
+
+
+async def build(config):
+    async def on_stop():
+        with open(config.stop_marker, "w") as f:
+            f.write("drained")
+
+    name = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
+    registration = (trace_service_pb2_grpc.add_TraceServiceServicer_to_server, Sink(), name)
+    return ServiceParts(registrations=[registration], on_stop=on_stop)
+
+
+if __name__ == "__main__":
+    run_service("demo", DemoConfig, build)
+'''
+
+
+@pytest.fixture
+def spawn_demo(tmp_path):
+    """Start the demo service script; every process it started is killed at teardown."""
+    script = tmp_path / "demo_service.py"
+    script.write_text(DEMO_SERVICE)
+    procs: list[subprocess.Popen] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CMX_DEMO__")}
+        stderr = open(tmp_path / f"stderr-{len(procs)}.log", "w+")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([sys.executable, str(script), *args], env={**base, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
+        proc.stderr_file = stderr
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        proc.stderr_file.close()
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        assert proc.poll() is None, f"service exited early with {proc.returncode}"
+        time.sleep(0.05)
+    raise AssertionError(f"no ready file at {path} after {timeout_s}s")
+
+
+async def traced_export(target: str, client_tp: TracerProvider):
+    interceptors = aio_client_interceptors(tracer_provider=client_tp)
+    async with make_channel(target, interceptors=interceptors) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        with client_tp.get_tracer("test").start_as_current_span("probe"):
+            return await stub.Export(ONE_SPAN, timeout=5)
+
+
+def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
+    ready_file, marker, grace_s = tmp_path / "ready.json", tmp_path / "drained", 3.0
+    proc = spawn_demo("--set", f"server.grace_s={grace_s}", "--set", f"stop_marker={marker}",
+                      env={"CMX_DEMO__SERVER__READY_FILE": str(ready_file),
+                           "CMX_DEMO__SERVER__RUN_DIR": str(tmp_path / "run")})
+    ready = wait_for_file(ready_file, proc)
+    target = f"127.0.0.1:{ready['port']}"
+    assert ready["pid"] == proc.pid and ready["service"] == "demo"
+    assert health_check_sync(target) == "SERVING"
+    client_tp, client_spans = memory_tracer_provider()
+    run(traced_export(target, client_tp))
+    fetch(f"http://127.0.0.1:{ready['metrics_port']}/metrics")
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=grace_s + 5) == 0
+    assert time.monotonic() - started < grace_s
+    assert health_check_sync(target) == "UNREACHABLE"
+    assert marker.read_text() == "drained" and not ready_file.exists()
+
+    proc.stderr_file.seek(0)
+    logs = [json.loads(line) for line in proc.stderr_file.read().splitlines()]
+    serving = next(line for line in logs if line["msg"] == "serving")
+    assert (serving["service"], serving["port"], serving["metrics_port"]) == (
+        "demo", ready["port"], ready["metrics_port"])
+
+    client_span = next(s for s in client_spans.get_finished_spans() if s.kind.name == "CLIENT")
+    spans = read_spans(tmp_path / "run" / "spans" / f"demo-{proc.pid}.jsonl")
+    assert not any("grpc.health.v1.Health" in s["name"] for s in spans)  # probes are not traced
+    server_span = next(s for s in spans if s["name"].endswith("TraceService/Export")
+                       and s["trace_id"] == hex_id(client_span.context.trace_id, 32))
+    assert server_span["parent_span_id"] == hex_id(client_span.context.span_id, 16)
+    assert server_span["resource"] == {"service.name": "demo"}
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (("--set", "server.port=abc"), {}, "config error: server.port: expected int, got 'abc'"),
+    ((), {"CMX_DEMO__SERVER__GRACE_S": "-1"}, "config error: server.grace_s: must be >= 0, got -1.0"),
+    (("--set", "server.nope=1"), {}, "config error: server.nope: unknown key"),
+])
+def test_run_service_rejects_bad_config_with_exit_2(spawn_demo, args, env, message):
+    proc = spawn_demo(*args, env=env)
+    assert proc.wait(timeout=30) == 2
+    proc.stderr_file.seek(0)
+    assert proc.stderr_file.read() == message + "\n"

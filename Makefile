@@ -24,6 +24,9 @@ run: install
 	$(VENV)/bin/cmx checkpoint create --preset tiny --out $(CKPT)
 	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
 		"The CloudMatrix384 supernode serves"
+	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR)/cluster \
+		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR)/cluster; \
+		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR)/cluster; exit $$status
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -7,12 +7,10 @@ import time
 
 import torch
 
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
+from cloudmatrix.model.precision import PRECISIONS, load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer
-
-PRECISIONS = ("fp32",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--local", action="store_true", required=True,
                         help="run the model in this process (the only mode until the gateway exists)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                        help="weights and attention core (docs/model.md#precisions)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -36,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
     tokenizer = TextTokenizer.load(args.checkpoint)
-    model = load_model(args.checkpoint)
+    model = load_for_precision(args.checkpoint, parse_precision(args.precision))
     prompt_ids = tokenizer.encode(args.prompt)
     stream = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)

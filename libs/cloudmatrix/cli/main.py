@@ -4,13 +4,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cloudmatrix.cli import checkpoint_cmd, generate_cmd, launcher_cmd
+from cloudmatrix.cli import (
+    bench_cmd,
+    checkpoint_cmd,
+    generate_cmd,
+    launcher_cmd,
+    quantize_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_cmd, generate_cmd, launcher_cmd):
+    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, bench_cmd):
         module.register(sub)
     return parser
 

@@ -45,7 +45,17 @@ def read_state_dict(checkpoint_dir: str | Path, cfg: ModelConfig, keep=lambda ke
 
 
 def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> DeepseekV3:
-    """Build the model from a checkpoint directory; every weight must be present."""
+    """Build the model from a checkpoint directory; every weight must be present.
+
+    An INT8 (W8A8) checkpoint, marked by its config.json quantization_config, loads through
+    ``cloudmatrix.quant``; its float parts are fp32, so it takes no other dtype.
+    """
+    # Imported here: cloudmatrix.quant builds on this module.
+    from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint, load_int8_model
+    if is_int8_checkpoint(checkpoint_dir):
+        if dtype != torch.float32:
+            raise ValueError(f"{checkpoint_dir} is an INT8 checkpoint; it loads with dtype float32 only, not {dtype}")
+        return load_int8_model(checkpoint_dir)
     cfg = load_config(checkpoint_dir)
     model = DeepseekV3(cfg)
     state = {k: v.to(dtype) for k, v in read_state_dict(checkpoint_dir, cfg).items()}

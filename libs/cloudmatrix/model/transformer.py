@@ -7,51 +7,61 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cloudmatrix.model.attention import LatentKVCache, MLAttention
+from cloudmatrix.model.attention import (
+    AttentionOptions,
+    KVView,
+    LatentKVCache,
+    MLAttention,
+)
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.model.layers import MLP, RMSNorm
 from cloudmatrix.model.moe import MoE
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg)
+        self.self_attn = MLAttention(cfg, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
         # x: [B, S, D] -> [B, S, D]
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, self.layer)
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv, self.layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, options: AttentionOptions) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, options) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekV3(nn.Module):
-    """DeepSeek-V3 for causal LM: ``forward(token_ids, positions, cache) -> logits``."""
+    """DeepSeek-V3 for causal LM: ``forward(token_ids, positions, kv) -> logits``.
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``kv`` is a dense ``LatentKVCache`` (``new_cache()``) or a paged view of a die's KV pool;
+    ``attention`` (shared by every layer, changeable at run time) picks the attention core.
+    """
+
+    def __init__(self, cfg: ModelConfig, attention: AttentionOptions | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = Backbone(cfg)
+        self.attention = attention or AttentionOptions()
+        self.model = Backbone(cfg, self.attention)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self) -> LatentKVCache:
         return LatentKVCache.empty(self.cfg.num_hidden_layers)
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
         # token_ids, positions: [B, S] -> logits [B, S, V] (fp32)
         x = self.model.embed_tokens(token_ids)
         for layer in self.model.layers:
-            x = layer(x, positions, cache)
+            x = layer(x, positions, kv)
         return self.lm_head(self.model.norm(x)).float()

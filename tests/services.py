@@ -24,3 +24,18 @@ def running_service(service: str, run_dir: Path, *overrides: str, name: str | No
 
 def log_text(record: ProcessRecord) -> str:
     return Path(record.log).read_text()
+
+
+@contextlib.contextmanager
+def running_services(run_dir: Path, specs: list[tuple[str, str, tuple[str, ...]]]):
+    """Start several (name, service, overrides) processes at once; yield their records by name."""
+    started = []
+    try:
+        for name, service, overrides in specs:
+            started.append(spawn(ProcessSpec(name, service, "127.0.0.1", 0, None, tuple(overrides)), run_dir))
+        wait_healthy(started, health_check_sync, timeout_s=90)
+        yield {record.name: record for _, record in started}
+    finally:
+        stop_all([r for _, r in started], grace_s=10)
+        for proc, _ in started:
+            proc.wait(timeout=10)

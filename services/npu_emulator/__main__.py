@@ -15,7 +15,7 @@ SERVICE_NAME = npu_pb2.DESCRIPTOR.services_by_name["NpuEmulator"].full_name
 async def build(config: NpuEmulatorConfig) -> ServiceParts:
     torch.set_num_threads(config.threads)
     die = Die(DieIdentity(config.die_id, config.num_dies, config.hbm_bytes))
-    servicer = NpuEmulatorServicer(die, max_tensor_bytes=config.server.max_message_bytes)
+    servicer = NpuEmulatorServicer(die, config)
     return ServiceParts([(npu_pb2_grpc.add_NpuEmulatorServicer_to_server, servicer, SERVICE_NAME)])
 
 

@@ -14,6 +14,10 @@ class NpuEmulatorConfig:
     num_dies: int = 1                                # dies in the instance (the EP world size)
     hbm_bytes: int = ASCEND_910C_DIE.hbm_bytes      # emulated HBM capacity
     threads: int = 1                                 # torch intra-op threads for this process
+    kv_block_size: int = 16                          # tokens per KV block unless LoadModel says
+    kv_pool_bytes: int = 64 * 2**20                  # KV pool size unless LoadModel says (real RAM here)
+    round_timeout_s: float = 10.0                    # a dispatch/combine round fails after this
+    fabric_connect_timeout_s: float = 60.0           # LoadModel waits this long for the EP group
 
     def __post_init__(self) -> None:
         if self.num_dies < 1:
@@ -22,5 +26,9 @@ class NpuEmulatorConfig:
             raise ValueError(f"die_id must be in [0, num_dies={self.num_dies}), got {self.die_id}")
         if self.hbm_bytes <= 0:
             raise ValueError(f"hbm_bytes must be > 0, got {self.hbm_bytes}")
+        if self.kv_block_size < 1 or self.kv_pool_bytes < 1:
+            raise ValueError("kv_block_size and kv_pool_bytes must be >= 1")
+        if self.round_timeout_s <= 0 or self.fabric_connect_timeout_s <= 0:
+            raise ValueError("round_timeout_s and fabric_connect_timeout_s must be > 0")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")

@@ -1,12 +1,15 @@
-"""One emulated Ascend 910C die, free of gRPC: identity, HBM capacity, and the kernels it runs."""
+"""One emulated Ascend 910C die, free of gRPC: identity, HBM, the loaded engine, and the kernels
+RunKernel exposes (see services/npu_emulator/kernels.py)."""
 from __future__ import annotations
 
 import dataclasses
 import time
 
 import torch
-from cloudmatrix.costmodel.die import ASCEND_910C_DIE, gemm_modeled_s
-from cloudmatrix.kernels.fp16 import cube_matmul
+from cloudmatrix.costmodel.die import ASCEND_910C_DIE
+
+from services.npu_emulator.engine import DieEngine
+from services.npu_emulator.kernels import KERNELS, kernel_modeled_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,32 +17,6 @@ class KernelResult:
     outputs: dict[str, torch.Tensor]
     measured_s: float
     modeled_s: float
-
-
-def _gemm_inputs(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    missing = {"a", "b"} - inputs.keys()
-    if missing:
-        raise ValueError(f"gemm: missing inputs {sorted(missing)} (needs a: [M, K], b: [K, N])")
-    a, b = inputs["a"], inputs["b"]
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"gemm: inputs a {list(a.shape)} and b {list(b.shape)} must be [M, K] and [K, N]")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise ValueError(f"gemm: inputs must be floating point, got a {a.dtype} and b {b.dtype}")
-    return a.float(), b.float()
-
-
-def run_gemm(inputs: dict[str, torch.Tensor], params: dict[str, str]) -> dict[str, torch.Tensor]:
-    """params.precision: 'fp32' (exact fp32 GEMM) or 'fp16' (the cube unit, emulated)."""
-    a, b = _gemm_inputs(inputs)
-    precision = params.get("precision", "fp16")
-    if precision == "fp16":
-        return {"out": cube_matmul(a, b).to(torch.float16)}
-    if precision == "fp32":
-        return {"out": a @ b}
-    raise ValueError(f"gemm: params.precision must be 'fp16' or 'fp32', got {precision!r}")
-
-
-KERNELS = {"gemm": run_gemm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +31,26 @@ class Die:
 
     def __init__(self, identity: DieIdentity) -> None:
         self.identity = identity
+        self.engine: DieEngine | None = None
+        self.model_id = ""
+        self.precision = ""
+
+    def unload(self) -> None:
+        """Drop the model and its KV pool; leave the fabric."""
+        if self.engine is not None:
+            close = getattr(self.engine.link, "close", None)
+            if close is not None:
+                close()
+        self.engine, self.model_id, self.precision = None, "", ""
+
+    def install(self, engine: DieEngine, model_id: str, precision: str) -> None:
+        self.engine, self.model_id, self.precision = engine, model_id, precision
+
+    def num_local_experts(self) -> int:
+        if self.engine is None:
+            return 0
+        return sum(len(getattr(layer.mlp, "experts", ())) for layer in self.engine.model.model.layers
+                   if self.engine.model.cfg.is_moe_layer(layer.layer))
 
     def run_kernel(self, name: str, inputs: dict[str, torch.Tensor], params: dict[str, str]) -> KernelResult:
         if name not in KERNELS:
@@ -61,11 +58,4 @@ class Die:
         start = time.perf_counter()
         outputs = KERNELS[name](inputs, params)
         measured = time.perf_counter() - start
-        return KernelResult(outputs, measured, _modeled_s(name, inputs, outputs))
-
-
-def _modeled_s(name: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> float:
-    if name == "gemm":
-        (m, k), n = inputs["a"].shape, inputs["b"].shape[1]
-        return gemm_modeled_s(m, k, n, elem_bytes=2)
-    raise AssertionError(f"no cost model for kernel {name}")
+        return KernelResult(outputs, measured, kernel_modeled_s(name, inputs, params))

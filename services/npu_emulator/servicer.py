@@ -3,26 +3,115 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.tensor_codec import decode_tensors, encode_tensors
+from cloudmatrix.rpc.tensor_codec import (
+    decode_tensor,
+    decode_tensors,
+    encode_tensor,
+    encode_tensors,
+)
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
+from services.npu_emulator.config import NpuEmulatorConfig
+from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_step
 from services.npu_emulator.core import Die
+from services.npu_emulator.loader import load_engine
+
+
+def _timing(measured: dict[str, float], modeled: dict[str, float]) -> common_pb2.Timing:
+    phases = [common_pb2.PhaseTiming(phase=p, measured_s=measured.get(p, 0.0), modeled_s=modeled.get(p, 0.0))
+              for p in sorted(set(measured) | set(modeled)) if p != "total"]
+    return common_pb2.Timing(measured_s=measured.get("total", 0.0), modeled_s=modeled.get("total", 0.0),
+                             phases=phases)
 
 
 class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
-    """RPCs this die does not implement yet answer UNIMPLEMENTED (the generated base class)."""
+    def __init__(self, die: Die, config: NpuEmulatorConfig) -> None:
+        self.die, self.config = die, config
+        self.max_tensor_bytes = config.server.max_message_bytes
 
-    def __init__(self, die: Die, max_tensor_bytes: int) -> None:
-        self.die = die
-        self.max_tensor_bytes = max_tensor_bytes
+    async def _engine(self, context):
+        if self.die.engine is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded: call LoadModel first")
+        return self.die.engine
 
     @map_errors
     async def GetDieInfo(self, request, context):
-        ident = self.die.identity
-        return npu_pb2.GetDieInfoReply(die_id=ident.die_id, num_dies=ident.num_dies,
-                                       hbm_capacity_bytes=ident.hbm_capacity_bytes)
+        ident, engine = self.die.identity, self.die.engine
+        reply = npu_pb2.GetDieInfoReply(die_id=ident.die_id, num_dies=ident.num_dies,
+                                        hbm_capacity_bytes=ident.hbm_capacity_bytes)
+        if engine is not None:
+            shape = engine.pool.shape
+            reply.hbm_used_bytes = engine.weight_bytes + shape.num_blocks * shape.bytes_per_block
+            reply.kv_blocks_total, reply.kv_blocks_free = shape.num_blocks, engine.pool.allocator.num_free
+            reply.kv_block_size, reply.kv_block_bytes = shape.block_size, shape.bytes_per_block
+            reply.model_id, reply.precision = self.die.model_id, PRECISION_ENUMS[self.die.precision]
+            reply.num_local_experts = self.die.num_local_experts()
+        return reply
+
+    @map_errors
+    async def LoadModel(self, request, context):
+        spec = load_spec(request, self.config)
+        self.die.unload()  # leave the old fabric group before joining the new one
+        engine, seconds = await asyncio.to_thread(
+            load_engine, spec, self.die.identity.hbm_capacity_bytes, self.config.round_timeout_s,
+            self.config.fabric_connect_timeout_s, self.config.server.max_message_bytes)
+        self.die.install(engine, request.model_id or spec.checkpoint, spec.precision)
+        return npu_pb2.LoadModelReply(model_id=self.die.model_id, weight_bytes=engine.weight_bytes,
+                                      kv_blocks_total=engine.pool.shape.num_blocks,
+                                      num_local_experts=self.die.num_local_experts(),
+                                      timing=common_pb2.Timing(measured_s=seconds))
+
+    @map_errors
+    async def AllocateBlocks(self, request, context):
+        engine = await self._engine(context)
+        blocks = engine.allocate(request.num_blocks)
+        return npu_pb2.AllocateBlocksReply(block_ids=blocks, kv_blocks_free=engine.pool.allocator.num_free)
+
+    @map_errors
+    async def FreeBlocks(self, request, context):
+        engine = await self._engine(context)
+        engine.pool.allocator.free(list(request.block_ids))
+        return npu_pb2.FreeBlocksReply(kv_blocks_free=engine.pool.allocator.num_free)
+
+    @map_errors
+    async def WriteBlocks(self, request, context):
+        engine = await self._engine(context)
+        blocks = [(b.block_id, decode_tensor(b.kv, f"blocks[{i}].kv", self.max_tensor_bytes).float())
+                  for i, b in enumerate(request.blocks)]
+        written = await asyncio.to_thread(engine.write_blocks, blocks)
+        return npu_pb2.WriteBlocksReply(bytes_written=written)
+
+    @map_errors
+    async def ReadBlocks(self, request, context):
+        engine = await self._engine(context)
+        counts = list(request.num_tokens) or [engine.pool.shape.block_size] * len(request.block_ids)
+        if len(counts) != len(request.block_ids):
+            raise ValueError("num_tokens: must be empty or one entry per block id")
+        kvs = await asyncio.to_thread(engine.read_blocks, list(zip(request.block_ids, counts)))
+        return npu_pb2.ReadBlocksReply(blocks=[
+            npu_pb2.KvBlockData(block_id=b, num_tokens=n, kv=encode_tensor(kv))
+            for b, n, kv in zip(request.block_ids, counts, kvs)])
+
+    @map_errors
+    async def Forward(self, request, context):
+        engine = await self._engine(context)
+        seqs = [sequence_step(s) for s in request.sequences]
+        results, measured, modeled = await asyncio.to_thread(engine.forward, request.step, request.microbatch, seqs,
+                                                             request.return_logits)
+        outputs = [npu_pb2.SequenceOutput(seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
+                                          logits=encode_tensor(r.logits) if r.logits is not None else None)
+                   for r in results]
+        return npu_pb2.ForwardReply(outputs=outputs, timing=_timing(measured, modeled))
+
+    @map_errors
+    async def GetExpertLoad(self, request, context):
+        engine = await self._engine(context)
+        counts = engine.expert_load(request.reset)
+        return npu_pb2.GetExpertLoadReply(token_counts=encode_tensor(counts), since_step=engine.first_step or 0,
+                                          until_step=engine.last_step or 0)
 
     @map_errors
     async def RunKernel(self, request, context):

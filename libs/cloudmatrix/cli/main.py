@@ -16,7 +16,7 @@ from cloudmatrix.cli import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, bench_cmd):
+    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, eplb_cmd, bench_cmd):
         module.register(sub)
     return parser
 

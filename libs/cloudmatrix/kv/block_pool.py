@@ -45,6 +45,9 @@ class BlockAllocator:
         self._used.update(blocks)
         return blocks
 
+    def is_allocated(self, block: int) -> bool:
+        return block in self._used
+
     def free(self, blocks: list[int]) -> None:
         unknown = [b for b in blocks if b not in self._used]
         if unknown or len(set(blocks)) != len(blocks):

@@ -16,13 +16,12 @@ def generate(model: DeepseekV3, prompt_ids: list[int], params: SamplingParams) -
         raise ValueError("prompt is empty")
     if len(prompt_ids) >= limit:
         raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context limit is {limit}")
-    gen = params.generator()
     cache = model.new_cache()
     ids = torch.tensor([prompt_ids])  # [1, S]
     positions = torch.arange(len(prompt_ids))[None]
     for _ in range(min(params.max_tokens, limit - len(prompt_ids))):
         logits = model(ids, positions, cache)[0, -1]  # [V]
-        token = sample_token(logits, params, gen)
+        token = sample_token(logits, params, params.generator(int(positions[0, -1]) + 1))
         yield token
         if token == model.cfg.eos_token_id:
             return

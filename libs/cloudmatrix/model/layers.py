@@ -35,6 +35,14 @@ class MLP(nn.Module):
         # x: [T, D] -> [T, D]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
+    def forward_quantized(self, x_int8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """Tokens already quantized for gate/up (W8A8 expert after an INT8 dispatch): [T, D] -> [T, D].
+
+        gate_proj and up_proj must be Int8Linear sharing the smoothing vector the tokens used.
+        """
+        gate = self.gate_proj.matmul_quantized(x_int8, x_scale)
+        return self.down_proj(F.silu(gate) * self.up_proj.matmul_quantized(x_int8, x_scale))
+
 
 class RotaryEmbedding(nn.Module):
     """Plain RoPE over the decoupled rope part of q and k (qk_rope_head_dim).

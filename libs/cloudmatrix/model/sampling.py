@@ -5,6 +5,7 @@ Shape legend: V = vocab size.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import secrets
 
 import torch
@@ -34,9 +35,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self) -> torch.Generator:
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
-        return torch.Generator().manual_seed(seed)
+    def generator(self, position: int) -> torch.Generator:
+        """The generator for the token sampled at ``position``: a function of (seed, position) only,
+        so a sequence samples the same tokens whichever process or die runs each step."""
+        if self.seed is None:
+            return torch.Generator().manual_seed(secrets.randbits(63))
+        digest = hashlib.sha256(f"{self.seed}:{position}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -4,6 +4,8 @@ Shape legend: B = batch, S = new tokens, D = hidden size, V = vocab.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -17,15 +19,19 @@ from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.model.layers import MLP, RMSNorm
 from cloudmatrix.model.moe import MoE
 
+# Builds the MoE block of a layer: (config, layer index) -> module. The default is the in-process
+# MoE with every expert; a die of an expert-parallel instance plugs in its own.
+MoEFactory = Callable[[ModelConfig, int], nn.Module]
+
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions, moe: MoEFactory) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, options)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = moe(cfg, layer) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
         # x: [B, S, D] -> [B, S, D]
@@ -34,10 +40,10 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig, options: AttentionOptions) -> None:
+    def __init__(self, cfg: ModelConfig, options: AttentionOptions, moe: MoEFactory) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, options) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, options, moe) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -48,11 +54,12 @@ class DeepseekV3(nn.Module):
     ``attention`` (shared by every layer, changeable at run time) picks the attention core.
     """
 
-    def __init__(self, cfg: ModelConfig, attention: AttentionOptions | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, attention: AttentionOptions | None = None,
+                 moe: MoEFactory = lambda cfg, layer: MoE(cfg)) -> None:
         super().__init__()
         self.cfg = cfg
         self.attention = attention or AttentionOptions()
-        self.model = Backbone(cfg, self.attention)
+        self.model = Backbone(cfg, self.attention, moe)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self) -> LatentKVCache:

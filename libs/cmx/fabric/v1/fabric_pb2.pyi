@@ -31,14 +31,23 @@ class TokenPayload(_message.Message):
     weights: _common_pb2.Tensor
     def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scales: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., token_index: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class Detached(_message.Message):
+    __slots__ = ("die_id", "reason")
+    DIE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    die_id: int
+    reason: str
+    def __init__(self, die_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "modeled_send_s", "modeled_arrival_s")
+    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "detached", "modeled_send_s", "modeled_arrival_s")
     SRC_DIE_FIELD_NUMBER: _ClassVar[int]
     DST_DIE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_FIELD_NUMBER: _ClassVar[int]
+    DETACHED_FIELD_NUMBER: _ClassVar[int]
     MODELED_SEND_S_FIELD_NUMBER: _ClassVar[int]
     MODELED_ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
     src_die: int
@@ -47,9 +56,10 @@ class Frame(_message.Message):
     hello: Hello
     tokens: TokenPayload
     empty: bool
+    detached: Detached
     modeled_send_s: float
     modeled_arrival_s: float
-    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("reset",)
@@ -58,20 +68,24 @@ class StatsRequest(_message.Message):
     def __init__(self, reset: _Optional[bool] = ...) -> None: ...
 
 class LinkStats(_message.Message):
-    __slots__ = ("src_die", "dst_die", "bytes", "frames", "modeled_transfer_s", "measured_s")
+    __slots__ = ("src_die", "dst_die", "bytes", "frames", "modeled_transfer_s", "measured_s", "dispatch_bytes", "combine_bytes")
     SRC_DIE_FIELD_NUMBER: _ClassVar[int]
     DST_DIE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     MODELED_TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
     MEASURED_S_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_BYTES_FIELD_NUMBER: _ClassVar[int]
     src_die: int
     dst_die: int
     bytes: int
     frames: int
     modeled_transfer_s: float
     measured_s: float
-    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., bytes: _Optional[int] = ..., frames: _Optional[int] = ..., modeled_transfer_s: _Optional[float] = ..., measured_s: _Optional[float] = ...) -> None: ...
+    dispatch_bytes: int
+    combine_bytes: int
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., bytes: _Optional[int] = ..., frames: _Optional[int] = ..., modeled_transfer_s: _Optional[float] = ..., measured_s: _Optional[float] = ..., dispatch_bytes: _Optional[int] = ..., combine_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("links", "rounds_completed", "attached_dies")

@@ -56,7 +56,7 @@ class ModelCacheSource(_message.Message):
     def __init__(self, kvcache_addresses: _Optional[_Iterable[str]] = ..., blob_prefix: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("checkpoint_path", "model_id", "precision", "die_id", "num_dies", "placement", "model_cache", "kv_block_size", "kv_pool_bytes", "fabric_address")
+    __slots__ = ("checkpoint_path", "model_id", "precision", "die_id", "num_dies", "placement", "model_cache", "kv_block_size", "kv_pool_bytes", "fabric_address", "dispatch_dtype", "fabric_group")
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class LoadModelRequest(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     FABRIC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DISPATCH_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FABRIC_GROUP_FIELD_NUMBER: _ClassVar[int]
     checkpoint_path: str
     model_id: str
     precision: _common_pb2.Precision
@@ -77,7 +79,9 @@ class LoadModelRequest(_message.Message):
     kv_block_size: int
     kv_pool_bytes: int
     fabric_address: str
-    def __init__(self, checkpoint_path: _Optional[str] = ..., model_id: _Optional[str] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., die_id: _Optional[int] = ..., num_dies: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., model_cache: _Optional[_Union[ModelCacheSource, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., fabric_address: _Optional[str] = ...) -> None: ...
+    dispatch_dtype: str
+    fabric_group: str
+    def __init__(self, checkpoint_path: _Optional[str] = ..., model_id: _Optional[str] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., die_id: _Optional[int] = ..., num_dies: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., model_cache: _Optional[_Union[ModelCacheSource, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., fabric_address: _Optional[str] = ..., dispatch_dtype: _Optional[str] = ..., fabric_group: _Optional[str] = ...) -> None: ...
 
 class LoadModelReply(_message.Message):
     __slots__ = ("model_id", "weight_bytes", "kv_blocks_total", "num_local_experts", "from_model_cache", "timing")

@@ -1,0 +1,63 @@
+"""Build the model one die of an expert-parallel instance runs: every non-expert weight, and only
+the routed experts the placement gives this die."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from cloudmatrix.model.checkpoint import read_state_dict
+from cloudmatrix.model.config import load_config
+from cloudmatrix.model.precision import Precision, load_for_precision
+from cloudmatrix.model.transformer import DeepseekV3
+from cloudmatrix.moe.expert_parallel import Exchange, ExpertParallelMoE
+from cloudmatrix.moe.placement import ExpertPlacement
+from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint
+from cloudmatrix.quant.quantize_model import swap_to_int8
+
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def _is_local(placement: ExpertPlacement, die: int):
+    def keep(key: str) -> bool:
+        match = _EXPERT_KEY.match(key)
+        return not match or die in placement.replicas[int(match.group(1))][int(match.group(2))]
+    return keep
+
+
+def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlacement, die: int):
+    """The tensors this die holds. A float checkpoint served in INT8 is quantized in memory first
+    (calibration needs the whole model), then cut down to this die's experts."""
+    keep = _is_local(placement, die)
+    cfg = load_config(checkpoint_dir)
+    if precision.int8_weights and not is_int8_checkpoint(checkpoint_dir):
+        full = load_for_precision(checkpoint_dir, precision).state_dict()
+        return {k: v for k, v in full.items() if keep(k)}
+    if not precision.int8_weights and is_int8_checkpoint(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} is an INT8 checkpoint; precision {precision.name!r} needs float weights")
+    return {k: v if v.dtype == torch.int8 else v.float() for k, v in read_state_dict(checkpoint_dir, cfg, keep).items()}
+
+
+def build_die_model(checkpoint_dir: str | Path, precision: Precision, placement: ExpertPlacement,
+                    exchange: Exchange, dispatch_dtype: str) -> DeepseekV3:
+    """The die's model: MoE layers are ExpertParallelMoE over ``exchange``; weights loaded strictly."""
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = load_config(checkpoint_dir)
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    if placement.layers != moe_layers or placement.num_experts != cfg.n_routed_experts:
+        raise ValueError(f"placement covers layers {placement.layers} x {placement.num_experts} experts; "
+                         f"the model has MoE layers {moe_layers} x {cfg.n_routed_experts} experts")
+    model = DeepseekV3(cfg, moe=lambda c, layer: ExpertParallelMoE(c, layer, placement, exchange, dispatch_dtype))
+    state = _die_state(checkpoint_dir, precision, placement, exchange.die_id)
+    swap_to_int8(model, [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")])
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"die {exchange.die_id}: checkpoint does not fit the die model: missing "
+                         f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    model.attention.core = precision.attention_core
+    return model.eval()
+
+
+def default_dispatch_dtype(precision: Precision) -> str:
+    return "int8" if precision.int8_weights else "float32"

@@ -1,0 +1,40 @@
+"""Proto <-> dataclass conversions for the npu_emulator servicer."""
+from __future__ import annotations
+
+from cloudmatrix.model.sampling import SamplingParams
+from cmx.common.v1 import common_pb2
+
+from services.npu_emulator.engine import SequenceStep
+from services.npu_emulator.loader import LoadSpec
+
+PRECISION_NAMES = {
+    common_pb2.PRECISION_FP32: "fp32", common_pb2.PRECISION_INT8: "int8",
+    common_pb2.PRECISION_PASA: "pasa", common_pb2.PRECISION_INT8_PASA: "int8-pasa",
+}
+PRECISION_ENUMS = {name: enum for enum, name in PRECISION_NAMES.items()}
+
+
+def sampling_params(p: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+                          seed=p.seed if p.HasField("seed") else None, max_tokens=max(p.max_tokens, 1))
+
+
+def sequence_step(s) -> SequenceStep:
+    return SequenceStep(s.seq_id, list(s.token_ids), s.start_position, list(s.block_table),
+                        sampling_params(s.sampling), s.skip_sampling)
+
+
+def load_spec(request, config) -> LoadSpec:
+    if not request.checkpoint_path:
+        raise ValueError("checkpoint_path: must name a checkpoint directory")
+    if request.precision not in PRECISION_NAMES:
+        raise ValueError(f"precision: {common_pb2.Precision.Name(request.precision)} is not a serving precision")
+    placement = {(p.layer, p.expert): tuple(p.dies) for p in request.placement}
+    return LoadSpec(
+        checkpoint=request.checkpoint_path, precision=PRECISION_NAMES[request.precision],
+        die_id=request.die_id, num_dies=request.num_dies or 1, placement=placement,
+        block_size=request.kv_block_size or config.kv_block_size,
+        pool_bytes=request.kv_pool_bytes or config.kv_pool_bytes,
+        fabric_address=request.fabric_address, fabric_group=request.fabric_group,
+        dispatch_dtype=request.dispatch_dtype,
+    )

@@ -1,0 +1,169 @@
+"""What a die runs once a model is loaded: its model shard, its paged KV pool ("HBM") and its
+link to the fabric. Pure Python over torch; the servicer translates protos.
+
+Shape legend: B = sequences in the batch, S = new tokens per sequence (padded), V = vocab.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import torch
+from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
+from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
+from cloudmatrix.model.sampling import SamplingParams, sample_token
+from cloudmatrix.model.transformer import DeepseekV3
+from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
+from cloudmatrix.rpc.errors import ResourceExhausted
+
+from services.npu_emulator.modeled import forward_modeled_s
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceStep:
+    """One sequence's work in a Forward: new tokens at [start, start + len(token_ids))."""
+
+    seq_id: str
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    sampling: SamplingParams
+    skip_sampling: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceResult:
+    seq_id: str
+    token_id: int | None
+    logits: torch.Tensor | None  # [V] at the last new position, when asked for
+
+
+@dataclasses.dataclass
+class PhaseClock:
+    """Measured wall seconds per phase of one Forward."""
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+
+class DieEngine:
+    def __init__(self, model: DeepseekV3, pool: PagedLatentPool, link, weight_bytes: int, precision: str) -> None:
+        self.model, self.pool, self.link, self.weight_bytes = model, pool, link, weight_bytes
+        self.precision = precision
+        self.moe_layers = {layer.layer: layer.mlp for layer in model.model.layers
+                           if isinstance(layer.mlp, ExpertParallelMoE)}
+        self._lock = threading.Lock()  # one Forward at a time: the die has one compute stream
+        self.first_step: int | None = None
+        self.last_step: int | None = None
+
+    def allocate(self, count: int) -> list[int]:
+        blocks = self.pool.allocator.allocate(count)
+        if blocks is None:
+            raise ResourceExhausted(f"KV pool: {count} blocks asked, {self.pool.allocator.num_free} free")
+        return blocks
+
+    def write_blocks(self, blocks: list[tuple[int, torch.Tensor]]) -> int:
+        """Fill allocated blocks: (block id, kv [L, n, C+R]) with n <= block size. Returns bytes."""
+        shape = self.pool.shape
+        for block, kv in blocks:
+            if not self.pool.allocator.is_allocated(block):
+                raise ValueError(f"block {block} is not allocated")
+            if kv.dim() != 3 or kv.shape[0] != shape.num_layers or kv.shape[2] != shape.latent_dim + shape.rope_dim \
+                    or not 0 < kv.shape[1] <= shape.block_size:
+                raise ValueError(f"block {block}: kv must be [{shape.num_layers}, 1..{shape.block_size}, "
+                                 f"{shape.latent_dim + shape.rope_dim}], got {list(kv.shape)}")
+        for block, kv in blocks:
+            slots = torch.arange(kv.shape[1]) + block * shape.block_size
+            for layer in range(shape.num_layers):
+                self.pool.write(layer, slots, kv[layer, :, :shape.latent_dim], kv[layer, :, shape.latent_dim:])
+        return sum(kv.numel() * 4 for _, kv in blocks)
+
+    def read_blocks(self, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """(block id, valid tokens) -> kv [L, n, C+R] fp32 each."""
+        shape = self.pool.shape
+        out = []
+        for block, n in blocks:
+            if not self.pool.allocator.is_allocated(block) or not 0 < n <= shape.block_size:
+                raise ValueError(f"block {block} with {n} tokens: not an allocated block or n not in 1..{shape.block_size}")
+            slots = torch.arange(n) + block * shape.block_size
+            out.append(torch.cat([self.pool.latent[:, slots], self.pool.k_rope[:, slots]], dim=-1))
+        return out
+
+    def forward(self, step: int, microbatch: int, seqs: list[SequenceStep], return_logits: bool):
+        """Run one step of this die's sequences (possibly none: the die still serves its experts).
+        Returns (results, measured seconds per phase, modeled 910C seconds per phase)."""
+        for s in seqs:
+            self._validate(s)
+        with self._lock, torch.inference_mode():
+            self.link.begin_step(step, microbatch)
+            self.first_step = step if self.first_step is None else self.first_step
+            self.last_step = step
+            clock = PhaseClock()
+            before = {layer: moe.token_counts.clone() for layer, moe in self.moe_layers.items()}
+            start = time.perf_counter()
+            results = self._run(seqs, return_logits, clock) if seqs else self._idle()
+            clock.add("total", time.perf_counter() - start)
+            for rnd in self.link.traffic:
+                clock.add(rnd.kind, rnd.wait_s)
+            expert_tokens = {layer: [int(moe.token_counts[int(e)] - before[layer][int(e)]) for e in moe.experts]
+                             for layer, moe in self.moe_layers.items()}
+            modeled = forward_modeled_s(self.model, self.precision, seqs, self.link, expert_tokens)
+            return results, clock.seconds, modeled
+
+    def _validate(self, s: SequenceStep) -> None:
+        cfg = self.model.cfg
+        if not s.token_ids:
+            raise ValueError(f"sequence {s.seq_id!r}: token_ids is empty")
+        if any(not 0 <= t < cfg.vocab_size for t in s.token_ids):
+            raise ValueError(f"sequence {s.seq_id!r}: token ids must be in [0, {cfg.vocab_size})")
+        if s.start + len(s.token_ids) > cfg.max_position_embeddings:
+            raise ValueError(f"sequence {s.seq_id!r}: positions up to {s.start + len(s.token_ids)} exceed the "
+                             f"context limit {cfg.max_position_embeddings}")
+        unknown = [b for b in s.block_table if not self.pool.allocator.is_allocated(b)]
+        if unknown:
+            raise ValueError(f"sequence {s.seq_id!r}: block_table holds unallocated blocks {unknown[:4]}")
+
+    def _run(self, seqs: list[SequenceStep], return_logits: bool, clock: PhaseClock) -> list[SequenceResult]:
+        batch = PagedBatch([s.block_table for s in seqs], [s.start for s in seqs], [len(s.token_ids) for s in seqs])
+        width = max(batch.new)
+        ids = torch.tensor([s.token_ids + [0] * (width - len(s.token_ids)) for s in seqs])  # [B, S]
+        logits = self.model(ids, batch.positions(width), PagedKVView(self.pool, batch))  # [B, S, V]
+        last = logits[torch.arange(len(seqs)), torch.tensor(batch.new) - 1]  # [B, V]
+        start = time.perf_counter()
+        results = [self._result(s, row, return_logits) for s, row in zip(seqs, last)]
+        clock.add("sample", time.perf_counter() - start)
+        return results
+
+    def _result(self, s: SequenceStep, logits: torch.Tensor, return_logits: bool) -> SequenceResult:
+        if return_logits:
+            return SequenceResult(s.seq_id, None, logits.clone())
+        if s.skip_sampling:
+            return SequenceResult(s.seq_id, None, None)
+        position = s.start + len(s.token_ids)
+        return SequenceResult(s.seq_id, sample_token(logits, s.sampling, s.sampling.generator(position)), None)
+
+    def _idle(self) -> list[SequenceResult]:
+        """No sequences this step: take part in every MoE layer's rounds with zero tokens."""
+        empty = torch.zeros(0, 1, self.model.cfg.hidden_size)
+        for moe in self.moe_layers.values():
+            moe(empty)
+        return []
+
+    def expert_load(self, reset: bool) -> torch.Tensor:
+        """[MoE layers, routed experts] tokens this die's experts computed."""
+        counts = [moe.token_counts.clone() for moe in self.moe_layers.values()]
+        if reset:
+            for moe in self.moe_layers.values():
+                moe.token_counts.zero_()
+        return torch.stack(counts) if counts else torch.zeros(0, self.model.cfg.n_routed_experts, dtype=torch.long)
+
+
+def pool_shape(model: DeepseekV3, block_size: int, pool_bytes: int) -> PoolShape:
+    cfg = model.cfg
+    per_block = PoolShape(cfg.num_hidden_layers, 1, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim).bytes_per_block
+    if pool_bytes < per_block:
+        raise ValueError(f"kv_pool_bytes {pool_bytes} holds no block of {per_block} bytes")
+    return PoolShape(cfg.num_hidden_layers, pool_bytes // per_block, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim)

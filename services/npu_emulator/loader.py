@@ -1,0 +1,73 @@
+"""LoadModel: build a die's engine from a checkpoint, a precision, a placement and a fabric."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from cloudmatrix.fabric.link import FabricLink
+from cloudmatrix.kv.block_pool import PagedLatentPool
+from cloudmatrix.model.config import load_config
+from cloudmatrix.model.precision import parse_precision
+from cloudmatrix.moe.die_model import build_die_model, default_dispatch_dtype
+from cloudmatrix.moe.local_exchange import SingleDieExchange
+from cloudmatrix.moe.placement import ExpertPlacement
+from cloudmatrix.rpc.errors import ResourceExhausted
+
+from services.npu_emulator.engine import DieEngine, pool_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSpec:
+    checkpoint: str
+    precision: str
+    die_id: int
+    num_dies: int
+    placement: dict[tuple[int, int], tuple[int, ...]]  # (layer, expert) -> dies; empty = round-robin
+    block_size: int
+    pool_bytes: int
+    fabric_address: str
+    fabric_group: str
+    dispatch_dtype: str
+
+
+def _placement(spec: LoadSpec) -> ExpertPlacement:
+    cfg = load_config(spec.checkpoint)
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    default = ExpertPlacement.round_robin(layers, cfg.n_routed_experts, spec.num_dies)
+    if not spec.placement:
+        return default
+    replicas = {layer: list(experts) for layer, experts in default.replicas.items()}
+    for (layer, expert), dies in spec.placement.items():
+        if layer not in replicas or not 0 <= expert < cfg.n_routed_experts:
+            raise ValueError(f"placement: layer {layer} expert {expert} is not a routed expert of the model")
+        replicas[layer][expert] = dies
+    return ExpertPlacement(spec.num_dies, cfg.n_routed_experts, {k: tuple(v) for k, v in replicas.items()})
+
+
+def _exchange(spec: LoadSpec, round_timeout_s: float, connect_timeout_s: float, max_message_bytes: int):
+    if not spec.fabric_address:
+        if spec.num_dies != 1:
+            raise ValueError(f"fabric_address: needed for {spec.num_dies} dies (expert parallelism)")
+        return SingleDieExchange()
+    link = FabricLink(spec.fabric_address, spec.die_id, spec.num_dies, spec.fabric_group or "default",
+                      round_timeout_s, max_message_bytes)
+    link.connect(connect_timeout_s)
+    return link
+
+
+def load_engine(spec: LoadSpec, hbm_bytes: int, round_timeout_s: float, connect_timeout_s: float,
+                max_message_bytes: int) -> tuple[DieEngine, float]:
+    """Returns the engine and the load's wall seconds. Blocks until the fabric group assembles."""
+    start = time.perf_counter()
+    if not 0 <= spec.die_id < spec.num_dies:
+        raise ValueError(f"die_id {spec.die_id} must be in [0, num_dies={spec.num_dies})")
+    precision = parse_precision(spec.precision)
+    placement = _placement(spec)
+    exchange = _exchange(spec, round_timeout_s, connect_timeout_s, max_message_bytes)
+    model = build_die_model(spec.checkpoint, precision, placement, exchange,
+                            spec.dispatch_dtype or default_dispatch_dtype(precision))
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weight_bytes + spec.pool_bytes > hbm_bytes:
+        raise ResourceExhausted(f"HBM: weights {weight_bytes} B + KV pool {spec.pool_bytes} B exceed {hbm_bytes} B")
+    pool = PagedLatentPool(pool_shape(model, spec.block_size, spec.pool_bytes))
+    return DieEngine(model, pool, exchange, weight_bytes, spec.precision), time.perf_counter() - start

@@ -1,0 +1,110 @@
+"""gRPC servicer of the UB fabric: one bidirectional Attach stream per die."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from cmx.common.v1 import common_pb2
+from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
+from prometheus_client import Counter
+
+from services.ub_fabric.core import FabricCore
+
+log = logging.getLogger(__name__)
+
+BYTES = Counter("cmx_fabric_bytes", "Frame bytes routed die to die", ["src", "dst"])
+FRAMES = Counter("cmx_fabric_frames", "Frames routed die to die, empty ones included", ["src", "dst"])
+MODELED = Counter("cmx_fabric_modeled_transfer_seconds", "Modeled UB transfer seconds", ["src", "dst"])
+
+
+def _round_key(frame: fabric_pb2.Frame) -> tuple[int, int, int, int]:
+    r = frame.round
+    return r.step, r.layer, r.microbatch, r.kind
+
+
+class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
+    def __init__(self, core: FabricCore, hello_timeout_s: float) -> None:
+        self.core = core
+        self.hello_timeout_s = hello_timeout_s
+
+    async def Attach(self, request_iterator, context):
+        hello = await self._read_hello(request_iterator, context)
+        group, die = hello.group, hello.die_id
+        try:
+            queue, to_greet = self.core.attach(group, die, hello.world_size)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("die attached", extra={"group": group, "die": die, "world_size": hello.world_size})
+        for member in to_greet:
+            member.queue.put_nowait((fabric_pb2.Frame(src_die=member.die_id, dst_die=member.die_id, hello=hello), None))
+        reader = asyncio.create_task(self._pump(request_iterator, group, die))
+        try:
+            async for frame in self._outbound(queue, reader, group, die):
+                yield frame
+        finally:
+            reader.cancel()
+            self._detach(group, die, queue, "stream closed")
+
+    async def _read_hello(self, request_iterator, context) -> fabric_pb2.Hello:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), self.hello_timeout_s)
+        except (StopAsyncIteration, asyncio.TimeoutError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach: the first frame must be a Hello")
+        if not first.HasField("hello"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach: the first frame must be a Hello")
+        return first.hello
+
+    async def _outbound(self, queue: asyncio.Queue, reader: asyncio.Task, group: str, die: int):
+        """Frames for this die until its own stream ends (the reader finishes)."""
+        while True:
+            get = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if get not in done:
+                get.cancel()
+                return
+            item = get.result()
+            if item is None:  # replaced by a newer attachment of the same die
+                return
+            frame, routed_at = item
+            if routed_at is not None:
+                self.core.record_delivery(group, frame.src_die, die, time.perf_counter() - routed_at)
+            yield frame
+
+    async def _pump(self, request_iterator, group: str, die: int) -> None:
+        """Route every frame this die sends until it hangs up or sends a bad frame."""
+        async for frame in request_iterator:
+            frame.src_die = die
+            try:
+                member, modeled = self.core.route(group, die, frame.dst_die, _round_key(frame), frame.ByteSize(),
+                                                  common_pb2.RoundKind.Name(frame.round.kind))
+            except ValueError as exc:
+                log.warning("bad frame dropped; detaching the die", extra={"die": die, "error": str(exc)})
+                return
+            labels = (str(die), str(frame.dst_die))
+            BYTES.labels(*labels).inc(frame.ByteSize())
+            FRAMES.labels(*labels).inc()
+            MODELED.labels(*labels).inc(modeled)
+            if member is not None:
+                frame.modeled_arrival_s = frame.modeled_send_s + modeled
+                member.queue.put_nowait((frame, time.perf_counter()))
+
+    def _detach(self, group: str, die: int, queue: asyncio.Queue, reason: str) -> None:
+        remaining = self.core.detach(group, die, queue)
+        if not remaining:
+            return
+        log.info("die detached", extra={"group": group, "die": die, "reason": reason})
+        notice = fabric_pb2.Detached(die_id=die, reason=reason)
+        for member in remaining:
+            member.queue.put_nowait((fabric_pb2.Frame(src_die=die, dst_die=member.die_id, detached=notice), None))
+
+    async def Stats(self, request, context):
+        links, rounds, attached = self.core.stats(reset=request.reset)
+        return fabric_pb2.StatsReply(
+            links=[fabric_pb2.LinkStats(src_die=src, dst_die=dst, bytes=c.bytes, frames=c.frames,
+                                        modeled_transfer_s=c.modeled_transfer_s, measured_s=c.measured_s,
+                                        dispatch_bytes=c.bytes_by_kind["ROUND_KIND_DISPATCH"],
+                                        combine_bytes=c.bytes_by_kind["ROUND_KIND_COMBINE"])
+                   for (_, src, dst), c in sorted(links.items())],
+            rounds_completed=rounds, attached_dies=attached)

@@ -1,0 +1,113 @@
+"""Faults on the fabric: a die killed or stalled mid-round fails its peers' Forward with UNAVAILABLE
+within the round deadline, never a hang, and the fabric keeps serving the rest."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+from cloudmatrix.instance.driver import InstanceDriver, StepFailed, StepInput
+from cloudmatrix.rpc.channel import health_check_sync
+from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
+from cmx.npu.v1 import npu_pb2
+
+from tests.services import running_services
+
+ROUND_TIMEOUT_S = 3.0
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def instance(tmp_path):
+    specs = [("fabric", "ub_fabric", ())] + [
+        (f"die{i}", "npu_emulator", (f"round_timeout_s={ROUND_TIMEOUT_S}",)) for i in range(4)]
+    with running_services(tmp_path, specs) as records:
+        yield records
+
+
+async def _peers_forward(driver: InstanceDriver, dies: list[int]):
+    """Forward one sequence on each listed die only; returns (elapsed seconds, per-die outcome)."""
+    calls = []
+    for i in dies:
+        blocks = (await driver.dies[i].AllocateBlocks(npu_pb2.AllocateBlocksRequest(num_blocks=1), timeout=10)).block_ids
+        seq = npu_pb2.SequenceInput(seq_id=f"s{i}", token_ids=[5, 6, 7], block_table=blocks)
+        calls.append(driver.dies[i].Forward(npu_pb2.ForwardRequest(step=1, sequences=[seq]), timeout=60))
+    start = time.monotonic()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    return time.monotonic() - start, results
+
+
+def _fabric_stats(address: str) -> fabric_pb2.StatsReply:
+    with grpc.insecure_channel(address) as channel:
+        return fabric_pb2_grpc.UbFabricStub(channel).Stats(fabric_pb2.StatsRequest(), timeout=10)
+
+
+def _assert_unavailable(results, needle: str) -> None:
+    for r in results:
+        assert isinstance(r, grpc.aio.AioRpcError), r
+        assert r.code() == grpc.StatusCode.UNAVAILABLE and needle in r.details(), r.details()
+
+
+def test_killed_die_fails_its_peers_fast_and_the_fabric_serves_on(instance, tiny_checkpoint):
+    fabric, dies = instance["fabric"].address, [instance[f"die{i}"] for i in range(4)]
+
+    async def scenario():
+        driver = InstanceDriver([d.address for d in dies], fabric, group="ep4")
+        await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+        forward = asyncio.ensure_future(_peers_forward(driver, [0, 1, 2]))
+        await asyncio.sleep(1.0)  # dies 0-2 now wait in the first dispatch round for die 3
+        os.kill(dies[3].pid, signal.SIGKILL)
+        elapsed, results = await forward
+        await driver.close()
+        return elapsed, results
+
+    elapsed, results = asyncio.run(scenario())
+    _assert_unavailable(results, "die 3")
+    assert elapsed < ROUND_TIMEOUT_S  # told by the fabric, not by the deadline
+    assert health_check_sync(fabric) == "SERVING"
+    assert _fabric_stats(fabric).attached_dies == 3
+
+    async def survivors():  # the remaining dies form a new EP3 instance and step normally
+        driver = InstanceDriver([d.address for d in dies[:3]], fabric, group="ep3")
+        try:
+            await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+            return await driver.step([StepInput(f"t{i}", [3, 4, 5]) for i in range(3)])
+        finally:
+            await driver.close()
+
+    assert all(out.has_token for out in asyncio.run(survivors()).values())
+
+
+def test_stalled_die_fails_its_peers_at_the_round_deadline(instance, tiny_checkpoint):
+    fabric, dies = instance["fabric"].address, [instance[f"die{i}"] for i in range(4)]
+
+    async def scenario():
+        driver = InstanceDriver([d.address for d in dies], fabric, group="ep4-stall")
+        await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+        result = await _peers_forward(driver, [0, 1, 2])  # die 3 never steps
+        await driver.close()
+        return result
+
+    elapsed, results = asyncio.run(scenario())
+    _assert_unavailable(results, "[3]")
+    assert ROUND_TIMEOUT_S * 0.9 <= elapsed < ROUND_TIMEOUT_S + 5
+
+
+def test_driver_reports_which_dies_failed(instance, tiny_checkpoint):
+    fabric, dies = instance["fabric"].address, [instance[f"die{i}"] for i in range(2)]
+
+    async def scenario():
+        driver = InstanceDriver([d.address for d in dies], fabric, group="ep2-bad")
+        await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+        try:
+            with pytest.raises(StepFailed, match="INVALID_ARGUMENT") as err:
+                await driver.step([StepInput("bad", [5000])])  # token id beyond the vocab
+            return err.value
+        finally:
+            await driver.close()
+
+    failure = asyncio.run(scenario())
+    assert any(code == 0 or code == 1 for code, _ in failure.errors)

@@ -25,7 +25,9 @@ run: install
 	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
 		"The CloudMatrix384 supernode serves"
 	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR)/cluster \
-		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR)/cluster; \
+		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR)/cluster \
+		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT) --max-tokens 32 \
+			--precision int8-pasa "The CloudMatrix384 supernode serves"; \
 		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR)/cluster; exit $$status
 
 test: install

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
 from cloudmatrix.model.precision import load_for_precision, parse_precision
+from cloudmatrix.moe.eplb import balance, imbalance
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
@@ -100,6 +101,7 @@ def test_int8_dispatch_cuts_fabric_bytes_and_matches_the_in_process_int8_model(c
 
     _, bf16_bytes = asyncio.run(run("fp32", "bfloat16"))
     int8_logits, int8_bytes = asyncio.run(run("int8", ""))
+    print(f"dispatch bytes: int8 {int8_bytes}, bf16 {bf16_bytes}, cut {1 - int8_bytes / bf16_bytes:.1%}")
     assert 0 < int8_bytes <= 0.55 * bf16_bytes, (int8_bytes, bf16_bytes)  # >= 45% fewer dispatch bytes
     # Within docs/int8.md's bound for the tiny preset (logits rel-L2 < 0.005 against fp32). Exact
     # equality with the in-process W8A8 path holds for identical batches (test_expert_parallel.py);
@@ -111,3 +113,21 @@ def test_int8_dispatch_cuts_fabric_bytes_and_matches_the_in_process_int8_model(c
     int8_model = load_for_precision(tiny_checkpoint, parse_precision("int8"))
     int8_ref = [_reference_logits(int8_model, p, e) for p, e in zip(prompts, extra)]
     assert _max_error(int8_logits, int8_ref) < 5e-3
+
+
+def test_expert_load_feeds_eplb(cluster, tiny_checkpoint):
+    fabric, addresses = cluster
+
+    async def scenario():
+        driver = InstanceDriver(addresses, fabric, group="eplb")
+        try:
+            await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+            await driver.step([StepInput(f"s{i}", p) for i, p in enumerate(_prompts(8, seed=9))])
+            return await driver.expert_load(reset=True), sum(len(p) for p in _prompts(8, seed=9))
+        finally:
+            await driver.close()
+
+    counts, tokens = asyncio.run(scenario())
+    assert counts.shape == (3, 16) and (counts.sum(dim=1) == tokens * 4).all()  # every (token, top-4) pair once
+    placement = balance(counts, num_dies=4, redundant=4)
+    assert imbalance(placement, counts) <= imbalance(ExpertPlacement.round_robin([0, 1, 2], 16, 4), counts)

@@ -95,3 +95,14 @@ def test_default_topology_parses():
 def test_bad_topologies_name_the_field(raw, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         parse_topology(raw, Path("."))
+
+
+def test_default_topology_generates_like_the_local_engine(run_dir, tiny_checkpoint):
+    up = cmx("up", "--topology", str(REPO / "topologies" / "local.yaml"), "--run-dir", str(run_dir))
+    assert up.returncode == 0, up.stderr
+    args = ["--checkpoint", str(tiny_checkpoint), "--max-tokens", "10", "The supernode"]
+    distributed = cmx("generate", "--instance", str(run_dir), *args)
+    local = cmx("generate", "--local", *args)
+    assert distributed.returncode == 0, distributed.stderr
+    assert distributed.stdout == local.stdout  # greedy: the EP4 instance computes what one process does
+    assert "EP4 over the fabric" in distributed.stderr and "modeled CloudMatrix384" in distributed.stderr

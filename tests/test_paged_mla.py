@@ -61,17 +61,16 @@ def test_ragged_batch_prefill_then_decode_matches_dense_per_sequence(model):
     seqs = [[rng.randrange(3, 1024) for _ in range(p + steps)] for p in prompts]
     pool = _pool(model)
     tables = _shuffled_tables(pool, [p + steps for p in prompts], rng)
-    width = max(prompts)
     batch = PagedBatch(tables, cached=[0] * 3, new=prompts)
-    ids = torch.tensor([s[:p] + [0] * (width - p) for s, p in zip(seqs, prompts)])
-    prefill = model(ids, batch.positions(width), PagedKVView(pool, batch))  # [3, width, V]
-    got = [[prefill[b, :p]] for b, p in enumerate(prompts)]
+    ids = torch.tensor([t for s, p in zip(seqs, prompts) for t in s[:p]])[None]  # packed: [1, sum(prompts)]
+    prefill = model(ids, batch.positions(), PagedKVView(pool, batch))[0]  # [sum(prompts), V]
+    got = [[chunk] for chunk in prefill.split(prompts)]
     for step in range(steps):
         batch = PagedBatch(tables, cached=[p + step for p in prompts], new=[1, 1, 1])
-        step_ids = torch.tensor([[s[p + step]] for s, p in zip(seqs, prompts)])
-        logits = model(step_ids, batch.positions(1), PagedKVView(pool, batch))
+        step_ids = torch.tensor([[s[p + step] for s, p in zip(seqs, prompts)]])  # [1, 3]
+        logits = model(step_ids, batch.positions(), PagedKVView(pool, batch))[0]
         for b in range(3):
-            got[b].append(logits[b])
+            got[b].append(logits[b:b + 1])
     for b, (seq, p) in enumerate(zip(seqs, prompts)):
         ref = _dense_logits(model, seq, p)
         assert (torch.cat(got[b]) - ref).abs().max().item() <= TOL
@@ -85,7 +84,7 @@ def test_chunked_prefill_over_the_pool_equals_one_shot(model):
     chunks, cached, got = [8, 8, 7], 0, []
     for n in chunks:  # chunked prefill: each chunk attends to the blocks written before it
         batch = PagedBatch(table, cached=[cached], new=[n])
-        got.append(model(torch.tensor([seq[cached:cached + n]]), batch.positions(n), PagedKVView(pool, batch))[0])
+        got.append(model(torch.tensor([seq[cached:cached + n]]), batch.positions(), PagedKVView(pool, batch))[0])
         cached += n
     ref = model(torch.tensor([seq]), torch.arange(23)[None], model.new_cache())[0]
     assert (torch.cat(got) - ref).abs().max().item() <= TOL

@@ -1,7 +1,7 @@
 """What a die runs once a model is loaded: its model shard, its paged KV pool ("HBM") and its
 link to the fabric. Pure Python over torch; the servicer translates protos.
 
-Shape legend: B = sequences in the batch, S = new tokens per sequence (padded), V = vocab.
+Shape legend: B = sequences in the batch, N = their new tokens packed in one row, V = vocab.
 """
 from __future__ import annotations
 
@@ -128,10 +128,9 @@ class DieEngine:
 
     def _run(self, seqs: list[SequenceStep], return_logits: bool, clock: PhaseClock) -> list[SequenceResult]:
         batch = PagedBatch([s.block_table for s in seqs], [s.start for s in seqs], [len(s.token_ids) for s in seqs])
-        width = max(batch.new)
-        ids = torch.tensor([s.token_ids + [0] * (width - len(s.token_ids)) for s in seqs])  # [B, S]
-        logits = self.model(ids, batch.positions(width), PagedKVView(self.pool, batch))  # [B, S, V]
-        last = logits[torch.arange(len(seqs)), torch.tensor(batch.new) - 1]  # [B, V]
+        ids = torch.tensor([t for s in seqs for t in s.token_ids])[None]  # [1, N] packed
+        logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
+        last = logits[0, batch.last_token_index()]  # [B, V]
         start = time.perf_counter()
         results = [self._result(s, row, return_logits) for s, row in zip(seqs, last)]
         clock.add("sample", time.perf_counter() - start)

@@ -27,6 +27,7 @@ def bench_mla_decode(batch: int, context: int, repeats: int) -> dict:
     latent = torch.randn(batch, context, cfg.kv_lora_rank, generator=gen)
     k_rope = torch.randn(batch, context, cfg.qk_rope_head_dim, generator=gen)
     x = torch.randn(batch, 1, cfg.hidden_size, generator=gen)
+    packed = x.view(1, batch, cfg.hidden_size)  # the paged path takes the batch packed
     positions = torch.full((batch, 1), context)
     blocks_per_seq = (context + 1 + BLOCK_SIZE - 1) // BLOCK_SIZE
     pool = PagedLatentPool(PoolShape(1, batch * blocks_per_seq, BLOCK_SIZE, cfg.kv_lora_rank, cfg.qk_rope_head_dim))
@@ -42,9 +43,9 @@ def bench_mla_decode(batch: int, context: int, repeats: int) -> dict:
         return expanded(x, positions, cache, 0)
 
     with torch.inference_mode():
-        err = (absorbed(x, positions, PagedKVView(pool, step), 0) - dense_step()).abs().max().item()
+        err = (absorbed(packed, positions.view(1, batch), PagedKVView(pool, step), 0).view_as(x) - dense_step()).abs().max().item()
         times = time_interleaved({"dense": dense_step,
-                                  "paged": lambda: absorbed(x, positions, PagedKVView(pool, step), 0)}, repeats)
+                                  "paged": lambda: absorbed(packed, positions.view(1, batch), PagedKVView(pool, step), 0)}, repeats)
     return {"shape": {"batch": batch, "context": context, "block_size": BLOCK_SIZE, "heads": cfg.num_attention_heads,
                       "kv_lora_rank": cfg.kv_lora_rank}, "dense_expanded_s": times["dense"],
             "paged_absorbed_s": times["paged"], "speedup": times["dense"] / times["paged"], "max_abs_diff": err}

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.generate import StepTimes, generate_on_instance
+from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import PRECISIONS, load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
@@ -16,8 +22,10 @@ from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("generate", help="generate text from a prompt")
     parser.add_argument("prompt")
-    parser.add_argument("--local", action="store_true", required=True,
-                        help="run the model in this process (the only mode until the gateway exists)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the model in this process")
+    where.add_argument("--instance", metavar="RUN_DIR",
+                       help="run on the fabric and dies `cmx up` started from RUN_DIR (expert parallel)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="weights and attention core (docs/model.md#precisions)")
@@ -35,17 +43,47 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             seed=args.seed, max_tokens=args.max_tokens)
     tokenizer = TextTokenizer.load(args.checkpoint)
-    model = load_for_precision(args.checkpoint, parse_precision(args.precision))
     prompt_ids = tokenizer.encode(args.prompt)
     stream = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
-    start, count = time.perf_counter(), 0
-    for token in generate(model, prompt_ids, params):
-        sys.stdout.write(stream.push(token))
-        sys.stdout.flush()
-        count += 1
+    start = time.perf_counter()
+    if args.local:
+        model = load_for_precision(args.checkpoint, parse_precision(args.precision))
+        count, note = _emit(generate(model, prompt_ids, params), stream), f"{args.threads} thread(s)"
+    else:
+        count, note = asyncio.run(_on_instance(args, prompt_ids, params, tokenizer.eos_id, stream))
     elapsed = time.perf_counter() - start
     sys.stdout.write(stream.flush() + "\n")
     print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, prompt {len(prompt_ids)} tokens, "
-          f"{args.threads} thread(s)]", file=sys.stderr)
+          f"{note}]", file=sys.stderr)
     return 0
+
+
+def _emit(tokens, stream: StreamDecoder) -> int:
+    count = 0
+    for token in tokens:
+        sys.stdout.write(stream.push(token))
+        sys.stdout.flush()
+        count += 1
+    return count
+
+
+async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder) -> tuple[int, str]:
+    records = load_state(Path(args.instance).resolve())
+    fabric = [r.address for r in records if r.service == "ub_fabric"]
+    dies = [r.address for r in records if r.service == "npu_emulator"]
+    if not dies:
+        raise ValueError(f"{args.instance} runs no npu_emulator processes")
+    driver = InstanceDriver(dies, fabric[0] if fabric else "", group=f"cli-{os.getpid()}")
+    times = StepTimes()
+    try:
+        await driver.load(str(Path(args.checkpoint).resolve()), args.precision)
+        count = 0
+        async for token in generate_on_instance(driver, prompt_ids, params, eos, times):
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+            count += 1
+    finally:
+        await driver.close()
+    return count, (f"EP{len(dies)} over the fabric; modeled CloudMatrix384 {times.modeled_s * 1e3:.2f} ms "
+                   f"for {times.steps} steps ({times.modeled_s / max(times.steps, 1) * 1e6:.0f} us/step)")

@@ -7,6 +7,7 @@ import sys
 from cloudmatrix.cli import (
     bench_cmd,
     checkpoint_cmd,
+    eplb_cmd,
     generate_cmd,
     launcher_cmd,
     quantize_cmd,

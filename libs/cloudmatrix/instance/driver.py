@@ -8,12 +8,14 @@ import asyncio
 import dataclasses
 
 import grpc
+import torch
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.channel import make_channel
+from cloudmatrix.rpc.tensor_codec import decode_tensor
 
 PRECISIONS = {"fp32": common_pb2.PRECISION_FP32, "int8": common_pb2.PRECISION_INT8,
               "pasa": common_pb2.PRECISION_PASA, "int8-pasa": common_pb2.PRECISION_INT8_PASA}
@@ -106,6 +108,12 @@ class InstanceDriver:
             raise StepFailed(errors)
         self.last_replies = results
         return results
+
+    async def expert_load(self, reset: bool = False) -> torch.Tensor:
+        """Tokens per expert summed over the dies: int64 [MoE layers, routed experts] (EPLB's input)."""
+        replies = await asyncio.gather(*(d.GetExpertLoad(npu_pb2.GetExpertLoadRequest(reset=reset),
+                                                         timeout=self.timeout_s) for d in self.dies))
+        return sum(decode_tensor(r.token_counts, "token_counts") for r in replies)
 
     async def release(self, seq_id: str) -> None:
         """Free a finished sequence's blocks on its die."""

@@ -24,8 +24,15 @@ from cloudmatrix.model.layers import RMSNorm, RotaryEmbedding
 
 
 class KVView(Protocol):
+    """Where a step's KV goes and comes from. Tokens may arrive packed ([1, total] for a ragged
+    batch); ``unpack`` / ``pack`` move per-token tensors between that layout and [B, S, ...]."""
+
     def update(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor):
         """Store the new tokens' latent; return (latent [B, T, C], k_rope [B, T, R], mask [B, S, T])."""
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass
@@ -61,6 +68,12 @@ class LatentKVCache:
         self.latent[layer], self.k_rope[layer] = latent, k_rope
         key_pos = torch.arange(latent.shape[1])
         return latent, k_rope, key_pos[None, None, :] <= positions[:, :, None]
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # already [B, S, ...]
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 class MLAttention(nn.Module):
@@ -125,6 +138,7 @@ class MLAttention(nn.Module):
         # x: [B, S, D], positions: [B, S] -> [B, S, D]
         q_nope, q_rope = self.project_q(x, positions)
         latent, k_rope, mask = kv.update(layer, *self.project_latent(x, positions), positions)
-        attend = self.attend_absorbed if self.options.absorbed(x.shape[1]) else self.attend_expanded
-        out = attend(q_nope, q_rope, latent, k_rope, mask)
+        q_nope, q_rope = kv.unpack(q_nope), kv.unpack(q_rope)  # [B, S, H, *]
+        attend = self.attend_absorbed if self.options.absorbed(q_nope.shape[1]) else self.attend_expanded
+        out = kv.pack(attend(q_nope, q_rope, latent, k_rope, mask))  # x's layout, [..., H, V]
         return self.o_proj(out.reshape(*x.shape[:2], -1))

@@ -1,0 +1,39 @@
+"""Generation on an expert-parallel instance through the driver (before the serving services exist,
+and for studying one instance): prefill the prompt, then one token per step."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.model.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class StepTimes:
+    """Summed over steps: wall seconds here, and modeled CloudMatrix384 seconds (slowest die)."""
+
+    measured_s: float = 0.0
+    modeled_s: float = 0.0
+    steps: int = 0
+
+    def add(self, replies) -> None:
+        self.measured_s += max(r.timing.measured_s for r in replies)
+        self.modeled_s += max(r.timing.modeled_s for r in replies)
+        self.steps += 1
+
+
+async def generate_on_instance(driver: InstanceDriver, prompt: list[int], params: SamplingParams, eos: int,
+                               times: StepTimes, seq_id: str = "cli") -> AsyncIterator[int]:
+    """Yield tokens until EOS (yielded) or max_tokens; frees the sequence's blocks at the end."""
+    tokens = list(prompt)
+    try:
+        for _ in range(params.max_tokens):
+            out = (await driver.step([StepInput(seq_id, tokens, params)]))[seq_id]
+            times.add(driver.last_replies)
+            yield out.token_id
+            if out.token_id == eos:
+                return
+            tokens = [out.token_id]
+    finally:
+        await driver.release(seq_id)

@@ -16,12 +16,14 @@ class PutStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUT_STATUS_REJECTED_CHECKSUM: _ClassVar[PutStatus]
     PUT_STATUS_REJECTED_CAPACITY: _ClassVar[PutStatus]
     PUT_STATUS_REJECTED_INVALID: _ClassVar[PutStatus]
+    PUT_STATUS_REJECTED_CONFLICT: _ClassVar[PutStatus]
 PUT_STATUS_UNSPECIFIED: PutStatus
 PUT_STATUS_STORED: PutStatus
 PUT_STATUS_DUPLICATE: PutStatus
 PUT_STATUS_REJECTED_CHECKSUM: PutStatus
 PUT_STATUS_REJECTED_CAPACITY: PutStatus
 PUT_STATUS_REJECTED_INVALID: PutStatus
+PUT_STATUS_REJECTED_CONFLICT: PutStatus
 
 class PutBlock(_message.Message):
     __slots__ = ("key", "namespace", "kind", "num_tokens", "data", "checksum")
@@ -150,7 +152,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("blocks", "used_bytes", "capacity_bytes", "leased_blocks", "disk_blocks", "disk_bytes", "hits", "misses", "stored", "duplicates", "rejected", "evictions", "blobs", "blob_bytes")
+    __slots__ = ("blocks", "used_bytes", "capacity_bytes", "leased_blocks", "disk_blocks", "disk_bytes", "hits", "misses", "stored", "duplicates", "rejected", "evictions", "blobs", "blob_bytes", "checksum_failures", "conflicts", "promotions", "spills")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,10 @@ class StatsReply(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     BLOBS_FIELD_NUMBER: _ClassVar[int]
     BLOB_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    CONFLICTS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    SPILLS_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     used_bytes: int
     capacity_bytes: int
@@ -179,7 +185,11 @@ class StatsReply(_message.Message):
     evictions: int
     blobs: int
     blob_bytes: int
-    def __init__(self, blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., blobs: _Optional[int] = ..., blob_bytes: _Optional[int] = ...) -> None: ...
+    checksum_failures: int
+    conflicts: int
+    promotions: int
+    spills: int
+    def __init__(self, blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., blobs: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., conflicts: _Optional[int] = ..., promotions: _Optional[int] = ..., spills: _Optional[int] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("name", "chunk_index", "data", "checksum", "last", "total_bytes")

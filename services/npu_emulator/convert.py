@@ -37,4 +37,6 @@ def load_spec(request, config) -> LoadSpec:
         pool_bytes=request.kv_pool_bytes or config.kv_pool_bytes,
         fabric_address=request.fabric_address, fabric_group=request.fabric_group,
         dispatch_dtype=request.dispatch_dtype,
+        cache_shards=tuple(request.model_cache.kvcache_addresses) if request.HasField("model_cache") else (),
+        cache_prefix=request.model_cache.blob_prefix if request.HasField("model_cache") else "",
     )

@@ -1,14 +1,20 @@
 """LoadModel: build a die's engine from a checkpoint, a precision, a placement and a fabric."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
+from pathlib import Path
 
 from cloudmatrix.fabric.link import FabricLink
 from cloudmatrix.kv.block_pool import PagedLatentPool
 from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import parse_precision
-from cloudmatrix.moe.die_model import build_die_model, default_dispatch_dtype
+from cloudmatrix.kvcache.client import KvPoolClient
+from cloudmatrix.model_cache import CacheReport, load_units, units_for
+from cloudmatrix.moe.die_model import (
+    build_die_model, default_dispatch_dtype, die_expert_filter, needs_in_memory_quantization,
+)
 from cloudmatrix.moe.local_exchange import SingleDieExchange
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.errors import ResourceExhausted
@@ -28,7 +34,8 @@ class LoadSpec:
     fabric_address: str
     fabric_group: str
     dispatch_dtype: str
-
+    cache_shards: tuple[str, ...] = ()   # kvcache shards holding the model cache; () = read the disk
+    cache_prefix: str = ""
 
 def _placement(spec: LoadSpec) -> ExpertPlacement:
     cfg = load_config(spec.checkpoint)
@@ -57,17 +64,41 @@ def _exchange(spec: LoadSpec, round_timeout_s: float, connect_timeout_s: float, 
 
 def load_engine(spec: LoadSpec, hbm_bytes: int, round_timeout_s: float, connect_timeout_s: float,
                 max_message_bytes: int) -> tuple[DieEngine, float]:
-    """Returns the engine and the load's wall seconds. Blocks until the fabric group assembles."""
+    """Returns the engine, the load's wall seconds and whether every weight came from the model
+    cache. Blocks until the fabric group assembles."""
     start = time.perf_counter()
     if not 0 <= spec.die_id < spec.num_dies:
         raise ValueError(f"die_id {spec.die_id} must be in [0, num_dies={spec.num_dies})")
     precision = parse_precision(spec.precision)
     placement = _placement(spec)
     exchange = _exchange(spec, round_timeout_s, connect_timeout_s, max_message_bytes)
+    state, report = _cached_state(spec, precision, placement) if spec.cache_shards else (None, None)
     model = build_die_model(spec.checkpoint, precision, placement, exchange,
-                            spec.dispatch_dtype or default_dispatch_dtype(precision))
+                            spec.dispatch_dtype or default_dispatch_dtype(precision), state)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weight_bytes + spec.pool_bytes > hbm_bytes:
         raise ResourceExhausted(f"HBM: weights {weight_bytes} B + KV pool {spec.pool_bytes} B exceed {hbm_bytes} B")
     pool = PagedLatentPool(pool_shape(model, spec.block_size, spec.pool_bytes))
-    return DieEngine(model, pool, exchange, weight_bytes, spec.precision), time.perf_counter() - start
+    engine = DieEngine(model, pool, exchange, weight_bytes, spec.precision)
+    return engine, time.perf_counter() - start, report is not None and report.fully_cached
+
+
+def _cached_state(spec: LoadSpec, precision, placement: ExpertPlacement):
+    """This die's weights through the model cache (the first loader publishes them)."""
+    if needs_in_memory_quantization(spec.checkpoint, precision):
+        raise ValueError("model_cache: serving a float checkpoint in INT8 quantizes it in memory; "
+                         "quantize it first (cmx quantize) to load it from the model cache")
+    cfg = load_config(spec.checkpoint)
+    units = units_for(die_expert_filter(placement, spec.die_id), cfg)
+    report = CacheReport()
+
+    async def fetch():
+        async with KvPoolClient(list(spec.cache_shards), replication=min(2, len(spec.cache_shards))) as client:
+            return await load_units(client, spec.cache_prefix or _default_prefix(spec.checkpoint), spec.checkpoint,
+                                    units, report)
+
+    return asyncio.run(fetch()), report
+
+
+def _default_prefix(checkpoint: str) -> str:
+    return f"models/{Path(checkpoint).resolve().name}"

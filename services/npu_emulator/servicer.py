@@ -55,13 +55,13 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
     async def LoadModel(self, request, context):
         spec = load_spec(request, self.config)
         self.die.unload()  # leave the old fabric group before joining the new one
-        engine, seconds = await asyncio.to_thread(
+        engine, seconds, cached = await asyncio.to_thread(
             load_engine, spec, self.die.identity.hbm_capacity_bytes, self.config.round_timeout_s,
             self.config.fabric_connect_timeout_s, self.config.server.max_message_bytes)
         self.die.install(engine, request.model_id or spec.checkpoint, spec.precision)
         return npu_pb2.LoadModelReply(model_id=self.die.model_id, weight_bytes=engine.weight_bytes,
                                       kv_blocks_total=engine.pool.shape.num_blocks,
-                                      num_local_experts=self.die.num_local_experts(),
+                                      num_local_experts=self.die.num_local_experts(), from_model_cache=cached,
                                       timing=common_pb2.Timing(measured_s=seconds))
 
     @map_errors

@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 # Each module under cloudmatrix.bench exposes register(subparsers) adding its own sub-command.
-BENCHMARKS = ("pasa", "kernels", "fabric")
+BENCHMARKS = ("pasa", "kernels", "fabric", "kvcache")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -58,8 +58,12 @@ class InstanceDriver:
         await asyncio.gather(*(c.close() for c in self.channels))
 
     async def load(self, checkpoint: str, precision: str = "fp32", placement: ExpertPlacement | None = None,
-                   block_size: int = 16, pool_bytes: int = 0, dispatch_dtype: str = "") -> list:
-        """LoadModel on every die at once (each waits for the whole fabric group)."""
+                   block_size: int = 16, pool_bytes: int = 0, dispatch_dtype: str = "",
+                   model_cache: list[str] | None = None, cache_prefix: str = "") -> list:
+        """LoadModel on every die at once (each waits for the whole fabric group); with
+        ``model_cache`` (kvcache shard addresses) the dies read their weights from the pool."""
+        cache = npu_pb2.ModelCacheSource(kvcache_addresses=model_cache, blob_prefix=cache_prefix) if model_cache \
+            else None
         entries = [npu_pb2.ExpertPlacement(layer=layer, expert=e, dies=list(dies))
                    for layer, experts in (placement.replicas.items() if placement else ())
                    for e, dies in enumerate(experts)]
@@ -67,7 +71,7 @@ class InstanceDriver:
             checkpoint_path=checkpoint, precision=PRECISIONS[precision], die_id=i, num_dies=len(self.dies),
             placement=entries, kv_block_size=block_size, kv_pool_bytes=pool_bytes,
             fabric_address=self.fabric_address if len(self.dies) > 1 else "", fabric_group=self.group,
-            dispatch_dtype=dispatch_dtype) for i in range(len(self.dies))]
+            dispatch_dtype=dispatch_dtype, model_cache=cache) for i in range(len(self.dies))]
         self.block_size = block_size
         return await asyncio.gather(*(d.LoadModel(r, timeout=self.timeout_s) for d, r in zip(self.dies, requests)))
 

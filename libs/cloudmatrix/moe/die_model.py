@@ -26,12 +26,25 @@ def _is_local(placement: ExpertPlacement, die: int):
     return keep
 
 
-def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlacement, die: int):
-    """The tensors this die holds. A float checkpoint served in INT8 is quantized in memory first
-    (calibration needs the whole model), then cut down to this die's experts."""
+def die_expert_filter(placement: ExpertPlacement, die: int):
+    """key -> whether this die holds the tensor (non-expert tensors: always)."""
+    return _is_local(placement, die)
+
+
+def needs_in_memory_quantization(checkpoint_dir: str | Path, precision: Precision) -> bool:
+    return precision.int8_weights and not is_int8_checkpoint(checkpoint_dir)
+
+
+def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlacement, die: int,
+               state: dict[str, torch.Tensor] | None):
+    """The tensors this die holds: from ``state`` (already fetched, e.g. from the model cache) or
+    the checkpoint. A float checkpoint served in INT8 is quantized in memory first (calibration
+    needs the whole model), then cut down to this die's experts."""
     keep = _is_local(placement, die)
     cfg = load_config(checkpoint_dir)
-    if precision.int8_weights and not is_int8_checkpoint(checkpoint_dir):
+    if state is not None:
+        return {k: v if v.dtype == torch.int8 else v.float() for k, v in state.items() if keep(k)}
+    if needs_in_memory_quantization(checkpoint_dir, precision):
         full = load_for_precision(checkpoint_dir, precision).state_dict()
         return {k: v for k, v in full.items() if keep(k)}
     if not precision.int8_weights and is_int8_checkpoint(checkpoint_dir):
@@ -40,8 +53,9 @@ def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlac
 
 
 def build_die_model(checkpoint_dir: str | Path, precision: Precision, placement: ExpertPlacement,
-                    exchange: Exchange, dispatch_dtype: str) -> DeepseekV3:
-    """The die's model: MoE layers are ExpertParallelMoE over ``exchange``; weights loaded strictly."""
+                    exchange: Exchange, dispatch_dtype: str, state: dict[str, torch.Tensor] | None = None) -> DeepseekV3:
+    """The die's model: MoE layers are ExpertParallelMoE over ``exchange``; weights loaded strictly
+    from the checkpoint, or from ``state`` when the caller fetched them (the model cache)."""
     checkpoint_dir = Path(checkpoint_dir)
     cfg = load_config(checkpoint_dir)
     moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
@@ -49,7 +63,7 @@ def build_die_model(checkpoint_dir: str | Path, precision: Precision, placement:
         raise ValueError(f"placement covers layers {placement.layers} x {placement.num_experts} experts; "
                          f"the model has MoE layers {moe_layers} x {cfg.n_routed_experts} experts")
     model = DeepseekV3(cfg, moe=lambda c, layer: ExpertParallelMoE(c, layer, placement, exchange, dispatch_dtype))
-    state = _die_state(checkpoint_dir, precision, placement, exchange.die_id)
+    state = _die_state(checkpoint_dir, precision, placement, exchange.die_id, state)
     swap_to_int8(model, [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")])
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -1,0 +1,117 @@
+"""The pool client's boundary types: blocks in, fetched blocks and per-block results out.
+
+Protos stay in here and in the call sites; callers see only these dataclasses (and the shard's
+``StatsReply`` from ``KvPoolClient.stats``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+from cmx.common.v1 import common_pb2
+from cmx.kvcache.v1 import kvcache_pb2
+
+KEY_BYTES = 16
+_KIND_TO_PROTO = {"full": common_pb2.BLOCK_KIND_FULL, "tail": common_pb2.BLOCK_KIND_TAIL}
+_PROTO_TO_KIND = {v: k for k, v in _KIND_TO_PROTO.items()}
+ACK_STATUSES = frozenset({kvcache_pb2.PUT_STATUS_STORED, kvcache_pb2.PUT_STATUS_DUPLICATE})
+
+
+def block_kind(kind: str | int) -> str:
+    """"full" / "tail" from either that string or the ``cmx.common.v1.BlockKind`` enum value."""
+    if isinstance(kind, str) and kind in _KIND_TO_PROTO:
+        return kind
+    if isinstance(kind, int) and kind in _PROTO_TO_KIND:
+        return _PROTO_TO_KIND[kind]
+    raise ValueError(f"block kind must be 'full', 'tail' or BLOCK_KIND_FULL/TAIL, got {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One immutable KV block: ``key`` is its 16-byte prefix-hash digest (it covers namespace)."""
+
+    key: bytes
+    namespace: str
+    kind: str | int  # "full" | "tail" (an enum value is accepted and normalized to the string)
+    num_tokens: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, bytes) or len(self.key) != KEY_BYTES:
+            raise ValueError(f"block key must be {KEY_BYTES} bytes, got {self.key!r}")
+        if self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {self.num_tokens}")
+        object.__setattr__(self, "kind", block_kind(self.kind))
+
+    @functools.cached_property
+    def checksum(self) -> int:
+        """CRC-32 (IEEE, as zlib.crc32) of ``data``."""
+        return zlib.crc32(self.data)
+
+    def to_proto(self) -> kvcache_pb2.PutBlock:
+        return kvcache_pb2.PutBlock(key=self.key, namespace=self.namespace, kind=_KIND_TO_PROTO[self.kind],
+                                    num_tokens=self.num_tokens, data=self.data, checksum=self.checksum)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchedBlock(Block):
+    """A block read back from the pool, checksum verified; ``shard`` is the replica that served it."""
+
+    shard: str = ""
+
+    @classmethod
+    def from_reply(cls, reply: kvcache_pb2.GetReply, shard: str) -> FetchedBlock:
+        return cls(key=reply.key, namespace=reply.namespace, kind=reply.kind, num_tokens=reply.num_tokens,
+                   data=reply.data, shard=shard)
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    """Where one block landed: acknowledged once ``write_quorum`` replicas stored it (or had it).
+
+    ``replicas`` are the block's ring replicas; ``stored_on`` those that answered STORED or
+    DUPLICATE; ``errors`` says, per replica that did not, why (a rejection or an RPC failure).
+    """
+
+    key: bytes
+    acknowledged: bool
+    replicas: tuple[str, ...]
+    stored_on: tuple[str, ...]
+    errors: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobPutResult:
+    """Where one blob landed; acknowledged once ``write_quorum`` replicas stored all of it."""
+
+    name: str
+    acknowledged: bool
+    replicas: tuple[str, ...]
+    stored_on: tuple[str, ...]
+    errors: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """Leases taken on the replicas: one lease id per shard; ``leased[i]``: key i pinned somewhere."""
+
+    lease_ids: dict[str, str]
+    leased: tuple[bool, ...]
+    ttl_s: float  # the smallest ttl any shard granted (0.0 when none did)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteResult:
+    """Counts summed over every replica asked; ``errors`` names replicas that did not answer."""
+
+    deleted: int
+    missing: int
+    refused_leased: int
+    errors: dict[str, str]
+
+
+def status_message(status: kvcache_pb2.KeyStatus) -> str:
+    """"PUT_STATUS_REJECTED_CONFLICT: <shard's message>" for a refused block."""
+    name = kvcache_pb2.PutStatus.Name(status.status)
+    return f"{name}: {status.message}" if status.message else name

@@ -1,0 +1,131 @@
+"""Block reads: replicas asked in ring order with fallback, client-side checksums, read repair.
+
+Round k sends, per shard, one Get with every still-unresolved key whose k-th up replica it is,
+all shards concurrently. A key is resolved when a replica returns it intact; a miss, an error or
+a corrupt copy moves it on to its next up replica; after its last replica it is a miss (None).
+
+Read repair: when a key is found on a later replica, every earlier replica that answered "not
+found" gets the block written back. Repairs run in the background (a read never waits for
+them); ``Repairs.drain()`` awaits the ones in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Callable
+
+from cmx.kvcache.v1 import kvcache_pb2
+
+from cloudmatrix.kvcache.blocks import FetchedBlock
+from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
+from cloudmatrix.kvcache.health import ShardHealth
+from cloudmatrix.kvcache.writes import put_on
+
+log = logging.getLogger(__name__)
+
+
+class Repairs:
+    """Read-repair Puts in flight, and how many stored since the last ``drain``."""
+
+    def __init__(self, conns: ShardConnections) -> None:
+        self._conns = conns
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stored = 0
+
+    def schedule(self, shard: str, block: FetchedBlock) -> None:
+        if self._conns.health.is_up(shard):
+            task = asyncio.create_task(self._repair(shard, block))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> int:
+        """Wait for every repair in flight (and any they start); the count stored since the last drain."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks))
+        stored, self._stored = self._stored, 0
+        return stored
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _repair(self, shard: str, block: FetchedBlock) -> None:
+        [error] = await put_on(self._conns, shard, [block])
+        if error is None:
+            self._stored += 1
+        else:
+            log.warning("read repair of block %s on kvcache shard %s failed: %s", block.key.hex(), shard, error)
+
+
+async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], list[str]], keys: list[bytes],
+                     repairs: Repairs) -> dict[bytes, FetchedBlock | None]:
+    """Each distinct key -> its block from the first replica that has it intact, or None."""
+    keys = list(dict.fromkeys(keys))
+    found: dict[bytes, FetchedBlock | None] = dict.fromkeys(keys)
+    replicas = {key: replicas_of(key) for key in keys}
+    cursor = dict.fromkeys(keys, 0)  # index of the next replica to consider, per key
+    missed: dict[bytes, list[str]] = {key: [] for key in keys}  # replicas that answered "not found"
+    pending = keys
+    while plan := _next_round(conns.health, replicas, cursor, pending):
+        answers = await asyncio.gather(*(_get_on(conns, shard, ks) for shard, ks in plan.items()))
+        pending = []
+        for (shard, ks), answer in zip(plan.items(), answers):
+            for key in ks:
+                block = answer.get(key)
+                if block is not None:
+                    found[key] = block
+                    for earlier in missed[key]:
+                        repairs.schedule(earlier, block)
+                    continue
+                if key in answer:
+                    missed[key].append(shard)
+                pending.append(key)
+    return found
+
+
+def _next_round(health: ShardHealth, replicas: dict[bytes, list[str]], cursor: dict[bytes, int],
+                pending: list[bytes]) -> dict[str, list[bytes]]:
+    """shard -> the pending keys whose next up replica it is; advances each key's cursor."""
+    plan: dict[str, list[bytes]] = {}
+    for key in pending:
+        shards = replicas[key]
+        while cursor[key] < len(shards) and not health.is_up(shards[cursor[key]]):
+            cursor[key] += 1
+        if cursor[key] < len(shards):
+            plan.setdefault(shards[cursor[key]], []).append(key)
+            cursor[key] += 1
+    return plan
+
+
+async def _get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
+    """key -> intact block, or None for "not found"; keys left out had no usable answer."""
+    async def attempt(stub, timeout_s: float) -> list[kvcache_pb2.GetReply]:
+        return [reply async for reply in stub.Get(kvcache_pb2.GetRequest(keys=keys), timeout=timeout_s)]
+
+    try:
+        replies = await conns.call(shard, attempt)
+    except CALL_ERRORS as err:
+        log.warning("Get of %d blocks from kvcache shard %s failed: %s", len(keys), shard, describe(err))
+        return {}
+    wanted = set(keys)
+    answer: dict[bytes, FetchedBlock | None] = {}
+    for reply in replies:
+        if reply.key in wanted:
+            answer.update(_decode(reply, shard))
+    return answer
+
+
+def _decode(reply: kvcache_pb2.GetReply, shard: str) -> dict[bytes, FetchedBlock | None]:
+    if not reply.found:
+        return {reply.key: None}
+    if zlib.crc32(reply.data) != reply.checksum:
+        log.warning("block %s from kvcache shard %s fails its CRC-32; trying the next replica",
+                    reply.key.hex(), shard)
+        return {}
+    try:
+        return {reply.key: FetchedBlock.from_reply(reply, shard)}
+    except ValueError as err:
+        log.warning("block %s from kvcache shard %s is malformed (%s)", reply.key.hex(), shard, err)
+        return {}

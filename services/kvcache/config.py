@@ -1,0 +1,44 @@
+"""kvcache configuration: one frozen dataclass, from YAML + env (CMX_KVCACHE__...) + --set."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from cloudmatrix.config import ServerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCacheConfig:
+    server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="kvcache"))
+    capacity_bytes: int = 256 * 2**20        # memory tier: block data bytes held in RAM
+    max_block_bytes: int = 16 * 2**20        # largest block data a Put may carry
+    disk_dir: str | None = None              # disk tier directory; None = no disk tier
+    disk_capacity_bytes: int = 4 * 2**30     # disk tier: block data bytes in disk_dir
+    disk_write_through: bool = False         # also write every stored block to disk before acking
+                                             # the Put (default: blocks reach disk when evicted)
+    max_lease_s: float = 600.0               # a lease's ttl is capped at this
+    blob_dir: str | None = None              # where blobs persist; None = <disk_dir>/blobs, or memory only
+
+    def __post_init__(self) -> None:
+        if self.capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes: must be >= 1, got {self.capacity_bytes}")
+        if self.max_block_bytes < 1:
+            raise ValueError(f"max_block_bytes: must be >= 1, got {self.max_block_bytes}")
+        if self.max_block_bytes >= self.server.max_message_bytes:
+            raise ValueError(f"max_block_bytes: must be below server.max_message_bytes "
+                             f"({self.server.max_message_bytes}), got {self.max_block_bytes}")
+        if self.disk_capacity_bytes < 1:
+            raise ValueError(f"disk_capacity_bytes: must be >= 1, got {self.disk_capacity_bytes}")
+        if not (self.max_lease_s > 0 and math.isfinite(self.max_lease_s)):
+            raise ValueError(f"max_lease_s: must be a finite number > 0, got {self.max_lease_s}")
+        for name in ("disk_dir", "blob_dir"):
+            if getattr(self, name) == "":
+                raise ValueError(f"{name}: must be a directory path or none, got an empty string")
+
+    @property
+    def resolved_blob_dir(self) -> str | None:
+        """Where blobs persist: blob_dir, else <disk_dir>/blobs, else None (memory only)."""
+        if self.blob_dir is not None:
+            return self.blob_dir
+        return os.path.join(self.disk_dir, "blobs") if self.disk_dir is not None else None

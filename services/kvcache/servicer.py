@@ -1,0 +1,122 @@
+"""gRPC servicer of one kvcache shard: protos <-> the store, errors -> status codes.
+
+Put validates each block as it arrives. A malformed block (key not 16 bytes, checksum not the
+CRC-32 of data, data over max_block_bytes or not a consistent Tensor, unknown kind, num_tokens 0)
+aborts the RPC with INVALID_ARGUMENT naming the block index and the field; the blocks before it
+in the stream stay stored (blocks are immutable and a re-Put is an idempotent DUPLICATE, so a
+client simply retries the whole stream after fixing the block).
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from cloudmatrix.rpc.errors import map_errors
+from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+
+from services.kvcache.blobs import BlobChunk, BlobNotFound
+from services.kvcache.blocks import PutOutcome
+from services.kvcache.store import ShardStore
+
+BLOB_CHUNK_BYTES = 1 << 20
+
+_PUT_STATUS = {
+    PutOutcome.STORED: (kvcache_pb2.PUT_STATUS_STORED, ""),
+    PutOutcome.DUPLICATE: (kvcache_pb2.PUT_STATUS_DUPLICATE, ""),
+    PutOutcome.CONFLICT: (kvcache_pb2.PUT_STATUS_REJECTED_CONFLICT,
+                          "key already stored with different bytes; blocks are immutable"),
+    PutOutcome.CAPACITY: (kvcache_pb2.PUT_STATUS_REJECTED_CAPACITY,
+                          "no room even after evicting every unleased block"),
+}
+
+
+class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
+    def __init__(self, store: ShardStore, blob_chunk_bytes: int = BLOB_CHUNK_BYTES) -> None:
+        self.store = store
+        self.blob_chunk_bytes = blob_chunk_bytes
+
+    @map_errors
+    async def Put(self, request_iterator, context):
+        statuses = []
+        async for block in request_iterator:
+            try:
+                outcome = await asyncio.to_thread(self.store.put, block.key, block.namespace, block.kind,
+                                                  block.num_tokens, block.data, block.checksum)
+            except ValueError as err:
+                raise ValueError(f"block {len(statuses)} (key {block.key.hex()}): {err}") from err
+            status, message = _PUT_STATUS[outcome]
+            statuses.append(kvcache_pb2.KeyStatus(key=block.key, status=status, message=message))
+        count = [s.status for s in statuses].count
+        return kvcache_pb2.PutReply(
+            stored=count(kvcache_pb2.PUT_STATUS_STORED), duplicates=count(kvcache_pb2.PUT_STATUS_DUPLICATE),
+            rejected=len(statuses) - count(kvcache_pb2.PUT_STATUS_STORED) - count(kvcache_pb2.PUT_STATUS_DUPLICATE),
+            statuses=statuses)
+
+    @map_errors
+    async def Get(self, request, context):
+        keys = list(request.keys)
+        blocks = await asyncio.to_thread(self.store.get, keys)
+        for key, block in zip(keys, blocks):
+            if block is None:
+                yield kvcache_pb2.GetReply(key=key, found=False)
+            else:
+                yield kvcache_pb2.GetReply(key=key, found=True, data=block.data, checksum=block.checksum,
+                                           kind=block.kind, num_tokens=block.num_tokens, namespace=block.namespace)
+
+    @map_errors
+    async def Lookup(self, request, context):
+        result = await asyncio.to_thread(self.store.lookup, list(request.keys))
+        return kvcache_pb2.LookupReply(present=result.present, longest_prefix=result.longest_prefix)
+
+    @map_errors
+    async def Lease(self, request, context):
+        grant = await asyncio.to_thread(self.store.lease, list(request.keys), request.ttl_s)
+        return kvcache_pb2.LeaseReply(lease_id=grant.lease_id, leased=grant.leased, ttl_s=grant.ttl_s)
+
+    @map_errors
+    async def Release(self, request, context):
+        released = await asyncio.to_thread(self.store.release, list(request.lease_ids))
+        return kvcache_pb2.ReleaseReply(released=released)
+
+    @map_errors
+    async def Delete(self, request, context):
+        result = await asyncio.to_thread(self.store.delete, list(request.keys))
+        return kvcache_pb2.DeleteReply(deleted=result.deleted, missing=result.missing,
+                                       refused_leased=result.refused_leased)
+
+    @map_errors
+    async def Stats(self, request, context):
+        s = await asyncio.to_thread(self.store.stats)
+        fields = kvcache_pb2.StatsReply.DESCRIPTOR.fields_by_name
+        return kvcache_pb2.StatsReply(**{name: getattr(s, name) for name in fields})
+
+    @map_errors
+    async def PutBlob(self, request_iterator, context):
+        writer = None
+        try:
+            async for chunk in request_iterator:
+                if writer is None:
+                    writer = await asyncio.to_thread(self.store.blob_writer, chunk.name)
+                await asyncio.to_thread(writer.add, BlobChunk(chunk.name, chunk.chunk_index, chunk.data,
+                                                              chunk.checksum, chunk.last, chunk.total_bytes))
+            if writer is None:
+                raise ValueError("name: the PutBlob stream carried no chunks")
+            info = await asyncio.to_thread(writer.finish)
+        finally:
+            if writer is not None:
+                writer.abort()
+        return kvcache_pb2.PutBlobReply(name=info.name, bytes=info.bytes, chunks=info.chunks)
+
+    @map_errors
+    async def GetBlob(self, request, context):
+        try:
+            chunks = await asyncio.to_thread(self.store.get_blob, request.name, self.blob_chunk_bytes)
+        except BlobNotFound as err:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        try:
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield kvcache_pb2.BlobChunk(name=chunk.name, chunk_index=chunk.chunk_index, data=chunk.data,
+                                            checksum=chunk.checksum, last=chunk.last,
+                                            total_bytes=chunk.total_bytes)
+        finally:
+            chunks.close()

@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 CKPT := $(RUN_DIR)/checkpoints/tiny
+CKPT_INT8 := $(RUN_DIR)/checkpoints/tiny-int8
 
 .PHONY: install run test protos clean
 
@@ -22,11 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: install
 	$(VENV)/bin/cmx checkpoint create --preset tiny --out $(CKPT)
+	$(VENV)/bin/cmx quantize --checkpoint $(CKPT) --out $(CKPT_INT8)
 	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
 		"The CloudMatrix384 supernode serves"
 	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR)/cluster \
 		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR)/cluster \
-		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT) --max-tokens 32 \
+		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT_INT8) --max-tokens 32 \
+			--precision int8-pasa "The CloudMatrix384 supernode serves" \
+		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT_INT8) --max-tokens 32 \
 			--precision int8-pasa "The CloudMatrix384 supernode serves"; \
 		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR)/cluster; exit $$status
 

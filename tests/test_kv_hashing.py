@@ -7,8 +7,13 @@ import subprocess
 import sys
 
 import pytest
-
-from cloudmatrix.kv.hashing import KEY_BYTES, block_key, namespace, prefix_keys, root_key
+from cloudmatrix.kv.hashing import (
+    KEY_BYTES,
+    block_key,
+    namespace,
+    prefix_keys,
+    root_key,
+)
 
 NS = namespace("cmx-tiny", "float32", 4)
 

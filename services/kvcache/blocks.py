@@ -11,7 +11,7 @@ import enum
 import zlib
 from collections.abc import Sequence
 
-from cloudmatrix.rpc.tensor_codec import decode_tensor
+from cloudmatrix.rpc.tensor_codec import validate_tensor
 from cmx.common.v1 import common_pb2
 from google.protobuf.message import DecodeError
 
@@ -89,4 +89,4 @@ def check_tensor(data: bytes) -> None:
         tensor = common_pb2.Tensor.FromString(data)
     except DecodeError as err:
         raise ValueError(f"data: not a serialized cmx.common.v1.Tensor ({err})") from err
-    decode_tensor(tensor, name="data")  # raises TensorDecodeError (a ValueError) naming the mismatch
+    validate_tensor(tensor, name="data")  # raises TensorDecodeError (a ValueError) naming the mismatch

@@ -8,12 +8,15 @@ from pathlib import Path
 
 from cloudmatrix.fabric.link import FabricLink
 from cloudmatrix.kv.block_pool import PagedLatentPool
+from cloudmatrix.kvcache.client import KvPoolClient
 from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import parse_precision
-from cloudmatrix.kvcache.client import KvPoolClient
 from cloudmatrix.model_cache import CacheReport, load_units, units_for
 from cloudmatrix.moe.die_model import (
-    build_die_model, default_dispatch_dtype, die_expert_filter, needs_in_memory_quantization,
+    build_die_model,
+    default_dispatch_dtype,
+    die_expert_filter,
+    needs_in_memory_quantization,
 )
 from cloudmatrix.moe.local_exchange import SingleDieExchange
 from cloudmatrix.moe.placement import ExpertPlacement

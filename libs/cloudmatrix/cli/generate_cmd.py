@@ -17,6 +17,7 @@ from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import PRECISIONS, load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer
+from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,10 +75,15 @@ async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder
     dies = [r.address for r in records if r.service == "npu_emulator"]
     if not dies:
         raise ValueError(f"{args.instance} runs no npu_emulator processes")
+    shards = [r.address for r in records if r.service == "kvcache"]
+    checkpoint = str(Path(args.checkpoint).resolve())
+    # Weights come through the pool's model cache when the run has kvcache shards and the die can
+    # use the checkpoint as stored (no in-memory quantization).
+    use_cache = shards and is_int8_checkpoint(checkpoint) == parse_precision(args.precision).int8_weights
     driver = InstanceDriver(dies, fabric[0] if fabric else "", group=f"cli-{os.getpid()}")
     times = StepTimes()
     try:
-        await driver.load(str(Path(args.checkpoint).resolve()), args.precision)
+        loaded = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None)
         count = 0
         async for token in generate_on_instance(driver, prompt_ids, params, eos, times):
             sys.stdout.write(stream.push(token))
@@ -85,5 +91,7 @@ async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder
             count += 1
     finally:
         await driver.close()
-    return count, (f"EP{len(dies)} over the fabric; modeled CloudMatrix384 {times.modeled_s * 1e3:.2f} ms "
+    source = ("weights from the model cache" if all(r.from_model_cache for r in loaded)
+              else "weights from disk, published to the model cache" if use_cache else "weights from disk")
+    return count, (f"EP{len(dies)} over the fabric, {source}; modeled CloudMatrix384 {times.modeled_s * 1e3:.2f} ms "
                    f"for {times.steps} steps ({times.modeled_s / max(times.steps, 1) * 1e6:.0f} us/step)")

@@ -21,7 +21,14 @@ from cmx.kvcache.v1 import kvcache_pb2
 from google.protobuf.message import Message
 
 from cloudmatrix.kvcache import blobs, reads, writes
-from cloudmatrix.kvcache.blocks import BlobPutResult, Block, DeleteResult, FetchedBlock, Lease, PutResult
+from cloudmatrix.kvcache.blocks import (
+    BlobPutResult,
+    Block,
+    DeleteResult,
+    FetchedBlock,
+    Lease,
+    PutResult,
+)
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.ring import HashRing
 from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES

@@ -42,8 +42,9 @@ def _command(spec: ProcessSpec, run_dir: Path, ready_file: Path) -> list[str]:
     cmd = [sys.executable, "-m", f"services.{spec.service}"]
     if spec.config:
         cmd += ["--config", spec.config]
+    overrides = [o.replace("{run_dir}", str(run_dir)) for o in spec.overrides]
     sets = [f"server.host={spec.host}", f"server.port={spec.port}", f"server.ready_file={ready_file}",
-            f"server.run_dir={run_dir}", f"server.service_name={spec.name}", *spec.overrides]
+            f"server.run_dir={run_dir}", f"server.service_name={spec.name}", *overrides]
     return cmd + [arg for s in sets for arg in ("--set", s)]
 
 

@@ -97,6 +97,12 @@ def decode_tensors(
     return {key: decode_tensor(m, key, max_bytes) for key, m in sorted(msgs.items())}
 
 
+def validate_tensor(msg: common_pb2.Tensor, name: str = "tensor", max_bytes: int | None = None) -> None:
+    """The checks decode_tensor makes (dtype known, dims >= 0, byte length agrees), without
+    copying the data: for stores that keep the bytes as they are."""
+    _check(msg, name, max_bytes)
+
+
 def _native(a: np.ndarray) -> np.ndarray:
     """C-contiguous, native byte order: what torch.from_numpy accepts."""
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))

@@ -45,9 +45,9 @@ def _processes(run_dir: Path, specs: list[ProcessSpec]):
 
 
 @contextlib.contextmanager
-def _raw_server(run_dir: Path):
-    port_file = run_dir / "sink.port"
-    proc = subprocess.Popen([sys.executable, "-m", "cloudmatrix.bench.sink", str(port_file)])
+def _raw_server(run_dir: Path, kind: str):
+    port_file = run_dir / f"sink-{kind}.port"
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmatrix.bench.sink", str(port_file), kind])
     try:
         deadline = time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text():
@@ -120,8 +120,10 @@ def run(args: argparse.Namespace) -> int:
         shard_specs = [ProcessSpec(f"kv{i}", "kvcache", "127.0.0.1", 0, None,
                                    (f"server.max_message_bytes={MAX_MESSAGE}", "capacity_bytes=2147483648"))
                        for i in range(3)]
-        with _raw_server(tmp) as raw, _processes(tmp, shard_specs) as shards:
+        with _raw_server(tmp, "threads") as raw, _raw_server(tmp, "aio") as raw_aio, \
+                _processes(tmp, shard_specs) as shards:
             raw_put, raw_get = asyncio.run(_raw_mbps(raw, count, size))
+            aio_put, aio_get = asyncio.run(_raw_mbps(raw_aio, count, size))
             one_put, one_get = asyncio.run(_client_mbps(shards[:1], blocks, replication=1))
             r2_put, r2_get = asyncio.run(_client_mbps(shards, _blocks(count, size, "bench-r2"), replication=2))
             lookup = asyncio.run(_lookup_latency(shards, blocks, 50 if args.quick else 300))
@@ -129,8 +131,10 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "block_bytes": size, "blocks": count,
         "raw_grpc": {"client_stream_mbps": raw_put, "server_stream_mbps": raw_get},
+        "raw_grpc_aio_server": {"client_stream_mbps": aio_put, "server_stream_mbps": aio_get},
         "pool_r1_one_shard": {"put_mbps": one_put, "get_mbps": one_get,
-                              "put_vs_raw": one_put / raw_put, "get_vs_raw": one_get / raw_get},
+                              "put_vs_raw": one_put / raw_put, "get_vs_raw": one_get / raw_get,
+                              "put_vs_raw_aio": one_put / aio_put, "get_vs_raw_aio": one_get / aio_get},
         "pool_r2_three_shards": {"put_mbps": r2_put, "get_mbps": r2_get},
         "lookup": lookup, "model_load": model_load,
     }
@@ -141,12 +145,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(r: dict) -> None:
-    raw, one, r2 = r["raw_grpc"], r["pool_r1_one_shard"], r["pool_r2_three_shards"]
+    raw, aio = r["raw_grpc"], r["raw_grpc_aio_server"]
+    one, r2 = r["pool_r1_one_shard"], r["pool_r2_three_shards"]
     print(f"blocks: {r['blocks']} x {r['block_bytes'] // 1024} KiB")
     print(f"{'':<36} {'put MB/s':>9} {'get MB/s':>9}")
-    print(f"{'raw gRPC streaming (bytes, no logic)':<36} {raw['client_stream_mbps']:>9.0f} {raw['server_stream_mbps']:>9.0f}")
+    print(f"{'raw gRPC, thread-pool server':<36} {raw['client_stream_mbps']:>9.0f} {raw['server_stream_mbps']:>9.0f}")
+    print(f"{'raw gRPC, asyncio server (as shards)':<36} {aio['client_stream_mbps']:>9.0f} {aio['server_stream_mbps']:>9.0f}")
     print(f"{'pool client, 1 shard, R=1':<36} {one['put_mbps']:>9.0f} {one['get_mbps']:>9.0f}"
-          f"   ({one['put_vs_raw']:.0%} / {one['get_vs_raw']:.0%} of raw)")
+          f"   ({one['put_vs_raw']:.0%} / {one['get_vs_raw']:.0%} of raw threads, "
+          f"{one['put_vs_raw_aio']:.0%} / {one['get_vs_raw_aio']:.0%} of raw asyncio)")
     print(f"{'pool client, 3 shards, R=2':<36} {r2['put_mbps']:>9.0f} {r2['get_mbps']:>9.0f}   (put writes 2 copies)")
     lk = r["lookup"]
     print(f"Lookup of {lk['keys']} prefix keys over 3 shards: p50 {lk['p50_s'] * 1e3:.2f} ms, p99 {lk['p99_s'] * 1e3:.2f} ms")

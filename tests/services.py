@@ -12,14 +12,8 @@ from cloudmatrix.rpc.channel import health_check_sync
 @contextlib.contextmanager
 def running_service(service: str, run_dir: Path, *overrides: str, name: str | None = None):
     """Yield the ProcessRecord of a SERVING process; SIGTERM (then SIGKILL) it on exit."""
-    spec = ProcessSpec(name or service, service, "127.0.0.1", 0, None, tuple(overrides))
-    proc, record = spawn(spec, run_dir)
-    try:
-        wait_healthy([(proc, record)], health_check_sync, timeout_s=60)
-        yield record
-    finally:
-        stop_all([record], grace_s=10)
-        proc.wait(timeout=10)
+    with running_services(run_dir, [(name or service, service, overrides)]) as records:
+        yield next(iter(records.values()))
 
 
 def log_text(record: ProcessRecord) -> str:

@@ -15,7 +15,7 @@ from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.channel import make_channel
-from cloudmatrix.rpc.tensor_codec import decode_tensor
+from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
 
 PRECISIONS = {"fp32": common_pb2.PRECISION_FP32, "int8": common_pb2.PRECISION_INT8,
               "pasa": common_pb2.PRECISION_PASA, "int8-pasa": common_pb2.PRECISION_INT8_PASA}
@@ -53,6 +53,9 @@ class InstanceDriver:
         self.sequences: dict[str, SequenceState] = {}
         self.block_size = 0
         self.step_no = 0
+        # One step at a time: concurrent steps could reach the dies in different orders and wait
+        # on each other's rounds.
+        self._step_lock = asyncio.Lock()
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
@@ -88,8 +91,37 @@ class InstanceDriver:
                                                              timeout=self.timeout_s)
             seq.blocks.extend(reply.block_ids)
 
+    async def adopt(self, seq_id: str, blocks: list[torch.Tensor]) -> None:
+        """Start a sequence whose first tokens' KV is given (full blocks [layers, block_size, C+R],
+        e.g. from the pool): allocate blocks on its die and write them."""
+        seq = self.sequences.setdefault(seq_id, SequenceState(self._least_loaded_die(), []))
+        if seq.cached:
+            raise ValueError(f"sequence {seq_id!r} already has KV; adopt only starts sequences")
+        await self._ensure_blocks(seq, len(blocks) * self.block_size)
+        request = npu_pb2.WriteBlocksRequest(blocks=[
+            npu_pb2.KvBlockData(block_id=b, num_tokens=kv.shape[1], kv=encode_tensor(kv))
+            for b, kv in zip(seq.blocks, blocks)])
+        await self.dies[seq.die].WriteBlocks(request, timeout=self.timeout_s)
+        seq.cached = len(blocks) * self.block_size
+
+    async def export(self, seq_id: str, first_block: int) -> list[torch.Tensor]:
+        """KV of the sequence's blocks from ``first_block`` on: [layers, tokens, C+R] each (the last
+        block may be partial)."""
+        seq = self.sequences[seq_id]
+        ids = seq.blocks[first_block:-(-seq.cached // self.block_size)]
+        counts = [min(self.block_size, seq.cached - (first_block + i) * self.block_size) for i in range(len(ids))]
+        if not ids:
+            return []
+        reply = await self.dies[seq.die].ReadBlocks(npu_pb2.ReadBlocksRequest(block_ids=ids, num_tokens=counts),
+                                                     timeout=self.timeout_s)
+        return [decode_tensor(b.kv, "kv") for b in reply.blocks]
+
     async def step(self, inputs: list[StepInput], return_logits: bool = False) -> dict[str, npu_pb2.SequenceOutput]:
         """One engine step: new tokens for some sequences (new ids start new sequences)."""
+        async with self._step_lock:
+            return await self._step(inputs, return_logits)
+
+    async def _step(self, inputs: list[StepInput], return_logits: bool) -> dict[str, npu_pb2.SequenceOutput]:
         per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.dies]
         for item in inputs:
             seq = self.sequences.setdefault(item.seq_id, SequenceState(self._least_loaded_die(), []))

@@ -1,0 +1,43 @@
+"""gRPC servicer of a prefill instance: protos in, the core, protos out."""
+from __future__ import annotations
+
+from cloudmatrix.rpc.errors import map_errors
+from cmx.common.v1 import common_pb2
+from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+from services.npu_emulator.convert import sampling_params
+from services.prefill.core import PrefillCore
+
+PHASES = ("queue", "cache_lookup", "cache_load", "compute", "kv_write")
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, core: PrefillCore, instance_id: str, model_id: str) -> None:
+        self.core, self.instance_id, self.model_id = core, instance_id, model_id
+
+    @map_errors
+    async def Prefill(self, request, context):
+        if request.model and request.model != self.model_id:
+            raise ValueError(f"model: this instance serves {self.model_id!r}, not {request.model!r}")
+        if not request.request_id:
+            raise ValueError("request_id: must be set")
+        result = await self.core.prefill(request.request_id, list(request.token_ids),
+                                         sampling_params(request.sampling), not request.disable_context_cache)
+        keys = result.keys
+        timing = common_pb2.Timing(
+            measured_s=sum(result.measured.values()), modeled_s=result.modeled["total"],
+            phases=[common_pb2.PhaseTiming(phase=p, measured_s=result.measured.get(p, 0.0),
+                                           modeled_s=result.modeled.get(p, 0.0)) for p in PHASES])
+        return prefill_pb2.PrefillReply(
+            request_id=request.request_id, first_token=result.first_token,
+            kv=common_pb2.KvHandle(namespace=self.core.namespace, block_keys=list(keys.all),
+                                   num_tokens=keys.num_tokens, block_size=keys.block_size),
+            cached_tokens=result.cached_tokens, computed_tokens=result.computed_tokens, timing=timing)
+
+    @map_errors
+    async def GetLoad(self, request, context):
+        measured, modeled = self.core.batcher.recent
+        return prefill_pb2.GetLoadReply(load=common_pb2.InstanceLoad(
+            instance_id=self.instance_id, running_requests=self.core.running,
+            waiting_tokens=self.core.batcher.waiting_tokens, recent_step_measured_s=measured,
+            recent_step_modeled_s=modeled))

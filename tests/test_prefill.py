@@ -1,0 +1,88 @@
+"""A prefill instance (2 dies over the fabric) with context caching in a 2-shard pool."""
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+import pytest
+import torch
+from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.model.generate import generate
+from cloudmatrix.model.sampling import SamplingParams
+from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+from tests.services import running_services
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@contextlib.contextmanager
+def prefill_instance(run_dir, checkpoint):
+    base = [("kv0", "kvcache", ()), ("kv1", "kvcache", ()), ("fabric", "ub_fabric", ()),
+            ("die0", "npu_emulator", ()), ("die1", "npu_emulator", ())]
+    with running_services(run_dir, base) as r:
+        sets = (f"checkpoint={checkpoint}", f"dies={r['die0'].address},{r['die1'].address}",
+                f"fabric={r['fabric'].address}", f"kvcache={r['kv0'].address},{r['kv1'].address}",
+                "block_size=16", "chunk_tokens=64")
+        with running_services(run_dir, [("prefill", "prefill", sets)]) as p:
+            yield p["prefill"].address, [r["kv0"].address, r["kv1"].address]
+
+
+@pytest.fixture(scope="module")
+def instance(tmp_path_factory, tiny_checkpoint):
+    with prefill_instance(tmp_path_factory.mktemp("prefill"), tiny_checkpoint) as addresses:
+        yield addresses
+
+
+def _prefill(address: str, request_id: str, tokens: list[int], **extra) -> prefill_pb2.PrefillReply:
+    with grpc.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        return stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=tokens, **extra), timeout=120)
+
+
+def _hits(shards: list[str]) -> int:
+    total = 0
+    for address in shards:
+        with grpc.insecure_channel(address) as channel:
+            total += kvcache_pb2_grpc.KvCacheShardStub(channel).Stats(kvcache_pb2.StatsRequest(), timeout=10).hits
+    return total
+
+
+def test_first_token_matches_the_local_engine_and_a_shared_prefix_hits_the_pool(instance, tiny_checkpoint):
+    address, shards = instance
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 1024, (330,), generator=gen).tolist()
+    second = prompt[:320] + torch.randint(3, 1024, (10,), generator=gen).tolist()  # 20 of 20.6 blocks shared
+    local = load_model(tiny_checkpoint)
+    expected = [next(generate(local, p, SamplingParams(max_tokens=1))) for p in (prompt, second)]
+
+    hits_before = _hits(shards)
+    first = _prefill(address, "r1", prompt)
+    repeat = _prefill(address, "r2", second)
+    assert (first.first_token, repeat.first_token) == tuple(expected)
+    assert first.cached_tokens == 0 and first.computed_tokens == 330
+    assert repeat.cached_tokens == 320 and repeat.computed_tokens == 10
+    assert _hits(shards) - hits_before >= 20  # the 20 shared blocks were read from the pool
+    ttft = {r.request_id: {p.phase: p for p in r.timing.phases} for r in (first, repeat)}
+    assert ttft["r2"]["compute"].modeled_s < ttft["r1"]["compute"].modeled_s
+    assert repeat.timing.measured_s < first.timing.measured_s
+    assert len(first.kv.block_keys) == 21 and first.kv.num_tokens == 330  # 20 full + a tail
+
+
+def test_disabling_the_context_cache_computes_everything(instance):
+    address, _ = instance
+    prompt = list(range(3, 103))
+    _prefill(address, "warm", prompt)
+    cold = _prefill(address, "cold", prompt, disable_context_cache=True)
+    assert cold.cached_tokens == 0 and cold.computed_tokens == 100
+
+
+@pytest.mark.parametrize("tokens,extra,needle", [
+    ([], {}, "empty"), ([5, 99999], {}, "token_ids"), ([5, 6], {"model": "gpt-9"}, "gpt-9"),
+])
+def test_bad_prefill_requests_are_invalid_argument(instance, tokens, extra, needle):
+    address, _ = instance
+    with pytest.raises(grpc.RpcError) as err:
+        _prefill(address, "bad", tokens, **extra)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()

@@ -95,16 +95,27 @@ class PrefillCore:
         return outcome.output.token_id
 
     async def _write_back(self, request_id, keys: PrefixKeys, cached_blocks: int, measured) -> None:
-        """Store the newly computed full blocks and the tail in the pool."""
+        """Store the newly computed blocks (full ones and the tail) the pool does not hold yet.
+
+        A block's KV computed along another path (another chunking, another batch) differs in its
+        last bits, so a key already stored - or stored meanwhile by a concurrent prefill of the same
+        prefix, which the shard answers with CONFLICT - keeps its first version: both are the KV of
+        that prefix."""
         start = time.perf_counter()
         if self.pool:
             kvs = await self.driver.export(request_id, cached_blocks)
             new_keys = list(keys.all[cached_blocks:])
+            present = await self.pool.presence(new_keys)
             blocks = [Block(k, self.namespace, "tail" if k == keys.tail else "full", kv.shape[1],
-                            encode_tensor(kv).SerializeToString()) for k, kv in zip(new_keys, kvs)]
+                            encode_tensor(kv).SerializeToString())
+                      for k, kv, there in zip(new_keys, kvs, present) if not there]
             results = await self.pool.put_blocks(blocks)
-            failed = [r for r in results if not r.acknowledged]
+            failed = [r for r in results if not r.acknowledged and not _only_conflicts(r)]
             if failed:
                 raise PeerUnavailable(f"kvcache: {len(failed)} of {len(blocks)} blocks were not acknowledged "
                                       f"({next(iter(failed[0].errors.values()), 'no replica')})")
         measured["kv_write"] = time.perf_counter() - start
+
+
+def _only_conflicts(result) -> bool:
+    return bool(result.errors) and all("CONFLICT" in e for e in result.errors.values())

@@ -92,17 +92,19 @@ class InstanceDriver:
             seq.blocks.extend(reply.block_ids)
 
     async def adopt(self, seq_id: str, blocks: list[torch.Tensor]) -> None:
-        """Start a sequence whose first tokens' KV is given (full blocks [layers, block_size, C+R],
-        e.g. from the pool): allocate blocks on its die and write them."""
+        """Start a sequence whose first tokens' KV is given (blocks [layers, tokens, C+R], e.g. from
+        the pool; all full but maybe the last): allocate blocks on its die and write them."""
         seq = self.sequences.setdefault(seq_id, SequenceState(self._least_loaded_die(), []))
         if seq.cached:
             raise ValueError(f"sequence {seq_id!r} already has KV; adopt only starts sequences")
+        if any(kv.shape[1] != self.block_size for kv in blocks[:-1]):
+            raise ValueError("adopt: every block but the last must be full")
         await self._ensure_blocks(seq, len(blocks) * self.block_size)
         request = npu_pb2.WriteBlocksRequest(blocks=[
             npu_pb2.KvBlockData(block_id=b, num_tokens=kv.shape[1], kv=encode_tensor(kv))
             for b, kv in zip(seq.blocks, blocks)])
         await self.dies[seq.die].WriteBlocks(request, timeout=self.timeout_s)
-        seq.cached = len(blocks) * self.block_size
+        seq.cached = sum(kv.shape[1] for kv in blocks)
 
     async def export(self, seq_id: str, first_block: int) -> list[torch.Tensor]:
         """KV of the sequence's blocks from ``first_block`` on: [layers, tokens, C+R] each (the last

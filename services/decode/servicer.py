@@ -1,0 +1,57 @@
+"""gRPC servicer of a decode instance."""
+from __future__ import annotations
+
+from cloudmatrix.rpc.errors import map_errors
+from cmx.common.v1 import common_pb2
+from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
+
+from services.decode.core import DecodeCore, DecodeRequest
+from services.npu_emulator.convert import sampling_params
+
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+          "cancelled": common_pb2.FINISH_REASON_CANCELLED}
+
+
+def _timing(measured: dict[str, float], modeled: dict[str, float]) -> common_pb2.Timing:
+    phases = [common_pb2.PhaseTiming(phase=p, measured_s=measured.get(p, 0.0), modeled_s=modeled.get(p, 0.0))
+              for p in sorted(set(measured) | set(modeled))]
+    return common_pb2.Timing(measured_s=sum(measured.values()), modeled_s=sum(modeled.values()), phases=phases)
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, core: DecodeCore, instance_id: str, model_id: str, namespace: str) -> None:
+        self.core, self.instance_id, self.model_id, self.namespace = core, instance_id, model_id, namespace
+
+    def _request(self, r) -> DecodeRequest:
+        if r.model and r.model != self.model_id:
+            raise ValueError(f"model: this instance serves {self.model_id!r}, not {r.model!r}")
+        if not r.request_id:
+            raise ValueError("request_id: must be set")
+        if r.kv.namespace != self.namespace:
+            raise ValueError(f"kv.namespace: {r.kv.namespace!r} is not this instance's {self.namespace!r}")
+        if r.kv.num_tokens != len(r.prompt_token_ids) or not r.kv.block_keys:
+            raise ValueError(f"kv: {r.kv.num_tokens} tokens in {len(r.kv.block_keys)} blocks does not match "
+                             f"the {len(r.prompt_token_ids)}-token prompt")
+        return DecodeRequest(r.request_id, len(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
+                             sampling_params(r.sampling), frozenset(r.sampling.stop_token_ids), r.sampling.ignore_eos)
+
+    @map_errors
+    async def Decode(self, request, context):
+        async for event in self.core.decode(self._request(request)):
+            yield decode_pb2.DecodeChunk(
+                token_ids=event.token_ids, finished=event.finish_reason is not None,
+                finish_reason=FINISH.get(event.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+                timing=_timing(event.measured, event.modeled))
+
+    @map_errors
+    async def Cancel(self, request, context):
+        return decode_pb2.CancelReply(cancelled=self.core.cancel(request.request_id))
+
+    @map_errors
+    async def GetLoad(self, request, context):
+        measured, modeled = self.core.batcher.recent
+        used = sum(len(s.blocks) for s in self.core.driver.sequences.values())
+        return decode_pb2.GetLoadReply(load=common_pb2.InstanceLoad(
+            instance_id=self.instance_id, running_requests=self.core.running,
+            waiting_requests=self.core.waiting, kv_blocks_used=used,
+            recent_step_measured_s=measured, recent_step_modeled_s=modeled))

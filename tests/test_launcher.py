@@ -106,3 +106,27 @@ def test_default_topology_generates_like_the_local_engine(run_dir, tiny_checkpoi
     assert distributed.returncode == 0, distributed.stderr
     assert distributed.stdout == local.stdout  # greedy: the EP4 instance computes what one process does
     assert "EP4 over the fabric" in distributed.stderr and "modeled CloudMatrix384" in distributed.stderr
+
+
+def test_references_start_in_waves_and_resolve_to_addresses():
+    from cloudmatrix.launcher.processes import ProcessRecord
+    from cloudmatrix.launcher.waves import resolve, waves
+    topo = parse_topology({"services": [
+        {"name": "gw", "service": "gateway", "set": {"prefill": "{addresses:pf}"}},
+        {"name": "pf", "service": "prefill", "set": {"dies": "{addresses:die}"}},
+        {"name": "die", "service": "npu_emulator", "count": 2},
+    ]}, Path("."))
+    assert [[p.name for p in w] for w in waves(topo.processes)] == [["die-0", "die-1"], ["pf-0"], ["gw-0"]]
+    records = [ProcessRecord(f"die-{i}", "npu_emulator", 1, "", "", "127.0.0.1", 5000 + i) for i in range(2)]
+    assert resolve(topo.processes[1], records).overrides == ("dies=127.0.0.1:5000,127.0.0.1:5001",)
+
+
+@pytest.mark.parametrize("services,needle", [
+    ([{"name": "a", "service": "prefill", "set": {"x": "{addresses:b}"}},
+      {"name": "b", "service": "decode", "set": {"y": "{addresses:a}"}}], "cycle"),
+    ([{"name": "a", "service": "prefill", "set": {"x": "{addresses:nope}"}}], "unknown entries"),
+])
+def test_bad_references_are_reported(services, needle):
+    from cloudmatrix.launcher.waves import waves
+    with pytest.raises(ValueError, match=needle):
+        waves(parse_topology({"services": services}, Path(".")).processes)

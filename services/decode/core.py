@@ -16,6 +16,9 @@ from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cmx.common.v1 import common_pb2
+from opentelemetry import trace
+
+_TRACER = trace.get_tracer(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +74,9 @@ class DecodeCore:
         try:
             measured = {"queue": time.perf_counter() - queued}
             start = time.perf_counter()
-            await self._load(req)
+            with _TRACER.start_as_current_span("decode.kv_load", attributes={
+                    "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
+                await self._load(req)
             measured["kv_load"] = time.perf_counter() - start
             async for event in self._steps(req, measured):
                 yield event

@@ -17,6 +17,9 @@ from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
 from cmx.common.v1 import common_pb2
+from opentelemetry import trace
+
+_TRACER = trace.get_tracer(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +55,15 @@ class PrefillCore:
         measured, modeled = {}, {"compute": 0.0}
         try:
             keys = prefix_keys(token_ids, self.block_size, self.namespace)
-            cached_blocks = await self._load_cached(request_id, keys, len(token_ids), use_cache, measured)
-            first = await self._compute(request_id, token_ids, cached_blocks * self.block_size, sampling,
-                                        measured, modeled)
-            await self._write_back(request_id, keys, cached_blocks, measured)
+            ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
+            with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
+                cached_blocks = await self._load_cached(request_id, keys, len(token_ids), use_cache, measured)
+                span.set_attribute("cached_tokens", cached_blocks * self.block_size)
+            with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
+                first = await self._compute(request_id, token_ids, cached_blocks * self.block_size, sampling,
+                                            measured, modeled)
+            with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
+                await self._write_back(request_id, keys, cached_blocks, measured)
         finally:
             self.running -= 1
             if request_id in self.driver.sequences:

@@ -6,13 +6,16 @@ import logging
 import time
 
 import grpc
+from cloudmatrix.telemetry.context import context_from_traceparent
 from cmx.common.v1 import common_pb2
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.ub_fabric.core import FabricCore
 
 log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer(__name__)
 
 BYTES = Counter("cmx_fabric_bytes", "Frame bytes routed die to die", ["src", "dst"])
 FRAMES = Counter("cmx_fabric_frames", "Frames routed die to die, empty ones included", ["src", "dst"])
@@ -82,6 +85,8 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             except ValueError as exc:
                 log.warning("bad frame dropped; detaching the die", extra={"die": die, "error": str(exc)})
                 return
+            if frame.traceparent:
+                self._trace_route(frame, group)
             labels = (str(die), str(frame.dst_die))
             BYTES.labels(*labels).inc(frame.ByteSize())
             FRAMES.labels(*labels).inc()
@@ -89,6 +94,15 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             if member is not None:
                 frame.modeled_arrival_s = frame.modeled_send_s + modeled
                 member.queue.put_nowait((frame, time.perf_counter()))
+
+    def _trace_route(self, frame: fabric_pb2.Frame, group: str) -> None:
+        """A span in the sending step's trace for every routed frame."""
+        span = _TRACER.start_span(f"fabric.{common_pb2.RoundKind.Name(frame.round.kind).removeprefix('ROUND_KIND_').lower()}",
+                                  context=context_from_traceparent(frame.traceparent),
+                                  attributes={"group": group, "src_die": frame.src_die, "dst_die": frame.dst_die,
+                                              "step": frame.round.step, "layer": frame.round.layer,
+                                              "bytes": frame.ByteSize()})
+        span.end()
 
     def _detach(self, group: str, die: int, queue: asyncio.Queue, reason: str) -> None:
         remaining = self.core.detach(group, die, queue)

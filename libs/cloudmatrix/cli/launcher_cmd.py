@@ -15,6 +15,7 @@ from cloudmatrix.launcher.processes import (
     wait_healthy,
 )
 from cloudmatrix.launcher.topology import load_topology
+from cloudmatrix.launcher.waves import resolve, waves
 from cloudmatrix.rpc.channel import health_check_sync
 
 DEFAULT_TOPOLOGY = "topologies/local.yaml"
@@ -42,11 +43,13 @@ def _up(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "state.json").exists() and any(map(is_alive, load_state(run_dir))):
         raise ValueError(f"{run_dir} already runs a topology; stop it first with `cmx down --run-dir {args.run_dir}`")
-    procs = [spawn(spec, run_dir) for spec in topology.processes]
-    records = [r for _, r in procs]
-    save_state(run_dir, topology, records)
+    records = []
     try:
-        wait_healthy(procs, health_check_sync, args.timeout)
+        for wave in waves(topology.processes):  # referenced processes are SERVING before their users start
+            procs = [spawn(resolve(spec, records), run_dir) for spec in wave]
+            records += [r for _, r in procs]
+            save_state(run_dir, topology, records)
+            wait_healthy(procs, health_check_sync, args.timeout)
     except (StartupError, KeyboardInterrupt) as exc:
         stop_all(records, grace_s=5.0)
         (run_dir / "state.json").unlink(missing_ok=True)

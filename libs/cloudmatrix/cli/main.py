@@ -11,13 +11,14 @@ from cloudmatrix.cli import (
     generate_cmd,
     launcher_cmd,
     quantize_cmd,
+    trace_cmd,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, eplb_cmd, bench_cmd):
+    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, eplb_cmd, bench_cmd, trace_cmd):
         module.register(sub)
     return parser
 

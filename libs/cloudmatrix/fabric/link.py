@@ -19,6 +19,7 @@ from cloudmatrix.fabric.codec import from_frame, round_id, round_key, to_frame
 from cloudmatrix.moe.dispatch import TokenRows
 from cloudmatrix.rpc.channel import channel_options
 from cloudmatrix.rpc.errors import PeerUnavailable
+from cloudmatrix.telemetry.context import current_traceparent
 
 _CLOSE = object()
 
@@ -72,10 +73,12 @@ class FabricLink:
 
     def all_to_all(self, kind: str, layer: int, outgoing: dict[int, TokenRows]) -> dict[int, TokenRows]:
         rid = round_id(self.step, layer, self.microbatch, kind)
+        traceparent = current_traceparent()  # the die's Forward span: the fabric's spans join its trace
         sent = {}
         for dst in range(self.num_dies):
             if dst != self.die_id:
                 frame = to_frame(self.die_id, dst, rid, outgoing.get(dst))
+                frame.traceparent = traceparent
                 sent[dst] = frame.ByteSize()
                 self._outbox.put(frame)
         start = time.perf_counter()

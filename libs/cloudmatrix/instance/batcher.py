@@ -11,7 +11,13 @@ import asyncio
 import dataclasses
 import time
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.telemetry.context import span_link
+
+_TRACER = trace.get_tracer(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +36,7 @@ class _Pending:
     item: StepInput
     future: asyncio.Future
     submitted: float
+    trace_context: otel_context.Context
 
 
 class StepBatcher:
@@ -56,7 +63,7 @@ class StepBatcher:
     async def submit(self, item: StepInput) -> StepOutcome:
         """Run ``item`` in the next step with room for it."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, future, time.perf_counter()))
+        self._queue.append(_Pending(item, future, time.perf_counter(), otel_context.get_current()))
         self._wake.set()
         return await future
 
@@ -81,6 +88,15 @@ class StepBatcher:
                     await self._run(batch)
 
     async def _run(self, batch: list[_Pending]) -> None:
+        """The step runs in the trace of its oldest request and links every other one."""
+        links = [link for p in batch[1:] if (link := span_link(p.trace_context)) is not None]
+        attributes = {"sequences": len(batch), "tokens": sum(len(p.item.token_ids) for p in batch),
+                      "request_ids": [p.item.seq_id for p in batch]}
+        with _TRACER.start_as_current_span("engine.step", context=batch[0].trace_context, links=links,
+                                           attributes=attributes):
+            await self._step(batch)
+
+    async def _step(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
             outputs = await self.driver.step([p.item for p in batch])

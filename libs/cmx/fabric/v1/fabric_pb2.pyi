@@ -40,7 +40,7 @@ class Detached(_message.Message):
     def __init__(self, die_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "detached", "modeled_send_s", "modeled_arrival_s")
+    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "detached", "modeled_send_s", "modeled_arrival_s", "traceparent")
     SRC_DIE_FIELD_NUMBER: _ClassVar[int]
     DST_DIE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class Frame(_message.Message):
     DETACHED_FIELD_NUMBER: _ClassVar[int]
     MODELED_SEND_S_FIELD_NUMBER: _ClassVar[int]
     MODELED_ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     src_die: int
     dst_die: int
     round: _common_pb2.RoundId
@@ -59,7 +60,8 @@ class Frame(_message.Message):
     detached: Detached
     modeled_send_s: float
     modeled_arrival_s: float
-    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("reset",)

@@ -1,0 +1,48 @@
+"""Start order from references: an override may name the addresses of another entry's processes,
+``{addresses:<entry name>}`` (comma-joined, in process order). A process starts once every entry
+it references is SERVING, so a topology starts in waves (e.g. shards and dies, then the instances
+driving them, then the gateway)."""
+from __future__ import annotations
+
+import re
+
+from cloudmatrix.launcher.processes import ProcessRecord
+from cloudmatrix.launcher.topology import ProcessSpec
+
+_REF = re.compile(r"\{addresses:([A-Za-z0-9_.-]+)\}")
+
+
+def entry_of(process_name: str) -> str:
+    """'prefill-die-1' -> 'prefill-die' (processes are named <entry>-<index>)."""
+    return process_name.rsplit("-", 1)[0]
+
+
+def references(spec: ProcessSpec) -> set[str]:
+    return {m for o in spec.overrides for m in _REF.findall(o)}
+
+
+def waves(processes: tuple[ProcessSpec, ...]) -> list[list[ProcessSpec]]:
+    """Group processes so each wave only references entries started in earlier waves."""
+    entries = {entry_of(p.name) for p in processes}
+    for p in processes:
+        unknown = references(p) - entries
+        if unknown:
+            raise ValueError(f"{p.name}: references unknown entries {sorted(unknown)}")
+    done: set[str] = set()
+    remaining, out = list(processes), []
+    while remaining:
+        wave = [p for p in remaining if references(p) <= done]
+        if not wave:
+            raise ValueError(f"topology references form a cycle among {sorted({entry_of(p.name) for p in remaining})}")
+        out.append(wave)
+        remaining = [p for p in remaining if p not in wave]
+        done |= {entry_of(p.name) for p in wave} - {entry_of(p.name) for p in remaining}
+    return out
+
+
+def resolve(spec: ProcessSpec, records: list[ProcessRecord]) -> ProcessSpec:
+    """Replace every {addresses:X} by the addresses of entry X's running processes."""
+    def addresses(match: re.Match) -> str:
+        return ",".join(r.address for r in records if entry_of(r.name) == match.group(1))
+    overrides = tuple(_REF.sub(addresses, o) for o in spec.overrides)
+    return ProcessSpec(spec.name, spec.service, spec.host, spec.port, spec.config, overrides)

@@ -23,16 +23,28 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @contextlib.contextmanager
-def serving_stack(run_dir, checkpoint):
+def serving_processes(run_dir, checkpoint, pipelined: bool = False):
+    """kvcache x2, fabric, prefill (2 dies), decode (2 dies); with ``pipelined`` also a second
+    decode instance running two-microbatch pipelining on 2 more dies. Yields records by name."""
     base = [("kv0", "kvcache", ()), ("kv1", "kvcache", ()), ("fabric", "ub_fabric", ())]
-    base += [(f"pdie{i}", "npu_emulator", ()) for i in range(2)] + [(f"ddie{i}", "npu_emulator", ()) for i in range(2)]
+    dies = ["pdie0", "pdie1", "ddie0", "ddie1"] + (["mdie0", "mdie1"] if pipelined else [])
+    base += [(d, "npu_emulator", ()) for d in dies]
     with running_services(run_dir, base) as r:
         common = (f"checkpoint={checkpoint}", f"fabric={r['fabric'].address}", "block_size=16",
                   f"kvcache={r['kv0'].address},{r['kv1'].address}")
         instances = [("prefill", "prefill", common + (f"dies={r['pdie0'].address},{r['pdie1'].address}",)),
                      ("decode", "decode", common + (f"dies={r['ddie0'].address},{r['ddie1'].address}",))]
+        if pipelined:
+            instances.append(("decode2", "decode", common + (f"dies={r['mdie0'].address},{r['mdie1'].address}",
+                                                             "microbatches=2", "instance_id=decode-mb2")))
         with running_services(run_dir, instances) as s:
-            yield s["prefill"].address, s["decode"].address, [r["ddie0"].address, r["ddie1"].address]
+            yield {**r, **s}
+
+
+@contextlib.contextmanager
+def serving_stack(run_dir, checkpoint):
+    with serving_processes(run_dir, checkpoint) as p:
+        yield p["prefill"].address, p["decode"].address, [p["ddie0"].address, p["ddie1"].address]
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +131,24 @@ def test_leaving_mid_stream_frees_the_blocks(stack, how):
     busy = asyncio.run(run())
     assert busy < idle  # the request held blocks while running
     assert _wait_for(lambda: _free_blocks(dies) == idle)
+
+
+def test_32_concurrent_requests_with_and_without_pipelining(tmp_path, tiny_checkpoint):
+    gen = torch.Generator().manual_seed(32)
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 80, (32,), generator=gen)]
+    lengths = [int(n) for n in torch.randint(1, 10, (32,), generator=gen)]
+    local = load_model(tiny_checkpoint)
+    expected = [list(generate(local, p, SamplingParams(max_tokens=m))) for p, m in zip(prompts, lengths)]
+
+    async def run(prefill_addr, decode_addr, tag):
+        async with grpc.aio.insecure_channel(prefill_addr) as pc, grpc.aio.insecure_channel(decode_addr) as dc:
+            prefill, decode = prefill_pb2_grpc.PrefillStub(pc), decode_pb2_grpc.DecodeStub(dc)
+            return await asyncio.gather(*(_generate(prefill, decode, f"{tag}{i}", p, m)
+                                          for i, (p, m) in enumerate(zip(prompts, lengths))))
+
+    with serving_processes(tmp_path, tiny_checkpoint, pipelined=True) as p:
+        plain = asyncio.run(run(p["prefill"].address, p["decode"].address, "plain"))
+        piped = asyncio.run(run(p["prefill"].address, p["decode2"].address, "piped"))
+    assert [t for t, _ in plain] == expected
+    assert [t for t, _ in piped] == [t for t, _ in plain]  # pipelining changes no token

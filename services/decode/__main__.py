@@ -22,7 +22,7 @@ async def build(config: DecodeConfig) -> ServiceParts:
     cfg = load_config(config.checkpoint)
     model_id = config.model_id or Path(config.checkpoint).resolve().name
     driver = InstanceDriver(list(config.dies), config.fabric, group=config.instance_id, timeout_s=config.rpc_timeout_s)
-    batcher = StepBatcher(driver, max_step_tokens=config.max_running)
+    batcher = StepBatcher(driver, max_step_tokens=config.max_running, microbatches=config.microbatches)
     pool = KvPoolClient(list(config.kvcache), replication=min(config.replication, len(config.kvcache)))
     core = DecodeCore(driver, batcher, pool, cfg.eos_token_id, cfg.max_position_embeddings, config.max_running,
                       config.max_waiting)

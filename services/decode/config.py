@@ -21,6 +21,7 @@ class DecodeConfig:
     block_size: int = 16                 # tokens per KV block (die pool and pool keys)
     max_running: int = 64                # requests in the running batch; more wait in a queue
     max_waiting: int = 256               # beyond this, RESOURCE_EXHAUSTED
+    microbatches: int = 1                # 2 = two-microbatch pipelining of each decode step
     rpc_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -34,5 +35,7 @@ class DecodeConfig:
             raise ValueError("fabric: needed when the instance has more than one die")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
         if min(self.block_size, self.max_running, self.replication) < 1 or self.max_waiting < 0:
             raise ValueError("block_size, max_running and replication must be >= 1, max_waiting >= 0")

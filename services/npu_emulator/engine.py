@@ -5,6 +5,7 @@ Shape legend: B = sequences in the batch, N = their new tokens packed in one row
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -55,7 +56,9 @@ class DieEngine:
         self.precision = precision
         self.moe_layers = {layer.layer: layer.mlp for layer in model.model.layers
                            if isinstance(layer.mlp, ExpertParallelMoE)}
-        self._lock = threading.Lock()  # one Forward at a time: the die has one compute stream
+        # One Forward per microbatch at a time: the two microbatches of a pipelined step run
+        # concurrently (their fabric rounds are keyed apart), each in its own thread.
+        self._locks = collections.defaultdict(threading.Lock)
         self.first_step: int | None = None
         self.last_step: int | None = None
 
@@ -97,7 +100,7 @@ class DieEngine:
         Returns (results, measured seconds per phase, modeled 910C seconds per phase)."""
         for s in seqs:
             self._validate(s)
-        with self._lock, torch.inference_mode():
+        with self._locks[microbatch], torch.inference_mode():
             self.link.begin_step(step, microbatch)
             self.first_step = step if self.first_step is None else self.first_step
             self.last_step = step

@@ -59,16 +59,14 @@ def _rows(tokens: int, top_k: int, hidden: int, dst: int, ep: int, kind: str) ->
                      scales)
 
 
-def _die_rounds(link: FabricLink, tokens: int, top_k: int, hidden: int, rounds: int) -> list[float]:
-    ep, out = link.num_dies, []
+def _die_rounds(link: FabricLink, tokens: int, top_k: int, hidden: int, rounds: int) -> list:
+    ep = link.num_dies
     payload = {kind: {d: _rows(tokens, top_k, hidden, d, ep, kind) for d in range(ep)} for kind in ("dispatch", "combine")}
     for step in range(rounds + 1):  # the first is warm-up
         link.begin_step(step, 0)
         link.all_to_all("dispatch", 0, payload["dispatch"])
         link.all_to_all("combine", 0, payload["combine"])
-        if step:
-            out.append(sum(r.wait_s for r in link.traffic))
-    return out
+    return link.traffic  # the last step's rounds (this thread's)
 
 
 def measure_rounds(fabric: str, ep: int, tokens: int, top_k: int, hidden: int, rounds: int) -> dict:
@@ -76,11 +74,11 @@ def measure_rounds(fabric: str, ep: int, tokens: int, top_k: int, hidden: int, r
     with ThreadPoolExecutor(ep) as pool:
         list(pool.map(lambda link: link.connect(60.0), links))
         start = time.perf_counter()
-        list(pool.map(lambda link: _die_rounds(link, tokens, top_k, hidden, rounds), links))
+        traffic = list(pool.map(lambda link: _die_rounds(link, tokens, top_k, hidden, rounds), links))
         elapsed = (time.perf_counter() - start) / (rounds + 1)
     for link in links:
         link.close()
-    sent = sum(sum(r.sent.values()) for link in links for r in link.traffic)
+    sent = sum(sum(r.sent.values()) for link_traffic in traffic for r in link_traffic)
     return {"ep": ep, "tokens_per_die": tokens, "round_pair_s": elapsed, "bytes_per_round_pair": sent,
             "throughput_gbps": sent / elapsed / 1e9}
 

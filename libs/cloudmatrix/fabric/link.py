@@ -46,8 +46,7 @@ class FabricLink:
         self._detached: dict[int, str] = {}
         self._broken: str | None = None
         self._greeted = False
-        self.step = self.microbatch = 0
-        self.traffic: list[RoundTraffic] = []
+        self._round = threading.local()  # two microbatches step concurrently, one thread each
 
     def connect(self, timeout_s: float) -> None:
         """Attach and wait until the whole group has attached (the fabric's Hello)."""
@@ -63,16 +62,21 @@ class FabricLink:
                 raise PeerUnavailable(f"fabric {self.address}: group {self.group!r} of {self.num_dies} dies did not "
                                       f"assemble within {timeout_s:.0f} s ({self._broken or 'peers missing'})")
 
+    @property
+    def traffic(self) -> list[RoundTraffic]:
+        """This thread's rounds since its last begin_step."""
+        return getattr(self._round, "traffic", [])
+
     def begin_step(self, step: int, microbatch: int) -> None:
-        """Rounds that follow belong to (step, microbatch); leftovers of older steps are dropped."""
-        self.step, self.microbatch = step, microbatch
-        self.traffic = []
+        """Rounds this thread runs next belong to (step, microbatch); leftovers of this
+        microbatch's older steps are dropped."""
+        self._round.step, self._round.microbatch, self._round.traffic = step, microbatch, []
         with self._cond:
-            for key in [k for k in self._inbox if k[0] < step]:
+            for key in [k for k in self._inbox if k[0] < step and k[2] == microbatch]:
                 del self._inbox[key]
 
     def all_to_all(self, kind: str, layer: int, outgoing: dict[int, TokenRows]) -> dict[int, TokenRows]:
-        rid = round_id(self.step, layer, self.microbatch, kind)
+        rid = round_id(self._round.step, layer, self._round.microbatch, kind)
         traceparent = current_traceparent()  # the die's Forward span: the fabric's spans join its trace
         sent = {}
         for dst in range(self.num_dies):
@@ -84,7 +88,7 @@ class FabricLink:
         start = time.perf_counter()
         frames = self._wait_round(round_key(rid), kind, layer)
         waited = time.perf_counter() - start
-        self.traffic.append(RoundTraffic(kind, layer, sent, {s: f.ByteSize() for s, f in frames.items()}, waited))
+        self._round.traffic.append(RoundTraffic(kind, layer, sent, {s: f.ByteSize() for s, f in frames.items()}, waited))
         received = {src: from_frame(f) for src, f in frames.items()}
         received[self.die_id] = outgoing.get(self.die_id)
         return {src: rows for src, rows in received.items() if rows is not None}

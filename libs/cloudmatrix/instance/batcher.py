@@ -40,8 +40,12 @@ class _Pending:
 
 
 class StepBatcher:
-    def __init__(self, driver: InstanceDriver, max_step_tokens: int) -> None:
-        self.driver, self.max_step_tokens = driver, max_step_tokens
+    def __init__(self, driver: InstanceDriver, max_step_tokens: int, microbatches: int = 1) -> None:
+        """microbatches = 2: a step's requests are split in two microbatches that run at once, so
+        one's attention overlaps the other's dispatch/combine (the paper's decode pipelining)."""
+        if microbatches not in (1, 2):
+            raise ValueError(f"microbatches must be 1 or 2, got {microbatches}")
+        self.driver, self.max_step_tokens, self.microbatches = driver, max_step_tokens, microbatches
         self._queue: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -84,22 +88,24 @@ class StepBatcher:
             self._wake.clear()
             while self._queue:
                 batch = [p for p in self._take() if not p.future.cancelled()]
-                if batch:
-                    await self._run(batch)
+                if len(batch) > 1 and self.microbatches == 2:
+                    await asyncio.gather(self._run(batch[0::2], 0), self._run(batch[1::2], 1))
+                elif batch:
+                    await self._run(batch, 0)
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, batch: list[_Pending], microbatch: int) -> None:
         """The step runs in the trace of its oldest request and links every other one."""
         links = [link for p in batch[1:] if (link := span_link(p.trace_context)) is not None]
         attributes = {"sequences": len(batch), "tokens": sum(len(p.item.token_ids) for p in batch),
                       "request_ids": [p.item.seq_id for p in batch]}
         with _TRACER.start_as_current_span("engine.step", context=batch[0].trace_context, links=links,
-                                           attributes=attributes):
-            await self._step(batch)
+                                           attributes={**attributes, "microbatch": microbatch}):
+            await self._step(batch, microbatch)
 
-    async def _step(self, batch: list[_Pending]) -> None:
+    async def _step(self, batch: list[_Pending], microbatch: int) -> None:
         started = time.perf_counter()
         try:
-            outputs = await self.driver.step([p.item for p in batch])
+            outputs = await self.driver.step([p.item for p in batch], microbatch=microbatch)
         except Exception as exc:  # every request in the failed step learns why
             for p in batch:
                 if not p.future.done():
@@ -107,7 +113,7 @@ class StepBatcher:
             return
         self.steps += 1
         measured = time.perf_counter() - started
-        modeled = max(r.timing.modeled_s for r in self.driver.last_replies)
+        modeled = max(r.timing.modeled_s for r in self.driver.replies_by_microbatch[microbatch])
         self.recent = (measured, modeled)
         for p in batch:
             if not p.future.done():

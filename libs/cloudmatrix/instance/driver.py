@@ -5,6 +5,7 @@ keeps every sequence's block table, and steps a batch by calling Forward on ever
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 
 import grpc
@@ -55,7 +56,8 @@ class InstanceDriver:
         self.step_no = 0
         # One step at a time: concurrent steps could reach the dies in different orders and wait
         # on each other's rounds.
-        self._step_lock = asyncio.Lock()
+        self._step_locks = collections.defaultdict(asyncio.Lock)  # one step per microbatch at a time
+        self.replies_by_microbatch: dict[int, list[npu_pb2.ForwardReply]] = {}
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
@@ -118,12 +120,15 @@ class InstanceDriver:
                                                      timeout=self.timeout_s)
         return [decode_tensor(b.kv, "kv") for b in reply.blocks]
 
-    async def step(self, inputs: list[StepInput], return_logits: bool = False) -> dict[str, npu_pb2.SequenceOutput]:
-        """One engine step: new tokens for some sequences (new ids start new sequences)."""
-        async with self._step_lock:
-            return await self._step(inputs, return_logits)
+    async def step(self, inputs: list[StepInput], return_logits: bool = False,
+                   microbatch: int = 0) -> dict[str, npu_pb2.SequenceOutput]:
+        """One engine step: new tokens for some sequences (new ids start new sequences). Steps of
+        different microbatches may run at once (two-microbatch pipelining)."""
+        async with self._step_locks[microbatch]:
+            return await self._step(inputs, return_logits, microbatch)
 
-    async def _step(self, inputs: list[StepInput], return_logits: bool) -> dict[str, npu_pb2.SequenceOutput]:
+    async def _step(self, inputs: list[StepInput], return_logits: bool,
+                    microbatch: int) -> dict[str, npu_pb2.SequenceOutput]:
         per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.dies]
         for item in inputs:
             seq = self.sequences.setdefault(item.seq_id, SequenceState(self._least_loaded_die(), []))
@@ -132,20 +137,26 @@ class InstanceDriver:
                 seq_id=item.seq_id, token_ids=item.token_ids, start_position=seq.cached, block_table=seq.blocks,
                 sampling=_sampling_proto(item.sampling), skip_sampling=item.skip_sampling))
         self.step_no += 1
-        replies = await self._forward_all(per_die, return_logits)
+        replies = await self._forward_all(per_die, return_logits, self.step_no, microbatch)
         for item in inputs:
             self.sequences[item.seq_id].cached += len(item.token_ids)
         return {out.seq_id: out for reply in replies for out in reply.outputs}
 
-    async def _forward_all(self, per_die, return_logits: bool) -> list[npu_pb2.ForwardReply]:
-        calls = [d.Forward(npu_pb2.ForwardRequest(step=self.step_no, sequences=seqs, return_logits=return_logits),
-                           timeout=self.timeout_s) for d, seqs in zip(self.dies, per_die)]
+    async def _forward_all(self, per_die, return_logits: bool, step: int, microbatch: int) -> list:
+        calls = [d.Forward(npu_pb2.ForwardRequest(step=step, microbatch=microbatch, sequences=seqs,
+                                                  return_logits=return_logits), timeout=self.timeout_s)
+                 for d, seqs in zip(self.dies, per_die)]
         results = await asyncio.gather(*calls, return_exceptions=True)
         errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if errors:
             raise StepFailed(errors)
-        self.last_replies = results
+        self.replies_by_microbatch[microbatch] = results
         return results
+
+    @property
+    def last_replies(self) -> list[npu_pb2.ForwardReply]:
+        """The dies' replies to the last step of microbatch 0."""
+        return self.replies_by_microbatch[0]
 
     async def expert_load(self, reset: bool = False) -> torch.Tensor:
         """Tokens per expert summed over the dies: int64 [MoE layers, routed experts] (EPLB's input)."""

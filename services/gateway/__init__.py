@@ -1,0 +1,1 @@
+"""The gateway: the suite's only public entry (OpenAI-compatible HTTP and gRPC Generate)."""

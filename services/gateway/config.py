@@ -1,0 +1,39 @@
+"""gateway configuration: one frozen dataclass, from YAML + env (CMX_GATEWAY__...) + --set."""
+from __future__ import annotations
+
+import dataclasses
+
+from cloudmatrix.config import ServerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class GatewayConfig:
+    server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="gateway"))
+    http_host: str = "127.0.0.1"         # the OpenAI-compatible HTTP API
+    http_port: int = 0                   # 0 = any free port (written to <run_dir>/ready/<name>.http.json)
+    checkpoint: str = ""                 # checkpoint directory: tokenizer and model limits
+    model_id: str = ""                   # "" = the checkpoint directory's name
+    prefill: tuple[str, ...] = ()        # prefill instance addresses
+    decode: tuple[str, ...] = ()         # decode instance addresses
+    max_in_flight: int = 64              # requests running at once
+    max_queue: int = 256                 # requests waiting for a slot; beyond, RESOURCE_EXHAUSTED / 429
+    request_timeout_s: float = 300.0     # deadline of a whole request, every outbound call included
+    api_keys: tuple[str, ...] = ()       # accepted bearer keys; () = no authentication
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint: must name the checkpoint directory (tokenizer, model limits)")
+        if not self.prefill:
+            raise ValueError("prefill: must list at least one prefill instance address")
+        if not self.decode:
+            raise ValueError("decode: must list at least one decode instance address")
+        if not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0, got {self.max_queue}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys: keys must be non-empty strings")

@@ -1,0 +1,191 @@
+"""The gateway, free of gRPC and HTTP: tokenize and validate, admit, pick the least-loaded prefill
+and decode instances, run prefill then decode, and stream text deltas cut at stop strings.
+
+One root span "gateway.generate" per request; the outbound calls run inside it, so the prefill,
+decode and die spans join the same trace. Timing phases: queue (admission wait), prefill, decode;
+measured wall seconds and modeled CloudMatrix384 seconds kept apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from opentelemetry import trace
+
+from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.errors import PeerUnavailable
+from services.gateway import metrics
+from services.gateway.admission import Admission
+from services.gateway.backend import GrpcBackend
+from services.gateway.picker import InstancePicker
+from services.gateway.schema import (Delta, Finish, GenerateRequest, Prepared, PrefillOutcome, Timing,
+                                     Usage)
+from services.gateway.text import OutputText
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+CANCEL_TIMEOUT_S = 5.0
+
+
+class UnknownModel(ValueError):
+    """The request names a model this gateway does not serve."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    context_limit: int                   # max_position_embeddings: prompt + completion tokens
+    vocab_size: int
+    eos_token_id: int
+
+
+@dataclasses.dataclass
+class _Run:
+    """One request's state while it streams."""
+
+    prepared: Prepared
+    text: OutputText
+    start: float
+    deadline: float
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)
+    modeled: dict[str, float] = dataclasses.field(default_factory=dict)
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    last_token_at: float = 0.0
+    reason: str | None = None
+
+    def remaining(self) -> float:
+        left = self.deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError(f"request {self.prepared.request_id} passed its deadline")
+        return left
+
+
+class GatewayCore:
+    def __init__(self, model: ModelInfo, tokenizer: TextTokenizer, backend: GrpcBackend,
+                 prefill: InstancePicker, decode: InstancePicker, admission: Admission, timeout_s: float) -> None:
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.prefill, self.decode, self.admission, self.timeout_s = prefill, decode, admission, timeout_s
+
+    def prepare(self, req: GenerateRequest) -> Prepared:
+        """Tokenize and validate; ValueError names the field to change."""
+        if req.model and req.model != self.model.id:
+            raise UnknownModel(f"model: unknown model {req.model!r}; this gateway serves {self.model.id!r}")
+        req.sampling.validate()
+        ids = self._token_ids(req.prompt)
+        limit, wanted = self.model.context_limit, req.sampling.max_tokens
+        if len(ids) >= limit:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit the model's context of {limit} tokens "
+                             f"(at least one completion token must fit)")
+        if len(ids) + wanted > limit:
+            raise ValueError(f"max_tokens: the prompt's {len(ids)} tokens plus max_tokens {wanted} exceed the "
+                             f"model's context of {limit} tokens; ask for at most {limit - len(ids)}")
+        return Prepared(req.request_id or uuid.uuid4().hex, self.model.id, ids, req.sampling)
+
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        if not prompt:
+            raise ValueError("prompt: is empty")
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.model.vocab_size for t in prompt):
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.model.vocab_size})")
+        return list(prompt)
+
+    async def generate(self, p: Prepared) -> AsyncIterator[Delta | Finish]:
+        """Text deltas, then one Finish. The first Delta (the prefill's token) marks the first token."""
+        start = time.perf_counter()
+        run = _Run(p, OutputText(self.tokenizer, p.sampling.stop), start, start + self.timeout_s)
+        attributes = {"request_id": p.request_id, "model": p.model, "prompt_tokens": len(p.token_ids)}
+        with tracer.start_as_current_span("gateway.generate", attributes=attributes) as span:
+            try:
+                async with self.admission.slot(run.remaining()):
+                    run.measured["queue"] = time.perf_counter() - start
+                    async for event in self._serve(run):
+                        yield event
+            except Exception:
+                run.reason = "error"
+                raise
+            finally:  # a request whose client left ends here with no reason: "cancelled"
+                span.set_attributes({"completion_tokens": run.completion_tokens, "cached_tokens": run.cached_tokens})
+                metrics.observe_finish(run.reason or "cancelled", time.perf_counter() - start)
+
+    async def _serve(self, run: _Run) -> AsyncIterator[Delta | Finish]:
+        first = await self._prefill(run)
+        yield self._accept(run, [first.first_token])
+        run.reason = self._first_token_reason(run, first.first_token)
+        if run.reason is None:
+            async for delta in self._decode(run, first):
+                yield delta
+        yield self._finish(run)
+
+    async def _prefill(self, run: _Run) -> PrefillOutcome:
+        p = run.prepared
+        address = await self.prefill.pick()
+        with self.prefill.using(address):
+            started = time.perf_counter()
+            first = await self.backend.prefill(address, p, run.remaining())
+        run.last_token_at = time.perf_counter()
+        run.measured["prefill"], run.modeled["prefill"] = run.last_token_at - started, first.modeled_s
+        run.cached_tokens = first.cached_tokens
+        metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first, len(p.token_ids))
+        return first
+
+    def _first_token_reason(self, run: _Run, token: int) -> str | None:
+        """Finished on the prefill's token: no decode call at all."""
+        s = run.prepared.sampling
+        if run.text.stopped or token == self.model.eos_token_id and not s.ignore_eos or token in s.stop_token_ids:
+            return "stop"
+        return "length" if s.max_tokens == 1 else None
+
+    async def _decode(self, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
+        address = await self.decode.pick()
+        started, run.modeled["decode"] = time.perf_counter(), 0.0
+        with self.decode.using(address):
+            stream = self.backend.decode(address, run.prepared, first, run.remaining())
+            try:
+                async for step in stream:
+                    run.modeled["decode"] += step.modeled_s
+                    if step.token_ids:
+                        yield self._accept(run, step.token_ids)
+                    run.reason = "stop" if run.text.stopped else step.finish_reason
+                    if run.text.stopped and step.finish_reason is None:
+                        await self._cancel(address, run.prepared.request_id)
+                    if run.reason is not None:
+                        break
+            finally:
+                stream.cancel()  # a no-op once finished; frees the decode's blocks if the client left
+        run.measured["decode"] = time.perf_counter() - started
+        if run.reason is None:
+            raise PeerUnavailable(f"{address}: the decode stream ended before the request finished")
+
+    async def _cancel(self, address: str, request_id: str) -> None:
+        """Stop the decode at a stop string. Should the Cancel fail, dropping the stream (which
+        follows at once) frees the request's blocks as well."""
+        try:
+            await self.backend.cancel(address, request_id, CANCEL_TIMEOUT_S)
+        except (PeerUnavailable, TimeoutError) as err:
+            log.warning("decode Cancel failed; dropping the stream instead",
+                        extra={"request_id": request_id, "address": address, "error": str(err)})
+
+    def _accept(self, run: _Run, token_ids: list[int]) -> Delta:
+        now = time.perf_counter()
+        if run.completion_tokens:
+            for _ in token_ids:
+                metrics.ITL.observe((now - run.last_token_at) / len(token_ids))
+        run.last_token_at = now
+        accepted, text = [], ""
+        for token in token_ids:
+            if run.text.stopped:
+                break
+            accepted.append(token)
+            text += run.text.push(token)
+        run.completion_tokens += len(accepted)
+        return Delta(text, accepted)
+
+    def _finish(self, run: _Run) -> Finish:
+        usage = Usage(len(run.prepared.token_ids), run.completion_tokens, run.cached_tokens)
+        timing = Timing(dict(run.measured), dict(run.modeled))
+        return Finish(run.reason, usage, timing, run.text.flush())

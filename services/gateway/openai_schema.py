@@ -1,0 +1,127 @@
+"""OpenAI JSON <-> the gateway's dataclasses: request bodies of /v1/completions and
+/v1/chat/completions in, completion objects and stream chunks out. ValueError names the field."""
+from __future__ import annotations
+
+from typing import Any
+
+from services.gateway.schema import Finish, GenerateRequest, Sampling, Timing, Usage
+
+DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions; used for chat too
+DEFAULT_TEMPERATURE = 1.0    # OpenAI's default; 0 = greedy
+_UNSET = object()
+
+
+def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, _UNSET)
+    if value is _UNSET or value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join("number" if k is float else k.__name__ for k in kinds)
+        raise ValueError(f"{name}: expected {names}, got {value!r}")
+    return value
+
+
+def model_name(body: dict[str, Any]) -> str:
+    model = _field(body, "model", (str,), "")
+    if not model:
+        raise ValueError("model: required")
+    return model
+
+
+def prompt(body: dict[str, Any]) -> str | list[int]:
+    """A string, a list of token ids, or a one-element list of either."""
+    value = body.get("prompt")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    if isinstance(value, str) or isinstance(value, list) and all(type(t) is int for t in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise ValueError("prompt: one prompt per request is supported")
+    raise ValueError("prompt: expected a string or a list of token ids")
+
+
+def sampling(body: dict[str, Any], chat: bool) -> Sampling:
+    _unsupported(body, chat)
+    max_tokens = _field(body, "max_completion_tokens", (int,)) if chat else None
+    stop = _field(body, "stop", (str, list), ())
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError("stop: expected a string or a list of strings")
+    stop_ids = _field(body, "stop_token_ids", (list,), [])
+    if not all(type(t) is int for t in stop_ids):
+        raise ValueError("stop_token_ids: expected a list of token ids")
+    top_k = _field(body, "top_k", (int,), 0)
+    return Sampling(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
+                    top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
+                    seed=_field(body, "seed", (int,)), stop=tuple(stop), stop_token_ids=tuple(stop_ids),
+                    max_tokens=_field(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens),
+                    ignore_eos=_field(body, "ignore_eos", (bool,), False))
+
+
+def _unsupported(body: dict[str, Any], chat: bool) -> None:
+    if _field(body, "n", (int,), 1) != 1:
+        raise ValueError("n: only n = 1 is supported")
+    if _field(body, "logprobs", (bool,) if chat else (int,), None) not in (None, False):
+        raise ValueError("logprobs: not supported")
+    if not chat and _field(body, "echo", (bool,), False):
+        raise ValueError("echo: not supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _field(body, name, (int, float), 0):
+            raise ValueError(f"{name}: not supported (only 0)")
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage in the stream)."""
+    options = _field(body, "stream_options", (dict,), {})
+    return _field(body, "stream", (bool,), False), bool(options.get("include_usage", False))
+
+
+def generate_request(body: dict[str, Any], request_id: str, chat: bool, prompt_value: str | list[int]) -> GenerateRequest:
+    return GenerateRequest(request_id, model_name(body), prompt_value, sampling(body, chat))
+
+
+def timing_json(timing: Timing) -> dict[str, Any]:
+    """The gateway's phases (queue, prefill, decode), measured here and modeled on CloudMatrix384."""
+    return {"measured_s": timing.measured_s, "modeled_s": timing.modeled_s,
+            "phases": {p: {"measured_s": timing.measured.get(p, 0.0), "modeled_s": timing.modeled.get(p, 0.0)}
+                       for p in ("queue", "prefill", "decode")}}
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+class Shape:
+    """The response objects of one endpoint ("text_completion" or "chat.completion")."""
+
+    def __init__(self, chat: bool, request_id: str, model: str, created: int) -> None:
+        self.chat, self.model, self.created = chat, model, created
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+
+    def _head(self, object_: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
+
+    def completion(self, text: str, finish: Finish) -> dict[str, Any]:
+        choice = {"index": 0, "logprobs": None, "finish_reason": finish.reason}
+        choice |= {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+        return self._head("chat.completion" if self.chat else "text_completion") | {
+            "choices": [choice], "usage": usage_json(finish.usage), "timing": timing_json(finish.timing)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.chat:
+            delta = {"role": "assistant"} if role else {}
+            choice["delta"] = delta | ({"content": text} if text is not None else {})
+        else:
+            choice["text"] = text or ""
+        return self._head(self._chunk_object) | {"choices": [choice]}
+
+    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
+        return self._head(self._chunk_object) | {"choices": [], "usage": usage_json(finish.usage),
+                                                 "timing": timing_json(finish.timing)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"

@@ -1,0 +1,76 @@
+"""Least-loaded instance picking.
+
+An instance's load is its running + waiting requests as its GetLoad reports them, fetched at most
+once per ``refresh_s`` (one GetLoad round to every instance, with a short deadline), plus the change
+in this gateway's own in-flight requests on it since that snapshot. So a burst between two
+snapshots spreads over the instances, and requests this gateway finished stop counting at once,
+without a GetLoad on every request. An instance whose GetLoad fails is skipped until the next
+snapshot; when every instance fails, the request fails with PeerUnavailable.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+from cloudmatrix.rpc.errors import PeerUnavailable
+
+log = logging.getLogger(__name__)
+
+LoadFn = Callable[[str, float], Awaitable[int]]
+
+
+class InstancePicker:
+    def __init__(self, kind: str, addresses: tuple[str, ...], load: LoadFn, refresh_s: float = 1.0,
+                 load_timeout_s: float = 2.0) -> None:
+        self.kind, self.addresses, self._load = kind, addresses, load
+        self.refresh_s, self.load_timeout_s = refresh_s, load_timeout_s
+        self.in_flight = dict.fromkeys(addresses, 0)
+        self._snapshot: dict[str, int | None] = {}      # remote load, None = unreachable
+        self._at_snapshot: dict[str, int] = {}          # our in-flight count when it was taken
+        self._taken = float("-inf")
+        self._lock = asyncio.Lock()
+
+    def load(self, address: str) -> int | None:
+        """The estimated load of one instance; None when its last GetLoad failed."""
+        remote = self._snapshot.get(address, 0)
+        if remote is None:
+            return None
+        return max(0, remote + self.in_flight[address] - self._at_snapshot.get(address, 0))
+
+    async def pick(self) -> str:
+        """The least-loaded reachable instance (ties: the first listed)."""
+        await self._refresh()
+        loads = [(load, i) for i, a in enumerate(self.addresses) if (load := self.load(a)) is not None]
+        if not loads:
+            raise PeerUnavailable(f"{self.kind}: no instance answered GetLoad ({', '.join(self.addresses)})")
+        return self.addresses[min(loads)[1]]
+
+    @contextlib.contextmanager
+    def using(self, address: str) -> Iterator[None]:
+        """Count one of this gateway's requests on ``address`` while the body runs."""
+        self.in_flight[address] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[address] -= 1
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._taken < self.refresh_s:
+                return
+            answers = await asyncio.gather(*(self._load(a, self.load_timeout_s) for a in self.addresses),
+                                           return_exceptions=True)
+            self._snapshot = {a: self._checked(a, r) for a, r in zip(self.addresses, answers)}
+            self._at_snapshot = dict(self.in_flight)
+            self._taken = time.monotonic()
+
+    def _checked(self, address: str, answer: int | BaseException) -> int | None:
+        if isinstance(answer, (PeerUnavailable, TimeoutError)):
+            log.warning("GetLoad failed", extra={"kind": self.kind, "address": address, "error": str(answer)})
+            return None
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer

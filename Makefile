@@ -6,6 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
 CKPT := $(RUN_DIR)/checkpoints/tiny
+# The default topology (topologies/local.yaml) serves the INT8 checkpoint.
 CKPT_INT8 := $(RUN_DIR)/checkpoints/tiny-int8
 
 .PHONY: install run test protos clean

@@ -97,8 +97,12 @@ def test_bad_topologies_name_the_field(raw, needle):
         parse_topology(raw, Path("."))
 
 
-def test_default_topology_generates_like_the_local_engine(run_dir, tiny_checkpoint):
-    up = cmx("up", "--topology", str(REPO / "topologies" / "local.yaml"), "--run-dir", str(run_dir))
+def test_instance_generation_equals_the_local_engine(tmp_path, run_dir, tiny_checkpoint):
+    topo = tmp_path / "ep4.yaml"
+    topo.write_text(yaml.safe_dump({"name": "ep4", "services": [
+        {"name": "kvcache", "service": "kvcache"}, {"name": "fabric", "service": "ub_fabric"},
+        {"name": "die", "service": "npu_emulator", "count": 4}]}))
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
     assert up.returncode == 0, up.stderr
     args = ["--checkpoint", str(tiny_checkpoint), "--max-tokens", "10", "The supernode"]
     distributed = cmx("generate", "--instance", str(run_dir), *args)

@@ -4,17 +4,18 @@ the house exceptions (UNAVAILABLE -> PeerUnavailable, DEADLINE_EXCEEDED -> Timeo
 RESOURCE_EXHAUSTED -> ResourceExhausted, INVALID_ARGUMENT -> ValueError)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
-
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
-from services.gateway.schema import DecodeStep, Prepared, PrefillOutcome, Sampling
+from services.gateway.schema import DecodeStep, PrefillOutcome, Prepared, Sampling
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                 common_pb2.FINISH_REASON_CANCELLED: "cancelled"}
@@ -35,7 +36,8 @@ def sampling_proto(s: Sampling) -> common_pb2.SamplingParams:
 
 
 class DecodeStream:
-    """One Decode call: iterate its steps; ``cancel()`` drops the call (the instance frees the blocks)."""
+    """One Decode call: iterate its steps; ``close()`` drops an unfinished call (the instance frees the
+    request's blocks)."""
 
     def __init__(self, call, address: str) -> None:
         self.call, self.address = call, address
@@ -48,8 +50,14 @@ class DecodeStream:
         except grpc.aio.AioRpcError as err:
             raise converted(err, self.address) from err
 
-    def cancel(self) -> None:
+    async def close(self) -> None:
+        """Drop the call unless it ended; read it out so its client span ends now, not at exit."""
+        if self.call.done():
+            return
         self.call.cancel()
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            async for _ in self.call:
+                pass
 
 
 class GrpcBackend:

@@ -36,7 +36,7 @@ def render(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -
 
 def _role(message: Any, i: int) -> str:
     if not isinstance(message, dict):
-        raise ValueError(f"messages[{i}]: must be an object with role and content")
+        raise ValueError(f"messages[{i}]: must be an object with role and content")  # noqa: TRY004 - bad input: 400
     role = message.get("role")
     if role not in ROLES:
         raise ValueError(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {role!r}")

@@ -13,16 +13,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from opentelemetry import trace
 
-from cloudmatrix.model.tokenizer import TextTokenizer
-from cloudmatrix.rpc.errors import PeerUnavailable
 from services.gateway import metrics
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend
 from services.gateway.picker import InstancePicker
-from services.gateway.schema import (Delta, Finish, GenerateRequest, Prepared, PrefillOutcome, Timing,
-                                     Usage)
+from services.gateway.schema import (
+    Delta,
+    Finish,
+    GenerateRequest,
+    PrefillOutcome,
+    Prepared,
+    Timing,
+    Usage,
+)
 from services.gateway.text import OutputText
 
 log = logging.getLogger(__name__)
@@ -105,6 +112,9 @@ class GatewayCore:
                     run.measured["queue"] = time.perf_counter() - start
                     async for event in self._serve(run):
                         yield event
+            except ResourceExhausted:
+                run.reason = "rejected"
+                raise
             except Exception:
                 run.reason = "error"
                 raise
@@ -141,6 +151,8 @@ class GatewayCore:
         return "length" if s.max_tokens == 1 else None
 
     async def _decode(self, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
+        """Stream the decode to its end: after its finished chunk, or after the chunk that answers our
+        Cancel at a stop string. Leaving early (the client left, an error) drops the call instead."""
         address = await self.decode.pick()
         started, run.modeled["decode"] = time.perf_counter(), 0.0
         with self.decode.using(address):
@@ -148,31 +160,33 @@ class GatewayCore:
             try:
                 async for step in stream:
                     run.modeled["decode"] += step.modeled_s
-                    if step.token_ids:
+                    if step.token_ids and not run.text.stopped:
                         yield self._accept(run, step.token_ids)
-                    run.reason = "stop" if run.text.stopped else step.finish_reason
-                    if run.text.stopped and step.finish_reason is None:
-                        await self._cancel(address, run.prepared.request_id)
-                    if run.reason is not None:
-                        break
+                    if run.reason is None and run.text.stopped:
+                        run.reason = "stop"
+                        if step.finish_reason is None and not await self._cancel(address, run.prepared.request_id):
+                            break
+                    elif run.reason is None:
+                        run.reason = step.finish_reason
             finally:
-                stream.cancel()  # a no-op once finished; frees the decode's blocks if the client left
+                await stream.close()  # a no-op once the stream ended; else the decode frees the blocks
         run.measured["decode"] = time.perf_counter() - started
         if run.reason is None:
             raise PeerUnavailable(f"{address}: the decode stream ended before the request finished")
 
-    async def _cancel(self, address: str, request_id: str) -> None:
-        """Stop the decode at a stop string. Should the Cancel fail, dropping the stream (which
-        follows at once) frees the request's blocks as well."""
+    async def _cancel(self, address: str, request_id: str) -> bool:
+        """Ask the decode to stop at a stop string; False when the Cancel failed (the caller then
+        drops the stream, which frees the request's blocks as well)."""
         try:
-            await self.backend.cancel(address, request_id, CANCEL_TIMEOUT_S)
+            return await self.backend.cancel(address, request_id, CANCEL_TIMEOUT_S)
         except (PeerUnavailable, TimeoutError) as err:
             log.warning("decode Cancel failed; dropping the stream instead",
                         extra={"request_id": request_id, "address": address, "error": str(err)})
+            return False
 
     def _accept(self, run: _Run, token_ids: list[int]) -> Delta:
         now = time.perf_counter()
-        if run.completion_tokens:
+        if run.completion_tokens:  # tokens of one chunk share its gap evenly
             for _ in token_ids:
                 metrics.ITL.observe((now - run.last_token_at) / len(token_ids))
         run.last_token_at = now

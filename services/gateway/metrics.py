@@ -45,8 +45,8 @@ def observe_first_token(ttft_s: float, admission_s: float, prefill: PrefillOutco
 
 
 def observe_finish(reason: str, e2e_s: float) -> None:
-    """``reason``: stop, length, error, or cancelled (the client left); only finished requests
-    count toward the end-to-end latency."""
+    """``reason``: stop, length, rejected (over capacity), error, or cancelled (the client left);
+    only finished requests count toward the end-to-end latency."""
     REQUESTS.labels(reason).inc()
     if reason in ("stop", "length"):
         E2E.observe(e2e_s)

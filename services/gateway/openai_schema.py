@@ -42,20 +42,33 @@ def prompt(body: dict[str, Any]) -> str | list[int]:
 
 def sampling(body: dict[str, Any], chat: bool) -> Sampling:
     _unsupported(body, chat)
-    max_tokens = _field(body, "max_completion_tokens", (int,)) if chat else None
+    top_k = _field(body, "top_k", (int,), 0)
+    return Sampling(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
+                    top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
+                    seed=_field(body, "seed", (int,)), max_tokens=_max_tokens(body, chat), stop=_stop(body),
+                    stop_token_ids=_token_ids(body, "stop_token_ids"),
+                    ignore_eos=_field(body, "ignore_eos", (bool,), False))
+
+
+def _max_tokens(body: dict[str, Any], chat: bool) -> int:
+    """``max_tokens``, or for chat its newer name ``max_completion_tokens``."""
+    default = _field(body, "max_completion_tokens", (int,), DEFAULT_MAX_TOKENS) if chat else DEFAULT_MAX_TOKENS
+    return _field(body, "max_tokens", (int,), default)
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = _field(body, "stop", (str, list), ())
     stop = (stop,) if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop):
         raise ValueError("stop: expected a string or a list of strings")
-    stop_ids = _field(body, "stop_token_ids", (list,), [])
-    if not all(type(t) is int for t in stop_ids):
-        raise ValueError("stop_token_ids: expected a list of token ids")
-    top_k = _field(body, "top_k", (int,), 0)
-    return Sampling(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
-                    top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
-                    seed=_field(body, "seed", (int,)), stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-                    max_tokens=_field(body, "max_tokens", (int,), DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens),
-                    ignore_eos=_field(body, "ignore_eos", (bool,), False))
+    return tuple(stop)
+
+
+def _token_ids(body: dict[str, Any], name: str) -> tuple[int, ...]:
+    ids = _field(body, name, (list,), [])
+    if not all(type(t) is int for t in ids):
+        raise ValueError(f"{name}: expected a list of token ids")
+    return tuple(ids)
 
 
 def _unsupported(body: dict[str, Any], chat: bool) -> None:
@@ -76,7 +89,8 @@ def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return _field(body, "stream", (bool,), False), bool(options.get("include_usage", False))
 
 
-def generate_request(body: dict[str, Any], request_id: str, chat: bool, prompt_value: str | list[int]) -> GenerateRequest:
+def generate_request(body: dict[str, Any], request_id: str, chat: bool,
+                     prompt_value: str | list[int]) -> GenerateRequest:
     return GenerateRequest(request_id, model_name(body), prompt_value, sampling(body, chat))
 
 

@@ -13,6 +13,7 @@ import torch
 from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.instance.generate import StepTimes, generate_on_instance
 from cloudmatrix.launcher.processes import load_state
+from cloudmatrix.launcher.waves import entry_of
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import PRECISIONS, load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--local", action="store_true", help="run the model in this process")
     where.add_argument("--instance", metavar="RUN_DIR",
                        help="run on the fabric and dies `cmx up` started from RUN_DIR (expert parallel)")
+    parser.add_argument("--dies", default="die", metavar="ENTRY",
+                        help="with --instance: the topology entry whose npu_emulator processes to drive")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="weights and attention core (docs/model.md#precisions)")
@@ -72,9 +75,9 @@ def _emit(tokens, stream: StreamDecoder) -> int:
 async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder) -> tuple[int, str]:
     records = load_state(Path(args.instance).resolve())
     fabric = [r.address for r in records if r.service == "ub_fabric"]
-    dies = [r.address for r in records if r.service == "npu_emulator"]
+    dies = [r.address for r in records if r.service == "npu_emulator" and entry_of(r.name) == args.dies]
     if not dies:
-        raise ValueError(f"{args.instance} runs no npu_emulator processes")
+        raise ValueError(f"{args.instance} runs no npu_emulator processes of entry {args.dies!r}")
     shards = [r.address for r in records if r.service == "kvcache"]
     checkpoint = str(Path(args.checkpoint).resolve())
     # Weights come through the pool's model cache when the run has kvcache shards and the die can

@@ -7,6 +7,7 @@ import sys
 from cloudmatrix.cli import (
     bench_cmd,
     checkpoint_cmd,
+    demo_cmd,
     eplb_cmd,
     generate_cmd,
     launcher_cmd,
@@ -18,7 +19,8 @@ from cloudmatrix.cli import (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, eplb_cmd, bench_cmd, trace_cmd):
+    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, bench_cmd,
+                   trace_cmd):
         module.register(sub)
     return parser
 

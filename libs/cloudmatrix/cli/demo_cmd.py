@@ -1,0 +1,44 @@
+"""`cmx demo`: send a few requests through a running topology's OpenAI-compatible gateway and show
+what happened: completions, TTFT / TPOT, context-cache hits, modeled CloudMatrix384 time, and one
+request's trace across every service."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cloudmatrix.demo import (
+    demo_prompts,
+    gateway_url,
+    get_json,
+    stream_completion,
+    wait_for_trace,
+)
+from cloudmatrix.telemetry.trace_view import render_tree
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("demo", help="requests through the gateway of a running topology, with a trace")
+    parser.add_argument("--run-dir", default="runs/local")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.set_defaults(handler=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    url = gateway_url(run_dir)
+    model = get_json(f"{url}/v1/models")["data"][0]["id"]
+    print(f"gateway {url}, model {model}\n")
+    last = None
+    for label, prompt in demo_prompts():
+        last = stream_completion(url, model, prompt, args.max_tokens)
+        usage = last["usage"]
+        print(f"[{label}] ...{prompt[-40:]!r} -> {last['text']!r}")
+        print(f"    prompt {usage['prompt_tokens']} tokens, {usage['prompt_tokens_details']['cached_tokens']} from the "
+              f"context cache; {usage['completion_tokens']} generated; measured TTFT {last['ttft_s'] * 1e3:.0f} ms, "
+              f"TPOT {last['tpot_s'] * 1e3:.1f} ms; modeled CloudMatrix384 {last['timing']['modeled_s'] * 1e3:.2f} ms")
+    request_id = last["id"].split("-", 1)[1]
+    spans = wait_for_trace(run_dir / "spans", request_id, timeout_s=15.0)
+    services = sorted({s.get("resource", {}).get("service.name", "?") for s in spans})
+    print(f"\ntrace of request {request_id}: {len(spans)} spans from {', '.join(services)}")
+    print(render_tree(spans))
+    return 0

@@ -1,0 +1,72 @@
+"""What `cmx demo` does against a running topology: find the gateway, stream completions over its
+OpenAI-compatible HTTP API (measuring TTFT and TPOT at the client), and read a request's trace."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from importlib import resources
+from pathlib import Path
+
+from cloudmatrix.telemetry.trace_view import read_spans, trace_of_request
+
+
+def gateway_url(run_dir: Path) -> str:
+    """http://host:port of the first gateway `cmx up` started in run_dir."""
+    files = sorted((run_dir / "ready").glob("gateway*.http.json"))
+    if not files:
+        raise FileNotFoundError(f"no gateway is running from {run_dir} (no ready/gateway*.http.json)")
+    return f"http://127.0.0.1:{json.loads(files[0].read_text())['http_port']}"
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def demo_prompts() -> list[tuple[str, str]]:
+    """A short prompt, then two long ones sharing a long prefix (the second hits the cache)."""
+    corpus = resources.files("cloudmatrix.model").joinpath("data/tokenizer_corpus.txt").read_text("utf-8")
+    shared = " ".join(corpus.split()[:220])
+    return [("short", "The CloudMatrix384 supernode serves"),
+            ("long A", shared + " The first question is about dispatch."),
+            ("long B, shared prefix", shared + " The second question is about combine.")]
+
+
+def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """POST /v1/completions with stream: true; returns text, id, usage, timing, TTFT, TPOT."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    start, arrivals, text, last = time.perf_counter(), [], "", {}
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                if choice.get("text"):
+                    arrivals.append(time.perf_counter() - start)
+                    text += choice["text"]
+            last = chunk if chunk.get("usage") else last
+    tokens = max(last.get("usage", {}).get("completion_tokens", 1), 1)
+    ttft = arrivals[0] if arrivals else time.perf_counter() - start
+    tpot = (arrivals[-1] - ttft) / (tokens - 1) if arrivals and tokens > 1 else 0.0
+    return {"id": last.get("id", ""), "text": text, "usage": last.get("usage", {}),
+            "timing": last.get("timing", {"modeled_s": 0.0}), "ttft_s": ttft, "tpot_s": tpot}
+
+
+def wait_for_trace(span_dir: Path, request_id: str, timeout_s: float, services: int = 6) -> list[dict]:
+    """The request's spans once they are on disk (span files are written in batches)."""
+    deadline, spans = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        try:
+            spans = trace_of_request(read_spans(span_dir), request_id)
+        except ValueError:
+            spans = []
+        if len({s.get("resource", {}).get("service.name") for s in spans}) >= services:
+            break
+        time.sleep(0.5)
+    return spans

@@ -1,0 +1,49 @@
+"""Exceptions -> OpenAI's error JSON ``{"error": {message, type, param, code}}`` and HTTP statuses:
+400 bad input (the param named), 429 over capacity, 503 an instance unavailable, 504 deadline."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from aiohttp import web
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+
+from services.gateway.core import UnknownModel
+
+log = logging.getLogger(__name__)
+_PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
+
+# (exception, HTTP status, type, code); the first match wins
+_KINDS = (
+    (UnknownModel, 400, "invalid_request_error", "model_not_found"),
+    (ValueError, 400, "invalid_request_error", "invalid_value"),
+    (ResourceExhausted, 429, "rate_limit_error", "rate_limit_exceeded"),
+    (PeerUnavailable, 503, "service_unavailable", "instance_unavailable"),
+    (TimeoutError, 504, "timeout_error", "deadline_exceeded"),
+)
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    for kind, status, type_, code in _KINDS:
+        if isinstance(exc, kind):
+            return status, type_, code
+    log.error("request failed", exc_info=exc)
+    return 500, "internal_error", "internal_error"
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    return _described(exc)[1]
+
+
+def error_response(exc: BaseException) -> web.Response:
+    status, body = _described(exc)
+    return web.json_response(body, status=status)
+
+
+def _described(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    status, type_, code = classify(exc)
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    match = _PARAM.match(message) if status == 400 else None
+    return status, {"error": {"message": message, "type": type_, "param": match.group(1) if match else None,
+                              "code": code}}

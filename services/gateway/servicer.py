@@ -1,0 +1,77 @@
+"""gRPC servicer of the gateway: Generate (server stream) and ListModels over the core."""
+from __future__ import annotations
+
+import contextlib
+import hmac
+
+import grpc
+from cloudmatrix.rpc.errors import map_errors
+from cmx.common.v1 import common_pb2
+from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.gateway.core import GatewayCore
+from services.gateway.schema import Finish, GenerateRequest, Sampling
+
+DEFAULT_MAX_TOKENS = 16  # when SamplingParams.max_tokens is 0 (unset)
+FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+          "cancelled": common_pb2.FINISH_REASON_CANCELLED}
+
+
+def sampling(p: common_pb2.SamplingParams) -> Sampling:
+    return Sampling(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
+                    seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS,
+                    stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
+
+
+def generate_request(r: gateway_pb2.GenerateRequest) -> GenerateRequest:
+    prompt = r.text if r.WhichOneof("prompt") == "text" else list(r.token_ids.ids)
+    return GenerateRequest(r.request_id, r.model, prompt, sampling(r.sampling))
+
+
+def final_chunk(request_id: str, finish: Finish, text: str = "",
+                token_ids: list[int] | None = None) -> gateway_pb2.GenerateChunk:
+    u, t = finish.usage, finish.timing
+    phases = [common_pb2.PhaseTiming(phase=p, measured_s=t.measured.get(p, 0.0), modeled_s=t.modeled.get(p, 0.0))
+              for p in ("queue", "prefill", "decode")]
+    return gateway_pb2.GenerateChunk(
+        request_id=request_id, text=text + finish.text, token_ids=token_ids or [],
+        finish_reason=FINISH.get(finish.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+        usage=gateway_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                cached_tokens=u.cached_tokens),
+        timing=common_pb2.Timing(measured_s=t.measured_s, modeled_s=t.modeled_s, phases=phases))
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, core: GatewayCore, api_keys: tuple[str, ...]) -> None:
+        self.core, self.api_keys = core, api_keys
+
+    @map_errors
+    async def Generate(self, request, context):
+        await self._authenticate(context)
+        prepared = self.core.prepare(generate_request(request))
+        text, token_ids = "", []
+        async with contextlib.aclosing(self.core.generate(prepared)) as events:
+            async for event in events:
+                if isinstance(event, Finish):
+                    yield final_chunk(prepared.request_id, event, text, token_ids)
+                elif request.stream:
+                    yield gateway_pb2.GenerateChunk(request_id=prepared.request_id, text=event.text,
+                                                    token_ids=event.token_ids)
+                else:
+                    text, token_ids = text + event.text, token_ids + event.token_ids
+
+    @map_errors
+    async def ListModels(self, request, context):
+        await self._authenticate(context)
+        model = self.core.model
+        return gateway_pb2.ListModelsReply(models=[gateway_pb2.ModelInfo(
+            id=model.id, max_context_tokens=model.context_limit)])
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        """With api_keys set, the metadata must carry ``authorization: Bearer <key>``."""
+        if not self.api_keys:
+            return
+        scheme, _, key = dict(context.invocation_metadata() or ()).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or incorrect API key: send metadata "
+                                                                 "`authorization: Bearer <key>`")

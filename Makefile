@@ -27,13 +27,10 @@ run: install
 	$(VENV)/bin/cmx quantize --checkpoint $(CKPT) --out $(CKPT_INT8)
 	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
 		"The CloudMatrix384 supernode serves"
-	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR)/cluster \
-		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR)/cluster \
-		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT_INT8) --max-tokens 32 \
-			--precision int8-pasa "The CloudMatrix384 supernode serves" \
-		&& $(VENV)/bin/cmx generate --instance $(RUN_DIR)/cluster --checkpoint $(CKPT_INT8) --max-tokens 32 \
-			--precision int8-pasa "The CloudMatrix384 supernode serves"; \
-		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR)/cluster; exit $$status
+	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR) \
+		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR) \
+		&& $(VENV)/bin/cmx demo --run-dir $(RUN_DIR); \
+		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR); exit $$status
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider

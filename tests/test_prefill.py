@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.request
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @contextlib.contextmanager
-def prefill_instance(run_dir, checkpoint):
+def prefill_instance(run_dir, checkpoint, with_record: bool = False):
     base = [("kv0", "kvcache", ()), ("kv1", "kvcache", ()), ("fabric", "ub_fabric", ()),
             ("die0", "npu_emulator", ()), ("die1", "npu_emulator", ())]
     with running_services(run_dir, base) as r:
@@ -26,7 +27,8 @@ def prefill_instance(run_dir, checkpoint):
                 f"fabric={r['fabric'].address}", f"kvcache={r['kv0'].address},{r['kv1'].address}",
                 "block_size=16", "chunk_tokens=64")
         with running_services(run_dir, [("prefill", "prefill", sets)]) as p:
-            yield p["prefill"].address, [r["kv0"].address, r["kv1"].address]
+            shards = [r["kv0"].address, r["kv1"].address]
+            yield (p["prefill"].address, shards, p["prefill"]) if with_record else (p["prefill"].address, shards)
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +88,18 @@ def test_bad_prefill_requests_are_invalid_argument(instance, tokens, extra, need
     with pytest.raises(grpc.RpcError) as err:
         _prefill(address, "bad", tokens, **extra)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+
+
+
+def test_scheduler_metrics_are_exported(tmp_path, tiny_checkpoint):
+    with prefill_instance(tmp_path, tiny_checkpoint, with_record=True) as (address, _, record):
+        _prefill(address, "m1", list(range(3, 40)))
+        _prefill(address, "m2", list(range(3, 40)))
+        with urllib.request.urlopen(f"http://127.0.0.1:{record.metrics_port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("cmx:") and " " in line}
+    assert values['cmx:prefix_cache_queries_total{instance="prefill-0"}'] == 74
+    assert values['cmx:prefix_cache_hits_total{instance="prefill-0"}'] == 32  # 2 of m2's blocks
+    assert values['cmx:engine_step_modeled_seconds_count{instance="prefill-0"}'] >= 2
+    assert 'cmx:kv_cache_usage_ratio{instance="prefill-0"}' in values

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from cloudmatrix.instance.batcher import StepBatcher
 from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.metrics import register_scheduler_metrics
 from cloudmatrix.kv.hashing import namespace
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model.config import load_config
@@ -28,7 +29,12 @@ async def build(config: DecodeConfig) -> ServiceParts:
                       config.max_waiting)
 
     async def on_ready(host) -> None:
-        await driver.load(str(Path(config.checkpoint).resolve()), config.precision, block_size=config.block_size)
+        loaded = await driver.load(str(Path(config.checkpoint).resolve()), config.precision,
+                                   block_size=config.block_size)
+        total = sum(r.kv_blocks_total for r in loaded)
+        batcher.on_step = register_scheduler_metrics(config.instance_id, lambda: {
+            "num_requests_running": core.running, "num_requests_waiting": core.waiting,
+            "kv_cache_usage_ratio": sum(len(s.blocks) for s in driver.sequences.values()) / max(total, 1)})
         batcher.start()
 
     async def on_stop() -> None:

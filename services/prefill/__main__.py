@@ -5,6 +5,7 @@ from pathlib import Path
 
 from cloudmatrix.instance.batcher import StepBatcher
 from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.metrics import register_scheduler_metrics
 from cloudmatrix.kv.hashing import namespace
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model.config import load_config
@@ -30,7 +31,13 @@ async def build(config: PrefillConfig) -> ServiceParts:
                        cfg.max_position_embeddings)
 
     async def on_ready(host) -> None:  # the dies load before the instance reports SERVING
-        await driver.load(str(Path(config.checkpoint).resolve()), config.precision, block_size=config.block_size)
+        loaded = await driver.load(str(Path(config.checkpoint).resolve()), config.precision,
+                                   block_size=config.block_size)
+        total = sum(r.kv_blocks_total for r in loaded)
+        batcher.on_step = register_scheduler_metrics(config.instance_id, lambda: {
+            "num_requests_running": core.running, "num_requests_waiting": 0,
+            "kv_cache_usage_ratio": sum(len(s.blocks) for s in driver.sequences.values()) / max(total, 1),
+            "prefix_cache_queries": core.cache_queries, "prefix_cache_hits": core.cache_hits})
         batcher.start()
 
     async def on_stop() -> None:

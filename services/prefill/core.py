@@ -39,6 +39,7 @@ class PrefillCore:
         self.namespace, self.block_size, self.chunk_tokens = namespace, block_size, chunk_tokens
         self.vocab_size, self.context_limit = vocab_size, context_limit
         self.running = 0
+        self.cache_queries = self.cache_hits = 0  # prompt tokens looked up / loaded from the pool
 
     def validate(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -69,6 +70,9 @@ class PrefillCore:
             if request_id in self.driver.sequences:
                 await self.driver.release(request_id)
         cached = cached_blocks * self.block_size
+        if use_cache and self.pool:
+            self.cache_queries += len(token_ids)
+            self.cache_hits += cached
         modeled["total"] = modeled["compute"]
         return PrefillResult(first, keys, cached, len(token_ids) - cached, measured, modeled)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -51,6 +52,7 @@ class StepBatcher:
         self._task: asyncio.Task | None = None
         self.steps = 0
         self.recent = (0.0, 0.0)  # (measured, modeled) seconds of the last step
+        self.on_step: Callable[[float, float], None] | None = None  # e.g. metrics
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -115,6 +117,8 @@ class StepBatcher:
         measured = time.perf_counter() - started
         modeled = max(r.timing.modeled_s for r in self.driver.replies_by_microbatch[microbatch])
         self.recent = (measured, modeled)
+        if self.on_step is not None:
+            self.on_step(measured, modeled)
         for p in batch:
             if not p.future.done():
                 p.future.set_result(StepOutcome(outputs[p.item.seq_id], started - p.submitted, measured, modeled))

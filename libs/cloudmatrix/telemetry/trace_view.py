@@ -23,8 +23,9 @@ def trace_of_request(spans: list[dict], request_id: str) -> list[dict]:
     return [s for s in spans if s["trace_id"] in trace_ids]
 
 
-def render_tree(spans: list[dict]) -> str:
-    """Indented tree, children by start time: 'name  [service]  duration ms'."""
+def render_tree(spans: list[dict], max_lines: int = 80) -> str:
+    """Indented tree, children by start time: 'name  [service]  duration ms'. Runs of siblings
+    with the same name and service fold into one line ('x N', summed duration)."""
     by_id = {s["span_id"]: s for s in spans}
     children: dict[str | None, list[dict]] = defaultdict(list)
     for s in spans:
@@ -32,12 +33,30 @@ def render_tree(spans: list[dict]) -> str:
         children[parent if parent in by_id else None].append(s)
     lines: list[str] = []
 
-    def walk(span: dict, depth: int) -> None:
+    def walk(group: list[dict], depth: int) -> None:
+        span = group[0]
         service = span.get("resource", {}).get("service.name", "?")
-        lines.append(f"{'  ' * depth}{span['name']}  [{service}]  {span['duration_s'] * 1e3:.2f} ms")
-        for child in sorted(children[span["span_id"]], key=lambda c: c["start_unix_nano"]):
-            walk(child, depth + 1)
+        total_ms = sum(s["duration_s"] for s in group) * 1e3
+        count = f" x {len(group)}" if len(group) > 1 else ""
+        lines.append(f"{'  ' * depth}{span['name']}{count}  [{service}]  {total_ms:.2f} ms")
+        kids = sorted((c for s in group for c in children[s["span_id"]]), key=lambda c: c["start_unix_nano"])
+        for run in _runs(kids):
+            walk(run, depth + 1)
 
-    for root in sorted(children[None], key=lambda c: c["start_unix_nano"]):
-        walk(root, 0)
+    for run in _runs(sorted(children[None], key=lambda c: c["start_unix_nano"])):
+        walk(run, 0)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines)"]
     return "\n".join(lines)
+
+
+def _runs(spans: list[dict]) -> list[list[dict]]:
+    """Consecutive spans with the same name and service, grouped."""
+    runs: list[list[dict]] = []
+    for s in spans:
+        key = (s["name"], s.get("resource", {}).get("service.name"))
+        if runs and (runs[-1][0]["name"], runs[-1][0].get("resource", {}).get("service.name")) == key:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs

@@ -1,0 +1,90 @@
+"""The whole serving system from topology files: greedy output through the gateway equals the local
+engine (fp32 with two prefill instances; int8-pasa with one), and one request's trace holds spans
+from every service type."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import yaml
+from cloudmatrix.model.generate import generate
+from cloudmatrix.model.precision import load_for_precision, parse_precision
+from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.telemetry.trace_view import read_spans, trace_of_request
+
+pytestmark = pytest.mark.timeout(400)
+PROMPTS = ["The supernode", "Dispatch sends tokens to the dies", "Once upon a time, a small team",
+           "Blocks are addressed by the hash of their tokens"]
+
+
+def cmx(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cloudmatrix.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _topology(path, checkpoint, precision: str, prefill_instances: int):
+    common = {"checkpoint": str(checkpoint), "precision": precision, "fabric": "{addresses:fabric}",
+              "kvcache": "{addresses:kvcache}"}
+    services = [{"name": "kvcache", "service": "kvcache", "count": 2}, {"name": "fabric", "service": "ub_fabric"},
+                {"name": "ddie", "service": "npu_emulator", "count": 2},
+                {"name": "decode", "service": "decode", "set": {**common, "dies": "{addresses:ddie}"}}]
+    for i in range(prefill_instances):
+        services += [{"name": f"pdie{i}", "service": "npu_emulator"},
+                     {"name": f"prefill{i}", "service": "prefill",
+                      "set": {**common, "dies": f"{{addresses:pdie{i}}}", "instance_id": f"prefill-{i}"}}]
+    prefills = ",".join(f"{{addresses:prefill{i}}}" for i in range(prefill_instances))
+    services.append({"name": "gateway", "service": "gateway",
+                     "set": {"checkpoint": str(checkpoint), "prefill": prefills, "decode": "{addresses:decode}"}})
+    path.write_text(yaml.safe_dump({"name": f"e2e-{precision}", "services": services}))
+    return path
+
+
+def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances):
+    run_dir = tmp_path / f"run-{precision}"
+    topo = _topology(tmp_path / f"{precision}.yaml", checkpoint, precision, prefill_instances)
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
+    assert up.returncode == 0, up.stderr
+    try:
+        port = json.loads(next((run_dir / "ready").glob("gateway*.http.json")).read_text())["http_port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: the gateway spreads them
+            completions = list(pool.map(
+                lambda p: client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0), PROMPTS))
+    finally:
+        down = cmx("down", "--run-dir", str(run_dir))  # flushes every process's spans
+    assert down.returncode == 0, down.stderr
+    return completions, run_dir
+
+
+def _local_texts(checkpoint, precision: str) -> list[str]:
+    model = load_for_precision(checkpoint, parse_precision(precision))
+    tok = TextTokenizer.load(checkpoint)
+    return [tok.decode(list(generate(model, tok.encode(p), SamplingParams(max_tokens=8)))) for p in PROMPTS]
+
+
+def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpoint):
+    completions, run_dir = _serve_and_complete(tmp_path, tiny_checkpoint, "fp32", prefill_instances=2)
+    assert [c.choices[0].text for c in completions] == _local_texts(tiny_checkpoint, "fp32")
+    spans = read_spans(run_dir / "spans")
+    served_by = {s["resource"]["service.name"] for s in spans if s["name"] == "/cmx.prefill.v1.Prefill/Prefill"
+                 and s["kind"].endswith("SERVER")}
+    assert served_by == {"prefill0-0", "prefill1-0"}  # the gateway used both prefill instances
+    trace = trace_of_request(spans, completions[-1].id.split("-", 1)[1])
+    names = {s["name"] for s in trace}
+    for expected in ("gateway.generate", "/cmx.prefill.v1.Prefill/Prefill", "/cmx.kvcache.v1.KvCacheShard/Put",
+                     "/cmx.npu.v1.NpuEmulator/Forward", "fabric.dispatch", "/cmx.decode.v1.Decode/Decode"):
+        assert expected in names, expected
+    assert not any("prompt" in k and isinstance(v, str) for s in trace for k, v in s["attributes"].items())
+
+
+def test_int8_pasa_equals_the_local_engine(tmp_path, tiny_checkpoint):
+    completions, _ = _serve_and_complete(tmp_path, tiny_checkpoint, "int8-pasa", prefill_instances=1)
+    assert [c.choices[0].text for c in completions] == _local_texts(tiny_checkpoint, "int8-pasa")
+
+

@@ -28,7 +28,6 @@ run: install
 	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
 		"The CloudMatrix384 supernode serves"
 	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR) \
-		&& $(VENV)/bin/cmx status --run-dir $(RUN_DIR) \
 		&& $(VENV)/bin/cmx demo --run-dir $(RUN_DIR); \
 		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR); exit $$status
 

@@ -1,6 +1,6 @@
 """The whole serving system from topology files: greedy output through the gateway equals the local
-engine (fp32 with two prefill instances; int8-pasa with one), and one request's trace holds spans
-from every service type."""
+engine (fp32 with two prefill instances, int8-pasa with one and two; fp32 with one is in
+test_gateway.py), and one request's trace holds spans from every service type."""
 from __future__ import annotations
 
 import json
@@ -86,8 +86,9 @@ def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpo
     assert not any("prompt" in k and isinstance(v, str) for s in trace for k, v in s["attributes"].items())
 
 
-def test_int8_pasa_equals_the_local_engine(tmp_path, tiny_checkpoint):
-    completions, _ = _serve_and_complete(tmp_path, tiny_checkpoint, "int8-pasa", prefill_instances=1)
+@pytest.mark.parametrize("prefill_instances", [1, 2])
+def test_int8_pasa_equals_the_local_engine(tmp_path, tiny_checkpoint, prefill_instances):
+    completions, _ = _serve_and_complete(tmp_path, tiny_checkpoint, "int8-pasa", prefill_instances)
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "int8-pasa")
 
 

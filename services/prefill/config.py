@@ -4,33 +4,19 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
-from cloudmatrix.model.precision import PRECISIONS
+from cloudmatrix.instance.settings import InstanceSettings
 
 
 @dataclasses.dataclass(frozen=True)
-class PrefillConfig:
+class PrefillConfig(InstanceSettings):
+    """The instance settings (kvcache () = no context caching) plus prefill's batching."""
+
     server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="prefill"))
     instance_id: str = "prefill-0"
-    checkpoint: str = ""                 # HF checkpoint directory the dies load
-    model_id: str = ""                   # "" = the checkpoint directory's name
-    precision: str = "fp32"
-    dies: tuple[str, ...] = ()           # npu_emulator addresses this instance drives
-    fabric: str = ""                     # ub_fabric address (needed for more than one die)
-    kvcache: tuple[str, ...] = ()        # kvcache shard addresses; () = no context caching
-    replication: int = 2                 # pool replicas per block (capped at the shard count)
-    block_size: int = 16                 # tokens per KV block (die pool and pool keys)
     chunk_tokens: int = 256              # chunked prefill: a request's tokens per step
     max_step_tokens: int = 1024          # tokens of all requests packed into one step
-    rpc_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ValueError("checkpoint: must name the checkpoint directory the dies load")
-        if not self.dies:
-            raise ValueError("dies: must list at least one npu_emulator address")
-        if len(self.dies) > 1 and not self.fabric:
-            raise ValueError("fabric: needed when the instance has more than one die")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if min(self.block_size, self.chunk_tokens, self.max_step_tokens, self.replication) < 1:
-            raise ValueError("block_size, chunk_tokens, max_step_tokens and replication must be >= 1")
+        super().__post_init__()
+        if min(self.chunk_tokens, self.max_step_tokens) < 1:
+            raise ValueError("chunk_tokens and max_step_tokens must be >= 1")

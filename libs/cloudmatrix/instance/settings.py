@@ -1,0 +1,32 @@
+"""The settings every instance service (prefill, decode) shares: which model, which dies, which
+fabric and pool. Service configs extend it; nothing below main() reads the environment."""
+from __future__ import annotations
+
+import dataclasses
+
+from cloudmatrix.model.precision import PRECISIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSettings:
+    checkpoint: str = ""                 # HF checkpoint directory the dies load
+    model_id: str = ""                   # "" = the checkpoint directory's name
+    precision: str = "fp32"
+    dies: tuple[str, ...] = ()           # npu_emulator addresses this instance drives
+    fabric: str = ""                     # ub_fabric address (needed for more than one die)
+    kvcache: tuple[str, ...] = ()        # kvcache shard addresses
+    replication: int = 2                 # pool replicas per block (capped at the shard count)
+    block_size: int = 16                 # tokens per KV block (die pool and pool keys)
+    rpc_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ValueError("checkpoint: must name the checkpoint directory the dies load")
+        if not self.dies:
+            raise ValueError("dies: must list at least one npu_emulator address")
+        if len(self.dies) > 1 and not self.fabric:
+            raise ValueError("fabric: needed when the instance has more than one die")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if min(self.block_size, self.replication) < 1 or self.rpc_timeout_s <= 0:
+            raise ValueError("block_size and replication must be >= 1, rpc_timeout_s > 0")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cloudmatrix.model.presets import create_checkpoint
 
 torch.set_num_threads(1)

@@ -7,10 +7,6 @@ import json
 import urllib.request
 from pathlib import Path
 
-from cloudmatrix.config import ServerConfig
-from cloudmatrix.rpc.channel import make_channel
-from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.server import ServiceHost
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2,
@@ -20,6 +16,11 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cloudmatrix.config import ServerConfig
+from cloudmatrix.rpc.channel import make_channel
+from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.server import ServiceHost
 
 TRACE_SERVICE = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
 EXPORT_METHOD = f"/{TRACE_SERVICE}/Export"

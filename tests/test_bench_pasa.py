@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+
 from cloudmatrix.bench import pasa as pasa_bench
 
 pytest.importorskip("matplotlib")

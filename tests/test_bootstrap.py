@@ -18,9 +18,6 @@ import urllib.request
 
 import grpc
 import pytest
-from cloudmatrix.rpc.channel import health_check, health_check_sync, make_channel
-from cloudmatrix.telemetry.logging import setup_logging
-from cloudmatrix.telemetry.tracing import setup_tracing
 from opentelemetry.instrumentation.grpc import (
     aio_client_interceptors,
     aio_server_interceptor,
@@ -30,6 +27,9 @@ from opentelemetry.proto.collector.trace.v1 import (
     trace_service_pb2_grpc,
 )
 
+from cloudmatrix.rpc.channel import health_check, health_check_sync, make_channel
+from cloudmatrix.telemetry.logging import setup_logging
+from cloudmatrix.telemetry.tracing import setup_tracing
 from tests.rpc_helpers import (
     EXPORT_METHOD,
     ONE_SPAN,

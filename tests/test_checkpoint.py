@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import pytest
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.model.presets import create_checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+
 from cloudmatrix.config import ConfigError, ServerConfig, load_config
 
 pytestmark = pytest.mark.timeout(30)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from cloudmatrix.costmodel import ops, ub
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE as DIE
 from cloudmatrix.costmodel.die import IDEAL_EFFICIENCY

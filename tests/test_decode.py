@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 import torch
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
@@ -16,7 +17,6 @@ from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
 from tests.services import running_services
 
 pytestmark = pytest.mark.timeout(300)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from cloudmatrix.cli import eplb_cmd
 from cloudmatrix.moe import eplb
 from cloudmatrix.moe.eplb import (

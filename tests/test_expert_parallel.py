@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.moe.die_model import build_die_model, default_dispatch_dtype
 from cloudmatrix.moe.local_exchange import ThreadGroup

@@ -9,11 +9,11 @@ import time
 
 import grpc
 import pytest
+
 from cloudmatrix.instance.driver import InstanceDriver, StepFailed, StepInput
 from cloudmatrix.rpc.channel import health_check_sync
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from cmx.npu.v1 import npu_pb2
-
 from tests.services import running_services
 
 ROUND_TIMEOUT_S = 3.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from cloudmatrix.kernels.fp16 import (
     FP16_MAX,
     cube_matmul,

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import grpc
 import openai
 import pytest
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
@@ -23,7 +24,6 @@ from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import ResourceExhausted
 from cmx.common.v1 import common_pb2
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-
 from services.gateway.admission import Admission
 from services.gateway.chat import render
 from services.gateway.text import OutputText

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams, filter_logits, sample_token

@@ -6,13 +6,13 @@ import asyncio
 import grpc
 import pytest
 import torch
+
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.moe.eplb import balance, imbalance
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
-
 from tests.services import running_services
 
 TOL = 1e-4

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cloudmatrix.config import load_config
 from cloudmatrix.service_main import env_prefix
 

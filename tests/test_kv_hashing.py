@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from cloudmatrix.kv.hashing import (
     KEY_BYTES,
     block_key,

@@ -12,11 +12,11 @@ import zlib
 import grpc
 import numpy as np
 import pytest
+
 from cloudmatrix.kvcache import Block, KvPoolClient
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-
 from tests.rpc_helpers import run
 from tests.services import running_services
 

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 import torch
+
 from cloudmatrix.kv.hashing import namespace, prefix_keys
 from cloudmatrix.kvcache import Block, KvPoolClient
 from cloudmatrix.launcher.processes import spawn, wait_healthy
 from cloudmatrix.launcher.topology import ProcessSpec
 from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.rpc.tensor_codec import encode_tensor
-
 from tests.services import running_services
 from tests.test_kvcache_client import free_port
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from cloudmatrix.kvcache.ring import HashRing, ring_point
 
 SHARDS = [f"kvcache-{i}.kvcache:50051" for i in range(4)]

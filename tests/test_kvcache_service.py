@@ -10,11 +10,11 @@ import zlib
 import grpc
 import pytest
 import torch
+
 from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cmx.common.v1 import common_pb2
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-
 from tests.rpc_helpers import fetch
 from tests.services import running_service
 

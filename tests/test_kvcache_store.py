@@ -8,9 +8,9 @@ import zlib
 
 import pytest
 import torch
+
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cmx.common.v1 import common_pb2
-
 from services.kvcache.blobs import BlobChunk, BlobNotFound, BlobStore
 from services.kvcache.blocks import PutOutcome
 from services.kvcache.config import KvCacheConfig

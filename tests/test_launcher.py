@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+
 from cloudmatrix.launcher.processes import ProcessRecord, is_alive
 from cloudmatrix.launcher.topology import load_topology, parse_topology
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc

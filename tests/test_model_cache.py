@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 import torch
+
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model_cache import SHARED, blob_name
 from cloudmatrix.rpc.tensor_codec import decode_tensor
-
 from tests.services import running_services
 
 pytestmark = pytest.mark.timeout(240)

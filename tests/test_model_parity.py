@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from cloudmatrix.model.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")

@@ -5,12 +5,12 @@ import grpc
 import numpy as np
 import pytest
 import torch
+
 from cloudmatrix.kernels.fp16 import cube_matmul_reference
 from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
-
 from tests.services import running_service
 
 

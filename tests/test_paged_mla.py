@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+
 from cloudmatrix.kv.block_pool import BlockAllocator, PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
 from cloudmatrix.model.checkpoint import load_model

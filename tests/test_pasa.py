@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from cloudmatrix.kernels.fp16 import to_fp16
 from cloudmatrix.kernels.pasa import MODES, attention_reference, flash_attention
 from cloudmatrix.kernels.pasa_beta import DEFAULT_BETA, effective_beta, solve_beta

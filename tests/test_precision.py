@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.precision import (
     PRECISIONS,

@@ -7,12 +7,12 @@ import urllib.request
 import grpc
 import pytest
 import torch
+
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
 from tests.services import running_services
 
 pytestmark = pytest.mark.timeout(300)

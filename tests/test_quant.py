@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cloudmatrix.quant.linear import Int8Linear
 from cloudmatrix.quant.primitives import (
     MAX_K,

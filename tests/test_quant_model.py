@@ -11,6 +11,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from cloudmatrix.cli import quantize_cmd
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.presets import create_checkpoint
@@ -25,8 +28,6 @@ from cloudmatrix.quant.quantize_model import (
     quantize_model,
     smoothing_group,
 )
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 SETTINGS = QuantSettings()
 

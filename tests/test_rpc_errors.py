@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import pytest
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted, map_errors
 
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted, map_errors
 from tests.rpc_helpers import run
 
 

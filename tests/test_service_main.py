@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from cloudmatrix.rpc.channel import health_check_sync, make_channel
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from cloudmatrix.rpc.channel import health_check_sync, make_channel
 from tests.rpc_helpers import (
     ONE_SPAN,
     fetch,

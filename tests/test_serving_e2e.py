@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import yaml
+
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams

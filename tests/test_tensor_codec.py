@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from cloudmatrix.rpc.tensor_codec import (
     TensorDecodeError,
     decode_array,

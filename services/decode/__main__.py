@@ -11,7 +11,6 @@ from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model.config import load_config
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
-
 from services.decode.config import DecodeConfig
 from services.decode.core import DecodeCore
 from services.decode.servicer import DecodeServicer

@@ -10,13 +10,14 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+
 from cloudmatrix.instance.batcher import StepBatcher
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cmx.common.v1 import common_pb2
-from opentelemetry import trace
 
 _TRACER = trace.get_tracer(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from cloudmatrix.rpc.errors import map_errors
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
-
 from services.decode.core import DecodeCore, DecodeRequest
 from services.npu_emulator.convert import sampling_params
 

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from aiohttp import web
+
 from cloudmatrix.model.config import load_config
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-
 from services.gateway import metrics
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend

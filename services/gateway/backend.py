@@ -9,12 +9,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
+
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
 from services.gateway.schema import DecodeStep, PrefillOutcome, Prepared, Sampling
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",

@@ -13,10 +13,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from cloudmatrix.model.tokenizer import TextTokenizer
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from opentelemetry import trace
 
+from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from services.gateway import metrics
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend

@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 from aiohttp import web
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from services.gateway.core import UnknownModel
 
 log = logging.getLogger(__name__)

@@ -5,10 +5,10 @@ import contextlib
 import hmac
 
 import grpc
+
 from cloudmatrix.rpc.errors import map_errors
 from cmx.common.v1 import common_pb2
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-
 from services.gateway.core import GatewayCore
 from services.gateway.schema import Finish, GenerateRequest, Sampling
 

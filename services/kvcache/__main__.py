@@ -6,7 +6,6 @@ import logging
 
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-
 from services.kvcache.config import KvCacheConfig
 from services.kvcache.metrics import register_metrics
 from services.kvcache.servicer import KvCacheServicer

@@ -11,9 +11,10 @@ import enum
 import zlib
 from collections.abc import Sequence
 
+from google.protobuf.message import DecodeError
+
 from cloudmatrix.rpc.tensor_codec import validate_tensor
 from cmx.common.v1 import common_pb2
-from google.protobuf.message import DecodeError
 
 KEY_BYTES = 16
 MAX_NAMESPACE_BYTES = 1024

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from cloudmatrix.rpc.errors import map_errors
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-
 from services.kvcache.blobs import BlobChunk, BlobNotFound
 from services.kvcache.blocks import PutOutcome
 from services.kvcache.store import ShardStore

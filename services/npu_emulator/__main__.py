@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import torch
+
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
-
 from services.npu_emulator.config import NpuEmulatorConfig
 from services.npu_emulator.core import Die, DieIdentity
 from services.npu_emulator.servicer import NpuEmulatorServicer

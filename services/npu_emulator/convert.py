@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from cloudmatrix.model.sampling import SamplingParams
 from cmx.common.v1 import common_pb2
-
 from services.npu_emulator.engine import SequenceStep
 from services.npu_emulator.loader import LoadSpec
 

@@ -6,8 +6,8 @@ import dataclasses
 import time
 
 import torch
-from cloudmatrix.costmodel.die import ASCEND_910C_DIE
 
+from cloudmatrix.costmodel.die import ASCEND_910C_DIE
 from services.npu_emulator.engine import DieEngine
 from services.npu_emulator.kernels import KERNELS, kernel_modeled_s
 

@@ -11,13 +11,13 @@ import threading
 import time
 
 import torch
+
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
 from cloudmatrix.model.sampling import SamplingParams, sample_token
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
 from cloudmatrix.rpc.errors import ResourceExhausted
-
 from services.npu_emulator.modeled import forward_modeled_s
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from cloudmatrix.costmodel.ops import gemm_s, mla_attention_s
 from cloudmatrix.kernels.fp16 import cube_matmul
 from cloudmatrix.kernels.pasa import MODES, flash_attention

@@ -21,7 +21,6 @@ from cloudmatrix.moe.die_model import (
 from cloudmatrix.moe.local_exchange import SingleDieExchange
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.errors import ResourceExhausted
-
 from services.npu_emulator.engine import DieEngine, pool_shape
 
 

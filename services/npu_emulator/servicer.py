@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.tensor_codec import (
     decode_tensor,
@@ -13,7 +14,6 @@ from cloudmatrix.rpc.tensor_codec import (
 )
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
-
 from services.npu_emulator.config import NpuEmulatorConfig
 from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_step
 from services.npu_emulator.core import Die

@@ -11,7 +11,6 @@ from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model.config import load_config
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
 from services.prefill.config import PrefillConfig
 from services.prefill.core import PrefillCore
 from services.prefill.servicer import PrefillServicer

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from opentelemetry import trace
+
 from cloudmatrix.instance.batcher import StepBatcher
 from cloudmatrix.instance.driver import InstanceDriver, StepInput
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
@@ -17,7 +19,6 @@ from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
 from cmx.common.v1 import common_pb2
-from opentelemetry import trace
 
 _TRACER = trace.get_tracer(__name__)
 

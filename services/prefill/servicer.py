@@ -4,7 +4,6 @@ from __future__ import annotations
 from cloudmatrix.rpc.errors import map_errors
 from cmx.common.v1 import common_pb2
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-
 from services.npu_emulator.convert import sampling_params
 from services.prefill.core import PrefillCore
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from cloudmatrix.costmodel.ub import transfer_s
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
-
 from services.ub_fabric.config import UbFabricConfig
 from services.ub_fabric.core import FabricCore
 from services.ub_fabric.servicer import UbFabricServicer

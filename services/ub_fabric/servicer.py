@@ -6,12 +6,12 @@ import logging
 import time
 
 import grpc
-from cloudmatrix.telemetry.context import context_from_traceparent
-from cmx.common.v1 import common_pb2
-from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from opentelemetry import trace
 from prometheus_client import Counter
 
+from cloudmatrix.telemetry.context import context_from_traceparent
+from cmx.common.v1 import common_pb2
+from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from services.ub_fabric.core import FabricCore
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,10 @@
 """TokenRows <-> fabric frames (protobuf with raw tensor bytes)."""
 from __future__ import annotations
 
-from cmx.common.v1 import common_pb2
-from cmx.fabric.v1 import fabric_pb2
-
 from cloudmatrix.moe.dispatch import TokenRows
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
+from cmx.common.v1 import common_pb2
+from cmx.fabric.v1 import fabric_pb2
 
 ROUND_KINDS = {"dispatch": common_pb2.ROUND_KIND_DISPATCH, "combine": common_pb2.ROUND_KIND_COMBINE}
 

@@ -13,13 +13,13 @@ import threading
 import time
 
 import grpc
-from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 
 from cloudmatrix.fabric.codec import from_frame, round_id, round_key, to_frame
 from cloudmatrix.moe.dispatch import TokenRows
 from cloudmatrix.rpc.channel import channel_options
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.telemetry.context import current_traceparent
+from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 
 _CLOSE = object()
 

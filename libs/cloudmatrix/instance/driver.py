@@ -10,13 +10,13 @@ import dataclasses
 
 import grpc
 import torch
-from cmx.common.v1 import common_pb2
-from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
+from cmx.common.v1 import common_pb2
+from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
 PRECISIONS = {"fp32": common_pb2.PRECISION_FP32, "int8": common_pb2.PRECISION_INT8,
               "pasa": common_pb2.PRECISION_PASA, "int8-pasa": common_pb2.PRECISION_INT8_PASA}

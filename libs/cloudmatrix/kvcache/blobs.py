@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
-from cmx.kvcache.v1 import kvcache_pb2
 
 from cloudmatrix.kvcache.blocks import BlobPutResult
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
+from cmx.kvcache.v1 import kvcache_pb2
 
 log = logging.getLogger(__name__)
 

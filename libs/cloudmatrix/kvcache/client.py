@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from cmx.kvcache.v1 import kvcache_pb2
 from google.protobuf.message import Message
 
 from cloudmatrix.kvcache import blobs, reads, writes
@@ -32,6 +31,7 @@ from cloudmatrix.kvcache.blocks import (
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.ring import HashRing
 from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
+from cmx.kvcache.v1 import kvcache_pb2
 
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD_BYTES = 64 * 1024  # room for a message's non-data fields under the size limit

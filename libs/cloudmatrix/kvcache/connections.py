@@ -6,11 +6,11 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-from cmx.kvcache.v1 import kvcache_pb2_grpc
 
 from cloudmatrix.kvcache.health import ShardHealth
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import PeerUnavailable
+from cmx.kvcache.v1 import kvcache_pb2_grpc
 
 T = TypeVar("T")
 Stub = kvcache_pb2_grpc.KvCacheShardStub

@@ -15,12 +15,11 @@ import logging
 import zlib
 from collections.abc import Callable
 
-from cmx.kvcache.v1 import kvcache_pb2
-
 from cloudmatrix.kvcache.blocks import FetchedBlock
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.health import ShardHealth
 from cloudmatrix.kvcache.writes import put_on
+from cmx.kvcache.v1 import kvcache_pb2
 
 log = logging.getLogger(__name__)
 

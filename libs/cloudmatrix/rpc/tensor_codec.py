@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from cmx.common.v1 import common_pb2
 
 __all__ = [

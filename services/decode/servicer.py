@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.core import DecodeCore, DecodeRequest
@@ -9,12 +10,6 @@ from services.npu_emulator.convert import sampling_params
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
           "cancelled": common_pb2.FINISH_REASON_CANCELLED}
-
-
-def _timing(measured: dict[str, float], modeled: dict[str, float]) -> common_pb2.Timing:
-    phases = [common_pb2.PhaseTiming(phase=p, measured_s=measured.get(p, 0.0), modeled_s=modeled.get(p, 0.0))
-              for p in sorted(set(measured) | set(modeled))]
-    return common_pb2.Timing(measured_s=sum(measured.values()), modeled_s=sum(modeled.values()), phases=phases)
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -40,7 +35,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             yield decode_pb2.DecodeChunk(
                 token_ids=event.token_ids, finished=event.finish_reason is not None,
                 finish_reason=FINISH.get(event.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED),
-                timing=_timing(event.measured, event.modeled))
+                timing=timing_proto(event.measured, event.modeled, measured_s=sum(event.measured.values()),
+                                   modeled_s=sum(event.modeled.values())))
 
     @map_errors
     async def Cancel(self, request, context):

@@ -7,6 +7,7 @@ import hmac
 import grpc
 
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.core import GatewayCore
@@ -31,14 +32,13 @@ def generate_request(r: gateway_pb2.GenerateRequest) -> GenerateRequest:
 def final_chunk(request_id: str, finish: Finish, text: str = "",
                 token_ids: list[int] | None = None) -> gateway_pb2.GenerateChunk:
     u, t = finish.usage, finish.timing
-    phases = [common_pb2.PhaseTiming(phase=p, measured_s=t.measured.get(p, 0.0), modeled_s=t.modeled.get(p, 0.0))
-              for p in ("queue", "prefill", "decode")]
     return gateway_pb2.GenerateChunk(
         request_id=request_id, text=text + finish.text, token_ids=token_ids or [],
         finish_reason=FINISH.get(finish.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
         usage=gateway_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                 cached_tokens=u.cached_tokens),
-        timing=common_pb2.Timing(measured_s=t.measured_s, modeled_s=t.modeled_s, phases=phases))
+        timing=timing_proto(t.measured, t.modeled, measured_s=t.measured_s, modeled_s=t.modeled_s,
+                            phases=("queue", "prefill", "decode")))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

@@ -12,19 +12,13 @@ from cloudmatrix.rpc.tensor_codec import (
     encode_tensor,
     encode_tensors,
 )
+from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 from services.npu_emulator.config import NpuEmulatorConfig
 from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_step
 from services.npu_emulator.core import Die
 from services.npu_emulator.loader import load_engine
-
-
-def _timing(measured: dict[str, float], modeled: dict[str, float]) -> common_pb2.Timing:
-    phases = [common_pb2.PhaseTiming(phase=p, measured_s=measured.get(p, 0.0), modeled_s=modeled.get(p, 0.0))
-              for p in sorted(set(measured) | set(modeled)) if p != "total"]
-    return common_pb2.Timing(measured_s=measured.get("total", 0.0), modeled_s=modeled.get("total", 0.0),
-                             phases=phases)
 
 
 class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
@@ -104,7 +98,8 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
         outputs = [npu_pb2.SequenceOutput(seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
                                           logits=encode_tensor(r.logits) if r.logits is not None else None)
                    for r in results]
-        return npu_pb2.ForwardReply(outputs=outputs, timing=_timing(measured, modeled))
+        return npu_pb2.ForwardReply(outputs=outputs, timing=timing_proto(
+            measured, modeled, measured_s=measured.get("total", 0.0), modeled_s=modeled.get("total", 0.0)))
 
     @map_errors
     async def GetExpertLoad(self, request, context):

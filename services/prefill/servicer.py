@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from services.npu_emulator.convert import sampling_params
@@ -23,10 +24,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         result = await self.core.prefill(request.request_id, list(request.token_ids),
                                          sampling_params(request.sampling), not request.disable_context_cache)
         keys = result.keys
-        timing = common_pb2.Timing(
-            measured_s=sum(result.measured.values()), modeled_s=result.modeled["total"],
-            phases=[common_pb2.PhaseTiming(phase=p, measured_s=result.measured.get(p, 0.0),
-                                           modeled_s=result.modeled.get(p, 0.0)) for p in PHASES])
+        timing = timing_proto(result.measured, result.modeled, measured_s=sum(result.measured.values()),
+                              modeled_s=result.modeled["total"], phases=PHASES)
         return prefill_pb2.PrefillReply(
             request_id=request.request_id, first_token=result.first_token,
             kv=common_pb2.KvHandle(namespace=self.core.namespace, block_keys=list(keys.all),

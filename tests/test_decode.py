@@ -10,9 +10,11 @@ import grpc
 import pytest
 import torch
 
+from cloudmatrix.kvcache import KvPoolClient, Lease
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.rpc.channel import health_check_sync
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
@@ -90,15 +92,12 @@ def test_concurrent_requests_equal_the_local_engine(stack, tiny_checkpoint):
     assert all(reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH) for _, reason in results)
 
 
-def _free_blocks(dies: list[str]) -> int:
-    total = 0
-    for address in dies:
-        with grpc.insecure_channel(address) as channel:
-            total += npu_pb2_grpc.NpuEmulatorStub(channel).GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=10).kv_blocks_free
-    return total
+def _load(decode_addr: str) -> common_pb2.InstanceLoad:
+    with grpc.insecure_channel(decode_addr) as channel:
+        return decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetLoadRequest(), timeout=10).load
 
 
-def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+def _wait_for(condition, timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -107,30 +106,67 @@ def _wait_for(condition, timeout_s: float = 10.0) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["cancel", "disconnect"])
-def test_leaving_mid_stream_frees_the_blocks(stack, how):
+def _wait_until_idle(decode_addr: str, timeout_s: float = 60.0) -> common_pb2.InstanceLoad:
+    """The instance's own answer once no request runs or waits (an explicit condition: every
+    release has been applied by the scheduler), or the last answer at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = _load(decode_addr)
+        if load.running_requests == load.waiting_requests == 0 or time.monotonic() > deadline:
+            return load
+        time.sleep(0.05)
+
+
+def _die_blocks_free(dies: list[str]) -> list[int]:
+    """What each die itself reports (the instance claimed its blocks at load: this never moves)."""
+    free = []
+    for address in dies:
+        with grpc.insecure_channel(address) as channel:
+            info = npu_pb2_grpc.NpuEmulatorStub(channel).GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=10)
+            free.append(info.kv_blocks_free)
+    return free
+
+
+def test_requests_leaving_at_random_steps_free_their_blocks_and_the_rest_finish_exactly(stack, tiny_checkpoint):
+    """8 requests share decode steps; 3 leave (2 cancels, 1 disconnect) at random steps. The other 5
+    equal the local engine token for token, and every die's free blocks return to idle."""
     prefill_addr, decode_addr, dies = stack
-    idle = _free_blocks(dies)
+    idle, idle_dies = _wait_until_idle(decode_addr), _die_blocks_free(dies)
+    gen = torch.Generator().manual_seed(int(time.time()))
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in torch.randint(20, 70, (8,), generator=gen)]
+    leave = {int(i): ("cancel" if k < 2 else "disconnect", int(torch.randint(2, 12, (1,), generator=gen)))
+             for k, i in enumerate(torch.randperm(8, generator=gen)[:3])}
+    local = load_model(tiny_checkpoint)
+    expected = [list(generate(local, p, SamplingParams(max_tokens=24), ignore_eos=True)) for p in prompts]
+
+    async def one(prefill, decode, i):
+        how, after = leave.get(i, (None, None))
+        tokens, stream = await _generate(prefill, decode, f"mix{i}", prompts[i], 24, ignore_eos=True,
+                                         stop_after=after)
+        if how == "cancel":
+            assert (await decode.Cancel(decode_pb2.CancelRequest(request_id=f"mix{i}"), timeout=10)).cancelled
+            async for chunk in stream:
+                tokens += list(chunk.token_ids)
+                if chunk.finished:
+                    assert chunk.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+        elif how == "disconnect":
+            stream.cancel()
+        return tokens
 
     async def run():
         async with grpc.aio.insecure_channel(prefill_addr) as pc, grpc.aio.insecure_channel(decode_addr) as dc:
             prefill, decode = prefill_pb2_grpc.PrefillStub(pc), decode_pb2_grpc.DecodeStub(dc)
-            tokens, stream = await _generate(prefill, decode, f"leave-{how}", list(range(3, 70)), 400,
-                                             ignore_eos=True, stop_after=4)
-            busy = _free_blocks(dies)
-            if how == "cancel":
-                reply = await decode.Cancel(decode_pb2.CancelRequest(request_id=f"leave-{how}"), timeout=10)
-                assert reply.cancelled
-                async for chunk in stream:
-                    if chunk.finished:
-                        assert chunk.finish_reason == common_pb2.FINISH_REASON_CANCELLED
-            else:
-                stream.cancel()
-            return busy
+            return await asyncio.gather(*(one(prefill, decode, i) for i in range(8)))
 
-    busy = asyncio.run(run())
-    assert busy < idle  # the request held blocks while running
-    assert _wait_for(lambda: _free_blocks(dies) == idle)
+    results = asyncio.run(run())
+    for i, tokens in enumerate(results):
+        if i in leave:
+            assert tokens == expected[i][:len(tokens)]  # what it got before leaving was right
+        else:
+            assert tokens == expected[i]
+    after = _wait_until_idle(decode_addr)
+    assert list(after.die_kv_blocks_free) == list(idle.die_kv_blocks_free) and after.kv_blocks_used == 0
+    assert _die_blocks_free(dies) == idle_dies
 
 
 def test_32_concurrent_requests_with_and_without_pipelining(tmp_path, tiny_checkpoint):
@@ -152,3 +188,53 @@ def test_32_concurrent_requests_with_and_without_pipelining(tmp_path, tiny_check
         piped = asyncio.run(run(p["prefill"].address, p["decode2"].address, "piped"))
     assert [t for t, _ in plain] == expected
     assert [t for t, _ in piped] == [t for t, _ in plain]  # pipelining changes no token
+
+
+def test_the_prefill_leases_the_prompt_blocks_until_the_decode_has_read_them(stack):
+    prefill_addr, decode_addr, _ = stack
+    prompt = list(range(40, 90))
+    sampling = common_pb2.SamplingParams(max_tokens=3, ignore_eos=True)
+
+    async def run():
+        async with grpc.aio.insecure_channel(prefill_addr) as pc, grpc.aio.insecure_channel(decode_addr) as dc:
+            first = await prefill_pb2_grpc.PrefillStub(pc).Prefill(prefill_pb2.PrefillRequest(
+                request_id="lease", token_ids=prompt, sampling=sampling), timeout=120)
+            shards = sorted(first.kv.lease_ids)
+            async with KvPoolClient(shards) as pool:
+                pinned = await pool.delete(list(first.kv.block_keys))  # refused: every copy is leased
+                chunks = [c async for c in decode_pb2_grpc.DecodeStub(dc).Decode(decode_pb2.DecodeRequest(
+                    request_id="lease", prompt_token_ids=prompt, first_token=first.first_token, kv=first.kv,
+                    sampling=sampling), timeout=120)]
+                again = await pool.release(Lease(dict(first.kv.lease_ids), (), 0.0))  # the decode did it
+            return shards, pinned, chunks, again
+
+    shards, pinned, chunks, again = asyncio.run(run())
+    assert len(shards) == 2 and pinned.deleted == 0 and pinned.refused_leased == 2 * 4  # 4 blocks x 2 replicas
+    assert chunks[-1].finished and sum(len(c.token_ids) for c in chunks) == 2
+    assert again == 0
+
+
+def test_bad_input_fails_that_request_alone(stack):
+    prefill_addr, decode_addr, _ = stack
+    prompt = list(range(5, 30))
+    sampling = common_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
+
+    async def run():
+        async with grpc.aio.insecure_channel(prefill_addr) as pc, grpc.aio.insecure_channel(decode_addr) as dc:
+            first = await prefill_pb2_grpc.PrefillStub(pc).Prefill(prefill_pb2.PrefillRequest(
+                request_id="bad", token_ids=prompt, sampling=sampling), timeout=120)
+            decode = decode_pb2_grpc.DecodeStub(dc)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in decode.Decode(decode_pb2.DecodeRequest(
+                        request_id="bad", prompt_token_ids=prompt, first_token=10**6, kv=first.kv,
+                        sampling=sampling), timeout=120):
+                    pass
+            good = [c async for c in decode.Decode(decode_pb2.DecodeRequest(
+                request_id="good", prompt_token_ids=prompt, first_token=first.first_token, kv=first.kv,
+                sampling=sampling), timeout=120)]
+            return err.value, good
+
+    error, good = asyncio.run(run())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt_token_ids" in error.details()
+    assert sum(len(c.token_ids) for c in good) == 3 and good[-1].finished
+    assert health_check_sync(decode_addr) == "SERVING"

@@ -10,7 +10,8 @@ import time
 import grpc
 import pytest
 
-from cloudmatrix.instance.driver import InstanceDriver, StepFailed, StepInput
+from cloudmatrix.instance.driver import InstanceDriver, StepFailed
+from cloudmatrix.instance.sequences import SequenceTable, StepInput
 from cloudmatrix.rpc.channel import health_check_sync
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from cmx.npu.v1 import npu_pb2
@@ -31,9 +32,8 @@ def instance(tmp_path):
 async def _peers_forward(driver: InstanceDriver, dies: list[int]):
     """Forward one sequence on each listed die only; returns (elapsed seconds, per-die outcome)."""
     calls = []
-    for i in dies:
-        blocks = (await driver.dies[i].AllocateBlocks(npu_pb2.AllocateBlocksRequest(num_blocks=1), timeout=10)).block_ids
-        seq = npu_pb2.SequenceInput(seq_id=f"s{i}", token_ids=[5, 6, 7], block_table=blocks)
+    for i in dies:  # the load claimed every block of the dies for the instance: use block 0
+        seq = npu_pb2.SequenceInput(seq_id=f"s{i}", token_ids=[5, 6, 7], block_table=[0])
         calls.append(driver.dies[i].Forward(npu_pb2.ForwardRequest(step=1, sequences=[seq]), timeout=60))
     start = time.monotonic()
     results = await asyncio.gather(*calls, return_exceptions=True)
@@ -73,8 +73,8 @@ def test_killed_die_fails_its_peers_fast_and_the_fabric_serves_on(instance, tiny
     async def survivors():  # the remaining dies form a new EP3 instance and step normally
         driver = InstanceDriver([d.address for d in dies[:3]], fabric, group="ep3")
         try:
-            await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
-            return await driver.step([StepInput(f"t{i}", [3, 4, 5]) for i in range(3)])
+            table = SequenceTable(driver, await driver.load(str(tiny_checkpoint), "fp32", block_size=4))
+            return await table.step([StepInput(f"t{i}", [3, 4, 5]) for i in range(3)])
         finally:
             await driver.close()
 
@@ -101,10 +101,10 @@ def test_driver_reports_which_dies_failed(instance, tiny_checkpoint):
 
     async def scenario():
         driver = InstanceDriver([d.address for d in dies], fabric, group="ep2-bad")
-        await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+        table = SequenceTable(driver, await driver.load(str(tiny_checkpoint), "fp32", block_size=4))
         try:
             with pytest.raises(StepFailed, match="INVALID_ARGUMENT") as err:
-                await driver.step([StepInput("bad", [5000])])  # token id beyond the vocab
+                await table.step([StepInput("bad", [5000])])  # token id beyond the vocab
             return err.value
         finally:
             await driver.close()

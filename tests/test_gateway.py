@@ -28,7 +28,7 @@ from services.gateway.admission import Admission
 from services.gateway.chat import render
 from services.gateway.text import OutputText
 from tests.services import running_services
-from tests.test_decode import _free_blocks, _wait_for, serving_stack
+from tests.test_decode import _load, _wait_for, _wait_until_idle, serving_stack
 
 pytestmark = pytest.mark.timeout(300)
 METRICS = ("time_to_first_token_seconds", "time_to_first_token_modeled_seconds", "time_to_first_token_phase_seconds",
@@ -49,7 +49,7 @@ def gw(tmp_path_factory, tiny_checkpoint):
             port = {n: json.loads((run_dir / "ready" / f"{n}.http.json").read_text())["http_port"] for n in g}
             yield SimpleNamespace(http=port["gateway"], auth_http=port["gateway-auth"], one_http=port["gateway-one"],
                                   dead_http=port["gateway-dead"], grpc=g["gateway"].address,
-                                  model=Path(tiny_checkpoint).resolve().name, dies=decode_dies)
+                                  model=Path(tiny_checkpoint).resolve().name, decode=decode)
 
 
 @pytest.fixture(scope="module")
@@ -171,17 +171,18 @@ def test_metrics_expose_the_cmx_series(gw):
 
 
 def test_a_client_leaving_mid_stream_frees_the_decode_blocks(gw):
-    idle = _free_blocks(gw.dies)
+    idle = list(_wait_until_idle(gw.decode).die_kv_blocks_free)
     connection = http.client.HTTPConnection("127.0.0.1", gw.http, timeout=120)
     connection.request("POST", "/v1/completions", json.dumps({
         "model": gw.model, "prompt": "A long answer", "max_tokens": 1500, "ignore_eos": True, "stream": True}),
         {"Content-Type": "application/json"})
     response = connection.getresponse()
     lines = [response.readline() for _ in range(8)]  # four data events (each ends with a blank line)
-    busy = _free_blocks(gw.dies)
+    busy = list(_load(gw.decode).die_kv_blocks_free)
     connection.close()
     assert response.status == 200 and all(line.startswith(b"data: ") for line in lines[::2])
-    assert busy < idle and _wait_for(lambda: _free_blocks(gw.dies) == idle)
+    assert sum(busy) < sum(idle)
+    assert _wait_for(lambda: list(_load(gw.decode).die_kv_blocks_free) == idle)
 
 
 def test_stop_strings_are_held_back_until_decided(local):

@@ -7,7 +7,8 @@ import grpc
 import pytest
 import torch
 
-from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.sequences import SequenceTable, StepInput
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.moe.eplb import balance, imbalance
 from cloudmatrix.moe.placement import ExpertPlacement
@@ -46,12 +47,12 @@ def _reference_logits(model, prompt: list[int], extra: list[int]) -> list[torch.
 async def _distributed_logits(addresses, fabric, checkpoint, precision, prompts, extra, **load):
     driver = InstanceDriver(addresses, fabric, group=f"g{len(addresses)}-{precision}-{load.get('dispatch_dtype', '')}")
     try:
-        await driver.load(str(checkpoint), precision, block_size=4, **load)
+        table = SequenceTable(driver, await driver.load(str(checkpoint), precision, block_size=4, **load))
         steps = [[StepInput(f"s{i}", p) for i, p in enumerate(prompts)]]
         steps += [[StepInput(f"s{i}", [e[j]]) for i, e in enumerate(extra)] for j in range(len(extra[0]))]
         logits = {f"s{i}": [] for i in range(len(prompts))}
         for step in steps:
-            for seq_id, out in (await driver.step(step, return_logits=True)).items():
+            for seq_id, out in (await table.step(step, return_logits=True)).items():
                 logits[seq_id].append(decode_tensor(out.logits))
         return [logits[f"s{i}"] for i in range(len(prompts))], driver.last_replies
     finally:
@@ -121,8 +122,8 @@ def test_expert_load_feeds_eplb(cluster, tiny_checkpoint):
     async def scenario():
         driver = InstanceDriver(addresses, fabric, group="eplb")
         try:
-            await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
-            await driver.step([StepInput(f"s{i}", p) for i, p in enumerate(_prompts(8, seed=9))])
+            table = SequenceTable(driver, await driver.load(str(tiny_checkpoint), "fp32", block_size=4))
+            await table.step([StepInput(f"s{i}", p) for i, p in enumerate(_prompts(8, seed=9))])
             return await driver.expert_load(reset=True), sum(len(p) for p in _prompts(8, seed=9))
         finally:
             await driver.close()

@@ -16,12 +16,12 @@ from cloudmatrix.kv.hashing import (
     root_key,
 )
 
-NS = namespace("cmx-tiny", "float32", 4)
+NS = namespace("cmx-tiny", "float32", 4, "fp32")
 
 
 def test_golden_vectors_pin_the_scheme():
     # If these change, every cache in the world is invalidated: bump SEED's version instead.
-    assert NS == "cmx-tiny|float32|bs4"
+    assert NS == "cmx-tiny|fp32|float32|bs4"
     assert root_key(NS).hex() == GOLDEN["root"]
     keys = prefix_keys([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 4, NS)
     assert [k.hex() for k in keys.full] == GOLDEN["full"]
@@ -29,9 +29,9 @@ def test_golden_vectors_pin_the_scheme():
 
 
 GOLDEN = {
-    "root": "e08d7dcbeb75c67bb9a18ee21226a1c6",
-    "full": ["425a7cbbae11644952e0976c1b31ab12", "f6f0a3ee5c00e38f93e5c3b4b6dc9e0c"],
-    "tail": "998f15abc2e8bf654506e148664032a3",
+    "root": "9fe711dffcd2d5db5efc938ceef5d6ef",
+    "full": ["22ea78631c86c4227aac4ccb2ecf8197", "df908dfb795cd14bb37e37622cfeee49"],
+    "tail": "431ebfb102d2135b7dc9049107bfcab5",
 }
 
 
@@ -62,22 +62,24 @@ def test_tail_is_never_a_full_block():
 
 def test_namespaces_never_share_keys():
     tokens = list(range(8))
-    other_model = namespace("cmx-small", "float32", 4)
-    other_dtype = namespace("cmx-tiny", "int8", 4)
-    keys = {prefix_keys(tokens, 4, ns).full[0] for ns in (NS, other_model, other_dtype)}
-    assert len(keys) == 3
+    other_model = namespace("cmx-small", "float32", 4, "fp32")
+    other_dtype = namespace("cmx-tiny", "int8", 4, "fp32")
+    other_precision = namespace("cmx-tiny", "float32", 4, "int8-pasa")
+    keys = {prefix_keys(tokens, 4, ns).full[0] for ns in (NS, other_model, other_dtype, other_precision)}
+    assert len(keys) == 4
 
 
-@pytest.mark.parametrize("bad", [dict(model_id=""), dict(model_id="a|b"), dict(block_size=0)])
+@pytest.mark.parametrize("bad", [dict(model_id=""), dict(model_id="a|b"), dict(block_size=0), dict(precision=""),
+                                 dict(precision="fp32|x")])
 def test_bad_namespace_parts_are_named(bad):
-    args = dict(model_id="m", kv_dtype="float32", block_size=4) | bad
+    args = dict(model_id="m", kv_dtype="float32", block_size=4, precision="fp32") | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
         namespace(**args)
 
 
 def test_another_process_computes_the_same_keys():
     code = ("from cloudmatrix.kv.hashing import namespace, prefix_keys;"
-            "print(','.join(k.hex() for k in prefix_keys(list(range(50)), 4, namespace('cmx-tiny','float32',4)).all))")
+            "print(','.join(k.hex() for k in prefix_keys(list(range(50)), 4, namespace('cmx-tiny','float32',4,'fp32')).all))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                            env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
     assert other == ",".join(k.hex() for k in prefix_keys(list(range(50)), 4, NS).all)

@@ -22,7 +22,7 @@ from tests.services import running_services
 from tests.test_kvcache_client import free_port
 
 pytestmark = pytest.mark.timeout(240)
-NS = namespace("cmx-tiny", "float32", 4)
+NS = namespace("cmx-tiny", "float32", 4, "fp32")
 FAST = {"deadline_s": 2.0, "retries": 1, "down_after": 1, "probe_interval_s": 0.2}
 
 
@@ -109,7 +109,7 @@ from cloudmatrix.kv.hashing import namespace, prefix_keys
 from cloudmatrix.kvcache import Block, KvPoolClient
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 async def main():
-    keys = prefix_keys({tokens[:24]}, 4, namespace("cmx-tiny", "float32", 4)).full
+    keys = prefix_keys({tokens[:24]}, 4, namespace("cmx-tiny", "float32", 4, "fp32")).full
     data = encode_tensor(torch.ones(4, 4, 80)).SerializeToString()
     async with KvPoolClient({addresses!r}) as client:
         results = await client.put_blocks([Block(k, "{NS}", "full", 4, data) for k in keys])

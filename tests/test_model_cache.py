@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.sequences import SequenceTable, StepInput
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model_cache import SHARED, blob_name
 from cloudmatrix.rpc.tensor_codec import decode_tensor
@@ -24,9 +25,9 @@ def test_second_load_comes_from_the_pool_with_identical_logits(tmp_path, tiny_ch
         async def load_and_step():
             driver = InstanceDriver([records["die"].address])
             try:
-                replies = await driver.load(str(tiny_checkpoint), "fp32", model_cache=shards, cache_prefix="models/tiny")
-                out = await driver.step([StepInput("s", [0, 5, 6, 7, 8])], return_logits=True)
-                return replies[0].from_model_cache, decode_tensor(out["s"].logits)
+                blocks = await driver.load(str(tiny_checkpoint), "fp32", model_cache=shards, cache_prefix="models/tiny")
+                out = await SequenceTable(driver, blocks).step([StepInput("s", [0, 5, 6, 7, 8])], return_logits=True)
+                return driver.loaded[0].from_model_cache, decode_tensor(out["s"].logits)
             finally:
                 await driver.close()
 

@@ -1,12 +1,7 @@
 """python -m services.decode: a decode instance, continuous batching over its dies."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from cloudmatrix.instance.batcher import StepBatcher
-from cloudmatrix.instance.driver import InstanceDriver
-from cloudmatrix.instance.metrics import register_scheduler_metrics
-from cloudmatrix.kv.hashing import namespace
+from cloudmatrix.instance.build import build_loop, kv_namespace, model_id_of, start_loop
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.model.config import load_config
 from cloudmatrix.service_main import ServiceParts, run_service
@@ -20,28 +15,19 @@ SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 async def build(config: DecodeConfig) -> ServiceParts:
     cfg = load_config(config.checkpoint)
-    model_id = config.model_id or Path(config.checkpoint).resolve().name
-    driver = InstanceDriver(list(config.dies), config.fabric, group=config.instance_id, timeout_s=config.rpc_timeout_s)
-    batcher = StepBatcher(driver, max_step_tokens=config.max_running, microbatches=config.microbatches)
+    loop = build_loop(config, config.instance_id, config.microbatches)
     pool = KvPoolClient(list(config.kvcache), replication=min(config.replication, len(config.kvcache)))
-    core = DecodeCore(driver, batcher, pool, cfg.eos_token_id, cfg.max_position_embeddings, config.max_running,
-                      config.max_waiting)
+    core = DecodeCore(loop, pool, cfg.eos_token_id, cfg.vocab_size, cfg.max_position_embeddings, config.chunk_tokens)
 
     async def on_ready(host) -> None:
-        loaded = await driver.load(str(Path(config.checkpoint).resolve()), config.precision,
-                                   block_size=config.block_size)
-        total = sum(r.kv_blocks_total for r in loaded)
-        batcher.on_step = register_scheduler_metrics(config.instance_id, lambda: {
-            "num_requests_running": core.running, "num_requests_waiting": core.waiting,
-            "kv_cache_usage_ratio": sum(len(s.blocks) for s in driver.sequences.values()) / max(total, 1)})
-        batcher.start()
+        await start_loop(loop, host, config.instance_id)
 
     async def on_stop() -> None:
-        await batcher.stop()
+        await loop.stop()
         await pool.close()
-        await driver.close()
+        await loop.driver.close()
 
-    servicer = DecodeServicer(core, config.instance_id, model_id, namespace(model_id, "float32", config.block_size))
+    servicer = DecodeServicer(core, config.instance_id, model_id_of(config), kv_namespace(config))
     return ServiceParts([(decode_pb2_grpc.add_DecodeServicer_to_server, servicer, SERVICE_NAME)], on_ready, on_stop)
 
 

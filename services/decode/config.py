@@ -10,12 +10,10 @@ from cloudmatrix.instance.settings import InstanceSettings
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig(InstanceSettings):
     """The instance settings (kvcache required: every prompt's KV comes from the pool) plus
-    decode's batching."""
+    decode's pipelining."""
 
     server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="decode"))
     instance_id: str = "decode-0"
-    max_running: int = 64                # requests in the running batch; more wait in a queue
-    max_waiting: int = 256               # beyond this, RESOURCE_EXHAUSTED
     microbatches: int = 1                # 2 = two-microbatch pipelining of each decode step
 
     def __post_init__(self) -> None:
@@ -24,5 +22,3 @@ class DecodeConfig(InstanceSettings):
             raise ValueError("kvcache: decode reads every prompt's KV from the pool; list its shards")
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
-        if self.max_running < 1 or self.max_waiting < 0:
-            raise ValueError("max_running must be >= 1 and max_waiting >= 0")

@@ -1,21 +1,22 @@
-"""Decode, free of gRPC: admit a request with its KV handle, pull its blocks from the pool into a
-die, and step it with every other running request (continuous batching through the StepBatcher),
-yielding tokens until EOS, max_tokens, a stop token or the context limit. Leaving early (cancel,
-client gone) frees the request's blocks at once.
+"""Decode, free of gRPC: take a request with its KV handle, pull the prompt's blocks from the
+pool (then release the prefill's lease on them), and hand the request to the instance's scheduler,
+which admits it when its blocks fit, steps it with every other running request (continuous
+batching), preempts it when the dies run out of blocks, and ends it at EOS, max_tokens, a stop
+token or the context limit. Cancels and disconnects end it between steps.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
-from cloudmatrix.instance.batcher import StepBatcher
-from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.instance.loop import StepLoop
+from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.kvcache import Lease
 from cloudmatrix.model.sampling import SamplingParams
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cmx.common.v1 import common_pb2
 
@@ -25,12 +26,17 @@ _TRACER = trace.get_tracer(__name__)
 @dataclasses.dataclass(frozen=True)
 class DecodeRequest:
     request_id: str
-    prompt_len: int
+    prompt_token_ids: list[int]
     first_token: int
     block_keys: list[bytes]
     sampling: SamplingParams
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    lease: Lease | None = None      # the prefill's lease on the blocks; released once they are read
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,81 +50,74 @@ class DecodeEvent:
 
 
 class DecodeCore:
-    def __init__(self, driver: InstanceDriver, batcher: StepBatcher, pool, eos: int, context_limit: int,
-                 max_running: int, max_waiting: int) -> None:
-        self.driver, self.batcher, self.pool = driver, batcher, pool
-        self.eos, self.context_limit = eos, context_limit
-        self.slots = asyncio.Semaphore(max_running)
-        self.max_waiting = max_waiting
-        self.running = self.waiting = 0
-        self.cancelled: dict[str, asyncio.Event] = {}
+    def __init__(self, loop: StepLoop, pool, eos: int, vocab_size: int, context_limit: int,
+                 chunk_tokens: int = 256) -> None:
+        self.loop, self.pool = loop, pool
+        self.eos, self.vocab_size, self.context_limit, self.chunk_tokens = eos, vocab_size, context_limit, chunk_tokens
 
     def cancel(self, request_id: str) -> bool:
-        """Ask a running request to stop after its current step; False if it is unknown."""
-        event = self.cancelled.get(request_id)
-        if event is None:
-            return False
-        event.set()
-        return True
+        """End a request before the next step (finish reason CANCELLED); False if it is unknown."""
+        return self.loop.abort(request_id, "cancelled")
+
+    def _stop_rule(self, req: DecodeRequest) -> StopRule:
+        return StopRule(req.sampling.max_tokens, self.eos, req.stop_token_ids, req.ignore_eos, self.context_limit)
+
+    def validate(self, req: DecodeRequest) -> None:
+        """Bad input fails this request alone, here, before anything reaches a die."""
+        if not req.prompt_token_ids:
+            raise ValueError("prompt_token_ids: the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in (*req.prompt_token_ids, req.first_token)):
+            raise ValueError(f"prompt_token_ids: ids (and first_token) must be in [0, {self.vocab_size})")
+        if req.prompt_len >= self.context_limit:
+            raise ValueError(f"prompt_token_ids: {req.prompt_len} tokens leave no room in the context of "
+                             f"{self.context_limit}")
 
     async def decode(self, req: DecodeRequest) -> AsyncIterator[DecodeEvent]:
-        if self.waiting >= self.max_waiting and self.slots.locked():
-            raise ResourceExhausted(f"decode queue full ({self.waiting} waiting)")
-        queued = time.perf_counter()
-        self.waiting += 1
-        try:
-            await self.slots.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        self.cancelled[req.request_id] = asyncio.Event()
-        try:
-            measured = {"queue": time.perf_counter() - queued}
+        self.validate(req)
+        rule = self._stop_rule(req)
+        reason = rule.reason(req.first_token, 1, req.prompt_len + 1)
+        if reason is not None:  # finished on the prefill's token: nothing to step
+            await self._release_lease(req)
+            yield DecodeEvent([], reason, {}, {})
+            return
+        self.loop.check_admission()  # refuse before any pool traffic
+        with _TRACER.start_as_current_span("decode.kv_load", attributes={
+                "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
             start = time.perf_counter()
-            with _TRACER.start_as_current_span("decode.kv_load", attributes={
-                    "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
-                await self._load(req)
-            measured["kv_load"] = time.perf_counter() - start
-            async for event in self._steps(req, measured):
-                yield event
-        finally:
-            self.cancelled.pop(req.request_id, None)
-            self.running -= 1
-            self.slots.release()
-            if req.request_id in self.driver.sequences:
-                await asyncio.shield(self.driver.release(req.request_id))
+            prefix = await self._fetch(req)
+            measured = {"kv_load": time.perf_counter() - start}
+        # Read: the pool may evict the blocks now. A failed read keeps the lease (until its ttl)
+        # for a retry on another decode instance.
+        await self._release_lease(req)
+        request = Request(req.request_id, [*req.prompt_token_ids, req.first_token], req.sampling, rule,
+                          prefix_kv=prefix, chunk_tokens=self.chunk_tokens, new_tokens=1)
+        async for event in self._run(request, measured):
+            yield event
 
-    async def _load(self, req: DecodeRequest) -> None:
+    async def _run(self, request: Request, measured: dict[str, float]) -> AsyncIterator[DecodeEvent]:
+        self.loop.submit(request)
+        try:
+            async for event in self.loop.events(request):
+                step = {**measured, "step": event.step_measured_s, "queue": event.queued_s}
+                tokens = [event.token_id] if event.token_id is not None else []
+                modeled = {"step": event.step_modeled_s} if tokens else {}
+                yield DecodeEvent(tokens, event.finish_reason, step, modeled)
+                measured = {}
+        finally:
+            if not request.finished:  # the client left: end it before the next step
+                self.loop.abort(request.request_id, "disconnected")
+
+    async def _fetch(self, req: DecodeRequest) -> list:
         fetched = await self.pool.get_blocks(req.block_keys)
         missing = [k.hex() for k in req.block_keys if fetched.get(k) is None]
         if missing:
             raise PeerUnavailable(f"kvcache: {len(missing)} of the prompt's blocks are gone, e.g. {missing[0]}")
         blocks = [decode_tensor(common_pb2.Tensor.FromString(fetched[k].data), "kv") for k in req.block_keys]
-        await self.driver.adopt(req.request_id, blocks)
-        if self.driver.sequences[req.request_id].cached != req.prompt_len:
-            raise ValueError(f"kv: the blocks hold {self.driver.sequences[req.request_id].cached} tokens, "
-                             f"the prompt has {req.prompt_len}")
+        held = sum(kv.shape[1] for kv in blocks)
+        if held != req.prompt_len:
+            raise ValueError(f"kv: the blocks hold {held} tokens, the prompt has {req.prompt_len}")
+        return blocks
 
-    def _finish(self, token: int, produced: int, position: int, req: DecodeRequest) -> str | None:
-        if token == self.eos and not req.ignore_eos or token in req.stop_token_ids:
-            return "stop"
-        if produced >= req.sampling.max_tokens or position >= self.context_limit:
-            return "length"
-        return None
-
-    async def _steps(self, req: DecodeRequest, measured: dict[str, float]) -> AsyncIterator[DecodeEvent]:
-        token, produced = req.first_token, 1  # prefill sampled the first token
-        reason = self._finish(token, produced, req.prompt_len + 1, req)
-        while reason is None:
-            if self.cancelled[req.request_id].is_set():
-                yield DecodeEvent([], "cancelled", measured, {})
-                return
-            outcome = await self.batcher.submit(StepInput(req.request_id, [token], req.sampling))
-            token, produced = outcome.output.token_id, produced + 1
-            reason = self._finish(token, produced, req.prompt_len + produced, req)
-            step_measured = {**measured, "step": outcome.step_measured_s, "queue": measured.get("queue", 0.0)
-                             + outcome.queued_s}
-            yield DecodeEvent([token], reason, step_measured, {"step": outcome.step_modeled_s})
-            measured = {}
-        if produced == 1:  # finished on the first token: say so without stepping
-            yield DecodeEvent([], reason, measured, {})
+    async def _release_lease(self, req: DecodeRequest) -> None:
+        if req.lease is not None and req.lease.lease_ids:
+            await self.pool.release(req.lease)

@@ -1,6 +1,8 @@
 """gRPC servicer of a decode instance."""
 from __future__ import annotations
 
+from cloudmatrix.instance.build import instance_load
+from cloudmatrix.kvcache import Lease
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
@@ -26,8 +28,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         if r.kv.num_tokens != len(r.prompt_token_ids) or not r.kv.block_keys:
             raise ValueError(f"kv: {r.kv.num_tokens} tokens in {len(r.kv.block_keys)} blocks does not match "
                              f"the {len(r.prompt_token_ids)}-token prompt")
-        return DecodeRequest(r.request_id, len(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
-                             sampling_params(r.sampling), frozenset(r.sampling.stop_token_ids), r.sampling.ignore_eos)
+        lease = Lease(dict(r.kv.lease_ids), (), 0.0) if r.kv.lease_ids else None
+        return DecodeRequest(r.request_id, list(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
+                             sampling_params(r.sampling), frozenset(r.sampling.stop_token_ids), r.sampling.ignore_eos,
+                             lease)
 
     @map_errors
     async def Decode(self, request, context):
@@ -36,7 +40,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 token_ids=event.token_ids, finished=event.finish_reason is not None,
                 finish_reason=FINISH.get(event.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED),
                 timing=timing_proto(event.measured, event.modeled, measured_s=sum(event.measured.values()),
-                                   modeled_s=sum(event.modeled.values())))
+                                    modeled_s=sum(event.modeled.values())))
 
     @map_errors
     async def Cancel(self, request, context):
@@ -44,9 +48,4 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     @map_errors
     async def GetLoad(self, request, context):
-        measured, modeled = self.core.batcher.recent
-        used = sum(len(s.blocks) for s in self.core.driver.sequences.values())
-        return decode_pb2.GetLoadReply(load=common_pb2.InstanceLoad(
-            instance_id=self.instance_id, running_requests=self.core.running,
-            waiting_requests=self.core.waiting, kv_blocks_used=used,
-            recent_step_measured_s=measured, recent_step_modeled_s=modeled))
+        return decode_pb2.GetLoadReply(load=instance_load(self.core.loop, self.instance_id))

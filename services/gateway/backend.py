@@ -1,11 +1,14 @@
 """The gateway's outbound calls to prefill and decode instances: one channel per instance, every
 call with a deadline, protos converted to the core's dataclasses, and failed calls turned into
 the house exceptions (UNAVAILABLE -> PeerUnavailable, DEADLINE_EXCEEDED -> TimeoutError,
-RESOURCE_EXHAUSTED -> ResourceExhausted, INVALID_ARGUMENT -> ValueError)."""
+RESOURCE_EXHAUSTED -> ResourceExhausted, INVALID_ARGUMENT -> ValueError, anything else ->
+InstanceFailed). Their messages carry the instance's own words, never an address or a gRPC class
+name; the address goes to the log."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,16 +20,24 @@ from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from services.gateway.schema import DecodeStep, PrefillOutcome, Prepared, Sampling
 
+log = logging.getLogger(__name__)
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
                 common_pb2.FINISH_REASON_CANCELLED: "cancelled"}
 _RAISED = {grpc.StatusCode.UNAVAILABLE: PeerUnavailable, grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
            grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted, grpc.StatusCode.INVALID_ARGUMENT: ValueError}
 
 
+class InstanceFailed(RuntimeError):
+    """An instance answered a call with an unexpected status (an internal error there)."""
+
+
 def converted(err: grpc.aio.AioRpcError, address: str) -> Exception:
-    """The house exception for a failed call to ``address`` (the error itself when none fits)."""
-    kind = _RAISED.get(err.code())
-    return kind(f"{address}: {err.details() or err.code().name}") if kind else err
+    """The house exception for a failed call to ``address``."""
+    log.warning("instance call failed", extra={"address": address, "code": err.code().name,
+                                               "details": err.details()})
+    kind = _RAISED.get(err.code(), InstanceFailed)
+    return kind(err.details() or err.code().name) if kind is not InstanceFailed else \
+        InstanceFailed(f"an instance failed ({err.code().name}): {err.details() or 'no details'}")
 
 
 def sampling_proto(s: Sampling) -> common_pb2.SamplingParams:

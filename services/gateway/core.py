@@ -133,15 +133,30 @@ class GatewayCore:
 
     async def _prefill(self, run: _Run) -> PrefillOutcome:
         p = run.prepared
-        address = await self.prefill.pick()
-        with self.prefill.using(address):
-            started = time.perf_counter()
-            first = await self.backend.prefill(address, p, run.remaining())
+        tried: set[str] = set()
+        while True:  # an unavailable instance is left out and the prefill runs on another, if any
+            address = await self.prefill.pick(frozenset(tried))
+            try:
+                with self.prefill.using(address):
+                    started = time.perf_counter()
+                    first = await self.backend.prefill(address, p, run.remaining())
+                break
+            except PeerUnavailable:
+                tried.add(address)
+                if not await self._other_instance(self.prefill, address, tried):
+                    raise
         run.last_token_at = time.perf_counter()
         run.measured["prefill"], run.modeled["prefill"] = run.last_token_at - started, first.modeled_s
         run.cached_tokens = first.cached_tokens
         metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first, len(p.token_ids))
         return first
+
+    @staticmethod
+    async def _other_instance(picker: InstancePicker, failed: str, tried: set[str]) -> bool:
+        """After ``failed`` answered UNAVAILABLE: is another untried instance reachable?"""
+        picker.mark_down(failed)
+        log.warning("instance unavailable; trying another", extra={"kind": picker.kind, "address": failed})
+        return any(a not in tried for a in await picker.reachable())
 
     def _first_token_reason(self, run: _Run, token: int) -> str | None:
         """Finished on the prefill's token: no decode call at all."""
@@ -152,9 +167,26 @@ class GatewayCore:
 
     async def _decode(self, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
         """Stream the decode to its end: after its finished chunk, or after the chunk that answers our
-        Cancel at a stop string. Leaving early (the client left, an error) drops the call instead."""
-        address = await self.decode.pick()
-        started, run.modeled["decode"] = time.perf_counter(), 0.0
+        Cancel at a stop string. Leaving early (the client left, an error) drops the call instead.
+        A decode instance that is unavailable before it sent anything is left out and another one
+        (if any) decodes: the KV is in the pool, any instance can adopt it."""
+        started, run.modeled["decode"], tried = time.perf_counter(), 0.0, set()
+        while True:
+            address = await self.decode.pick(frozenset(tried))
+            progress = run.completion_tokens
+            try:
+                async for delta in self._decode_on(address, run, first):
+                    yield delta
+                break
+            except PeerUnavailable:
+                tried.add(address)
+                if run.completion_tokens != progress or not await self._other_instance(self.decode, address, tried):
+                    raise
+        run.measured["decode"] = time.perf_counter() - started
+        if run.reason is None:
+            raise PeerUnavailable("the decode stream ended before the request finished")
+
+    async def _decode_on(self, address: str, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
         with self.decode.using(address):
             stream = self.backend.decode(address, run.prepared, first, run.remaining())
             try:
@@ -170,9 +202,6 @@ class GatewayCore:
                         run.reason = step.finish_reason
             finally:
                 await stream.close()  # a no-op once the stream ended; else the decode frees the blocks
-        run.measured["decode"] = time.perf_counter() - started
-        if run.reason is None:
-            raise PeerUnavailable(f"{address}: the decode stream ended before the request finished")
 
     async def _cancel(self, address: str, request_id: str) -> bool:
         """Ask the decode to stop at a stop string; False when the Cancel failed (the caller then

@@ -71,7 +71,12 @@ class OpenAIHttp:
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """200 while at least one prefill and one decode instance answer; 503 otherwise, so a
+        load balancer stops sending requests here."""
+        prefill, decode = await self.core.prefill.reachable(), await self.core.decode.reachable()
+        ok = bool(prefill and decode)
+        return web.json_response({"status": "ok" if ok else "unavailable", "prefill_instances": len(prefill),
+                                  "decode_instances": len(decode)}, status=200 if ok else 503)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)

@@ -40,13 +40,23 @@ class InstancePicker:
             return None
         return max(0, remote + self.in_flight[address] - self._at_snapshot.get(address, 0))
 
-    async def pick(self) -> str:
-        """The least-loaded reachable instance (ties: the first listed)."""
+    async def pick(self, exclude: frozenset[str] = frozenset()) -> str:
+        """The least-loaded reachable instance not in ``exclude`` (ties: the first listed)."""
         await self._refresh()
-        loads = [(load, i) for i, a in enumerate(self.addresses) if (load := self.load(a)) is not None]
+        loads = [(load, i) for i, a in enumerate(self.addresses)
+                 if a not in exclude and (load := self.load(a)) is not None]
         if not loads:
-            raise PeerUnavailable(f"{self.kind}: no instance answered GetLoad ({', '.join(self.addresses)})")
+            raise PeerUnavailable(f"no {self.kind} instance is available")
         return self.addresses[min(loads)[1]]
+
+    async def reachable(self) -> list[str]:
+        """The instances whose last GetLoad answered (refreshed when stale)."""
+        await self._refresh()
+        return [a for a in self.addresses if self.load(a) is not None]
+
+    def mark_down(self, address: str) -> None:
+        """A call to ``address`` failed with UNAVAILABLE: leave it out until the next refresh."""
+        self._snapshot[address] = None
 
     @contextlib.contextmanager
     def using(self, address: str) -> Iterator[None]:

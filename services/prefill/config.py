@@ -9,14 +9,13 @@ from cloudmatrix.instance.settings import InstanceSettings
 
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig(InstanceSettings):
-    """The instance settings (kvcache () = no context caching) plus prefill's batching."""
+    """The instance settings (kvcache () = no context caching) plus the handoff lease."""
 
     server: ServerConfig = dataclasses.field(default_factory=lambda: ServerConfig(service_name="prefill"))
     instance_id: str = "prefill-0"
-    chunk_tokens: int = 256              # chunked prefill: a request's tokens per step
-    max_step_tokens: int = 1024          # tokens of all requests packed into one step
+    kv_lease_ttl_s: float = 60.0         # the prompt's pool blocks stay pinned this long for the decode
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.chunk_tokens, self.max_step_tokens) < 1:
-            raise ValueError("chunk_tokens and max_step_tokens must be >= 1")
+        if self.kv_lease_ttl_s <= 0:
+            raise ValueError(f"kv_lease_ttl_s: must be > 0, got {self.kv_lease_ttl_s}")

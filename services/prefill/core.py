@@ -1,5 +1,6 @@
-"""Prefill, free of gRPC: context-cache lookup, cache load into the dies, chunked prefill packed
-with other requests' chunks, KV write-back to the pool, first token.
+"""Prefill, free of gRPC: context-cache lookup, the prompt submitted to the instance's scheduler
+(cached prefix written to the die, the rest computed in chunks packed with other requests'), the
+new KV read back and written to the pool, the prompt's blocks leased for the decode, first token.
 
 Timing phases (measured wall seconds here; modeled CloudMatrix384 seconds for compute):
 queue, cache_lookup, cache_load, compute, kv_write.
@@ -11,10 +12,10 @@ import time
 
 from opentelemetry import trace
 
-from cloudmatrix.instance.batcher import StepBatcher
-from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.instance.loop import StepLoop
+from cloudmatrix.instance.request import Request, StopRule
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
-from cloudmatrix.kvcache import Block
+from cloudmatrix.kvcache import Block, Lease
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
@@ -31,55 +32,58 @@ class PrefillResult:
     computed_tokens: int
     measured: dict[str, float]
     modeled: dict[str, float]
+    lease: Lease | None = None    # pins the prompt's blocks in the pool until the decode adopts them
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillSettings:
+    namespace: str
+    block_size: int
+    chunk_tokens: int
+    vocab_size: int
+    context_limit: int
+    lease_ttl_s: float = 60.0
 
 
 class PrefillCore:
-    def __init__(self, driver: InstanceDriver, batcher: StepBatcher, pool, namespace: str, block_size: int,
-                 chunk_tokens: int, vocab_size: int, context_limit: int) -> None:
-        self.driver, self.batcher, self.pool = driver, batcher, pool
-        self.namespace, self.block_size, self.chunk_tokens = namespace, block_size, chunk_tokens
-        self.vocab_size, self.context_limit = vocab_size, context_limit
-        self.running = 0
+    def __init__(self, loop: StepLoop, pool, settings: PrefillSettings) -> None:
+        self.loop, self.pool, self.settings = loop, pool, settings
+        self.namespace, self.block_size = settings.namespace, settings.block_size
         self.cache_queries = self.cache_hits = 0  # prompt tokens looked up / loaded from the pool
 
     def validate(self, token_ids: list[int]) -> None:
+        s = self.settings
         if not token_ids:
             raise ValueError("token_ids: the prompt is empty")
-        if len(token_ids) >= self.context_limit:
-            raise ValueError(f"token_ids: {len(token_ids)} tokens leave no room in the context of {self.context_limit}")
-        if any(not 0 <= t < self.vocab_size for t in token_ids):
-            raise ValueError(f"token_ids: ids must be in [0, {self.vocab_size})")
+        if len(token_ids) >= s.context_limit:
+            raise ValueError(f"token_ids: {len(token_ids)} tokens leave no room in the context of {s.context_limit}")
+        if any(not 0 <= t < s.vocab_size for t in token_ids):
+            raise ValueError(f"token_ids: ids must be in [0, {s.vocab_size})")
 
     async def prefill(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
                       use_cache: bool) -> PrefillResult:
         self.validate(token_ids)
-        self.running += 1
+        self.loop.check_admission()  # refuse before any pool traffic
         measured, modeled = {}, {"compute": 0.0}
-        try:
-            keys = prefix_keys(token_ids, self.block_size, self.namespace)
-            ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
-            with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
-                cached_blocks = await self._load_cached(request_id, keys, len(token_ids), use_cache, measured)
-                span.set_attribute("cached_tokens", cached_blocks * self.block_size)
-            with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
-                first = await self._compute(request_id, token_ids, cached_blocks * self.block_size, sampling,
-                                            measured, modeled)
-            with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
-                await self._write_back(request_id, keys, cached_blocks, measured)
-        finally:
-            self.running -= 1
-            if request_id in self.driver.sequences:
-                await self.driver.release(request_id)
-        cached = cached_blocks * self.block_size
+        keys = prefix_keys(token_ids, self.block_size, self.namespace)
+        ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
+        with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
+            cached = await self._fetch_cached(keys, len(token_ids), use_cache, measured)
+            span.set_attribute("cached_tokens", len(cached) * self.block_size)
+        with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
+            first, kv = await self._compute(request_id, token_ids, sampling, cached, measured, modeled)
+        with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
+            lease = await self._write_back(keys, len(cached), kv, measured)
+        cached_tokens = len(cached) * self.block_size
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
-            self.cache_hits += cached
+            self.cache_hits += cached_tokens
         modeled["total"] = modeled["compute"]
-        return PrefillResult(first, keys, cached, len(token_ids) - cached, measured, modeled)
+        return PrefillResult(first, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled, lease)
 
-    async def _load_cached(self, request_id, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> int:
-        """Longest cached prefix, loaded into the sequence's die; at least one token is left to
-        compute (its logits give the first token)."""
+    async def _fetch_cached(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> list:
+        """KV of the longest cached prefix ([layers, block, C+R] per block); at least one token is
+        left to compute (its logits give the first token)."""
         start = time.perf_counter()
         limit = min(len(keys.full), (num_tokens - 1) // self.block_size)
         hit = await self.pool.lookup(list(keys.full[:limit])) if self.pool and use_cache and limit else 0
@@ -92,31 +96,38 @@ class PrefillCore:
                 if fetched.get(key) is None:
                     break
                 blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
-            await self.driver.adopt(request_id, blocks)
         measured["cache_load"] = time.perf_counter() - start
-        return len(blocks)
+        return blocks
 
-    async def _compute(self, request_id, token_ids, cached: int, sampling, measured, modeled) -> int:
-        start, queued, outcome = time.perf_counter(), 0.0, None
-        for begin in range(cached, len(token_ids), self.chunk_tokens):
-            chunk = token_ids[begin:begin + self.chunk_tokens]
-            last = begin + len(chunk) == len(token_ids)
-            outcome = await self.batcher.submit(StepInput(request_id, chunk, sampling, skip_sampling=not last))
-            queued += outcome.queued_s
-            modeled["compute"] += outcome.step_modeled_s
+    async def _compute(self, request_id, token_ids, sampling, cached: list, measured, modeled):
+        """The prompt through the scheduler: the cached prefix is written to the die on admission,
+        the rest computed in chunks; returns the first token and the new blocks' KV."""
+        start, queued = time.perf_counter(), 0.0
+        request = Request(request_id, list(token_ids), sampling, StopRule(max_new_tokens=1), prefix_kv=cached,
+                          chunk_tokens=self.settings.chunk_tokens,
+                          export_from_block=len(cached) if self.pool else None)
+        self.loop.submit(request)
+        try:
+            async for event in self.loop.events(request):
+                queued += event.queued_s
+                modeled["compute"] += event.step_modeled_s
+        finally:
+            if not request.finished:  # the caller left (cancelled, deadline): end it between steps
+                self.loop.abort(request_id, "cancelled")
         measured["queue"], measured["compute"] = queued, time.perf_counter() - start - queued
-        return outcome.output.token_id
+        return event.token_id, event.kv or []
 
-    async def _write_back(self, request_id, keys: PrefixKeys, cached_blocks: int, measured) -> None:
-        """Store the newly computed blocks (full ones and the tail) the pool does not hold yet.
+    async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured) -> Lease | None:
+        """Store the newly computed blocks (full ones and the tail) the pool does not hold yet, then
+        lease every block of the prompt so that none is evicted before the decode has read it.
 
         A block's KV computed along another path (another chunking, another batch) differs in its
         last bits, so a key already stored - or stored meanwhile by a concurrent prefill of the same
         prefix, which the shard answers with CONFLICT - keeps its first version: both are the KV of
         that prefix."""
         start = time.perf_counter()
+        lease = None
         if self.pool:
-            kvs = await self.driver.export(request_id, cached_blocks)
             new_keys = list(keys.all[cached_blocks:])
             present = await self.pool.presence(new_keys)
             blocks = [Block(k, self.namespace, "tail" if k == keys.tail else "full", kv.shape[1],
@@ -127,7 +138,9 @@ class PrefillCore:
             if failed:
                 raise PeerUnavailable(f"kvcache: {len(failed)} of {len(blocks)} blocks were not acknowledged "
                                       f"({next(iter(failed[0].errors.values()), 'no replica')})")
+            lease = await self.pool.lease(list(keys.all), self.settings.lease_ttl_s)
         measured["kv_write"] = time.perf_counter() - start
+        return lease
 
 
 def _only_conflicts(result) -> bool:

@@ -1,6 +1,7 @@
 """gRPC servicer of a prefill instance: protos in, the core, protos out."""
 from __future__ import annotations
 
+from cloudmatrix.instance.build import instance_load
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
@@ -29,13 +30,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return prefill_pb2.PrefillReply(
             request_id=request.request_id, first_token=result.first_token,
             kv=common_pb2.KvHandle(namespace=self.core.namespace, block_keys=list(keys.all),
-                                   num_tokens=keys.num_tokens, block_size=keys.block_size),
+                                   num_tokens=keys.num_tokens, block_size=keys.block_size,
+                                   lease_ids=result.lease.lease_ids if result.lease else {}),
             cached_tokens=result.cached_tokens, computed_tokens=result.computed_tokens, timing=timing)
 
     @map_errors
     async def GetLoad(self, request, context):
-        measured, modeled = self.core.batcher.recent
-        return prefill_pb2.GetLoadReply(load=common_pb2.InstanceLoad(
-            instance_id=self.instance_id, running_requests=self.core.running,
-            waiting_tokens=self.core.batcher.waiting_tokens, recent_step_measured_s=measured,
-            recent_step_modeled_s=modeled))
+        return prefill_pb2.GetLoadReply(load=instance_load(self.core.loop, self.instance_id))

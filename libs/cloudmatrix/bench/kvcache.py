@@ -77,7 +77,7 @@ async def _raw_mbps(address: str, count: int, size: int) -> tuple[float, float]:
 
 
 def _blocks(count: int, size: int, model: str = "bench") -> list[Block]:
-    ns = namespace(model, "float32", 16)
+    ns = namespace(model, "float32", 16, "fp32")
     keys = prefix_keys(list(range(16 * count)), 16, ns).full
     tensor = encode_tensor(torch.randn(size // 4 - 8)).SerializeToString()
     return [Block(k, ns, "full", 16, tensor) for k in keys]

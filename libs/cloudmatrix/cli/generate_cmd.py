@@ -12,6 +12,7 @@ import torch
 
 from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.instance.generate import StepTimes, generate_on_instance
+from cloudmatrix.instance.sequences import SequenceTable
 from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.launcher.waves import entry_of
 from cloudmatrix.model.generate import generate
@@ -86,9 +87,9 @@ async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder
     driver = InstanceDriver(dies, fabric[0] if fabric else "", group=f"cli-{os.getpid()}")
     times = StepTimes()
     try:
-        loaded = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None)
-        count = 0
-        async for token in generate_on_instance(driver, prompt_ids, params, eos, times):
+        blocks = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None)
+        loaded, count = driver.loaded, 0
+        async for token in generate_on_instance(SequenceTable(driver, blocks), prompt_ids, params, eos, times):
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
             count += 1

@@ -1,16 +1,20 @@
-"""An instance = N dies sharing their experts over the fabric. The driver owns the dies' clients,
-places each sequence on one die (attention is data-parallel: a sequence's KV lives on its die),
-keeps every sequence's block table, and steps a batch by calling Forward on every die at once
-(dies with nothing to do still take part in the MoE rounds)."""
+"""An instance = N dies sharing their experts over the fabric. The driver is the dies' client and
+nothing more: it loads them (claiming every KV block of each die for the instance's scheduler),
+runs one Forward per die per step with the block tables the plan carries (dies with nothing to do
+still take part in the MoE rounds), writes and reads KV blocks, and probes the dies. Which block
+holds what is the scheduler's business (scheduler.py), not the driver's.
+"""
 from __future__ import annotations
 
 import asyncio
 import collections
 import dataclasses
+import logging
 
 import grpc
 import torch
 
+from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.channel import make_channel
@@ -18,26 +22,41 @@ from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = {"fp32": common_pb2.PRECISION_FP32, "int8": common_pb2.PRECISION_INT8,
               "pasa": common_pb2.PRECISION_PASA, "int8-pasa": common_pb2.PRECISION_INT8_PASA}
 
 
-@dataclasses.dataclass
-class SequenceState:
-    die: int
-    blocks: list[int]
-    cached: int = 0
+@dataclasses.dataclass(frozen=True)
+class ForwardResult:
+    """One step of one microbatch: outputs by sequence id, and the slowest die's measured and
+    modeled seconds."""
+
+    outputs: dict[str, npu_pb2.SequenceOutput]
+    replies: list[npu_pb2.ForwardReply]
+
+    @property
+    def modeled_s(self) -> float:
+        return max((r.timing.modeled_s for r in self.replies), default=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class StepInput:
-    seq_id: str
-    token_ids: list[int]
-    sampling: SamplingParams = SamplingParams()
-    skip_sampling: bool = False
+class DieProbe:
+    die: int
+    answered: bool
+    loaded: bool                # holds the model this driver loaded (False after a restart)
+    code: str = ""              # the failed probe's status code
+
+    @property
+    def healthy(self) -> bool:
+        return self.answered and self.loaded
+
+    def describe(self) -> str:
+        return f"die {self.die} " + ("lost its model (restarted)" if self.answered else f"is down ({self.code})")
 
 
-def _sampling_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+def sampling_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     proto = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens)
     if p.seed is not None:
         proto.seed = p.seed
@@ -51,22 +70,23 @@ class InstanceDriver:
         self.timeout_s = timeout_s
         self.channels = [make_channel(a) for a in die_addresses]
         self.dies = [npu_pb2_grpc.NpuEmulatorStub(c) for c in self.channels]
-        self.sequences: dict[str, SequenceState] = {}
-        self.block_size = 0
         self.step_no = 0
-        # One step at a time: concurrent steps could reach the dies in different orders and wait
-        # on each other's rounds.
-        self._step_locks = collections.defaultdict(asyncio.Lock)  # one step per microbatch at a time
+        # One step per microbatch at a time: concurrent steps of one microbatch could reach the
+        # dies in different orders and wait on each other's rounds.
+        self._step_locks = collections.defaultdict(asyncio.Lock)
         self.replies_by_microbatch: dict[int, list[npu_pb2.ForwardReply]] = {}
+        self.model_id = ""
+        self.loaded: list[npu_pb2.LoadModelReply] = []  # the dies' answers to the last load
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.channels))
 
     async def load(self, checkpoint: str, precision: str = "fp32", placement: ExpertPlacement | None = None,
                    block_size: int = 16, pool_bytes: int = 0, dispatch_dtype: str = "",
-                   model_cache: list[str] | None = None, cache_prefix: str = "") -> list:
-        """LoadModel on every die at once (each waits for the whole fabric group); with
-        ``model_cache`` (kvcache shard addresses) the dies read their weights from the pool."""
+                   model_cache: list[str] | None = None, cache_prefix: str = "", max_blocks: int = 0) -> BlockManager:
+        """LoadModel on every die at once (each waits for the whole fabric group; with
+        ``model_cache``, kvcache shard addresses, the dies read their weights from the pool), then
+        claim each die's KV blocks (at most ``max_blocks`` per die when > 0) for the instance."""
         cache = npu_pb2.ModelCacheSource(kvcache_addresses=model_cache, blob_prefix=cache_prefix) if model_cache \
             else None
         entries = [npu_pb2.ExpertPlacement(layer=layer, expert=e, dies=list(dies))
@@ -77,86 +97,63 @@ class InstanceDriver:
             placement=entries, kv_block_size=block_size, kv_pool_bytes=pool_bytes,
             fabric_address=self.fabric_address if len(self.dies) > 1 else "", fabric_group=self.group,
             dispatch_dtype=dispatch_dtype, model_cache=cache) for i in range(len(self.dies))]
-        self.block_size = block_size
-        return await asyncio.gather(*(d.LoadModel(r, timeout=self.timeout_s) for d, r in zip(self.dies, requests)))
+        loaded = await asyncio.gather(*(d.LoadModel(r, timeout=self.timeout_s) for d, r in zip(self.dies, requests)))
+        self.model_id, self.loaded = loaded[0].model_id, loaded
+        counts = [min(r.kv_blocks_total, max_blocks) if max_blocks > 0 else r.kv_blocks_total for r in loaded]
+        claimed = await asyncio.gather(*(d.AllocateBlocks(npu_pb2.AllocateBlocksRequest(num_blocks=n),
+                                                          timeout=self.timeout_s) for d, n in zip(self.dies, counts)))
+        return BlockManager([list(c.block_ids) for c in claimed], block_size)
 
-    def _least_loaded_die(self) -> int:
-        counts = [0] * len(self.dies)
-        for s in self.sequences.values():
-            counts[s.die] += 1
-        return counts.index(min(counts))
-
-    async def _ensure_blocks(self, seq: SequenceState, tokens: int) -> None:
-        needed = -(-tokens // self.block_size) - len(seq.blocks)
-        if needed > 0:
-            reply = await self.dies[seq.die].AllocateBlocks(npu_pb2.AllocateBlocksRequest(num_blocks=needed),
-                                                             timeout=self.timeout_s)
-            seq.blocks.extend(reply.block_ids)
-
-    async def adopt(self, seq_id: str, blocks: list[torch.Tensor]) -> None:
-        """Start a sequence whose first tokens' KV is given (blocks [layers, tokens, C+R], e.g. from
-        the pool; all full but maybe the last): allocate blocks on its die and write them."""
-        seq = self.sequences.setdefault(seq_id, SequenceState(self._least_loaded_die(), []))
-        if seq.cached:
-            raise ValueError(f"sequence {seq_id!r} already has KV; adopt only starts sequences")
-        if any(kv.shape[1] != self.block_size for kv in blocks[:-1]):
-            raise ValueError("adopt: every block but the last must be full")
-        await self._ensure_blocks(seq, len(blocks) * self.block_size)
-        request = npu_pb2.WriteBlocksRequest(blocks=[
-            npu_pb2.KvBlockData(block_id=b, num_tokens=kv.shape[1], kv=encode_tensor(kv))
-            for b, kv in zip(seq.blocks, blocks)])
-        await self.dies[seq.die].WriteBlocks(request, timeout=self.timeout_s)
-        seq.cached = sum(kv.shape[1] for kv in blocks)
-
-    async def export(self, seq_id: str, first_block: int) -> list[torch.Tensor]:
-        """KV of the sequence's blocks from ``first_block`` on: [layers, tokens, C+R] each (the last
-        block may be partial)."""
-        seq = self.sequences[seq_id]
-        ids = seq.blocks[first_block:-(-seq.cached // self.block_size)]
-        counts = [min(self.block_size, seq.cached - (first_block + i) * self.block_size) for i in range(len(ids))]
-        if not ids:
-            return []
-        reply = await self.dies[seq.die].ReadBlocks(npu_pb2.ReadBlocksRequest(block_ids=ids, num_tokens=counts),
-                                                     timeout=self.timeout_s)
-        return [decode_tensor(b.kv, "kv") for b in reply.blocks]
-
-    async def step(self, inputs: list[StepInput], return_logits: bool = False,
-                   microbatch: int = 0) -> dict[str, npu_pb2.SequenceOutput]:
-        """One engine step: new tokens for some sequences (new ids start new sequences). Steps of
-        different microbatches may run at once (two-microbatch pipelining)."""
+    async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0,
+                      return_logits: bool = False) -> ForwardResult:
+        """One Forward per die for one microbatch (``per_die[i]``: die i's sequences, maybe none).
+        Steps of different microbatches may run at once (two-microbatch pipelining)."""
         async with self._step_locks[microbatch]:
-            return await self._step(inputs, return_logits, microbatch)
-
-    async def _step(self, inputs: list[StepInput], return_logits: bool,
-                    microbatch: int) -> dict[str, npu_pb2.SequenceOutput]:
-        per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.dies]
-        for item in inputs:
-            seq = self.sequences.setdefault(item.seq_id, SequenceState(self._least_loaded_die(), []))
-            await self._ensure_blocks(seq, seq.cached + len(item.token_ids))
-            per_die[seq.die].append(npu_pb2.SequenceInput(
-                seq_id=item.seq_id, token_ids=item.token_ids, start_position=seq.cached, block_table=seq.blocks,
-                sampling=_sampling_proto(item.sampling), skip_sampling=item.skip_sampling))
-        self.step_no += 1
-        replies = await self._forward_all(per_die, return_logits, self.step_no, microbatch)
-        for item in inputs:
-            self.sequences[item.seq_id].cached += len(item.token_ids)
-        return {out.seq_id: out for reply in replies for out in reply.outputs}
-
-    async def _forward_all(self, per_die, return_logits: bool, step: int, microbatch: int) -> list:
-        calls = [d.Forward(npu_pb2.ForwardRequest(step=step, microbatch=microbatch, sequences=seqs,
-                                                  return_logits=return_logits), timeout=self.timeout_s)
-                 for d, seqs in zip(self.dies, per_die)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        errors = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if errors:
-            raise StepFailed(errors)
+            self.step_no += 1
+            calls = [d.Forward(npu_pb2.ForwardRequest(step=self.step_no, microbatch=microbatch, sequences=seqs,
+                                                      return_logits=return_logits), timeout=self.timeout_s)
+                     for d, seqs in zip(self.dies, per_die)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+        _raise_for(results)
         self.replies_by_microbatch[microbatch] = results
-        return results
+        return ForwardResult({out.seq_id: out for reply in results for out in reply.outputs}, results)
 
     @property
     def last_replies(self) -> list[npu_pb2.ForwardReply]:
         """The dies' replies to the last step of microbatch 0."""
         return self.replies_by_microbatch[0]
+
+    async def write_blocks(self, writes: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
+        """Fill blocks with KV: die -> [(block id, kv [layers, n, C+R])]; one WriteBlocks per die."""
+        calls = {die: self.dies[die].WriteBlocks(npu_pb2.WriteBlocksRequest(blocks=[
+            npu_pb2.KvBlockData(block_id=b, num_tokens=kv.shape[1], kv=encode_tensor(kv)) for b, kv in blocks]),
+            timeout=self.timeout_s) for die, blocks in writes.items() if blocks}
+        _raise_for(dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True))))
+
+    async def read_blocks(self, die: int, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """KV of (block id, valid tokens) blocks on one die: [layers, n, C+R] each."""
+        if not blocks:
+            return []
+        request = npu_pb2.ReadBlocksRequest(block_ids=[b for b, _ in blocks], num_tokens=[n for _, n in blocks])
+        try:
+            reply = await self.dies[die].ReadBlocks(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise StepFailed([(die, err)]) from err
+        return [decode_tensor(b.kv, "kv") for b in reply.blocks]
+
+    async def probe(self, timeout_s: float) -> list[DieProbe]:
+        """GetDieInfo on every die: does it answer, and does it still hold this instance's model?"""
+        replies = await asyncio.gather(*(d.GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=timeout_s)
+                                         for d in self.dies), return_exceptions=True)
+        probes = []
+        for die, reply in enumerate(replies):
+            if isinstance(reply, grpc.aio.AioRpcError):
+                probes.append(DieProbe(die, False, False, reply.code().name))
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                probes.append(DieProbe(die, True, bool(self.model_id) and reply.model_id == self.model_id))
+        return probes
 
     async def expert_load(self, reset: bool = False) -> torch.Tensor:
         """Tokens per expert summed over the dies: int64 [MoE layers, routed experts] (EPLB's input)."""
@@ -164,18 +161,32 @@ class InstanceDriver:
                                                          timeout=self.timeout_s) for d in self.dies))
         return sum(decode_tensor(r.token_counts, "token_counts") for r in replies)
 
-    async def release(self, seq_id: str) -> None:
-        """Free a finished sequence's blocks on its die."""
-        seq = self.sequences.pop(seq_id)
-        if seq.blocks:
-            await self.dies[seq.die].FreeBlocks(npu_pb2.FreeBlocksRequest(block_ids=seq.blocks), timeout=self.timeout_s)
+
+def _raise_for(results) -> None:
+    """StepFailed naming every die whose call failed (results: a list by die, or a die -> result dict)."""
+    items = results.items() if isinstance(results, dict) else enumerate(results)
+    errors = [(die, r) for die, r in items if isinstance(r, BaseException)]
+    if errors:
+        raise StepFailed(errors)
 
 
 class StepFailed(RuntimeError):
-    """Forward failed on some dies: errors = [(die, exception)]."""
+    """Calls failed on some dies: errors = [(die, exception)]. ``str()`` has the full details
+    (for logs); ``summary`` names only the dies and status codes (for clients)."""
 
     def __init__(self, errors: list[tuple[int, BaseException]]) -> None:
         self.errors = errors
-        parts = [f"die {i}: {e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__}: "
-                 f"{e.details() if isinstance(e, grpc.aio.AioRpcError) else e}" for i, e in errors]
-        super().__init__("; ".join(parts))
+        super().__init__("; ".join(f"die {i}: {_code(e)}: {e.details() if isinstance(e, grpc.aio.AioRpcError) else e}"
+                                   for i, e in errors))
+
+    @property
+    def summary(self) -> str:
+        return ", ".join(f"die {i} failed ({_code(e)})" for i, e in self.errors)
+
+    @property
+    def codes(self) -> set:
+        return {e.code() for _, e in self.errors if isinstance(e, grpc.aio.AioRpcError)}
+
+
+def _code(e: BaseException) -> str:
+    return e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__

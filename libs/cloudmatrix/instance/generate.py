@@ -1,11 +1,11 @@
-"""Generation on an expert-parallel instance through the driver (before the serving services exist,
-and for studying one instance): prefill the prompt, then one token per step."""
+"""Generation on an expert-parallel instance through the driver (for studying one instance
+without the serving services): prefill the prompt, then one token per step."""
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
 
-from cloudmatrix.instance.driver import InstanceDriver, StepInput
+from cloudmatrix.instance.sequences import SequenceTable, StepInput
 from cloudmatrix.model.sampling import SamplingParams
 
 
@@ -23,17 +23,17 @@ class StepTimes:
         self.steps += 1
 
 
-async def generate_on_instance(driver: InstanceDriver, prompt: list[int], params: SamplingParams, eos: int,
+async def generate_on_instance(table: SequenceTable, prompt: list[int], params: SamplingParams, eos: int,
                                times: StepTimes, seq_id: str = "cli") -> AsyncIterator[int]:
     """Yield tokens until EOS (yielded) or max_tokens; frees the sequence's blocks at the end."""
     tokens = list(prompt)
     try:
         for _ in range(params.max_tokens):
-            out = (await driver.step([StepInput(seq_id, tokens, params)]))[seq_id]
-            times.add(driver.last_replies)
+            out = (await table.step([StepInput(seq_id, tokens, params)]))[seq_id]
+            times.add(table.driver.last_replies)
             yield out.token_id
             if out.token_id == eos:
                 return
             tokens = [out.token_id]
     finally:
-        await driver.release(seq_id)
+        table.release(seq_id)

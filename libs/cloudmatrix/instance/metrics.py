@@ -15,8 +15,9 @@ _MODELED_SECONDS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.
 
 
 class SchedulerCollector:
-    """cmx:num_requests_running / waiting, cmx:kv_cache_usage_ratio, and (prefill) the context
-    cache's cmx:prefix_cache_queries_total / hits_total, labelled by instance."""
+    """cmx:num_requests_running / waiting, cmx:kv_cache_usage_ratio, cmx:num_preemptions_total,
+    and (prefill) the context cache's cmx:prefix_cache_queries_total / hits_total, labelled by
+    instance."""
 
     def __init__(self, instance: str, read: Callable[[], dict[str, float]]) -> None:
         self.instance, self.read = instance, read
@@ -30,7 +31,8 @@ class SchedulerCollector:
             gauge.add_metric([self.instance], values.get(name, 0.0))
             yield gauge
         for name, doc in (("prefix_cache_queries", "Prompt tokens looked up in the context cache"),
-                          ("prefix_cache_hits", "Prompt tokens loaded from the context cache")):
+                          ("prefix_cache_hits", "Prompt tokens loaded from the context cache"),
+                          ("num_preemptions", "Running requests preempted for KV blocks (recomputed later)")):
             if name in values:
                 counter = CounterMetricFamily(f"cmx:{name}", doc, labels=["instance"])
                 counter.add_metric([self.instance], values[name])

@@ -1,5 +1,6 @@
 """The settings every instance service (prefill, decode) shares: which model, which dies, which
-fabric and pool. Service configs extend it; nothing below main() reads the environment."""
+fabric and pool, and how its scheduler batches. Service configs extend it; nothing below main()
+reads the environment."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,14 @@ class InstanceSettings:
     kvcache: tuple[str, ...] = ()        # kvcache shard addresses
     replication: int = 2                 # pool replicas per block (capped at the shard count)
     block_size: int = 16                 # tokens per KV block (die pool and pool keys)
-    rpc_timeout_s: float = 120.0
+    kv_blocks_per_die: int = 0           # KV blocks the scheduler uses on each die; 0 = the die's whole pool
+    max_running: int = 64                # requests holding KV blocks and stepping; more wait
+    max_waiting: int = 256               # beyond this, RESOURCE_EXHAUSTED
+    chunk_tokens: int = 256              # a request's tokens per step (chunked prefill, recompute)
+    max_step_tokens: int = 1024          # tokens of all requests packed into one step
+    rpc_timeout_s: float = 120.0         # deadline of every call to a die
+    probe_interval_s: float = 1.0        # die health probes (and recovery retries)
+    probe_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -30,3 +38,7 @@ class InstanceSettings:
             raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if min(self.block_size, self.replication) < 1 or self.rpc_timeout_s <= 0:
             raise ValueError("block_size and replication must be >= 1, rpc_timeout_s > 0")
+        if min(self.max_running, self.chunk_tokens, self.max_step_tokens) < 1 or self.max_waiting < 0:
+            raise ValueError("max_running, chunk_tokens and max_step_tokens must be >= 1, max_waiting >= 0")
+        if self.kv_blocks_per_die < 0 or min(self.probe_interval_s, self.probe_timeout_s) <= 0:
+            raise ValueError("kv_blocks_per_die must be >= 0, probe_interval_s and probe_timeout_s > 0")

@@ -9,8 +9,10 @@ from cloudmatrix.model.sampling import SamplingParams, sample_token
 from cloudmatrix.model.transformer import DeepseekV3
 
 
-def generate(model: DeepseekV3, prompt_ids: list[int], params: SamplingParams) -> Iterator[int]:
-    """Yield generated token ids; stops after EOS (which is yielded), max_tokens or the context limit."""
+def generate(model: DeepseekV3, prompt_ids: list[int], params: SamplingParams,
+             ignore_eos: bool = False) -> Iterator[int]:
+    """Yield generated token ids; stops after EOS (which is yielded; unless ``ignore_eos``),
+    max_tokens or the context limit."""
     limit = model.cfg.max_position_embeddings
     if not prompt_ids:
         raise ValueError("prompt is empty")
@@ -23,6 +25,6 @@ def generate(model: DeepseekV3, prompt_ids: list[int], params: SamplingParams) -
         logits = model(ids, positions, cache)[0, -1]  # [V]
         token = sample_token(logits, params, params.generator(int(positions[0, -1]) + 1))
         yield token
-        if token == model.cfg.eos_token_id:
+        if token == model.cfg.eos_token_id and not ignore_eos:
             return
         ids, positions = torch.tensor([[token]]), positions[:, -1:] + 1

@@ -146,6 +146,15 @@ class ServiceHost:
                                    "metrics_port": self.metrics_port,
                                    "grpc_services": list(self.service_names)})
 
+    async def set_health(self, serving: bool) -> None:
+        """Report every service SERVING or NOT_SERVING (e.g. while a die of the instance is down);
+        no-op once a drain began."""
+        if self._stop_requested.is_set():
+            return
+        for name in ("", *self.service_names):
+            await self._health.set(name, SERVING if serving else NOT_SERVING)
+        log.info("health", extra={"serving": serving})
+
     def ready_info(self) -> dict[str, Any]:
         """What the ready file holds: {service, pid, host, port, metrics_port}."""
         return {"service": self.service, "pid": os.getpid(), "host": self.config.host,

@@ -145,19 +145,28 @@ class BlockKey(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("namespace", "block_keys", "num_tokens", "block_size")
+    __slots__ = ("namespace", "block_keys", "num_tokens", "block_size", "lease_ids")
+    class LeaseIdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_keys: _containers.RepeatedScalarFieldContainer[bytes]
     num_tokens: int
     block_size: int
-    def __init__(self, namespace: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    lease_ids: _containers.ScalarMap[str, str]
+    def __init__(self, namespace: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_ids: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
-    __slots__ = ("instance_id", "running_requests", "waiting_requests", "waiting_tokens", "kv_blocks_used", "kv_blocks_total", "recent_step_measured_s", "recent_step_modeled_s")
+    __slots__ = ("instance_id", "running_requests", "waiting_requests", "waiting_tokens", "kv_blocks_used", "kv_blocks_total", "recent_step_measured_s", "recent_step_modeled_s", "die_kv_blocks_free", "preemptions")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +175,8 @@ class InstanceLoad(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_MEASURED_S_FIELD_NUMBER: _ClassVar[int]
     RECENT_STEP_MODELED_S_FIELD_NUMBER: _ClassVar[int]
+    DIE_KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     running_requests: int
     waiting_requests: int
@@ -174,4 +185,6 @@ class InstanceLoad(_message.Message):
     kv_blocks_total: int
     recent_step_measured_s: float
     recent_step_modeled_s: float
-    def __init__(self, instance_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., recent_step_measured_s: _Optional[float] = ..., recent_step_modeled_s: _Optional[float] = ...) -> None: ...
+    die_kv_blocks_free: _containers.RepeatedScalarFieldContainer[int]
+    preemptions: int
+    def __init__(self, instance_id: _Optional[str] = ..., running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., recent_step_measured_s: _Optional[float] = ..., recent_step_modeled_s: _Optional[float] = ..., die_kv_blocks_free: _Optional[_Iterable[int]] = ..., preemptions: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,53 @@
+"""The instance's accounting of its dies' KV blocks (the scheduler's block manager).
+
+The dies only store KV: at load the instance claims every block of every die (one AllocateBlocks
+per die), and from then on which block holds which request's tokens is decided here, in plain
+Python, between steps. A request's KV lives on one die (attention is data-parallel).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockManager:
+    """Free lists of block ids, one per die; "not now" answers are booleans or None."""
+
+    def __init__(self, blocks_per_die: list[list[int]], block_size: int) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.total = [len(blocks) for blocks in blocks_per_die]
+        self._free = [deque(blocks) for blocks in blocks_per_die]
+
+    @property
+    def num_dies(self) -> int:
+        return len(self._free)
+
+    def num_free(self, die: int) -> int:
+        return len(self._free[die])
+
+    @property
+    def usage(self) -> float:
+        """Fraction of all dies' blocks in use."""
+        total = sum(self.total)
+        return 1.0 - sum(len(f) for f in self._free) / total if total else 0.0
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold ``tokens`` tokens."""
+        return -(-tokens // self.block_size)
+
+    def can_allocate(self, die: int, count: int) -> bool:
+        return count <= len(self._free[die])
+
+    def allocate(self, die: int, count: int) -> list[int]:
+        assert self.can_allocate(die, count), f"die {die}: {count} blocks asked, {self.num_free(die)} free"
+        return [self._free[die].popleft() for _ in range(count)]
+
+    def free(self, die: int, blocks: list[int]) -> None:
+        self._free[die].extend(blocks)
+        assert len(self._free[die]) <= self.total[die], f"die {die}: more blocks freed than it has (double free)"
+
+    def roomiest_die(self, count: int) -> int | None:
+        """The die with the most free blocks, if it can take ``count`` more; else None."""
+        die = max(range(self.num_dies), key=lambda d: len(self._free[d]), default=None)
+        return die if die is not None and self.can_allocate(die, count) else None

@@ -1,0 +1,63 @@
+"""What the prefill and decode services build alike from their settings: the driver, the step
+loop with its scheduler, the KV namespace, the metrics and the health hook."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cloudmatrix.instance.driver import InstanceDriver
+from cloudmatrix.instance.loop import InstanceUnavailable, LoopSettings, StepLoop
+from cloudmatrix.instance.metrics import register_scheduler_metrics
+from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.instance.settings import InstanceSettings
+from cloudmatrix.kv.hashing import namespace
+from cmx.common.v1 import common_pb2
+
+
+def model_id_of(settings: InstanceSettings) -> str:
+    return settings.model_id or Path(settings.checkpoint).resolve().name
+
+
+def kv_namespace(settings: InstanceSettings) -> str:
+    """The pool namespace of this instance's blocks (KV is stored as float32 in every precision)."""
+    return namespace(model_id_of(settings), "float32", settings.block_size, settings.precision)
+
+
+def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int = 1) -> StepLoop:
+    driver = InstanceDriver(list(settings.dies), settings.fabric, group=instance_id, timeout_s=settings.rpc_timeout_s)
+
+    async def load():
+        return await driver.load(str(Path(settings.checkpoint).resolve()), settings.precision,
+                                 block_size=settings.block_size, max_blocks=settings.kv_blocks_per_die)
+
+    limits = SchedulerLimits(settings.max_running, settings.max_waiting, settings.max_step_tokens)
+    return StepLoop(driver, load, limits, LoopSettings(instance_id, microbatches, settings.probe_interval_s,
+                                                       settings.probe_timeout_s))
+
+
+async def start_loop(loop: StepLoop, host, instance_id: str, extra=dict) -> None:
+    """Load the dies and start stepping; the service's health follows the loop's from then on,
+    and the scheduler's gauges and step histograms are registered."""
+    loop.on_health = host.set_health
+    await loop.start()
+    loop.on_step = register_scheduler_metrics(instance_id, lambda: {**scheduler_gauges(loop), **extra()})
+
+
+def scheduler_gauges(loop: StepLoop) -> dict[str, float]:
+    s = loop.scheduler
+    return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+            "kv_cache_usage_ratio": s.blocks.usage, "num_preemptions": s.preemptions}
+
+
+def instance_load(loop: StepLoop, instance_id: str) -> common_pb2.InstanceLoad:
+    """The instance's load for the gateway's picker; InstanceUnavailable while it is not serving,
+    so that pickers skip it."""
+    if not loop.serving:
+        raise InstanceUnavailable(f"{instance_id} is {loop.state.value}: {loop.why}")
+    s, (measured, modeled) = loop.scheduler, loop.recent
+    blocks = s.blocks
+    return common_pb2.InstanceLoad(
+        instance_id=instance_id, running_requests=len(s.running), waiting_requests=len(s.waiting),
+        waiting_tokens=sum(len(r.token_ids) - r.num_computed for r in s.waiting),
+        kv_blocks_used=sum(blocks.total) - sum(map(blocks.num_free, range(blocks.num_dies))),
+        kv_blocks_total=sum(blocks.total), recent_step_measured_s=measured, recent_step_modeled_s=modeled,
+        die_kv_blocks_free=[blocks.num_free(d) for d in range(blocks.num_dies)], preemptions=s.preemptions)

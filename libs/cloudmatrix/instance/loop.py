@@ -1,0 +1,241 @@
+"""The step loop of an instance: the only task that changes request state or touches the dies.
+
+    while serving:
+        apply aborts; plan = scheduler.schedule(); run plan on the dies; scheduler.complete(...)
+
+Requests reach it through ``submit`` / ``abort`` and read their outputs from their outbox; the
+loop applies everything between steps. A step whose dies fail ends every request of the instance
+with ``InstanceUnavailable`` and turns the instance NOT_SERVING; the loop then probes the dies
+until all answer, reloads them, and serves again. A monitor probes the dies between steps too, so
+a die that dies while the instance is idle is noticed. If the loop itself crashes, the instance
+turns NOT_SERVING for good, says why in the log, and fails every request.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.driver import InstanceDriver, StepFailed, sampling_proto
+from cloudmatrix.instance.request import Request, StepEvent
+from cloudmatrix.instance.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, StepPlan, StepTiming
+from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+from cloudmatrix.telemetry.context import span_link
+from cmx.npu.v1 import npu_pb2
+
+log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer(__name__)
+
+
+class InstanceUnavailable(PeerUnavailable):
+    """The instance cannot serve now (a die is down and it is recovering, or it stopped)."""
+
+
+class LoopState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    RECOVERING = "recovering"
+    BROKEN = "broken"          # the loop crashed: NOT_SERVING until the process restarts
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+    name: str = "instance"             # the instance id, in messages and logs
+    microbatches: int = 1              # 2: each step's requests run as two concurrent microbatches
+    probe_interval_s: float = 1.0      # die health probes while serving, and while recovering
+    probe_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
+        if self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
+            raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
+
+
+Loader = Callable[[], Awaitable[BlockManager]]
+HealthHook = Callable[[bool], Awaitable[None]]
+StepHook = Callable[[float, float], None]
+
+
+class StepLoop:
+    def __init__(self, driver: InstanceDriver, load: Loader, limits: SchedulerLimits, settings: LoopSettings,
+                 on_health: HealthHook | None = None, on_step: StepHook | None = None) -> None:
+        self.driver, self._load, self.limits, self.settings = driver, load, limits, settings
+        self.on_health, self.on_step = on_health, on_step
+        self.scheduler: Scheduler | None = None
+        self.state, self.why = LoopState.STARTING, "loading the dies"
+        self.steps = 0
+        self.recent = (0.0, 0.0)           # (measured, modeled) seconds of the last step
+        self._down: str | None = None       # set when a die is found down; the loop recovers
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Load the dies and start stepping (raises when the first load fails)."""
+        self.scheduler = Scheduler(await self._load(), self.limits)
+        self.state, self.why = LoopState.SERVING, ""
+        self._tasks = [asyncio.create_task(self._guarded()), asyncio.create_task(self._watch())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.state, self.why = LoopState.STOPPED, "stopped"
+        if self.scheduler is not None:
+            self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: the instance is stopping"))
+
+    @property
+    def serving(self) -> bool:
+        return self.state is LoopState.SERVING
+
+    def check_admission(self) -> None:
+        """Raise what ``submit`` would for any request now: InstanceUnavailable while not serving,
+        ResourceExhausted when the queue is full."""
+        if not self.serving:
+            raise InstanceUnavailable(f"{self.settings.name} is {self.state.value}: {self.why}")
+        if len(self.scheduler.waiting) >= self.limits.max_waiting:
+            raise ResourceExhausted(f"{self.settings.name}: queue full ({len(self.scheduler.waiting)} waiting)")
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (ValueError / ResourceExhausted from the scheduler; InstanceUnavailable
+        while the instance is not serving); read its outputs with ``events``."""
+        self.check_admission()
+        request.trace_context = otel_context.get_current()
+        self.scheduler.add(request)
+        self._wake.set()
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        """End a request before the next step (cancel, client gone); False if unknown."""
+        if self.scheduler is None or not self.scheduler.abort(request_id, reason):
+            return False
+        self._wake.set()
+        return True
+
+    @staticmethod
+    async def events(request: Request) -> AsyncIterator[StepEvent]:
+        """The request's step events up to its finish; raises the error that ended it, if any."""
+        while True:
+            item = await request.outbox.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    async def _guarded(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the scheduling loop crashed; the instance stops serving",
+                          extra={"instance": self.settings.name})
+            await self._set_state(LoopState.BROKEN, "its scheduling loop crashed (see the instance's log)")
+            self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: {self.why}"))
+
+    async def _run(self) -> None:
+        while True:
+            if self._down is not None:
+                await self._recover(self._down)
+                continue
+            self.scheduler.apply_aborts()
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._step(plan)
+
+    async def _step(self, plan: StepPlan) -> None:
+        started = time.perf_counter()
+        try:
+            await self.driver.write_blocks(plan.writes)
+            results = await asyncio.gather(*(self._forward(chunks, mb) for mb, chunks in self._microbatches(plan)))
+            tokens = {seq: (out.token_id if out.has_token else None) for r in results for seq, out in r.outputs.items()}
+            measured, modeled = time.perf_counter() - started, max(r.modeled_s for r in results)
+            for request, event in self.scheduler.complete(plan, tokens, StepTiming(started, measured, modeled)):
+                kv = await self.driver.read_blocks(request.die, self.scheduler.export_ranges(request))
+                self.scheduler.finish_exported(request, event, kv)
+        except StepFailed as failure:
+            log.warning("step failed", extra={"instance": self.settings.name, "error": str(failure)})
+            self._down = failure.summary
+            return
+        self.steps, self.recent = self.steps + 1, (measured, modeled)
+        if self.on_step is not None:
+            self.on_step(measured, modeled)
+
+    def _microbatches(self, plan: StepPlan) -> list[tuple[int, list[ScheduledChunk]]]:
+        if self.settings.microbatches == 2 and len(plan.chunks) > 1:
+            return [(0, plan.chunks[0::2]), (1, plan.chunks[1::2])]
+        return [(0, plan.chunks)]
+
+    async def _forward(self, chunks: list[ScheduledChunk], microbatch: int):
+        """One microbatch on every die, in the trace of its oldest request, linking the others."""
+        per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.driver.dies]
+        for c in chunks:
+            per_die[c.request.die].append(npu_pb2.SequenceInput(
+                seq_id=c.request.request_id, token_ids=c.token_ids, start_position=c.start,
+                block_table=c.request.blocks, sampling=sampling_proto(c.request.sampling), skip_sampling=not c.sample))
+        links = [link for c in chunks[1:] if (link := span_link(c.request.trace_context)) is not None]
+        attributes = {"sequences": len(chunks), "tokens": sum(len(c.token_ids) for c in chunks),
+                      "request_ids": [c.request.request_id for c in chunks], "microbatch": microbatch}
+        with _TRACER.start_as_current_span("engine.step", context=chunks[0].request.trace_context, links=links,
+                                           attributes=attributes):
+            return await self.driver.forward(per_die, microbatch)
+
+    async def _recover(self, reason: str) -> None:
+        """Fail every request, wait until every die answers, reload them all, serve again."""
+        log.warning("a die is down; the instance stops serving until it is back",
+                    extra={"instance": self.settings.name, "reason": reason})
+        await self._set_state(LoopState.RECOVERING, f"{reason}; the instance is recovering")
+        self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: {self.why}"))
+        while True:
+            blocks = await self._reload_when_all_answer()
+            if blocks is not None:
+                break
+            await asyncio.sleep(self.settings.probe_interval_s)
+        self.scheduler.reset(blocks)
+        self._down = None
+        await self._set_state(LoopState.SERVING, "")
+        log.info("the instance serves again", extra={"instance": self.settings.name})
+
+    async def _reload_when_all_answer(self) -> BlockManager | None:
+        probes = await self.driver.probe(self.settings.probe_timeout_s)
+        if not all(p.answered for p in probes):
+            return None
+        try:
+            return await self._load()
+        except (grpc.aio.AioRpcError, StepFailed) as err:
+            log.warning("reloading the dies failed; retrying", extra={"instance": self.settings.name,
+                                                                      "error": str(err)})
+            return None
+
+    async def _watch(self) -> None:
+        """Probe the dies while serving; a die that is gone or restarted sends the loop recovering."""
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            if not self.serving or self._down is not None:
+                continue
+            try:
+                bad = [p for p in await self.driver.probe(self.settings.probe_timeout_s) if not p.healthy]
+            except Exception:  # a probe must never end the watch
+                log.exception("die probe failed", extra={"instance": self.settings.name})
+                continue
+            if bad and self.serving and self._down is None:
+                self._down = ", ".join(p.describe() for p in bad)
+                self._wake.set()
+
+    async def _set_state(self, state: LoopState, why: str) -> None:
+        was_serving = self.serving
+        self.state, self.why = state, why
+        if self.on_health is not None and was_serving != self.serving:
+            await self.on_health(self.serving)

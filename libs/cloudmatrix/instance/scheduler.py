@@ -1,0 +1,220 @@
+"""The instance's scheduler: the one owner of every request's state and of the dies' blocks.
+
+Pure Python, no I/O: the step loop (loop.py) asks it for a ``StepPlan``, runs the plan on the
+dies, and hands the outputs back with ``complete``. Aborts (cancel, disconnect) are queued by
+``abort`` and applied by ``apply_aborts`` between steps, never while a step runs.
+
+Each step: running requests (oldest first) take their next chunk within the token budget,
+allocating blocks as they grow; when a die is out of blocks the newest running request on it is
+preempted (its blocks freed, its KV recomputed when it runs again). Then waiting requests are
+admitted, oldest (and preempted) first, while their blocks fit on a die.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import torch
+
+from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.request import Request, RequestState, StepEvent
+from cloudmatrix.rpc.errors import ResourceExhausted
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerLimits:
+    max_running: int = 64          # requests holding blocks and stepping
+    max_waiting: int = 256         # beyond this, add() answers ResourceExhausted
+    max_step_tokens: int = 1024    # tokens of all requests in one step
+
+    def __post_init__(self) -> None:
+        if min(self.max_running, self.max_step_tokens) < 1 or self.max_waiting < 0:
+            raise ValueError("max_running and max_step_tokens must be >= 1, max_waiting >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    """One request's tokens in a step: positions [start, start + len(token_ids))."""
+
+    request: Request
+    token_ids: list[int]
+    start: int
+    sample: bool                   # the chunk reaches the request's last token: sample the next
+
+
+@dataclasses.dataclass
+class StepPlan:
+    chunks: list[ScheduledChunk] = dataclasses.field(default_factory=list)
+    # die -> (block id, kv [layers, n, C+R]) to write before the step: admitted requests' prefixes
+    writes: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    started: float
+    measured_s: float
+    modeled_s: float
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, limits: SchedulerLimits) -> None:
+        self.blocks, self.limits = blocks, limits
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._aborts: dict[str, str] = {}
+        self.preemptions = 0
+
+    def reset(self, blocks: BlockManager) -> None:
+        """Start over on freshly loaded dies (every request must have been failed first)."""
+        assert not self.requests, f"{len(self.requests)} requests still live at reset"
+        self.blocks = blocks
+
+    def add(self, request: Request) -> None:
+        """Queue a new request. ValueError when it can never fit a die; ResourceExhausted when
+        the queue is full."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id: {request.request_id!r} is already in this instance")
+        tokens, stop = len(request.token_ids), request.stop
+        most = self.blocks.blocks_for(min(tokens + stop.max_new_tokens - request.new_tokens, stop.context_limit))
+        biggest = max(self.blocks.total, default=0)
+        if self.blocks.blocks_for(tokens) > biggest:
+            raise ValueError(f"token_ids: {tokens} tokens need more KV blocks than a die of this instance holds "
+                             f"({biggest} of {self.blocks.block_size} tokens)")
+        if most > biggest:
+            raise ValueError(f"max_tokens: {tokens} tokens plus up to {stop.max_new_tokens - request.new_tokens} "
+                             f"more need {most} KV blocks; a die of this instance holds {biggest} of "
+                             f"{self.blocks.block_size} tokens")
+        if len(self.waiting) >= self.limits.max_waiting:
+            raise ResourceExhausted(f"queue full: {len(self.waiting)} requests waiting")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str, reason: str) -> bool:
+        """Ask for a request to end with ``reason`` before the next step; False if it is unknown
+        or already finished."""
+        if request_id not in self.requests:
+            return False
+        self._aborts.setdefault(request_id, reason)
+        return True
+
+    def apply_aborts(self) -> None:
+        aborts, self._aborts = self._aborts, {}
+        for request_id, reason in aborts.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, StepEvent(None, reason, 0.0, 0.0, 0.0))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._aborts)
+
+    def schedule(self) -> StepPlan:
+        plan, budget = StepPlan(), self.limits.max_step_tokens
+        for request in list(self.running):
+            if budget and request.state is RequestState.RUNNING:
+                budget -= self._schedule_running(request, budget, plan)
+        while self.waiting and budget and len(self.running) < self.limits.max_running:
+            if not self._admit(self.waiting[0], plan):
+                break
+            budget -= self._schedule_running(self.waiting.popleft(), budget, plan)
+        return plan
+
+    def _schedule_running(self, request: Request, budget: int, plan: StepPlan) -> int:
+        chunk = request.next_chunk(budget)
+        needed = self.blocks.blocks_for(request.num_computed + len(chunk)) - len(request.blocks)
+        while not self.blocks.can_allocate(request.die, needed):
+            victim = self._newest_running_on(request.die)
+            self._preempt(victim)
+            if victim is request:
+                return 0
+        request.blocks += self.blocks.allocate(request.die, needed)
+        plan.chunks.append(ScheduledChunk(request, chunk, request.num_computed,
+                                          request.num_computed + len(chunk) == len(request.token_ids)))
+        return len(chunk)
+
+    def _admit(self, request: Request, plan: StepPlan) -> bool:
+        """Give a waiting request blocks for all its known tokens on the roomiest die and queue
+        its prefix KV for writing; False (it keeps waiting) when no die has room now."""
+        needed = self.blocks.blocks_for(len(request.token_ids))
+        die = self.blocks.roomiest_die(needed)
+        if die is None:
+            return False
+        request.die, request.blocks = die, self.blocks.allocate(die, needed)
+        plan.writes.setdefault(die, []).extend(zip(request.blocks, request.prefix_kv))
+        request.num_computed, request.state = request.prefix_tokens, RequestState.RUNNING
+        self.running.append(request)
+        return True
+
+    def _newest_running_on(self, die: int) -> Request:
+        return next(r for r in reversed(self.running) if r.die == die)
+
+    def _preempt(self, request: Request) -> None:
+        """Drop a running request's KV and put it first in line; it recomputes when readmitted."""
+        self.blocks.free(request.die, request.blocks)
+        self.running.remove(request)
+        request.blocks, request.die, request.num_computed = [], None, 0
+        request.state, request.preemptions = RequestState.WAITING, request.preemptions + 1
+        self.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def complete(self, plan: StepPlan, tokens: dict[str, int | None], timing: StepTiming) -> list[tuple[Request, str]]:
+        """Apply a step's outputs: the new tokens, events to every request, finished ones freed.
+        Returns the finished requests that want their KV exported first (with their reason); the
+        caller reads it and calls ``finish_exported``."""
+        to_export = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            request.num_computed += len(chunk.token_ids)
+            token = tokens.get(request.request_id) if chunk.sample else None
+            reason = self._append(request, token) if token is not None else None
+            event = StepEvent(token, reason, timing.started - request.waiting_since, timing.measured_s,
+                              timing.modeled_s)
+            request.waiting_since = timing.started + timing.measured_s
+            if reason is not None and request.export_from_block is not None:
+                to_export.append((request, event))
+            elif reason is not None:
+                self._finish(request, event)
+            else:
+                request.outbox.put_nowait(event)
+        return to_export
+
+    def _append(self, request: Request, token: int) -> str | None:
+        request.token_ids.append(token)
+        request.new_tokens += 1
+        return request.stop.reason(token, request.new_tokens, len(request.token_ids))
+
+    def export_ranges(self, request: Request) -> list[tuple[int, int]]:
+        """(block id, valid tokens) of the blocks to export: from ``export_from_block`` to the
+        last block holding computed KV."""
+        size, computed = self.blocks.block_size, request.num_computed
+        last = self.blocks.blocks_for(computed)
+        return [(request.blocks[i], min(size, computed - i * size)) for i in range(request.export_from_block, last)]
+
+    def finish_exported(self, request: Request, event: StepEvent, kv: list[torch.Tensor]) -> None:
+        self._finish(request, dataclasses.replace(event, kv=kv))
+
+    def _finish(self, request: Request, outcome: StepEvent | Exception) -> None:
+        """Free the request's blocks, forget it, and give its consumer the last item."""
+        if request.state is RequestState.RUNNING:
+            self.blocks.free(request.die, request.blocks)
+            self.running.remove(request)
+        elif request.state is RequestState.WAITING:
+            self.waiting.remove(request)
+        request.blocks, request.state = [], RequestState.FINISHED
+        self.requests.pop(request.request_id, None)
+        request.outbox.put_nowait(outcome)
+
+    def fail(self, request: Request, error: Exception) -> None:
+        """End one request with ``error`` (its consumer raises it)."""
+        if not request.finished:
+            self._finish(request, error)
+
+    def fail_all(self, error: Exception) -> None:
+        for request in list(self.requests.values()):
+            self.fail(request, error)
+        self._aborts.clear()

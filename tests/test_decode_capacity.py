@@ -1,0 +1,56 @@
+"""A decode pool sized for 4 concurrent requests serves 16 concurrent requests to completion with
+the local engine's tokens: the scheduler admits by KV blocks and preempts (recomputing later)
+when the running requests outgrow the pool, and says so in its metrics."""
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+
+import grpc
+import pytest
+import torch
+
+from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.model.generate import generate
+from cloudmatrix.model.sampling import SamplingParams
+from cmx.decode.v1 import decode_pb2_grpc
+from cmx.prefill.v1 import prefill_pb2_grpc
+from tests.services import running_services
+from tests.test_decode import _generate, _load, _wait_until_idle
+
+pytestmark = pytest.mark.timeout(400)
+BLOCKS_PER_DIE = 8   # 2 dies x 8 blocks of 16 tokens: 4 requests of up to 64 tokens
+
+
+def test_a_pool_for_4_serves_16_concurrent_requests_with_preemption(tmp_path, tiny_checkpoint):
+    gen = torch.Generator().manual_seed(416)
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in torch.randint(30, 44, (16,), generator=gen)]
+    local = load_model(tiny_checkpoint)
+    expected = [list(generate(local, p, SamplingParams(max_tokens=20), ignore_eos=True)) for p in prompts]
+    base = [("kv0", "kvcache", ()), ("fabric", "ub_fabric", ())] + [(d, "npu_emulator", ()) for d in
+                                                                     ("pdie0", "ddie0", "ddie1")]
+    with running_services(tmp_path, base) as r:
+        common = (f"checkpoint={tiny_checkpoint}", "block_size=16", f"kvcache={r['kv0'].address}")
+        instances = [("prefill", "prefill", common + (f"dies={r['pdie0'].address}",)),
+                     ("decode", "decode", common + (f"dies={r['ddie0'].address},{r['ddie1'].address}",
+                                                    f"fabric={r['fabric'].address}",
+                                                    f"kv_blocks_per_die={BLOCKS_PER_DIE}"))]
+        with running_services(tmp_path, instances) as s:
+            decode_addr = s["decode"].address
+
+            async def run():
+                async with grpc.aio.insecure_channel(s["prefill"].address) as pc, \
+                        grpc.aio.insecure_channel(decode_addr) as dc:
+                    prefill, decode = prefill_pb2_grpc.PrefillStub(pc), decode_pb2_grpc.DecodeStub(dc)
+                    return await asyncio.gather(*(_generate(prefill, decode, f"cap{i}", p, 20, ignore_eos=True)
+                                                  for i, p in enumerate(prompts)))
+
+            results = asyncio.run(run())
+            load = _wait_until_idle(decode_addr)
+            with urllib.request.urlopen(f"http://127.0.0.1:{s['decode'].metrics_port}/metrics", timeout=10) as page:
+                metrics = page.read().decode()
+    assert [tokens for tokens, _ in results] == expected
+    assert load.kv_blocks_total == 2 * BLOCKS_PER_DIE and list(load.die_kv_blocks_free) == [BLOCKS_PER_DIE] * 2
+    counted = float(re.search(r'^cmx:num_preemptions_total\{instance="decode-0"\} (\S+)$', metrics, re.M).group(1))
+    assert load.preemptions > 0 and counted == load.preemptions

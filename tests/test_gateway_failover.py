@@ -1,0 +1,88 @@
+"""The gateway core against a fake backend (milliseconds): an instance that answers UNAVAILABLE is
+left out and the request moves to another instance; with none left, the instance's own message
+reaches the client, without addresses."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.errors import PeerUnavailable
+from services.gateway.admission import Admission
+from services.gateway.core import GatewayCore, ModelInfo
+from services.gateway.picker import InstancePicker
+from services.gateway.schema import DecodeStep, Finish, GenerateRequest, PrefillOutcome, Sampling
+
+DOWN = "decode-0: die 1 failed (UNAVAILABLE); the instance is recovering"
+
+
+class FakeStream:
+    def __init__(self, down: bool, tokens: list[int]) -> None:
+        self.down, self.tokens = down, tokens
+
+    async def __aiter__(self):
+        if self.down:
+            raise PeerUnavailable(DOWN)
+        for i, token in enumerate(self.tokens):
+            yield DecodeStep([token], "length" if i == len(self.tokens) - 1 else None, 0.0)
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeBackend:
+    def __init__(self, down: set[str]) -> None:
+        self.down, self.calls = down, []
+
+    async def prefill(self, address, p, timeout_s):
+        self.calls.append(address)
+        if address in self.down:
+            raise PeerUnavailable(DOWN.replace("decode", "prefill"))
+        return PrefillOutcome(5, None, 0, {}, {}, 0.0)
+
+    def decode(self, address, p, first, timeout_s):
+        self.calls.append(address)
+        return FakeStream(address in self.down, [6, 7])
+
+    async def cancel(self, address, request_id, timeout_s):
+        return True
+
+    async def prefill_load(self, address, timeout_s):
+        return 0
+
+    async def decode_load(self, address, timeout_s):
+        return 0
+
+
+def _generate(tokenizer, down: set[str]):
+    backend = FakeBackend(down)
+    core = GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
+                       InstancePicker("prefill", ("p0", "p1"), backend.prefill_load),
+                       InstancePicker("decode", ("d0", "d1"), backend.decode_load), Admission(4, 4), 10.0)
+    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], Sampling(max_tokens=3, ignore_eos=True)))
+
+    async def run():
+        return [event async for event in core.generate(prepared)]
+
+    return backend, asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return TextTokenizer.load(tiny_checkpoint)
+
+
+def test_an_unavailable_instance_is_left_out_and_another_serves(tokenizer):
+    backend, events = _generate(tokenizer, {"p0", "d0"})
+    assert backend.calls == ["p0", "p1", "d0", "d1"]
+    assert [t for e in events[:-1] for t in e.token_ids] == [5, 6, 7]
+    assert isinstance(events[-1], Finish) and events[-1].reason == "length"
+
+
+def test_with_every_instance_down_the_instance_message_reaches_the_client(tokenizer):
+    with pytest.raises(PeerUnavailable) as err:
+        _generate(tokenizer, {"p0", "p1"})
+    assert str(err.value) == DOWN.replace("decode", "prefill")
+    with pytest.raises(PeerUnavailable, match="^decode-0: die 1 failed"):
+        _generate(tokenizer, {"d0", "d1"})

@@ -1,0 +1,212 @@
+"""The instance scheduler and its step loop against a fake driver (milliseconds each): admission
+by KV blocks, preemption and resume, aborts between steps, a failing step, the loop guard."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.loop import InstanceUnavailable, LoopSettings, LoopState, StepLoop
+from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
+from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.rpc.errors import ResourceExhausted
+from tests.fake_dies import FakeDriver, die_failure, prefix_kv, reference
+
+BS = 4
+
+
+def _request(rid: str, prompt: list[int], new: int, cached: int = 0, export: bool = False) -> Request:
+    """A decode-style request: ``new`` tokens to sample; the first ``cached`` prompt tokens come
+    with their KV (whole blocks)."""
+    return Request(rid, list(prompt), SamplingParams(max_tokens=new), StopRule(new),
+                   prefix_kv=prefix_kv(prompt[:cached], BS), chunk_tokens=6,
+                   export_from_block=cached // BS if export else None)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return [(seed * 7919 + i * 104729) % 90 + 3 for i in range(n)]
+
+
+class Harness:
+    """A StepLoop over a FakeDriver, with health changes recorded."""
+
+    def __init__(self, dies=2, blocks=8, limits=SchedulerLimits(max_running=8, max_waiting=8, max_step_tokens=16)):
+        self.driver = FakeDriver(dies, blocks, BS)
+        self.health: list[bool] = []
+        self.loop = StepLoop(self.driver, self.driver.load, limits, LoopSettings("test-0", probe_interval_s=0.01),
+                             on_health=self._on_health)
+
+    async def _on_health(self, serving: bool) -> None:
+        self.health.append(serving)
+
+    async def collect(self, request: Request) -> tuple[list[int], str]:
+        tokens, reason = [], None
+        async for event in self.loop.events(request):
+            tokens += [event.token_id] if event.token_id is not None else []
+            reason = event.finish_reason
+        return tokens, reason
+
+    def free(self) -> list[int]:
+        return [self.loop.scheduler.blocks.num_free(d) for d in range(2)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_admission_takes_whole_requests_by_blocks_on_the_roomiest_die():
+    s = Scheduler(BlockManager([[0, 1, 2, 3], [10, 11, 12, 13]], BS), SchedulerLimits(max_step_tokens=64))
+    for i in range(3):
+        s.add(_request(f"r{i}", _prompt(i, 10), 2))  # 10 tokens = 3 blocks
+    plan = s.schedule()
+    assert [(c.request.request_id, c.request.die, c.request.blocks) for c in plan.chunks] == [
+        ("r0", 0, [0, 1, 2]), ("r1", 1, [10, 11, 12])]
+    assert [r.request_id for r in s.waiting] == ["r2"]  # one block left per die: it waits
+    assert [c.token_ids for c in plan.chunks] == [_prompt(0, 10)[:6], _prompt(1, 10)[:6]]  # chunk_tokens 6
+
+
+def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused():
+    s = Scheduler(BlockManager([[0, 1]], BS), SchedulerLimits(max_waiting=1))
+    with pytest.raises(ValueError, match="token_ids"):
+        s.add(_request("long", _prompt(0, 9), 1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        s.add(_request("grows", _prompt(0, 6), 4))
+    s.add(_request("a", _prompt(0, 3), 2))
+    with pytest.raises(ResourceExhausted, match="queue full"):
+        s.add(_request("b", _prompt(1, 3), 2))
+    with pytest.raises(ValueError, match="request_id"):
+        s.add(_request("a", _prompt(2, 3), 2))
+
+
+def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
+    async def scenario():
+        h = Harness(dies=2, blocks=6)  # 6 blocks of 4 per die; each request grows to 5 blocks
+        await h.loop.start()
+        requests = [_request(f"r{i}", _prompt(i, 5), 14, cached=4) for i in range(6)]
+        for r in requests:
+            h.loop.submit(r)
+        results = await asyncio.gather(*(h.collect(r) for r in requests))
+        free, preemptions = h.free(), h.loop.scheduler.preemptions
+        await h.loop.stop()
+        return requests, results, free, preemptions
+
+    requests, results, free, preemptions = run(scenario())
+    assert [tokens for tokens, _ in results] == [reference(_prompt(i, 5), 14) for i in range(6)]
+    assert {reason for _, reason in results} == {"length"}
+    assert preemptions > 0 and any(r.preemptions for r in requests)
+    assert free == [6, 6]
+
+
+def test_a_request_leaving_mid_step_ends_between_steps_and_the_others_keep_their_tokens():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        requests = [_request(f"r{i}", _prompt(i, 7), 6) for i in range(4)]
+        for r in requests:
+            h.loop.submit(r)
+        tasks = [asyncio.ensure_future(h.collect(r)) for r in requests]
+        while h.driver.forwards < 3:  # a few steps in, hold the next one open
+            await asyncio.sleep(0)
+        h.driver.gate, h.driver.entered = asyncio.Event(), asyncio.Event()
+        await h.driver.entered.wait()
+        assert h.loop.abort("r1", "cancelled")  # lands while the step runs
+        tasks[2].cancel()  # a consumer that leaves
+        assert h.loop.abort("r2", "disconnected")
+        h.driver.gate.set()
+        results = await asyncio.gather(tasks[0], tasks[1], tasks[3])
+        await asyncio.sleep(0.05)
+        free = h.free()
+        await h.loop.stop()
+        return results, free
+
+    (r0, r1, r3), free = run(scenario())
+    assert r0 == (reference(_prompt(0, 7), 6), "length") and r3 == (reference(_prompt(3, 7), 6), "length")
+    assert r1[1] == "cancelled" and r1[0] == reference(_prompt(1, 7), 6)[:len(r1[0])]
+    assert free == [8, 8]
+
+
+def test_exported_kv_holds_the_computed_blocks():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        prompt = _prompt(3, 11)
+        request = _request("p", prompt, 1, cached=4, export=True)
+        h.loop.submit(request)
+        events = [e async for e in h.loop.events(request)]
+        await h.loop.stop()
+        return prompt, events
+
+    prompt, events = run(scenario())
+    kv = events[-1].kv
+    assert [int(v) for block in kv for v in block[0, :, 0].tolist()] == prompt[4:]  # blocks 1..2, tail of 3
+
+
+def test_a_failing_step_fails_its_requests_turns_not_serving_and_recovers():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        h.driver.fail_next = die_failure()
+        h.driver.down = {1}
+        failed = _request("f", _prompt(0, 5), 3)
+        h.loop.submit(failed)
+        with pytest.raises(InstanceUnavailable, match="die 1") as err:
+            await h.collect(failed)
+        assert not h.loop.serving
+        with pytest.raises(InstanceUnavailable, match="recovering"):
+            h.loop.submit(_request("g", _prompt(1, 5), 3))
+        h.driver.down = set()
+        while not h.loop.serving:
+            await asyncio.sleep(0.01)
+        again = _request("g", _prompt(1, 5), 3)
+        h.loop.submit(again)
+        result = await h.collect(again)
+        await h.loop.stop()
+        return str(err.value), h.health, h.driver.loads, result
+
+    message, health, loads, result = run(scenario())
+    assert "127.0.0.1" not in message and "StepFailed" not in message
+    assert health == [False, True] and loads == 2
+    assert result == (reference(_prompt(1, 5), 3), "length")
+
+
+def test_a_die_found_down_while_idle_turns_the_instance_not_serving():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        h.driver.down = {0}
+        while h.loop.serving:
+            await asyncio.sleep(0.01)
+        state = h.loop.state
+        h.driver.down = set()
+        while not h.loop.serving:
+            await asyncio.sleep(0.01)
+        await h.loop.stop()
+        return state, h.health
+
+    state, health = run(scenario())
+    assert state is LoopState.RECOVERING and health == [False, True]
+
+
+def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+
+        def broken(*args):
+            raise RuntimeError("bug in complete")
+
+        h.loop.scheduler.complete = broken
+        request = _request("x", _prompt(0, 5), 3)
+        h.loop.submit(request)
+        with pytest.raises(InstanceUnavailable, match="scheduling loop crashed"):
+            await h.collect(request)
+        with pytest.raises(InstanceUnavailable):
+            h.loop.submit(_request("y", _prompt(1, 5), 3))
+        state = h.loop.state
+        await h.loop.stop()
+        return state, h.health
+
+    state, health = run(scenario())
+    assert state is LoopState.BROKEN and health == [False]

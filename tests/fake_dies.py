@@ -36,7 +36,9 @@ class FakeDriver:
         self.dies = list(range(num_dies))
         self.slots = [dict() for _ in self.dies]          # die -> {slot: token}
         self.fail_next: Exception | None = None
-        self.down: set[int] = set()
+        self.down: set[int] = set()                      # probes: connection refused
+        self.slow: set[int] = set()                      # probes: deadline exceeded
+        self.probes = 0
         self.gate: asyncio.Event | None = None            # when set, forward waits for it
         self.entered = asyncio.Event()
         self.loads = self.forwards = 0
@@ -80,7 +82,10 @@ class FakeDriver:
         return ForwardResult(outputs, [npu_pb2.ForwardReply()])
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
-        return [DieProbe(d, d not in self.down, d not in self.down) for d in self.dies]
+        self.probes += 1
+        return [DieProbe(d, False, False, "UNAVAILABLE") if d in self.down else
+                DieProbe(d, False, False, "DEADLINE_EXCEEDED") if d in self.slow else DieProbe(d, True, True)
+                for d in self.dies]
 
 
 def die_failure() -> StepFailed:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.loop import InstanceUnavailable, LoopSettings, LoopState, StepLoop
+from cloudmatrix.instance.loop import SLOW_PROBES_DOWN, InstanceUnavailable, LoopSettings, LoopState, StepLoop
 from cloudmatrix.instance.request import Request, StopRule
 from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
 from cloudmatrix.model.sampling import SamplingParams
@@ -187,6 +187,21 @@ def test_a_die_found_down_while_idle_turns_the_instance_not_serving():
 
     state, health = run(scenario())
     assert state is LoopState.RECOVERING and health == [False, True]
+
+
+def test_a_die_slow_to_answer_probes_is_down_only_after_several_misses():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        h.driver.slow = {1}
+        start = h.driver.probes
+        while h.loop.serving:
+            await asyncio.sleep(0.005)
+        missed = h.driver.probes - start
+        await h.loop.stop()
+        return missed
+
+    assert run(scenario()) >= SLOW_PROBES_DOWN
 
 
 def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():

@@ -61,6 +61,8 @@ class LoopSettings:
             raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
 
 
+SLOW_PROBES_DOWN = 3
+
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
 StepHook = Callable[[float, float], None]
@@ -220,16 +222,22 @@ class StepLoop:
             return None
 
     async def _watch(self) -> None:
-        """Probe the dies while serving; a die that is gone or restarted sends the loop recovering."""
+        """Probe the dies while serving; a die that is gone or restarted sends the loop recovering.
+        A die that is merely slow to answer (a busy machine) must miss ``SLOW_PROBES_DOWN`` probes
+        in a row first."""
+        slow = [0] * len(self.driver.dies)
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
             if not self.serving or self._down is not None:
                 continue
             try:
-                bad = [p for p in await self.driver.probe(self.settings.probe_timeout_s) if not p.healthy]
+                probes = await self.driver.probe(self.settings.probe_timeout_s)
             except Exception:  # a probe must never end the watch
                 log.exception("die probe failed", extra={"instance": self.settings.name})
                 continue
+            slow = [n + 1 if p.code == "DEADLINE_EXCEEDED" else 0 for n, p in zip(slow, probes)]
+            bad = [p for p, n in zip(probes, slow) if not p.healthy and (p.code != "DEADLINE_EXCEEDED"
+                                                                        or n >= SLOW_PROBES_DOWN)]
             if bad and self.serving and self._down is None:
                 self._down = ", ".join(p.describe() for p in bad)
                 self._wake.set()

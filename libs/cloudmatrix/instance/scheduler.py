@@ -109,10 +109,6 @@ class Scheduler:
             if request is not None:
                 self._finish(request, StepEvent(None, reason, 0.0, 0.0, 0.0))
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._aborts)
-
     def schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.limits.max_step_tokens
         for request in list(self.running):

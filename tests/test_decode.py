@@ -133,7 +133,8 @@ def test_requests_leaving_at_random_steps_free_their_blocks_and_the_rest_finish_
     prefill_addr, decode_addr, dies = stack
     idle, idle_dies = _wait_until_idle(decode_addr), _die_blocks_free(dies)
     gen = torch.Generator().manual_seed(int(time.time()))
-    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in torch.randint(20, 70, (8,), generator=gen)]
+    lengths = torch.randint(20, 70, (8,), generator=gen)
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in lengths]
     leave = {int(i): ("cancel" if k < 2 else "disconnect", int(torch.randint(2, 12, (1,), generator=gen)))
              for k, i in enumerate(torch.randperm(8, generator=gen)[:3])}
     local = load_model(tiny_checkpoint)

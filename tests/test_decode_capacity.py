@@ -17,7 +17,7 @@ from cloudmatrix.model.sampling import SamplingParams
 from cmx.decode.v1 import decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2_grpc
 from tests.services import running_services
-from tests.test_decode import _generate, _load, _wait_until_idle
+from tests.test_decode import _generate, _wait_until_idle
 
 pytestmark = pytest.mark.timeout(400)
 BLOCKS_PER_DIE = 8   # 2 dies x 8 blocks of 16 tokens: 4 requests of up to 64 tokens
@@ -25,7 +25,8 @@ BLOCKS_PER_DIE = 8   # 2 dies x 8 blocks of 16 tokens: 4 requests of up to 64 to
 
 def test_a_pool_for_4_serves_16_concurrent_requests_with_preemption(tmp_path, tiny_checkpoint):
     gen = torch.Generator().manual_seed(416)
-    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in torch.randint(30, 44, (16,), generator=gen)]
+    lengths = torch.randint(30, 44, (16,), generator=gen)
+    prompts = [torch.randint(3, 1024, (int(n),), generator=gen).tolist() for n in lengths]
     local = load_model(tiny_checkpoint)
     expected = [list(generate(local, p, SamplingParams(max_tokens=20), ignore_eos=True)) for p in prompts]
     base = [("kv0", "kvcache", ()), ("fabric", "ub_fabric", ())] + [(d, "npu_emulator", ()) for d in

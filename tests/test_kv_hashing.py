@@ -79,7 +79,8 @@ def test_bad_namespace_parts_are_named(bad):
 
 def test_another_process_computes_the_same_keys():
     code = ("from cloudmatrix.kv.hashing import namespace, prefix_keys;"
-            "print(','.join(k.hex() for k in prefix_keys(list(range(50)), 4, namespace('cmx-tiny','float32',4,'fp32')).all))")
+            "ns = namespace('cmx-tiny', 'float32', 4, 'fp32');"
+            "print(','.join(k.hex() for k in prefix_keys(list(range(50)), 4, ns).all))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                            env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout.strip()
     assert other == ",".join(k.hex() for k in prefix_keys(list(range(50)), 4, NS).all)

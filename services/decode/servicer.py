@@ -4,11 +4,11 @@ from __future__ import annotations
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.kvcache import Lease
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.sampling import sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.core import DecodeCore, DecodeRequest
-from services.npu_emulator.convert import sampling_params
 
 FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
           "cancelled": common_pb2.FINISH_REASON_CANCELLED}
@@ -30,8 +30,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                              f"the {len(r.prompt_token_ids)}-token prompt")
         lease = Lease(dict(r.kv.lease_ids), (), 0.0) if r.kv.lease_ids else None
         return DecodeRequest(r.request_id, list(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
-                             sampling_params(r.sampling), frozenset(r.sampling.stop_token_ids), r.sampling.ignore_eos,
-                             lease)
+                             sampling_from_proto(r.sampling), frozenset(r.sampling.stop_token_ids),
+                             r.sampling.ignore_eos, lease)
 
     @map_errors
     async def Decode(self, request, context):

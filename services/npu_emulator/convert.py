@@ -1,7 +1,7 @@
 """Proto <-> dataclass conversions for the npu_emulator servicer."""
 from __future__ import annotations
 
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.rpc.sampling import sampling_from_proto
 from cmx.common.v1 import common_pb2
 from services.npu_emulator.engine import SequenceStep
 from services.npu_emulator.loader import LoadSpec
@@ -13,14 +13,9 @@ PRECISION_NAMES = {
 PRECISION_ENUMS = {name: enum for enum, name in PRECISION_NAMES.items()}
 
 
-def sampling_params(p: common_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
-                          seed=p.seed if p.HasField("seed") else None, max_tokens=max(p.max_tokens, 1))
-
-
 def sequence_step(s) -> SequenceStep:
     return SequenceStep(s.seq_id, list(s.token_ids), s.start_position, list(s.block_table),
-                        sampling_params(s.sampling), s.skip_sampling)
+                        sampling_from_proto(s.sampling), s.skip_sampling)
 
 
 def load_spec(request, config) -> LoadSpec:

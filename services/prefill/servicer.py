@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.sampling import sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
-from services.npu_emulator.convert import sampling_params
 from services.prefill.core import PrefillCore
 
 PHASES = ("queue", "cache_lookup", "cache_load", "compute", "kv_write")
@@ -23,7 +23,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if not request.request_id:
             raise ValueError("request_id: must be set")
         result = await self.core.prefill(request.request_id, list(request.token_ids),
-                                         sampling_params(request.sampling), not request.disable_context_cache)
+                                         sampling_from_proto(request.sampling), not request.disable_context_cache)
         keys = result.keys
         timing = timing_proto(result.measured, result.modeled, measured_s=sum(result.measured.values()),
                               modeled_s=result.modeled["total"], phases=PHASES)

@@ -5,7 +5,7 @@ import argparse
 import importlib
 
 # Each module under cloudmatrix.bench exposes register(subparsers) adding its own sub-command.
-BENCHMARKS = ("pasa", "kernels", "fabric", "kvcache")
+BENCHMARKS = ("pasa", "kernels", "fabric", "kvcache", "serve", "compare")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

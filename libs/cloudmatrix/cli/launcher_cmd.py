@@ -5,17 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloudmatrix.launcher.processes import (
-    StartupError,
-    is_alive,
-    load_state,
-    save_state,
-    spawn,
-    stop_all,
-    wait_healthy,
-)
+from cloudmatrix.launcher.bringup import bring_down, bring_up
+from cloudmatrix.launcher.processes import StartupError, is_alive, load_state
 from cloudmatrix.launcher.topology import load_topology
-from cloudmatrix.launcher.waves import resolve, waves
 from cloudmatrix.rpc.channel import health_check_sync
 
 DEFAULT_TOPOLOGY = "topologies/local.yaml"
@@ -43,19 +35,11 @@ def _up(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "state.json").exists() and any(map(is_alive, load_state(run_dir))):
         raise ValueError(f"{run_dir} already runs a topology; stop it first with `cmx down --run-dir {args.run_dir}`")
-    records = []
     try:
-        for wave in waves(topology.processes):  # referenced processes are SERVING before their users start
-            procs = [spawn(resolve(spec, records), run_dir) for spec in wave]
-            records += [r for _, r in procs]
-            save_state(run_dir, topology, records)
-            wait_healthy(procs, health_check_sync, args.timeout)
+        records = bring_up(topology, run_dir, args.timeout)
     except (StartupError, KeyboardInterrupt) as exc:
-        stop_all(records, grace_s=5.0)
-        (run_dir / "state.json").unlink(missing_ok=True)
         print(f"cmx up: {exc}", file=sys.stderr)
         return 1
-    save_state(run_dir, topology, records)
     print(f"topology {topology.name!r}: {len(records)} processes SERVING (run dir {run_dir})")
     _print_table(records)
     return 0
@@ -76,10 +60,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    run_dir = Path(args.run_dir).resolve()
-    records = load_state(run_dir)
-    killed = stop_all(records, args.grace)
-    (run_dir / "state.json").unlink()
+    records, killed = bring_down(Path(args.run_dir).resolve(), args.grace)
     for name in killed:
         print(f"{name} did not stop within {args.grace:.0f} s and was killed", file=sys.stderr)
     print(f"stopped {len(records)} processes")

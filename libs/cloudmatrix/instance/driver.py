@@ -15,7 +15,6 @@ import grpc
 import torch
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
@@ -54,13 +53,6 @@ class DieProbe:
 
     def describe(self) -> str:
         return f"die {self.die} " + ("lost its model (restarted)" if self.answered else f"is down ({self.code})")
-
-
-def sampling_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    proto = common_pb2.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, max_tokens=p.max_tokens)
-    if p.seed is not None:
-        proto.seed = p.seed
-    return proto
 
 
 class InstanceDriver:

@@ -24,10 +24,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import InstanceDriver, StepFailed, sampling_proto
+from cloudmatrix.instance.driver import InstanceDriver, StepFailed
 from cloudmatrix.instance.request import Request, StepEvent
 from cloudmatrix.instance.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, StepPlan, StepTiming
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+from cloudmatrix.rpc.sampling import sampling_proto
 from cloudmatrix.telemetry.context import span_link
 from cmx.npu.v1 import npu_pb2
 
@@ -65,7 +66,7 @@ SLOW_PROBES_DOWN = 3
 
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
-StepHook = Callable[[float, float], None]
+StepHook = Callable[[float, float, int], None]  # measured s, modeled s, sequences
 
 
 class StepLoop:
@@ -173,7 +174,7 @@ class StepLoop:
             return
         self.steps, self.recent = self.steps + 1, (measured, modeled)
         if self.on_step is not None:
-            self.on_step(measured, modeled)
+            self.on_step(measured, modeled, len(plan.chunks))
 
     def _microbatches(self, plan: StepPlan) -> list[tuple[int, list[ScheduledChunk]]]:
         if self.settings.microbatches == 2 and len(plan.chunks) > 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import REGISTRY, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _STEP_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -40,15 +40,20 @@ class SchedulerCollector:
 
 
 def register_scheduler_metrics(instance: str, read: Callable[[], dict[str, float]]):
-    """Register the gauges; returns an ``on_step(measured_s, modeled_s)`` callback for the batcher."""
+    """Register the gauges; returns the step loop's ``on_step(measured_s, modeled_s, sequences)``
+    callback (step histograms, and ``cmx:engine_step_sequences_total``: sequences summed over
+    steps, so that Δsequences / Δ``cmx:engine_step_seconds_count`` is the mean batch size)."""
     REGISTRY.register(SchedulerCollector(instance, read))
     measured = Histogram("cmx:engine_step_seconds", "Measured wall seconds of an engine step", ["instance"],
                          buckets=_STEP_SECONDS)
     modeled = Histogram("cmx:engine_step_modeled_seconds", "Modeled CloudMatrix384 seconds of an engine step",
                         ["instance"], buckets=_MODELED_SECONDS)
 
-    def on_step(measured_s: float, modeled_s: float) -> None:
+    sequences = Counter("cmx:engine_step_sequences", "Sequences stepped, summed over engine steps", ["instance"])
+
+    def on_step(measured_s: float, modeled_s: float, count: int) -> None:
         measured.labels(instance).observe(measured_s)
         modeled.labels(instance).observe(modeled_s)
+        sequences.labels(instance).inc(count)
 
     return on_step

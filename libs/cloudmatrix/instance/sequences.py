@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import InstanceDriver, sampling_proto
+from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.rpc.sampling import sampling_proto
 from cmx.npu.v1 import npu_pb2
 
 

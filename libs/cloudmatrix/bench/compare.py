@@ -1,0 +1,129 @@
+"""`cmx bench compare`: one command, one checkpoint, the same prompts and output lengths through
+(a) Hugging Face transformers ``generate`` with static batching, (b) this project's in-process
+engine (the instance scheduler over a local die: continuous batching, no RPC) and (c) the
+distributed suite on the default topology, brought up by the command in fp32 and int8-pasa.
+Repeats run interleaved; each number is the median over repeats; ratios are to (a)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from cloudmatrix.bench.compare_systems import hf_generate, in_process, suite
+from cloudmatrix.bench.serve import workload
+from cloudmatrix.bench.timing import write_report
+from cloudmatrix.launcher.bringup import bring_down, bring_up
+from cloudmatrix.launcher.topology import parse_topology
+from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.model.presets import create_checkpoint
+
+QUICK = {"requests": 8, "input_len": 64, "output_len": 16, "repeats": 2}
+SYSTEMS = ("hf_static", "in_process", "suite_fp32", "suite_int8_pasa")
+METRICS = ("output_tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="HF transformers vs the in-process engine vs the suite (fp32, int8-pasa)")
+    p.add_argument("--quick", action="store_true", help="8 requests of 64 + 16 tokens, 2 repeats")
+    p.add_argument("--requests", type=int, default=32, help="all sent at once to each system")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hf-batch", type=int, default=0, help="static batch size for transformers (0 = all requests)")
+    p.add_argument("--topology", default="topologies/local.yaml")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="cmx-compare-") as tmp:
+        tmp = Path(tmp)
+        float_ckpt, int8_ckpt = _checkpoints(tmp, args.preset)
+        model = load_model(float_ckpt)
+        runs = {"suite_fp32": tmp / "fp32", "suite_int8_pasa": tmp / "int8-pasa"}
+        topologies = {"suite_fp32": _topology(args.topology, float_ckpt, "fp32"),
+                      "suite_int8_pasa": _topology(args.topology, int8_ckpt, "int8-pasa")}
+        samples: dict[str, list[dict]] = {name: [] for name in SYSTEMS}
+        try:
+            decode_metrics = {name: _decode_metrics(bring_up(topologies[name], runs[name].resolve(), 180.0))
+                              for name in runs}
+            for repeat in range(args.repeats):  # interleaved: machine noise hits every system alike
+                prompts = workload.synthetic(args.requests, args.input_len, args.output_len, 0.0,
+                                             model.cfg.vocab_size, seed=repeat)
+                samples["hf_static"].append(hf_generate(float_ckpt, prompts, args.hf_batch or args.requests))
+                samples["in_process"].append(asyncio.run(in_process(model, prompts)))
+                for name in runs:
+                    samples[name].append(suite(runs[name], decode_metrics[name], prompts))
+        finally:
+            for run_dir in runs.values():
+                if (run_dir / "state.json").exists():
+                    bring_down(run_dir.resolve(), 10.0)
+    report = _report(args, samples)
+    path = write_report(args.out, "compare", report)
+    _print(report)
+    print(f"\nthreads: 1 per process (torch); JSON: {path}")
+    return 0
+
+
+def _decode_metrics(records) -> str:
+    decode = next(r for r in records if r.service == "decode")
+    return f"http://127.0.0.1:{decode.metrics_port}"
+
+
+def _checkpoints(tmp: Path, preset: str) -> tuple[Path, Path]:
+    from cloudmatrix.cli.main import main as cmx
+
+    float_ckpt = create_checkpoint(preset, tmp / "checkpoints" / preset, seed=0)
+    int8_ckpt = tmp / "checkpoints" / f"{preset}-int8"
+    if cmx(["quantize", "--checkpoint", str(float_ckpt), "--out", str(int8_ckpt)]) != 0:
+        raise RuntimeError("quantizing the checkpoint failed")
+    return Path(float_ckpt), int8_ckpt
+
+
+def _topology(path: str, checkpoint: Path, precision: str):
+    """The topology file with every instance serving ``checkpoint`` in ``precision``."""
+    raw = yaml.safe_load(Path(path).read_text())
+    for entry in raw["services"]:
+        settings = entry.get("set") or {}
+        if "checkpoint" in settings:
+            settings["checkpoint"] = str(checkpoint.resolve())
+        if "precision" in settings:
+            settings["precision"] = precision
+    return parse_topology(raw, Path(path).parent)
+
+
+def _report(args: argparse.Namespace, samples: dict[str, list[dict]]) -> dict:
+    rows = []
+    for name in SYSTEMS:
+        runs = samples[name]
+        row = {"system": name, "precision": "int8-pasa" if name.endswith("int8_pasa") else "fp32"}
+        row.update({m: statistics.median(r[m] for r in runs) for m in METRICS})
+        if "decode_seqs_per_step" in runs[0]:
+            row["decode_seqs_per_step"] = statistics.median(r["decode_seqs_per_step"] for r in runs)
+        rows.append(row)
+    base = rows[0]["output_tok_s"]
+    for row in rows:
+        row["ratio_to_hf"] = row["output_tok_s"] / base if base else 0.0
+    config = {k: v for k, v in vars(args).items() if k != "handler"}
+    return {"config": config, "rows": rows, "samples": samples, "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _print(report: dict) -> None:
+    print(f"{'system':<18} {'precision':<10} {'out tok/s':>9} {'vs HF':>6} {'TTFT p50/p99 ms':>17} "
+          f"{'TPOT p50/p99 ms':>17} {'seqs/decode step':>16}")
+    for r in report["rows"]:
+        seqs = f"{r['decode_seqs_per_step']:.1f}" if "decode_seqs_per_step" in r else "-"
+        print(f"{r['system']:<18} {r['precision']:<10} {r['output_tok_s']:>9.1f} {r['ratio_to_hf']:>5.2f}x "
+              f"{r['ttft_p50_ms']:>8.0f}/{r['ttft_p99_ms']:<8.0f} {r['tpot_p50_ms']:>8.1f}/{r['tpot_p99_ms']:<8.1f} "
+              f"{seqs:>16}")

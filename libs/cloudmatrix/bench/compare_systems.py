@@ -1,0 +1,99 @@
+"""The three kinds of system `cmx bench compare` measures, each as one function: the same
+prompts in, {output_tok_s, ttft/tpot percentiles} out. Every request is sent at t = 0; TTFT is
+from then to the request's first token, TPOT the mean gap between its later tokens."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import torch
+
+from cloudmatrix.bench.local_driver import LocalDriver
+from cloudmatrix.bench.serve.runner import LoadShape, run_load
+from cloudmatrix.bench.serve.stats import percentile, scrape
+from cloudmatrix.bench.serve.workload import BenchRequest
+from cloudmatrix.demo import gateway_url, get_json
+from cloudmatrix.instance.loop import LoopSettings, StepLoop
+from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.transformer import DeepseekV3
+
+STEP_SERIES = ("cmx:engine_step_sequences_total", "cmx:engine_step_seconds_count")
+
+
+def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float) -> dict:
+    return {"output_tok_s": output_tokens / elapsed, "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+            "ttft_p99_ms": percentile(ttft, 99) * 1e3, "tpot_p50_ms": percentile(tpot, 50) * 1e3,
+            "tpot_p99_ms": percentile(tpot, 99) * 1e3}
+
+
+def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> dict:
+    """transformers' DeepseekV3ForCausalLM.generate, greedy, static batches of ``batch`` prompts
+    (of one length: no padding), every output exactly output_len tokens."""
+    import transformers
+
+    model = transformers.DeepseekV3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                               attn_implementation="eager")
+    out_len, ttft, tpot = prompts[0].output_len, [], []
+
+    class Clock(transformers.StoppingCriteria):  # called once per generated token
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        ids = torch.tensor([p.prompt for p in chunk])  # [B, S]
+        clock = Clock()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
+                           min_new_tokens=out_len, do_sample=False, stopping_criteria=[clock], pad_token_id=0)
+        ttft += [clock.stamps[0] - start] * len(chunk)
+        tpot += [(clock.stamps[-1] - clock.stamps[0]) / max(out_len - 1, 1)] * len(chunk)
+    return _summary(ttft, tpot, out_len * len(prompts), time.perf_counter() - start)
+
+
+async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
+    """The instance scheduler and step loop over the model in this process (continuous batching)."""
+    blocks = sum(-(-(len(p.prompt) + p.output_len) // 16) for p in prompts) + 8
+    driver = LocalDriver(model, blocks)
+    limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), max_step_tokens=1024)
+    loop = StepLoop(driver, driver.load, limits, LoopSettings("in-process", probe_interval_s=3600.0))
+    await loop.start()
+    start = time.perf_counter()
+    requests = [Request(f"r{i}", list(p.prompt), SamplingParams(max_tokens=p.output_len),
+                        StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
+    for r in requests:
+        loop.submit(r)
+    stamps = await asyncio.gather(*(_token_times(loop, r) for r in requests))
+    elapsed = time.perf_counter() - start
+    await loop.stop()
+    return _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
+                    sum(len(s) for s in stamps), elapsed)
+
+
+async def _token_times(loop: StepLoop, request: Request) -> list[float]:
+    return [time.perf_counter() async for event in loop.events(request) if event.token_id is not None]
+
+
+def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> dict:
+    """Every prompt at once through the gateway of a topology `cmx up` started in ``run_dir``;
+    also the decode instance's mean sequences per step over the run."""
+    url = gateway_url(run_dir)
+    model = get_json(f"{url}/v1/models")["data"][0]["id"]
+    before = scrape(decode_metrics, STEP_SERIES)
+    results, elapsed = asyncio.run(run_load(url, model, prompts, LoadShape(concurrency=len(prompts))))
+    after = scrape(decode_metrics, STEP_SERIES)
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed on the suite, e.g. {failed[0]}")
+    steps = after[STEP_SERIES[1]] - before[STEP_SERIES[1]]
+    summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results],
+                       sum(r.output_tokens for r in results), elapsed)
+    return {**summary, "decode_seqs_per_step": (after[STEP_SERIES[0]] - before[STEP_SERIES[0]]) / steps if steps else 0}

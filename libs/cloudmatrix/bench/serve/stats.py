@@ -1,0 +1,67 @@
+"""Summaries of a run: percentiles (mean, p50, p90, p99) of TTFT, TPOT, ITL and end-to-end
+latency; request and output-token throughput; goodput under TTFT / TPOT SLOs; the gateway's
+prefix-cache counters read from its Prometheus metrics."""
+from __future__ import annotations
+
+import re
+import urllib.request
+
+from cloudmatrix.bench.serve.client import RequestResult
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * p / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def distribution(values: list[float]) -> dict[str, float]:
+    """Milliseconds: mean and percentiles."""
+    out = {"mean_ms": sum(values) / len(values) * 1e3 if values else 0.0}
+    out.update({f"p{p}_ms": percentile(values, p) * 1e3 for p in PERCENTILES})
+    return out
+
+
+def summarize(results: list[RequestResult], elapsed_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    good = [r for r in ok if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s]
+    output = sum(r.output_tokens for r in ok)
+    return {
+        "requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": elapsed_s,
+        "input_tokens": sum(r.prompt_tokens for r in ok), "output_tokens": output,
+        "cached_tokens": sum(r.cached_tokens for r in ok),
+        "request_throughput": len(ok) / elapsed_s if elapsed_s else 0.0,
+        "output_throughput": output / elapsed_s if elapsed_s else 0.0,
+        "goodput": {"slo_ttft_ms": slo_ttft_s * 1e3, "slo_tpot_ms": slo_tpot_s * 1e3, "requests": len(good),
+                    "request_throughput": len(good) / elapsed_s if elapsed_s else 0.0},
+        "ttft": distribution([r.ttft_s for r in ok]),
+        "tpot": distribution([r.tpot_s for r in ok if r.output_tokens > 1]),
+        "itl": distribution([t for r in ok for t in r.itl_s]),
+        "e2e": distribution([r.e2e_s for r in ok]),
+    }
+
+
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum of each unlabelled-or-labelled series ``name`` at ``url``/metrics (0 when absent)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {name: sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+            for name in names}
+
+
+CACHE_SERIES = ("cmx:prefix_cache_queries_total", "cmx:prefix_cache_hits_total")
+
+
+def hit_rate(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    queries = after[CACHE_SERIES[0]] - before[CACHE_SERIES[0]]
+    hits = after[CACHE_SERIES[1]] - before[CACHE_SERIES[1]]
+    return {"queried_tokens": queries, "hit_tokens": hits, "hit_rate": hits / queries if queries else 0.0}

@@ -1,0 +1,36 @@
+"""Start a topology's processes in waves (referenced entries SERVING before their users) and stop
+them: what `cmx up` / `cmx down` and the benchmarks that bring up their own topology share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cloudmatrix.launcher.processes import ProcessRecord, load_state, save_state, spawn, stop_all, wait_healthy
+from cloudmatrix.launcher.topology import Topology
+from cloudmatrix.launcher.waves import resolve, waves
+from cloudmatrix.rpc.channel import health_check_sync
+
+
+def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[ProcessRecord]:
+    """Every process SERVING, state saved in ``run_dir``; on a failure the started ones are
+    stopped and the error (StartupError, KeyboardInterrupt) propagates."""
+    records: list[ProcessRecord] = []
+    try:
+        for wave in waves(topology.processes):
+            procs = [spawn(resolve(spec, records), run_dir) for spec in wave]
+            records += [r for _, r in procs]
+            save_state(run_dir, topology, records)
+            wait_healthy(procs, health_check_sync, timeout_s)
+    except BaseException:
+        stop_all(records, grace_s=5.0)
+        (run_dir / "state.json").unlink(missing_ok=True)
+        raise
+    save_state(run_dir, topology, records)
+    return records
+
+
+def bring_down(run_dir: Path, grace_s: float) -> tuple[list[ProcessRecord], list[str]]:
+    """Stop what ``run_dir``'s state lists; returns the records and the names killed hard."""
+    records = load_state(run_dir)
+    killed = stop_all(records, grace_s)
+    (run_dir / "state.json").unlink(missing_ok=True)
+    return records, killed

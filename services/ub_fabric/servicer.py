@@ -1,7 +1,12 @@
-"""gRPC servicer of the UB fabric: one bidirectional Attach stream per die."""
+"""gRPC servicer of the UB fabric: one bidirectional Attach stream per die.
+
+Telemetry is per round, not per frame: one span per completed all-to-all round (in the trace of
+the step that sent it: the first frame's traceparent), and the per-link Prometheus counters are
+bound once per link."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -27,10 +32,22 @@ def _round_key(frame: fabric_pb2.Frame) -> tuple[int, int, int, int]:
     return r.step, r.layer, r.microbatch, r.kind
 
 
+@dataclasses.dataclass
+class _RoundSpan:
+    """A traced round being routed: its first frame's trace context and time, frames and bytes."""
+
+    traceparent: str
+    started_ns: int
+    frames: int = 0
+    bytes: int = 0
+
+
 class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
     def __init__(self, core: FabricCore, hello_timeout_s: float) -> None:
         self.core = core
         self.hello_timeout_s = hello_timeout_s
+        self._links: dict[tuple[int, int], tuple] = {}         # (src, dst) -> bound counters
+        self._rounds: dict[tuple[str, tuple], _RoundSpan] = {}  # traced rounds in flight
 
     async def Attach(self, request_iterator, context):
         hello = await self._read_hello(request_iterator, context)
@@ -42,9 +59,9 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
         log.info("die attached", extra={"group": group, "die": die, "world_size": hello.world_size})
         for member in to_greet:
             member.queue.put_nowait((fabric_pb2.Frame(src_die=member.die_id, dst_die=member.die_id, hello=hello), None))
-        reader = asyncio.create_task(self._pump(request_iterator, group, die))
+        reader = asyncio.create_task(self._pump(request_iterator, group, die, queue))
         try:
-            async for frame in self._outbound(queue, reader, group, die):
+            async for frame in self._outbound(queue, group, die):
                 yield frame
         finally:
             reader.cancel()
@@ -59,24 +76,27 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach: the first frame must be a Hello")
         return first.hello
 
-    async def _outbound(self, queue: asyncio.Queue, reader: asyncio.Task, group: str, die: int):
-        """Frames for this die until its own stream ends (the reader finishes)."""
+    async def _outbound(self, queue: asyncio.Queue, group: str, die: int):
+        """Frames for this die until None: its own stream ended (the pump's last word) or a newer
+        attachment of the same die replaced it."""
         while True:
-            get = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if get not in done:
-                get.cancel()
-                return
-            item = get.result()
-            if item is None:  # replaced by a newer attachment of the same die
+            item = await queue.get()
+            if item is None:
                 return
             frame, routed_at = item
             if routed_at is not None:
                 self.core.record_delivery(group, frame.src_die, die, time.perf_counter() - routed_at)
             yield frame
 
-    async def _pump(self, request_iterator, group: str, die: int) -> None:
-        """Route every frame this die sends until it hangs up or sends a bad frame."""
+    async def _pump(self, request_iterator, group: str, die: int, own: asyncio.Queue) -> None:
+        """Route every frame this die sends until it hangs up or sends a bad frame; then end the
+        die's outbound stream too."""
+        try:
+            await self._route_all(request_iterator, group, die)
+        finally:
+            own.put_nowait(None)
+
+    async def _route_all(self, request_iterator, group: str, die: int) -> None:
         async for frame in request_iterator:
             frame.src_die = die
             try:
@@ -85,27 +105,47 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             except ValueError as exc:
                 log.warning("bad frame dropped; detaching the die", extra={"die": die, "error": str(exc)})
                 return
+            size = frame.ByteSize()
             if frame.traceparent:
-                self._trace_route(frame, group)
-            labels = (str(die), str(frame.dst_die))
-            BYTES.labels(*labels).inc(frame.ByteSize())
-            FRAMES.labels(*labels).inc()
-            MODELED.labels(*labels).inc(modeled)
+                self._trace_round(frame, group, size)
+            bytes_counter, frames_counter, modeled_counter = self._counters(die, frame.dst_die)
+            bytes_counter.inc(size)
+            frames_counter.inc()
+            modeled_counter.inc(modeled)
             if member is not None:
                 frame.modeled_arrival_s = frame.modeled_send_s + modeled
                 member.queue.put_nowait((frame, time.perf_counter()))
 
-    def _trace_route(self, frame: fabric_pb2.Frame, group: str) -> None:
-        """A span in the sending step's trace for every routed frame."""
-        span = _TRACER.start_span(f"fabric.{common_pb2.RoundKind.Name(frame.round.kind).removeprefix('ROUND_KIND_').lower()}",
-                                  context=context_from_traceparent(frame.traceparent),
-                                  attributes={"group": group, "src_die": frame.src_die, "dst_die": frame.dst_die,
-                                              "step": frame.round.step, "layer": frame.round.layer,
-                                              "bytes": frame.ByteSize()})
-        span.end()
+    def _counters(self, src: int, dst: int) -> tuple:
+        counters = self._links.get((src, dst))
+        if counters is None:
+            labels = (str(src), str(dst))
+            counters = self._links[(src, dst)] = (BYTES.labels(*labels), FRAMES.labels(*labels),
+                                                  MODELED.labels(*labels))
+        return counters
+
+    def _trace_round(self, frame: fabric_pb2.Frame, group: str, size: int) -> None:
+        """Count a traced frame into its round; the round's last frame ends one span for it all."""
+        key = (group, _round_key(frame))
+        span = self._rounds.get(key)
+        if span is None:
+            span = self._rounds[key] = _RoundSpan(frame.traceparent, time.time_ns())
+        span.frames, span.bytes = span.frames + 1, span.bytes + size
+        g = self.core.groups.get(group)
+        if g is None or span.frames < g.world_size * (g.world_size - 1):
+            return
+        del self._rounds[key]
+        r = frame.round
+        kind = common_pb2.RoundKind.Name(r.kind).removeprefix("ROUND_KIND_").lower()
+        _TRACER.start_span(f"fabric.{kind}", context=context_from_traceparent(span.traceparent),
+                           start_time=span.started_ns,
+                           attributes={"group": group, "step": r.step, "layer": r.layer, "microbatch": r.microbatch,
+                                       "frames": span.frames, "bytes": span.bytes}).end()
 
     def _detach(self, group: str, die: int, queue: asyncio.Queue, reason: str) -> None:
         remaining = self.core.detach(group, die, queue)
+        for key in [k for k in self._rounds if k[0] == group]:  # rounds in flight can no longer complete
+            del self._rounds[key]
         if not remaining:
             return
         log.info("die detached", extra={"group": group, "die": die, "reason": reason})

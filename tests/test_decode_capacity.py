@@ -55,3 +55,8 @@ def test_a_pool_for_4_serves_16_concurrent_requests_with_preemption(tmp_path, ti
     assert load.kv_blocks_total == 2 * BLOCKS_PER_DIE and list(load.die_kv_blocks_free) == [BLOCKS_PER_DIE] * 2
     counted = float(re.search(r'^cmx:num_preemptions_total\{instance="decode-0"\} (\S+)$', metrics, re.M).group(1))
     assert load.preemptions > 0 and counted == load.preemptions
+    phase = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^cmx:engine_die_phase_seconds_total\{instance="decode-0",phase="(\w+)"\} (\S+)$', metrics, re.M)}
+    assert set(phase) == {"forward", "compute", "dispatch", "combine", "sample"}
+    assert phase["forward"] == pytest.approx(sum(phase[k] for k in ("compute", "dispatch", "combine", "sample")))
+    assert phase["compute"] > 0 and phase["dispatch"] > 0  # 2 dies: the MoE rounds wait on the fabric

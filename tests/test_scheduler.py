@@ -7,11 +7,14 @@ import asyncio
 import pytest
 
 from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.driver import ForwardResult
 from cloudmatrix.instance.loop import SLOW_PROBES_DOWN, InstanceUnavailable, LoopSettings, LoopState, StepLoop
 from cloudmatrix.instance.request import Request, StopRule
 from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import ResourceExhausted
+from cloudmatrix.rpc.timing import timing_proto
+from cmx.npu.v1 import npu_pb2
 from tests.fake_dies import FakeDriver, die_failure, prefix_kv, reference
 
 BS = 4
@@ -225,3 +228,13 @@ def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():
 
     state, health = run(scenario())
     assert state is LoopState.BROKEN and health == [False]
+
+
+def test_die_phases_are_means_over_the_dies_with_compute_the_rest():
+    def reply(total, dispatch, combine, sample):
+        return npu_pb2.ForwardReply(timing=timing_proto({"dispatch": dispatch, "combine": combine, "sample": sample},
+                                                        {}, measured_s=total, modeled_s=0.0))
+
+    result = ForwardResult({}, [reply(1.0, 0.2, 0.1, 0.05), reply(3.0, 0.4, 0.3, 0.15)])
+    assert result.die_phases() == pytest.approx({"forward": 2.0, "dispatch": 0.3, "combine": 0.2, "sample": 0.1,
+                                                 "compute": 1.4})

@@ -39,6 +39,19 @@ class ForwardResult:
     def modeled_s(self) -> float:
         return max((r.timing.modeled_s for r in self.replies), default=0.0)
 
+    def die_phases(self) -> dict[str, float]:
+        """Measured seconds per phase, mean over the dies: forward (a die's whole Forward),
+        dispatch / combine (waiting for the fabric rounds), sample, and compute (the rest)."""
+        sums: dict[str, float] = {}
+        for reply in self.replies:
+            phases = {p.phase: p.measured_s for p in reply.timing.phases}
+            waits = {k: phases.get(k, 0.0) for k in ("dispatch", "combine", "sample")}
+            parts = {"forward": reply.timing.measured_s, **waits,
+                     "compute": max(0.0, reply.timing.measured_s - sum(waits.values()))}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+        return {k: v / max(len(self.replies), 1) for k, v in sums.items()}
+
 
 @dataclasses.dataclass(frozen=True)
 class DieProbe:

@@ -66,7 +66,7 @@ SLOW_PROBES_DOWN = 3
 
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
-StepHook = Callable[[float, float, int], None]  # measured s, modeled s, sequences
+StepHook = Callable[[float, float, int, dict], None]  # measured s, modeled s, sequences, die phases
 
 
 class StepLoop:
@@ -174,7 +174,11 @@ class StepLoop:
             return
         self.steps, self.recent = self.steps + 1, (measured, modeled)
         if self.on_step is not None:
-            self.on_step(measured, modeled, len(plan.chunks))
+            phases: dict[str, float] = {}
+            for result in results:  # microbatches add up (they may overlap in time)
+                for k, v in result.die_phases().items():
+                    phases[k] = phases.get(k, 0.0) + v
+            self.on_step(measured, modeled, len(plan.chunks), phases)
 
     def _microbatches(self, plan: StepPlan) -> list[tuple[int, list[ScheduledChunk]]]:
         if self.settings.microbatches == 2 and len(plan.chunks) > 1:

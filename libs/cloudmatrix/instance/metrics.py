@@ -40,9 +40,10 @@ class SchedulerCollector:
 
 
 def register_scheduler_metrics(instance: str, read: Callable[[], dict[str, float]]):
-    """Register the gauges; returns the step loop's ``on_step(measured_s, modeled_s, sequences)``
-    callback (step histograms, and ``cmx:engine_step_sequences_total``: sequences summed over
-    steps, so that Δsequences / Δ``cmx:engine_step_seconds_count`` is the mean batch size)."""
+    """Register the gauges; returns the step loop's ``on_step(measured_s, modeled_s, sequences,
+    die_phases)`` callback: step histograms; ``cmx:engine_step_sequences_total`` (sequences summed
+    over steps: Δsequences / Δ``cmx:engine_step_seconds_count`` is the mean batch size); and
+    ``cmx:engine_die_phase_seconds_total{phase}``, where a step's time goes on the dies."""
     REGISTRY.register(SchedulerCollector(instance, read))
     measured = Histogram("cmx:engine_step_seconds", "Measured wall seconds of an engine step", ["instance"],
                          buckets=_STEP_SECONDS)
@@ -50,10 +51,14 @@ def register_scheduler_metrics(instance: str, read: Callable[[], dict[str, float
                         ["instance"], buckets=_MODELED_SECONDS)
 
     sequences = Counter("cmx:engine_step_sequences", "Sequences stepped, summed over engine steps", ["instance"])
+    phases = Counter("cmx:engine_die_phase_seconds", "Measured seconds of the dies' Forward by phase (mean over "
+                     "the dies, summed over steps): forward, compute, dispatch, combine, sample", ["instance", "phase"])
 
-    def on_step(measured_s: float, modeled_s: float, count: int) -> None:
+    def on_step(measured_s: float, modeled_s: float, count: int, die_phases: dict[str, float]) -> None:
         measured.labels(instance).observe(measured_s)
         modeled.labels(instance).observe(modeled_s)
         sequences.labels(instance).inc(count)
+        for phase, seconds in die_phases.items():
+            phases.labels(instance, phase).inc(seconds)
 
     return on_step

@@ -14,9 +14,17 @@ from pathlib import Path
 
 from cloudmatrix.bench.serve import plots, workload
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
-from cloudmatrix.bench.serve.stats import CACHE_SERIES, hit_rate, scrape, summarize
+from cloudmatrix.bench.serve.stats import (
+    CACHE_SERIES,
+    hit_rate,
+    scrape,
+    step_breakdown,
+    step_snapshot,
+    summarize,
+)
 from cloudmatrix.bench.timing import write_report
 from cloudmatrix.demo import gateway_url, get_json
+from cloudmatrix.launcher.processes import load_state
 
 QUICK = {"num_prompts": 12, "input_len": 64, "output_len": 16, "shared_prefix": 0.5, "concurrency": "1,4"}
 
@@ -91,12 +99,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(url: str, model: str, requests, shape: LoadShape, args, label: str) -> dict:
-    before = scrape(url, CACHE_SERIES)
+    decode = _decode_metrics(args)
+    before, steps = scrape(url, CACHE_SERIES), step_snapshot(decode) if decode else None
     results, elapsed = asyncio.run(run_load(url, model, requests, shape, args.timeout_s, label))
     cache = hit_rate(before, scrape(url, CACHE_SERIES))
     summary = summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     return {"label": label, "load": shape.describe(), "summary": summary, "prefix_cache": cache,
+            "decode_steps": step_breakdown(steps, step_snapshot(decode)) if decode else None,
             "asked_output_tokens": sum(r.output_len for r in requests), "results": results}
+
+
+def _decode_metrics(args) -> str:
+    """The /metrics URL of the decode instance `cmx up` started in --run-dir (when --url is not
+    given and the run dir has one); "" otherwise."""
+    state = Path(args.run_dir) / "state.json"
+    if args.url or not state.exists():
+        return ""
+    decode = [r for r in load_state(Path(args.run_dir)) if r.service == "decode" and r.metrics_port]
+    return f"http://127.0.0.1:{decode[0].metrics_port}" if decode else ""
 
 
 def _plots(runs: list[dict], out: Path) -> list[str]:
@@ -123,6 +143,12 @@ def _print(report: dict) -> None:
               f"{s['tpot']['p50_ms']:>8.1f}/{s['tpot']['p99_ms']:<8.1f} "
               f"{s['itl']['p50_ms']:>10.1f} {s['goodput']['request_throughput']:>11.2f} "
               f"{r['prefix_cache']['hit_rate']:>8.1%}")
+    for r in report["runs"]:
+        d = r.get("decode_steps")
+        if d and d.get("steps"):
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(d["die_phase_ms_per_step"].items()))
+            print(f"{r['label']}: decode {d['steps']} steps, {d['step_ms']:.1f} ms and {d['sequences_per_step']:.1f} "
+                  f"sequences a step; dies per step (ms): {phases}")
     if report["trace"]:
         t = report["trace"]
         print(f"trace {t['path']}: {t['requests']} requests scaled 1/{t['scale']} ({t['block_tokens']}-token blocks, "

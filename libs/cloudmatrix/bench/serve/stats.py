@@ -58,6 +58,38 @@ def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
             for name in names}
 
 
+def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
+    """Series ``name`` at ``url``/metrics summed per value of ``label``."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for m in re.finditer(rf'^{re.escape(name)}{{([^}}]*)}} (\S+)$', text, re.M):
+        value = re.search(rf'{label}="([^"]*)"', m.group(1))
+        if value:
+            out[value.group(1)] = out.get(value.group(1), 0.0) + float(m.group(2))
+    return out
+
+
+STEP_SERIES = ("cmx:engine_step_seconds_sum", "cmx:engine_step_seconds_count", "cmx:engine_step_sequences_total")
+PHASE_SERIES = "cmx:engine_die_phase_seconds_total"
+
+
+def step_snapshot(url: str) -> dict:
+    return {**scrape(url, STEP_SERIES), "phases": scrape_by_label(url, PHASE_SERIES, "phase")}
+
+
+def step_breakdown(before: dict, after: dict) -> dict:
+    """Where a decode step's time went between two snapshots: mean step wall time, sequences per
+    step, and the dies' Forward phases per step (mean over dies; microbatches add up)."""
+    steps = after[STEP_SERIES[1]] - before[STEP_SERIES[1]]
+    if not steps:
+        return {"steps": 0}
+    per_step = {k: (v - before["phases"].get(k, 0.0)) / steps * 1e3 for k, v in after["phases"].items()}
+    return {"steps": int(steps), "step_ms": (after[STEP_SERIES[0]] - before[STEP_SERIES[0]]) / steps * 1e3,
+            "sequences_per_step": (after[STEP_SERIES[2]] - before[STEP_SERIES[2]]) / steps,
+            "die_phase_ms_per_step": per_step}
+
+
 CACHE_SERIES = ("cmx:prefix_cache_queries_total", "cmx:prefix_cache_hits_total")
 
 

@@ -81,8 +81,9 @@ def test_health_timeout_names_the_process(tmp_path, run_dir):
     assert up.returncode != 0 and "did not report SERVING" in up.stderr and "die-0" in up.stderr
 
 
-def test_default_topology_parses():
-    topology = load_topology(REPO / "topologies" / "local.yaml")
+@pytest.mark.parametrize("name", ["local.yaml", "paper.yaml"])
+def test_shipped_topologies_parse(name):
+    topology = load_topology(REPO / "topologies" / name)
     assert topology.processes and all(p.service for p in topology.processes)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from cloudmatrix.bench.compare_systems import hf_generate, in_process, suite
 from cloudmatrix.bench.serve import workload
-from cloudmatrix.bench.timing import write_report
+from cloudmatrix.bench.timing import apply_quick, write_report
 from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.topology import parse_topology
 from cloudmatrix.model.checkpoint import load_model
@@ -43,9 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="cmx-compare-") as tmp:
         tmp = Path(tmp)

@@ -24,6 +24,13 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def apply_quick(args, quick: dict) -> None:
+    """``--quick``: replace the arguments ``quick`` names with its smaller values."""
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+
+
 def write_report(out_dir: str | Path, name: str, report: dict) -> Path:
     """Write ``<out_dir>/<name>.json`` with the thread count recorded; returns the path."""
     out = Path(out_dir)

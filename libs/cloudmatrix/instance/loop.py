@@ -203,8 +203,8 @@ class StepLoop:
         """Fail every request, wait until every die answers, reload them all, serve again."""
         log.warning("a die is down; the instance stops serving until it is back",
                     extra={"instance": self.settings.name, "reason": reason})
-        await self._set_state(LoopState.RECOVERING, f"{reason}; the instance is recovering")
-        self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: {self.why}"))
+        await self._set_state(LoopState.RECOVERING, reason)
+        self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: {reason}; the instance is recovering"))
         while True:
             blocks = await self._reload_when_all_answer()
             if blocks is not None:

@@ -22,7 +22,7 @@ from cloudmatrix.bench.serve.stats import (
     step_snapshot,
     summarize,
 )
-from cloudmatrix.bench.timing import write_report
+from cloudmatrix.bench.timing import apply_quick, write_report
 from cloudmatrix.demo import gateway_url, get_json
 from cloudmatrix.launcher.processes import load_state
 
@@ -58,9 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(2**31)
     url = args.url or gateway_url(Path(args.run_dir))

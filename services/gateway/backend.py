@@ -35,9 +35,10 @@ def converted(err: grpc.aio.AioRpcError, address: str) -> Exception:
     """The house exception for a failed call to ``address``."""
     log.warning("instance call failed", extra={"address": address, "code": err.code().name,
                                                "details": err.details()})
-    kind = _RAISED.get(err.code(), InstanceFailed)
-    return kind(err.details() or err.code().name) if kind is not InstanceFailed else \
-        InstanceFailed(f"an instance failed ({err.code().name}): {err.details() or 'no details'}")
+    kind = _RAISED.get(err.code())
+    if kind is None:
+        return InstanceFailed(f"an instance failed ({err.code().name}): {err.details() or 'no details'}")
+    return kind(err.details() or err.code().name)
 
 
 def sampling_proto(s: Sampling) -> common_pb2.SamplingParams:

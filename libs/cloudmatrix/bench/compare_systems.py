@@ -11,7 +11,7 @@ import torch
 
 from cloudmatrix.bench.local_driver import LocalDriver
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
-from cloudmatrix.bench.serve.stats import percentile, scrape
+from cloudmatrix.bench.serve.stats import percentile, step_breakdown, step_snapshot
 from cloudmatrix.bench.serve.workload import BenchRequest
 from cloudmatrix.demo import gateway_url, get_json
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
@@ -19,8 +19,6 @@ from cloudmatrix.instance.request import Request, StopRule
 from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.transformer import DeepseekV3
-
-STEP_SERIES = ("cmx:engine_step_sequences_total", "cmx:engine_step_seconds_count")
 
 
 def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float) -> dict:
@@ -87,13 +85,12 @@ def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> di
     also the decode instance's mean sequences per step over the run."""
     url = gateway_url(run_dir)
     model = get_json(f"{url}/v1/models")["data"][0]["id"]
-    before = scrape(decode_metrics, STEP_SERIES)
+    before = step_snapshot(decode_metrics)
     results, elapsed = asyncio.run(run_load(url, model, prompts, LoadShape(concurrency=len(prompts))))
-    after = scrape(decode_metrics, STEP_SERIES)
+    steps = step_breakdown(before, step_snapshot(decode_metrics))
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed on the suite, e.g. {failed[0]}")
-    steps = after[STEP_SERIES[1]] - before[STEP_SERIES[1]]
     summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results],
                        sum(r.output_tokens for r in results), elapsed)
-    return {**summary, "decode_seqs_per_step": (after[STEP_SERIES[0]] - before[STEP_SERIES[0]]) / steps if steps else 0}
+    return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0)}

@@ -27,10 +27,18 @@ class BlockManager:
         return len(self._free[die])
 
     @property
+    def free_per_die(self) -> list[int]:
+        return [len(f) for f in self._free]
+
+    @property
+    def used(self) -> int:
+        return sum(self.total) - sum(self.free_per_die)
+
+    @property
     def usage(self) -> float:
         """Fraction of all dies' blocks in use."""
         total = sum(self.total)
-        return 1.0 - sum(len(f) for f in self._free) / total if total else 0.0
+        return self.used / total if total else 0.0
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold ``tokens`` tokens."""

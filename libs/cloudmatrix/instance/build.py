@@ -2,6 +2,7 @@
 loop with its scheduler, the KV namespace, the metrics and the health hook."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from cloudmatrix.instance.driver import InstanceDriver
@@ -34,7 +35,8 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
                                                        settings.probe_timeout_s))
 
 
-async def start_loop(loop: StepLoop, host, instance_id: str, extra=dict) -> None:
+async def start_loop(loop: StepLoop, host, instance_id: str,
+                     extra: Callable[[], dict[str, float]] = dict) -> None:
     """Load the dies and start stepping; the service's health follows the loop's from then on,
     and the scheduler's gauges and step histograms are registered."""
     loop.on_health = host.set_health
@@ -58,6 +60,5 @@ def instance_load(loop: StepLoop, instance_id: str) -> common_pb2.InstanceLoad:
     return common_pb2.InstanceLoad(
         instance_id=instance_id, running_requests=len(s.running), waiting_requests=len(s.waiting),
         waiting_tokens=sum(len(r.token_ids) - r.num_computed for r in s.waiting),
-        kv_blocks_used=sum(blocks.total) - sum(map(blocks.num_free, range(blocks.num_dies))),
-        kv_blocks_total=sum(blocks.total), recent_step_measured_s=measured, recent_step_modeled_s=modeled,
-        die_kv_blocks_free=[blocks.num_free(d) for d in range(blocks.num_dies)], preemptions=s.preemptions)
+        kv_blocks_used=blocks.used, kv_blocks_total=sum(blocks.total), recent_step_measured_s=measured,
+        recent_step_modeled_s=modeled, die_kv_blocks_free=blocks.free_per_die, preemptions=s.preemptions)

@@ -77,7 +77,6 @@ class Request:
     num_computed: int = 0
     new_tokens: int = 0
     preemptions: int = 0
-    arrived: float = dataclasses.field(default_factory=time.perf_counter)
     waiting_since: float = dataclasses.field(default_factory=time.perf_counter)
     outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     trace_context: object = None     # the submitter's OpenTelemetry context (engine.step spans join it)

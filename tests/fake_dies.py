@@ -42,6 +42,7 @@ class FakeDriver:
         self.gate: asyncio.Event | None = None            # when set, forward waits for it
         self.entered = asyncio.Event()
         self.loads = self.forwards = 0
+        self.step_sizes: list[int] = []                   # sequences in each forward
         self.model_id = "fake"
 
     async def load(self) -> BlockManager:
@@ -64,6 +65,7 @@ class FakeDriver:
 
     async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0) -> ForwardResult:
         self.forwards += 1
+        self.step_sizes.append(sum(len(seqs) for seqs in per_die))
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()

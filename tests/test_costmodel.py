@@ -185,3 +185,11 @@ def test_int8_dispatch_cuts_dispatch_time():
     int8, _ = ub.modeled_dispatch_combine(256)
     bf16, _ = ub.modeled_dispatch_combine(256, int8_dispatch=False)
     assert bf16.latency_s > 1.8 * int8.latency_s
+
+
+def test_the_cached_transfer_model_equals_transfer_s():
+    model = ub.cached_transfer_model()
+    for src, dst, nbytes in [(0, 1, 0), (0, 1, 4096), (3, 40, 1 << 20), (40, 3, 7), (5, 5, 100), (0, 1, 9)]:
+        assert model(src, dst, nbytes) == pytest.approx(ub.transfer_s(src, dst, nbytes), rel=1e-12)
+    with pytest.raises(ValueError):
+        model(0, 1, -1)

@@ -31,28 +31,63 @@ def test_world_size_must_agree_within_a_group():
         core.attach("g", 1, 4)
 
 
-def test_counters_and_completed_rounds():
+def test_a_round_is_delivered_once_every_die_deposited_and_counted_per_link():
     core = _core()
     for d in range(3):
         core.attach("g", d, 3)
+    deliveries = []
     for src in range(3):
-        for dst in set(range(3)) - {src}:
-            member, modeled = core.route("g", src, dst, ("r", 1), 1000, "ROUND_KIND_DISPATCH")
-            assert member.die_id == dst and modeled == pytest.approx(2e-6)
+        assert deliveries == []  # nothing moves before the last die's bundle
+        parcels = {dst: (f"{src}->{dst}", 1000) for dst in set(range(3)) - {src}}
+        deliveries = core.deposit("g", src, ("r", 1), parcels, "ROUND_KIND_DISPATCH")
+    got = {member.die_id: by_src for member, by_src in deliveries}
+    assert got == {dst: {src: f"{src}->{dst}" for src in set(range(3)) - {dst}} for dst in range(3)}
     links, rounds, attached = core.stats(reset=True)
     assert rounds == 1 and attached == 3 and len(links) == 6
     assert all(c.bytes == 1000 and c.frames == 1 and c.bytes_by_kind["ROUND_KIND_DISPATCH"] == 1000
-               for c in links.values())
+               and c.modeled_transfer_s == pytest.approx(2e-6) for c in links.values())
     assert core.stats()[0] == {}  # reset
+    assert core.totals[(0, 1)].bytes == 1000  # Prometheus' running totals are never reset
 
 
-def test_frames_to_self_or_outside_the_group_are_rejected():
+def test_missing_names_the_dies_a_round_waits_for():
     core = _core()
-    core.attach("g", 0, 2)
-    with pytest.raises(ValueError, match="dst_die 0"):
-        core.route("g", 0, 0, "r", 10)
-    with pytest.raises(ValueError, match="dst_die 5"):
-        core.route("g", 0, 5, "r", 10)
+    for d in range(3):
+        core.attach("g", d, 3)
+    assert core.missing("g", "r") is None
+    core.deposit("g", 1, "r", {0: ("p", 1), 2: ("p", 1)})
+    assert core.missing("g", "r") == [0, 2]
+
+
+@pytest.mark.parametrize("parcels,needle", [
+    ({1: ("p", 1)}, r"peer_die \[2\] is wrong or missing"),        # a peer left out
+    ({0: ("p", 1), 1: ("p", 1), 2: ("p", 1)}, r"peer_die \[0\]"),  # to itself
+    ({1: ("p", 1), 2: ("p", 1), 5: ("p", 1)}, r"peer_die \[5\]"),  # outside the group
+])
+def test_bad_bundles_are_rejected_without_changing_anything(parcels, needle):
+    core = _core()
+    for d in range(3):
+        core.attach("g", d, 3)
+    with pytest.raises(ValueError, match=needle):
+        core.deposit("g", 0, "r", parcels)
+    assert core.stats()[0] == {} and core.missing("g", "r") is None
+
+
+def test_a_die_cannot_deposit_twice_in_a_round():
+    core = _core()
+    for d in range(2):
+        core.attach("g", d, 2)
+    core.deposit("g", 0, "r", {1: ("p", 1)})
+    with pytest.raises(ValueError, match="sent twice"):
+        core.deposit("g", 0, "r", {1: ("p", 1)})
+
+
+def test_a_die_leaving_drops_the_rounds_being_gathered():
+    core = _core()
+    queues = [core.attach("g", d, 3)[0] for d in range(3)]
+    core.deposit("g", 0, "r", {1: ("p", 1), 2: ("p", 1)})
+    core.detach("g", 2, queues[2])
+    assert core.missing("g", "r") is None
 
 
 def test_detach_tells_the_rest_and_reattach_replaces_the_old_stream():

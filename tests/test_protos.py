@@ -21,7 +21,7 @@ SERVICES = {
             "FreeBlocks", "Forward", "RunKernel", "GetExpertLoad",
         },
     },
-    "fabric": {"UbFabric": {"Attach", "Stats"}},
+    "fabric": {"UbFabric": {"Attach", "Stats", "Waiting"}},
     "kvcache": {
         "KvCacheShard": {
             "Put", "Get", "Lookup", "Lease", "Release", "Delete", "Stats", "PutBlob", "GetBlob",

@@ -35,11 +35,12 @@ def _prompt(seed: int, n: int) -> list[int]:
 class Harness:
     """A StepLoop over a FakeDriver, with health changes recorded."""
 
-    def __init__(self, dies=2, blocks=8, limits=SchedulerLimits(max_running=8, max_waiting=8, max_step_tokens=16)):
+    def __init__(self, dies=2, blocks=8, limits=SchedulerLimits(max_running=8, max_waiting=8, max_step_tokens=16),
+                 batch_wait_s=0.0):
         self.driver = FakeDriver(dies, blocks, BS)
         self.health: list[bool] = []
-        self.loop = StepLoop(self.driver, self.driver.load, limits, LoopSettings("test-0", probe_interval_s=0.01),
-                             on_health=self._on_health)
+        settings = LoopSettings("test-0", probe_interval_s=0.01, batch_wait_s=batch_wait_s)
+        self.loop = StepLoop(self.driver, self.driver.load, limits, settings, on_health=self._on_health)
 
     async def _on_health(self, serving: bool) -> None:
         self.health.append(serving)
@@ -100,6 +101,32 @@ def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
     assert {reason for _, reason in results} == {"length"}
     assert preemptions > 0 and any(r.preemptions for r in requests)
     assert free == [6, 6]
+
+
+@pytest.mark.parametrize("batch_wait_s", [0.0, 0.5])
+def test_an_idle_instance_waits_for_a_burst_to_arrive_when_asked_to(batch_wait_s):
+    async def scenario():
+        h = Harness(batch_wait_s=batch_wait_s)
+        await h.loop.start()
+        requests = [_request(f"r{i}", _prompt(i, 4), 3) for i in range(3)]
+        tasks = []
+        for r in requests:  # a burst: arrivals a few milliseconds apart
+            h.loop.submit(r)
+            tasks.append(asyncio.create_task(h.collect(r)))
+            if batch_wait_s:
+                await asyncio.sleep(0.01)
+            else:
+                await h.driver.entered.wait()
+        results = await asyncio.gather(*tasks)
+        await h.loop.stop()
+        return h.driver.step_sizes, results
+
+    step_sizes, results = run(scenario())
+    assert [tokens for tokens, _ in results] == [reference(_prompt(i, 4), 3) for i in range(3)]
+    if batch_wait_s:
+        assert step_sizes[0] == 3  # the whole burst in the first step
+    else:
+        assert step_sizes[0] == 1  # the first request stepped as soon as it came
 
 
 def test_a_request_leaving_mid_step_ends_between_steps_and_the_others_keep_their_tokens():

@@ -1,8 +1,12 @@
 """gRPC servicer of the UB fabric: one bidirectional Attach stream per die.
 
-Telemetry is per round, not per frame: one span per completed all-to-all round (in the trace of
-the step that sent it: the first frame's traceparent), and the per-link Prometheus counters are
-bound once per link."""
+A die sends one Bundle frame per round; the fabric reads its headers on the wire (round, peer
+ids: ``cloudmatrix.fabric.wire``) and moves the payload bytes unread into the bundle each
+destination receives once the round is complete. Attach therefore carries raw bytes (registered
+by ``add_to_server``); Hello and Detached frames are ordinary ``fabric_pb2.Frame`` messages.
+Telemetry is per round: one span per completed all-to-all round (in the trace of the step that
+sent it: the first bundle's traceparent); the per-link counters live in plain dicts in the core
+and reach Prometheus through ``LinkCollector`` at scrape time."""
 from __future__ import annotations
 
 import asyncio
@@ -11,9 +15,12 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry import trace
-from prometheus_client import Counter
+from prometheus_client.core import CounterMetricFamily
 
+from cloudmatrix.fabric.codec import round_key
+from cloudmatrix.fabric.wire import read_bundle, write_bundle
 from cloudmatrix.telemetry.context import context_from_traceparent
 from cmx.common.v1 import common_pb2
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
@@ -22,19 +29,48 @@ from services.ub_fabric.core import FabricCore
 log = logging.getLogger(__name__)
 _TRACER = trace.get_tracer(__name__)
 
-BYTES = Counter("cmx_fabric_bytes", "Frame bytes routed die to die", ["src", "dst"])
-FRAMES = Counter("cmx_fabric_frames", "Frames routed die to die, empty ones included", ["src", "dst"])
-MODELED = Counter("cmx_fabric_modeled_transfer_seconds", "Modeled UB transfer seconds", ["src", "dst"])
+_KIND_NAMES = {value: name for name, value in common_pb2.RoundKind.items()}
 
 
-def _round_key(frame: fabric_pb2.Frame) -> tuple[int, int, int, int]:
-    r = frame.round
-    return r.step, r.layer, r.microbatch, r.kind
+class LinkCollector:
+    """Prometheus counters per link, read from the core's running totals at scrape time (the
+    routing path counts in plain dicts: no metric call per parcel)."""
+
+    def __init__(self, core: FabricCore) -> None:
+        self.core = core
+
+    def collect(self):
+        labels = ["src", "dst"]
+        families = (CounterMetricFamily("cmx_fabric_bytes", "Payload bytes routed die to die", labels=labels),
+                    CounterMetricFamily("cmx_fabric_frames", "Parcels routed die to die, empty ones included",
+                                        labels=labels),
+                    CounterMetricFamily("cmx_fabric_modeled_transfer_seconds", "Modeled UB transfer seconds",
+                                        labels=labels))
+        for (src, dst), c in sorted(self.core.totals.items()):
+            for family, value in zip(families, (c.bytes, c.frames, c.modeled_transfer_s)):
+                family.add_metric([str(src), str(dst)], value)
+        yield from families
+
+
+SERVICE = "cmx.fabric.v1.UbFabric"
+
+
+def add_to_server(servicer: UbFabricServicer, server) -> None:
+    """Register the servicer: Attach with raw-bytes frames, Stats and Waiting as generated."""
+    handlers = {
+        "Attach": grpc.stream_stream_rpc_method_handler(servicer.Attach),
+        "Stats": grpc.unary_unary_rpc_method_handler(servicer.Stats, fabric_pb2.StatsRequest.FromString,
+                                                     fabric_pb2.StatsReply.SerializeToString),
+        "Waiting": grpc.unary_unary_rpc_method_handler(servicer.Waiting, fabric_pb2.WaitingRequest.FromString,
+                                                       fabric_pb2.WaitingReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 @dataclasses.dataclass
 class _RoundSpan:
-    """A traced round being routed: its first frame's trace context and time, frames and bytes."""
+    """A traced round being gathered: its first bundle's trace context and time, parcels, bytes."""
 
     traceparent: str
     started_ns: int
@@ -42,11 +78,18 @@ class _RoundSpan:
     bytes: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Deposited:
+    """A parcel waiting in the fabric for its round to complete."""
+
+    payload: memoryview  # into the frame its sender's bundle arrived in
+    at: float            # perf_counter when that bundle arrived
+
+
 class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
     def __init__(self, core: FabricCore, hello_timeout_s: float) -> None:
         self.core = core
         self.hello_timeout_s = hello_timeout_s
-        self._links: dict[tuple[int, int], tuple] = {}         # (src, dst) -> bound counters
         self._rounds: dict[tuple[str, tuple], _RoundSpan] = {}  # traced rounds in flight
 
     async def Attach(self, request_iterator, context):
@@ -58,7 +101,8 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         log.info("die attached", extra={"group": group, "die": die, "world_size": hello.world_size})
         for member in to_greet:
-            member.queue.put_nowait((fabric_pb2.Frame(src_die=member.die_id, dst_die=member.die_id, hello=hello), None))
+            greeting = fabric_pb2.Frame(src_die=member.die_id, dst_die=member.die_id, hello=hello)
+            member.queue.put_nowait((greeting.SerializeToString(), None))
         reader = asyncio.create_task(self._pump(request_iterator, group, die, queue))
         try:
             async for frame in self._outbound(queue, group, die):
@@ -69,8 +113,8 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
 
     async def _read_hello(self, request_iterator, context) -> fabric_pb2.Hello:
         try:
-            first = await asyncio.wait_for(anext(request_iterator), self.hello_timeout_s)
-        except (StopAsyncIteration, asyncio.TimeoutError):
+            first = fabric_pb2.Frame.FromString(await asyncio.wait_for(anext(request_iterator), self.hello_timeout_s))
+        except (StopAsyncIteration, asyncio.TimeoutError, DecodeError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach: the first frame must be a Hello")
         if not first.HasField("hello"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "attach: the first frame must be a Hello")
@@ -83,13 +127,14 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             item = await queue.get()
             if item is None:
                 return
-            frame, routed_at = item
-            if routed_at is not None:
-                self.core.record_delivery(group, frame.src_die, die, time.perf_counter() - routed_at)
+            frame, arrivals = item
+            now = time.perf_counter()
+            for src, at in (arrivals or {}).items():
+                self.core.record_delivery(group, src, die, now - at)
             yield frame
 
     async def _pump(self, request_iterator, group: str, die: int, own: asyncio.Queue) -> None:
-        """Route every frame this die sends until it hangs up or sends a bad frame; then end the
+        """Route every bundle this die sends until it hangs up or sends a bad frame; then end the
         die's outbound stream too."""
         try:
             await self._route_all(request_iterator, group, die)
@@ -98,45 +143,42 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
 
     async def _route_all(self, request_iterator, group: str, die: int) -> None:
         async for frame in request_iterator:
-            frame.src_die = die
             try:
-                member, modeled = self.core.route(group, die, frame.dst_die, _round_key(frame), frame.ByteSize(),
-                                                  common_pb2.RoundKind.Name(frame.round.kind))
+                self._route(frame, group, die)
             except ValueError as exc:
                 log.warning("bad frame dropped; detaching the die", extra={"die": die, "error": str(exc)})
                 return
-            size = frame.ByteSize()
-            if frame.traceparent:
-                self._trace_round(frame, group, size)
-            bytes_counter, frames_counter, modeled_counter = self._counters(die, frame.dst_die)
-            bytes_counter.inc(size)
-            frames_counter.inc()
-            modeled_counter.inc(modeled)
-            if member is not None:
-                frame.modeled_arrival_s = frame.modeled_send_s + modeled
-                member.queue.put_nowait((frame, time.perf_counter()))
 
-    def _counters(self, src: int, dst: int) -> tuple:
-        counters = self._links.get((src, dst))
-        if counters is None:
-            labels = (str(src), str(dst))
-            counters = self._links[(src, dst)] = (BYTES.labels(*labels), FRAMES.labels(*labels),
-                                                  MODELED.labels(*labels))
-        return counters
+    def _route(self, raw: bytes, group: str, die: int) -> None:
+        bundle = read_bundle(raw)
+        if bundle is None:
+            raise ValueError(f"frame from die {die}: after the Hello every frame must be a Bundle")
+        at = time.perf_counter()
+        parcels = {peer: (_Deposited(payload, at), len(payload)) for peer, payload in bundle.parcels}
+        if len(parcels) != len(bundle.parcels):
+            raise ValueError(f"bundle: die {die} sent two parcels to the same peer")
+        kind = _KIND_NAMES.get(bundle.round.kind, "ROUND_KIND_UNSPECIFIED")
+        deliveries = self.core.deposit(group, die, round_key(bundle.round), parcels, kind)
+        if bundle.traceparent:
+            nbytes = sum(n for _, n in parcels.values())
+            self._trace_round(bundle.traceparent, bundle.round, group, len(parcels), nbytes)
+        for member, by_src in deliveries:
+            out = write_bundle(bundle.round_bytes, "", [(src, [d.payload]) for src, d in sorted(by_src.items())],
+                               src=member.die_id, dst=member.die_id)
+            member.queue.put_nowait((out, {src: d.at for src, d in by_src.items()}))
 
-    def _trace_round(self, frame: fabric_pb2.Frame, group: str, size: int) -> None:
-        """Count a traced frame into its round; the round's last frame ends one span for it all."""
-        key = (group, _round_key(frame))
+    def _trace_round(self, traceparent: str, r: common_pb2.RoundId, group: str, parcels: int, size: int) -> None:
+        """Count a traced bundle into its round; the round's last bundle ends one span for it all."""
+        key = (group, round_key(r))
         span = self._rounds.get(key)
         if span is None:
-            span = self._rounds[key] = _RoundSpan(frame.traceparent, time.time_ns())
-        span.frames, span.bytes = span.frames + 1, span.bytes + size
+            span = self._rounds[key] = _RoundSpan(traceparent, time.time_ns())
+        span.frames, span.bytes = span.frames + parcels, span.bytes + size
         g = self.core.groups.get(group)
         if g is None or span.frames < g.world_size * (g.world_size - 1):
             return
         del self._rounds[key]
-        r = frame.round
-        kind = common_pb2.RoundKind.Name(r.kind).removeprefix("ROUND_KIND_").lower()
+        kind = _KIND_NAMES.get(r.kind, "ROUND_KIND_UNSPECIFIED").removeprefix("ROUND_KIND_").lower()
         _TRACER.start_span(f"fabric.{kind}", context=context_from_traceparent(span.traceparent),
                            start_time=span.started_ns,
                            attributes={"group": group, "step": r.step, "layer": r.layer, "microbatch": r.microbatch,
@@ -151,7 +193,12 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
         log.info("die detached", extra={"group": group, "die": die, "reason": reason})
         notice = fabric_pb2.Detached(die_id=die, reason=reason)
         for member in remaining:
-            member.queue.put_nowait((fabric_pb2.Frame(src_die=die, dst_die=member.die_id, detached=notice), None))
+            frame = fabric_pb2.Frame(src_die=die, dst_die=member.die_id, detached=notice)
+            member.queue.put_nowait((frame.SerializeToString(), None))
+
+    async def Waiting(self, request, context):
+        missing = self.core.missing(request.group, round_key(request.round))
+        return fabric_pb2.WaitingReply(gathering=missing is not None, missing_dies=missing or [])
 
     async def Stats(self, request, context):
         links, rounds, attached = self.core.stats(reset=request.reset)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     eps, batches = ((2, 4), (1, 32)) if args.quick else ((2, 4, 8), (1, 32, 128))
     hidden = min(args.hidden, 1024) if args.quick else args.hidden
-    rounds = 2 if args.quick else args.rounds
+    rounds = 20 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as tmp, fabric_process(Path(tmp)) as fabric:
         pingpong = grpc_pingpong_s(200 if not args.quick else 50)
         measured = [measure_rounds(fabric, ep, b, args.top_k, hidden, rounds) for ep in eps for b in batches]
@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
                for ep in (8, 256) for r in modeled_dispatch_combine(ep)]
     paper = [dict(op=r.op, ep=r.ep, latency_us=r.latency_us, bandwidth_gbps=r.bandwidth_gbps)
              for r in paper_dispatch_combine_table()]
+    for r in measured:
+        r["x_pingpong"] = r["round_pair_s"] / pingpong
     report = {"hidden": hidden, "top_k": args.top_k, "grpc_pingpong_rtt_s": pingpong, "rounds": measured,
               "modeled_910c": modeled, "paper": paper}
     path = write_report(args.out, "fabric", report)
@@ -106,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
 def _print(report: dict) -> None:
     print(f"raw gRPC bidi ping-pong round trip on this machine: {report['grpc_pingpong_rtt_s'] * 1e6:.0f} us")
     print(f"\ndispatch (int8) + combine (bf16) through ub_fabric, hidden {report['hidden']}, top-{report['top_k']}:")
-    print(f"{'EP':>4} {'tokens/die':>10} {'latency':>12} {'MB/round':>10} {'GB/s':>8}")
+    print(f"{'EP':>4} {'tokens/die':>10} {'latency':>12} {'x ping-pong':>12} {'MB/round':>10} {'GB/s':>8}")
     for r in report["rounds"]:
-        print(f"{r['ep']:>4} {r['tokens_per_die']:>10} {r['round_pair_s'] * 1e3:>10.2f}ms "
+        print(f"{r['ep']:>4} {r['tokens_per_die']:>10} {r['round_pair_s'] * 1e3:>10.2f}ms {r['x_pingpong']:>11.1f}x "
               f"{r['bytes_per_round_pair'] / 1e6:>10.2f} {r['throughput_gbps']:>8.3f}")
     print("\nmodeled CloudMatrix384 (batch 128 per rank, hidden 7168, top-8) vs the paper:")
     print(f"{'op':<9} {'EP':>4} {'modeled':>10} {'paper':>8} {'modeled BW':>11} {'paper BW':>9}")

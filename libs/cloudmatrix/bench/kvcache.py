@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller blocks; tiny preset for model load")
     parser.add_argument("--blocks", type=int, default=200)
     parser.add_argument("--block-kib", type=int, default=256, help="bytes of one KV block")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="raw and pool throughput are measured this many times, interleaved; medians reported")
     parser.add_argument("--out", default="runs/bench")
     parser.set_defaults(handler=run)
 
@@ -122,14 +124,16 @@ def run(args: argparse.Namespace) -> int:
                        for i in range(3)]
         with _raw_server(tmp, "threads") as raw, _raw_server(tmp, "aio") as raw_aio, \
                 _processes(tmp, shard_specs) as shards:
-            raw_put, raw_get = asyncio.run(_raw_mbps(raw, count, size))
-            aio_put, aio_get = asyncio.run(_raw_mbps(raw_aio, count, size))
-            one_put, one_get = asyncio.run(_client_mbps(shards[:1], blocks, replication=1))
+            runs = [(asyncio.run(_raw_mbps(raw, count, size)), asyncio.run(_raw_mbps(raw_aio, count, size)),
+                     asyncio.run(_client_mbps(shards[:1], _blocks(count, size, f"bench-r1-{i}"), replication=1)))
+                    for i in range(max(1, args.repeats))]  # interleaved: the machine's noise hits all alike
+            (raw_put, raw_get), (aio_put, aio_get), (one_put, one_get) = [
+                tuple(statistics.median(run[which][k] for run in runs) for k in (0, 1)) for which in range(3)]
             r2_put, r2_get = asyncio.run(_client_mbps(shards, _blocks(count, size, "bench-r2"), replication=2))
             lookup = asyncio.run(_lookup_latency(shards, blocks, 50 if args.quick else 300))
             model_load = bench_model_load(shards, "tiny" if args.quick else "small", tmp)
     report = {
-        "block_bytes": size, "blocks": count,
+        "block_bytes": size, "blocks": count, "repeats": len(runs),
         "raw_grpc": {"client_stream_mbps": raw_put, "server_stream_mbps": raw_get},
         "raw_grpc_aio_server": {"client_stream_mbps": aio_put, "server_stream_mbps": aio_get},
         "pool_r1_one_shard": {"put_mbps": one_put, "get_mbps": one_get,
@@ -147,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
 def _print(r: dict) -> None:
     raw, aio = r["raw_grpc"], r["raw_grpc_aio_server"]
     one, r2 = r["pool_r1_one_shard"], r["pool_r2_three_shards"]
-    print(f"blocks: {r['blocks']} x {r['block_bytes'] // 1024} KiB")
+    print(f"blocks: {r['blocks']} x {r['block_bytes'] // 1024} KiB; "
+          f"throughput: median of {r['repeats']} interleaved runs")
     print(f"{'':<36} {'put MB/s':>9} {'get MB/s':>9}")
     print(f"{'raw gRPC, thread-pool server':<36} {raw['client_stream_mbps']:>9.0f} {raw['server_stream_mbps']:>9.0f}")
     print(f"{'raw gRPC, asyncio server (as shards)':<36} {aio['client_stream_mbps']:>9.0f} {aio['server_stream_mbps']:>9.0f}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from cloudmatrix.costmodel.die import check_nonnegative
@@ -89,6 +89,23 @@ def transfer_s(src: int, dst: int, nbytes: int, spec: UBSpec = CLOUDMATRIX384_UB
         die_location(src, spec)  # still validates the id
         return 0.0
     return link_latency_s(src, dst, spec) + nbytes / link_bandwidth(src, dst, spec)
+
+
+def cached_transfer_model(spec: UBSpec = CLOUDMATRIX384_UB) -> Callable[[int, int, int], float]:
+    """``transfer_s`` with each die pair's latency and bandwidth computed once: for a router that
+    models every parcel it moves."""
+    links: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def model(src: int, dst: int, nbytes: int) -> float:
+        link = links.get((src, dst))
+        if link is None:
+            if src == dst:
+                return transfer_s(src, dst, nbytes, spec)
+            link = links[(src, dst)] = (link_latency_s(src, dst, spec), link_bandwidth(src, dst, spec))
+        check_nonnegative(nbytes=nbytes)
+        return link[0] + nbytes / link[1]
+
+    return model
 
 
 # ---- all-to-all rounds: dispatch and combine ----------------------------------------------------

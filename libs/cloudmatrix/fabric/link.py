@@ -1,9 +1,12 @@
 """A die's link to the UB fabric: one bidirectional gRPC stream carrying every all-to-all round.
 
-The model runs synchronously in a worker thread, so the link is synchronous too: frames go out
-through a queue feeding the request stream, a receiver thread files incoming frames by round, and
-``all_to_all`` waits for one frame from every peer. A peer that detaches (the fabric says so) or
-stays silent past the round deadline fails the round with ``PeerUnavailable``; nothing hangs.
+The model runs synchronously in a worker thread, so the link is synchronous too: a round is one
+Bundle frame out (a parcel for every peer) through a queue feeding the request stream, and one
+Bundle frame in (every peer's parcel for this die), which a receiver thread files by round.
+Bundles are written and read on the wire directly (``wire.py``): tensor bytes are copied once
+into the outgoing frame and once out of the incoming one. A peer that detaches (the fabric says
+so) or stays silent past the round deadline fails the round with ``PeerUnavailable``; nothing
+hangs.
 """
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import threading
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from cloudmatrix.fabric.codec import from_frame, round_id, round_key, to_frame
+from cloudmatrix.fabric.codec import from_payload, round_id, round_key, to_payload
+from cloudmatrix.fabric.wire import RawBundle, WireError, read_bundle, write_bundle
 from cloudmatrix.moe.dispatch import TokenRows
 from cloudmatrix.rpc.channel import channel_options
 from cloudmatrix.rpc.errors import PeerUnavailable
@@ -22,6 +27,7 @@ from cloudmatrix.telemetry.context import current_traceparent
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 
 _CLOSE = object()
+ATTACH_METHOD = "/cmx.fabric.v1.UbFabric/Attach"
 
 
 @dataclasses.dataclass
@@ -32,7 +38,7 @@ class RoundTraffic:
     layer: int
     sent: dict[int, int]
     received: dict[int, int]
-    wait_s: float  # wall seconds this die waited for its peers' frames
+    wait_s: float  # wall seconds this die waited for its peers' parcels
 
 
 class FabricLink:
@@ -42,7 +48,7 @@ class FabricLink:
         self.round_timeout_s = round_timeout_s
         self._options = channel_options(max_message_bytes)
         self._cond = threading.Condition()
-        self._inbox: dict[tuple, dict[int, fabric_pb2.Frame]] = {}
+        self._inbox: dict[tuple, RawBundle] = {}  # round -> the bundle delivered to this die
         self._detached: dict[int, str] = {}
         self._broken: str | None = None
         self._greeted = False
@@ -53,8 +59,10 @@ class FabricLink:
         self._channel = grpc.insecure_channel(self.address, options=self._options)
         self._outbox: queue.Queue = queue.Queue()
         hello = fabric_pb2.Hello(die_id=self.die_id, world_size=self.num_dies, group=self.group)
-        self._outbox.put(fabric_pb2.Frame(src_die=self.die_id, hello=hello))
-        self._responses = fabric_pb2_grpc.UbFabricStub(self._channel).Attach(iter(self._outbox.get, _CLOSE))
+        self._outbox.put(fabric_pb2.Frame(src_die=self.die_id, hello=hello).SerializeToString())
+        self._stub = fabric_pb2_grpc.UbFabricStub(self._channel)
+        attach = self._channel.stream_stream(ATTACH_METHOD)  # raw bytes both ways: frames are read on the wire
+        self._responses = attach(iter(self._outbox.get, _CLOSE))
         threading.Thread(target=self._receive, name=f"fabric-link-{self.die_id}", daemon=True).start()
         with self._cond:
             if not self._cond.wait_for(lambda: self._greeted or self._broken, timeout_s) or self._broken:
@@ -77,37 +85,47 @@ class FabricLink:
 
     def all_to_all(self, kind: str, layer: int, outgoing: dict[int, TokenRows]) -> dict[int, TokenRows]:
         rid = round_id(self._round.step, layer, self._round.microbatch, kind)
-        traceparent = current_traceparent()  # the die's Forward span: the fabric's spans join its trace
-        sent = {}
-        for dst in range(self.num_dies):
-            if dst != self.die_id:
-                frame = to_frame(self.die_id, dst, rid, outgoing.get(dst))
-                frame.traceparent = traceparent
-                sent[dst] = frame.ByteSize()
-                self._outbox.put(frame)
+        payloads = {dst: to_payload(outgoing.get(dst)) for dst in range(self.num_dies) if dst != self.die_id}
         start = time.perf_counter()
-        frames = self._wait_round(round_key(rid), kind, layer)
+        parcels = {}
+        if payloads:  # a group of one has no peers: nothing crosses the fabric
+            # the die's Forward span is current: the fabric's round span joins its trace
+            self._outbox.put(write_bundle(rid.SerializeToString(), current_traceparent(), sorted(payloads.items())))
+            parcels = dict(self._wait_round(rid, kind).parcels)
+            if set(parcels) != set(payloads):
+                raise PeerUnavailable(f"{kind} round step {rid.step} layer {layer}: the fabric delivered parcels "
+                                      f"from dies {sorted(parcels)}, expected {sorted(payloads)}")
         waited = time.perf_counter() - start
-        self._round.traffic.append(RoundTraffic(kind, layer, sent, {s: f.ByteSize() for s, f in frames.items()}, waited))
-        received = {src: from_frame(f) for src, f in frames.items()}
+        self._round.traffic.append(RoundTraffic(kind, layer, {d: sum(map(len, p)) for d, p in payloads.items()},
+                                                {s: len(b) for s, b in parcels.items()}, waited))
+        received = {src: from_payload(b, src) for src, b in parcels.items()}
         received[self.die_id] = outgoing.get(self.die_id)
         return {src: rows for src, rows in received.items() if rows is not None}
 
-    def _wait_round(self, key: tuple, kind: str, layer: int) -> dict[int, fabric_pb2.Frame]:
-        peers = self.num_dies - 1
+    def _wait_round(self, rid, kind: str) -> RawBundle:
+        key, layer = round_key(rid), rid.layer
         with self._cond:
-            done = self._cond.wait_for(
-                lambda: len(self._inbox.get(key, ())) == peers or self._detached or self._broken, self.round_timeout_s)
+            self._cond.wait_for(lambda: key in self._inbox or self._detached or self._broken,
+                                self.round_timeout_s)
+            if key in self._inbox:  # delivered, even if a peer left or the stream ended right after
+                return self._inbox.pop(key)
             if self._broken:
                 raise PeerUnavailable(f"die {self.die_id}: fabric link broken: {self._broken}")
             if self._detached:
                 dead = ", ".join(f"die {d} ({why})" for d, why in sorted(self._detached.items()))
                 raise PeerUnavailable(f"{kind} round step {key[0]} layer {layer}: peer left the fabric: {dead}")
-            if not done:
-                missing = sorted(set(range(self.num_dies)) - {self.die_id} - set(self._inbox.get(key, {})))
-                raise PeerUnavailable(f"{kind} round step {key[0]} layer {layer}: no frame from dies {missing} "
-                                      f"within {self.round_timeout_s:.1f} s")
-            return self._inbox.pop(key)
+        raise PeerUnavailable(f"{kind} round step {key[0]} layer {layer}: {self._missing(rid)} "
+                              f"within {self.round_timeout_s:.1f} s")
+
+    def _missing(self, rid) -> str:
+        """Ask the fabric which peers have not sent this round (cold path: a round timed out)."""
+        try:
+            reply = self._stub.Waiting(fabric_pb2.WaitingRequest(group=self.group, round=rid), timeout=2.0)
+        except grpc.RpcError as err:
+            return f"the round did not complete (the fabric did not say who is missing: {err.code().name})"
+        if not reply.gathering:
+            return "the fabric holds no bundle of this round"
+        return f"no bundle from dies {list(reply.missing_dies)}"
 
     def _receive(self) -> None:
         try:
@@ -116,19 +134,22 @@ class FabricLink:
             reason = "the fabric closed the stream"
         except grpc.RpcError as err:
             reason = f"{err.code().name}: {err.details()}"
+        except (WireError, DecodeError) as err:
+            reason = f"the fabric sent a malformed frame ({err})"
         with self._cond:
             self._broken = reason
             self._cond.notify_all()
 
-    def _file(self, frame: fabric_pb2.Frame) -> None:
-        body = frame.WhichOneof("body")
+    def _file(self, raw: bytes) -> None:
+        bundle = read_bundle(raw)
+        frame = fabric_pb2.Frame.FromString(raw) if bundle is None else None
         with self._cond:
-            if body == "hello":
+            if bundle is not None:
+                self._inbox[round_key(bundle.round)] = bundle
+            elif frame.HasField("hello"):
                 self._greeted, self._detached = True, {}
-            elif body == "detached":
+            elif frame.HasField("detached"):
                 self._detached[frame.detached.die_id] = frame.detached.reason
-            else:
-                self._inbox.setdefault(round_key(frame.round), {})[frame.src_die] = frame
             self._cond.notify_all()
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
 
     limits = SchedulerLimits(settings.max_running, settings.max_waiting, settings.max_step_tokens)
     return StepLoop(driver, load, limits, LoopSettings(instance_id, microbatches, settings.probe_interval_s,
-                                                       settings.probe_timeout_s))
+                                                       settings.probe_timeout_s, settings.batch_wait_s))
 
 
 async def start_loop(loop: StepLoop, host, instance_id: str,

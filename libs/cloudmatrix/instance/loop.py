@@ -54,12 +54,16 @@ class LoopSettings:
     microbatches: int = 1              # 2: each step's requests run as two concurrent microbatches
     probe_interval_s: float = 1.0      # die health probes while serving, and while recovering
     probe_timeout_s: float = 10.0
+    batch_wait_s: float = 0.0          # an idle instance's first step waits until no request has
+                                       # arrived for this long (at most 10x it): a burst lands in one step
 
     def __post_init__(self) -> None:
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
         if self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
             raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
+        if self.batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
 
 
 SLOW_PROBES_DOWN = 3
@@ -150,6 +154,8 @@ class StepLoop:
             if self._down is not None:
                 await self._recover(self._down)
                 continue
+            if self.settings.batch_wait_s and self.scheduler.waiting and not self.scheduler.running:
+                await self._gather_burst()  # idle until now: let the rest of a burst arrive
             self.scheduler.apply_aborts()
             plan = self.scheduler.schedule()
             if plan.empty:
@@ -157,6 +163,14 @@ class StepLoop:
                 await self._wake.wait()
                 continue
             await self._step(plan)
+
+    async def _gather_burst(self) -> None:
+        """Wait while requests keep arriving (gaps under batch_wait_s), for at most 10 gaps."""
+        for _ in range(10):
+            arrived = len(self.scheduler.waiting)
+            await asyncio.sleep(self.settings.batch_wait_s)
+            if len(self.scheduler.waiting) == arrived:
+                return
 
     async def _step(self, plan: StepPlan) -> None:
         started = time.perf_counter()

@@ -23,6 +23,8 @@ class InstanceSettings:
     max_waiting: int = 256               # beyond this, RESOURCE_EXHAUSTED
     chunk_tokens: int = 256              # a request's tokens per step (chunked prefill, recompute)
     max_step_tokens: int = 1024          # tokens of all requests packed into one step
+    batch_wait_s: float = 0.0            # an idle instance's first step waits until no request has
+                                         # arrived for this long (at most 10x it): a burst lands in one step
     rpc_timeout_s: float = 120.0         # deadline of every call to a die
     probe_interval_s: float = 1.0        # die health probes (and recovery retries)
     probe_timeout_s: float = 10.0
@@ -42,3 +44,5 @@ class InstanceSettings:
             raise ValueError("max_running, chunk_tokens and max_step_tokens must be >= 1, max_waiting >= 0")
         if self.kv_blocks_per_die < 0 or min(self.probe_interval_s, self.probe_timeout_s) <= 0:
             raise ValueError("kv_blocks_per_die must be >= 0, probe_interval_s and probe_timeout_s > 0")
+        if not 0 <= self.batch_wait_s <= 1:
+            raise ValueError(f"batch_wait_s: must be in [0, 1] seconds, got {self.batch_wait_s}")

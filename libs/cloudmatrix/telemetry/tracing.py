@@ -62,14 +62,20 @@ def _make_exporter(otlp_endpoint: str | None, span_file: str | None) -> SpanExpo
     return None
 
 
+FABRIC_ATTACH = "/cmx.fabric.v1.UbFabric/Attach"
+
+
 def instrument_grpc(tracer_provider: TracerProvider | None = None) -> None:
     """Trace every grpc.aio server and channel created from now on (idempotent).
 
     Server spans continue the caller's W3C trace context from the request metadata; client spans
-    inject it. Health checks are not traced. ``tracer_provider=None`` means the global provider.
+    inject it. Health checks are not traced (probes every few seconds are noise), nor the fabric's
+    Attach streams: one lives as long as its die, and the fabric traces every round it routes
+    instead (its interceptor would also sit in the path of every frame).
+    ``tracer_provider=None`` means the global provider.
     """
-    not_health = filters.negate(filters.health_check())  # probes every few seconds are noise
-    for instrumentor in (GrpcAioInstrumentorServer(filter_=not_health), GrpcAioInstrumentorClient(filter_=not_health)):
+    untraced = filters.negate(filters.any_of(filters.health_check(), filters.full_method_name(FABRIC_ATTACH)))
+    for instrumentor in (GrpcAioInstrumentorServer(filter_=untraced), GrpcAioInstrumentorClient(filter_=untraced)):
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=tracer_provider)
 

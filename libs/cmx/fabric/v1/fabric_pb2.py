@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cmx.common.v1 import common_pb2 as cmx_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/fabric/v1/fabric.proto\x12\rcmx.fabric.v1\x1a\x1a\x63mx/common/v1/common.proto\":\n\x05Hello\x12\x0e\n\x06\x64ie_id\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05group\x18\x03 \x01(\t\"\xdb\x01\n\x0cTokenPayload\x12%\n\x06hidden\x18\x01 \x01(\x0b\x32\x15.cmx.common.v1.Tensor\x12%\n\x06scales\x18\x02 \x01(\x0b\x32\x15.cmx.common.v1.Tensor\x12*\n\x0btoken_index\x18\x03 \x01(\x0b\x32\x15.cmx.common.v1.Tensor\x12)\n\nexpert_ids\x18\x04 \x01(\x0b\x32\x15.cmx.common.v1.Tensor\x12&\n\x07weights\x18\x05 \x01(\x0b\x32\x15.cmx.common.v1.Tensor\"*\n\x08\x44\x65tached\x12\x0e\n\x06\x64ie_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb4\x02\n\x05\x46rame\x12\x0f\n\x07src_die\x18\x01 \x01(\r\x12\x0f\n\x07\x64st_die\x18\x02 \x01(\r\x12%\n\x05round\x18\x03 \x01(\x0b\x32\x16.cmx.common.v1.RoundId\x12%\n\x05hello\x18\x04 \x01(\x0b\x32\x14.cmx.fabric.v1.HelloH\x00\x12-\n\x06tokens\x18\x05 \x01(\x0b\x32\x1b.cmx.fabric.v1.TokenPayloadH\x00\x12\x0f\n\x05\x65mpty\x18\x06 \x01(\x08H\x00\x12+\n\x08\x64\x65tached\x18\t \x01(\x0b\x32\x17.cmx.fabric.v1.DetachedH\x00\x12\x16\n\x0emodeled_send_s\x18\x07 \x01(\x01\x12\x19\n\x11modeled_arrival_s\x18\x08 \x01(\x01\x12\x13\n\x0btraceparent\x18\n \x01(\tB\x06\n\x04\x62ody\"\x1d\n\x0cStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xab\x01\n\tLinkStats\x12\x0f\n\x07src_die\x18\x01 \x01(\r\x12\x0f\n\x07\x64st_die\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x04\x12\x1a\n\x12modeled_transfer_s\x18\x05 \x01(\x01\x12\x12\n\nmeasured_s\x18\x06 \x01(\x01\x12\x16\n\x0e\x64ispatch_bytes\x18\x07 \x01(\x04\x12\x15\n\rcombine_bytes\x18\x08 \x01(\x04\"f\n\nStatsReply\x12\'\n\x05links\x18\x01 \x03(\x0b\x32\x18.cmx.fabric.v1.LinkStats\x12\x18\n\x10rounds_completed\x18\x02 \x01(\x04\x12\x15\n\rattached_dies\x18\x03 \x01(\r2\x85\x01\n\x08UbFabric\x12\x38\n\x06\x41ttach\x12\x14.cmx.fabric.v1.Frame\x1a\x14.cmx.fabric.v1.Frame(\x01\x30\x01\x12?\n\x05Stats\x12\x1b.cmx.fabric.v1.StatsRequest\x1a\x19.cmx.fabric.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/fabric/v1/fabric.proto\x12\rcmx.fabric.v1\x1a\x1a\x63mx/common/v1/common.proto\":\n\x05Hello\x12\x0e\n\x06\x64ie_id\x18\x01 \x01(\r\x12\x12\n\nworld_size\x18\x02 \x01(\r\x12\r\n\x05group\x18\x03 \x01(\t\"+\n\x06Parcel\x12\x10\n\x08peer_die\x18\x01 \x01(\r\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"0\n\x06\x42undle\x12&\n\x07parcels\x18\x01 \x03(\x0b\x32\x15.cmx.fabric.v1.Parcel\"*\n\x08\x44\x65tached\x12\x0e\n\x06\x64ie_id\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x82\x02\n\x05\x46rame\x12\x0f\n\x07src_die\x18\x01 \x01(\r\x12\x0f\n\x07\x64st_die\x18\x02 \x01(\r\x12%\n\x05round\x18\x03 \x01(\x0b\x32\x16.cmx.common.v1.RoundId\x12%\n\x05hello\x18\x04 \x01(\x0b\x32\x14.cmx.fabric.v1.HelloH\x00\x12\'\n\x06\x62undle\x18\x0b \x01(\x0b\x32\x15.cmx.fabric.v1.BundleH\x00\x12+\n\x08\x64\x65tached\x18\t \x01(\x0b\x32\x17.cmx.fabric.v1.DetachedH\x00\x12\x13\n\x0btraceparent\x18\n \x01(\tB\x06\n\x04\x62odyJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\t\"\x1d\n\x0cStatsRequest\x12\r\n\x05reset\x18\x01 \x01(\x08\"\xab\x01\n\tLinkStats\x12\x0f\n\x07src_die\x18\x01 \x01(\r\x12\x0f\n\x07\x64st_die\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x04 \x01(\x04\x12\x1a\n\x12modeled_transfer_s\x18\x05 \x01(\x01\x12\x12\n\nmeasured_s\x18\x06 \x01(\x01\x12\x16\n\x0e\x64ispatch_bytes\x18\x07 \x01(\x04\x12\x15\n\rcombine_bytes\x18\x08 \x01(\x04\"f\n\nStatsReply\x12\'\n\x05links\x18\x01 \x03(\x0b\x32\x18.cmx.fabric.v1.LinkStats\x12\x18\n\x10rounds_completed\x18\x02 \x01(\x04\x12\x15\n\rattached_dies\x18\x03 \x01(\r\"F\n\x0eWaitingRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12%\n\x05round\x18\x02 \x01(\x0b\x32\x16.cmx.common.v1.RoundId\"7\n\x0cWaitingReply\x12\x11\n\tgathering\x18\x01 \x01(\x08\x12\x14\n\x0cmissing_dies\x18\x02 \x03(\r2\xcc\x01\n\x08UbFabric\x12\x38\n\x06\x41ttach\x12\x14.cmx.fabric.v1.Frame\x1a\x14.cmx.fabric.v1.Frame(\x01\x30\x01\x12?\n\x05Stats\x12\x1b.cmx.fabric.v1.StatsRequest\x1a\x19.cmx.fabric.v1.StatsReply\x12\x45\n\x07Waiting\x12\x1d.cmx.fabric.v1.WaitingRequest\x1a\x1b.cmx.fabric.v1.WaitingReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=73
   _globals['_HELLO']._serialized_end=131
-  _globals['_TOKENPAYLOAD']._serialized_start=134
-  _globals['_TOKENPAYLOAD']._serialized_end=353
-  _globals['_DETACHED']._serialized_start=355
-  _globals['_DETACHED']._serialized_end=397
-  _globals['_FRAME']._serialized_start=400
-  _globals['_FRAME']._serialized_end=708
-  _globals['_STATSREQUEST']._serialized_start=710
-  _globals['_STATSREQUEST']._serialized_end=739
-  _globals['_LINKSTATS']._serialized_start=742
-  _globals['_LINKSTATS']._serialized_end=913
-  _globals['_STATSREPLY']._serialized_start=915
-  _globals['_STATSREPLY']._serialized_end=1017
-  _globals['_UBFABRIC']._serialized_start=1020
-  _globals['_UBFABRIC']._serialized_end=1153
+  _globals['_PARCEL']._serialized_start=133
+  _globals['_PARCEL']._serialized_end=176
+  _globals['_BUNDLE']._serialized_start=178
+  _globals['_BUNDLE']._serialized_end=226
+  _globals['_DETACHED']._serialized_start=228
+  _globals['_DETACHED']._serialized_end=270
+  _globals['_FRAME']._serialized_start=273
+  _globals['_FRAME']._serialized_end=531
+  _globals['_STATSREQUEST']._serialized_start=533
+  _globals['_STATSREQUEST']._serialized_end=562
+  _globals['_LINKSTATS']._serialized_start=565
+  _globals['_LINKSTATS']._serialized_end=736
+  _globals['_STATSREPLY']._serialized_start=738
+  _globals['_STATSREPLY']._serialized_end=840
+  _globals['_WAITINGREQUEST']._serialized_start=842
+  _globals['_WAITINGREQUEST']._serialized_end=912
+  _globals['_WAITINGREPLY']._serialized_start=914
+  _globals['_WAITINGREPLY']._serialized_end=969
+  _globals['_UBFABRIC']._serialized_start=972
+  _globals['_UBFABRIC']._serialized_end=1176
 # @@protoc_insertion_point(module_scope)

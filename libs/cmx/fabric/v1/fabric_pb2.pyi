@@ -17,19 +17,19 @@ class Hello(_message.Message):
     group: str
     def __init__(self, die_id: _Optional[int] = ..., world_size: _Optional[int] = ..., group: _Optional[str] = ...) -> None: ...
 
-class TokenPayload(_message.Message):
-    __slots__ = ("hidden", "scales", "token_index", "expert_ids", "weights")
-    HIDDEN_FIELD_NUMBER: _ClassVar[int]
-    SCALES_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
-    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
-    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
-    hidden: _common_pb2.Tensor
-    scales: _common_pb2.Tensor
-    token_index: _common_pb2.Tensor
-    expert_ids: _common_pb2.Tensor
-    weights: _common_pb2.Tensor
-    def __init__(self, hidden: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., scales: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., token_index: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., expert_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+class Parcel(_message.Message):
+    __slots__ = ("peer_die", "payload")
+    PEER_DIE_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    peer_die: int
+    payload: bytes
+    def __init__(self, peer_die: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class Bundle(_message.Message):
+    __slots__ = ("parcels",)
+    PARCELS_FIELD_NUMBER: _ClassVar[int]
+    parcels: _containers.RepeatedCompositeFieldContainer[Parcel]
+    def __init__(self, parcels: _Optional[_Iterable[_Union[Parcel, _Mapping]]] = ...) -> None: ...
 
 class Detached(_message.Message):
     __slots__ = ("die_id", "reason")
@@ -40,28 +40,22 @@ class Detached(_message.Message):
     def __init__(self, die_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("src_die", "dst_die", "round", "hello", "tokens", "empty", "detached", "modeled_send_s", "modeled_arrival_s", "traceparent")
+    __slots__ = ("src_die", "dst_die", "round", "hello", "bundle", "detached", "traceparent")
     SRC_DIE_FIELD_NUMBER: _ClassVar[int]
     DST_DIE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
-    EMPTY_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
     DETACHED_FIELD_NUMBER: _ClassVar[int]
-    MODELED_SEND_S_FIELD_NUMBER: _ClassVar[int]
-    MODELED_ARRIVAL_S_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     src_die: int
     dst_die: int
     round: _common_pb2.RoundId
     hello: Hello
-    tokens: TokenPayload
-    empty: bool
+    bundle: Bundle
     detached: Detached
-    modeled_send_s: float
-    modeled_arrival_s: float
     traceparent: str
-    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenPayload, _Mapping]] = ..., empty: _Optional[bool] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ..., modeled_send_s: _Optional[float] = ..., modeled_arrival_s: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    def __init__(self, src_die: _Optional[int] = ..., dst_die: _Optional[int] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., bundle: _Optional[_Union[Bundle, _Mapping]] = ..., detached: _Optional[_Union[Detached, _Mapping]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("reset",)
@@ -98,3 +92,19 @@ class StatsReply(_message.Message):
     rounds_completed: int
     attached_dies: int
     def __init__(self, links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., rounds_completed: _Optional[int] = ..., attached_dies: _Optional[int] = ...) -> None: ...
+
+class WaitingRequest(_message.Message):
+    __slots__ = ("group", "round")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    round: _common_pb2.RoundId
+    def __init__(self, group: _Optional[str] = ..., round: _Optional[_Union[_common_pb2.RoundId, _Mapping]] = ...) -> None: ...
+
+class WaitingReply(_message.Message):
+    __slots__ = ("gathering", "missing_dies")
+    GATHERING_FIELD_NUMBER: _ClassVar[int]
+    MISSING_DIES_FIELD_NUMBER: _ClassVar[int]
+    gathering: bool
+    missing_dies: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, gathering: _Optional[bool] = ..., missing_dies: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class UbFabricStub:
                 request_serializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsRequest.SerializeToString,
                 response_deserializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.Waiting = channel.unary_unary(
+                '/cmx.fabric.v1.UbFabric/Waiting',
+                request_serializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingRequest.SerializeToString,
+                response_deserializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingReply.FromString,
+                _registered_method=True)
 
 
 class UbFabricServicer:
@@ -52,7 +57,9 @@ class UbFabricServicer:
     def Attach(self, request_iterator, context):
         """A die's link to the fabric. The first frame a die sends must be a Hello; the fabric answers
         with a Hello (src_die = dst_die = the die) once all world_size dies have attached. After that
-        every frame the die sends is delivered to dst_die's stream, src_die unchanged.
+        a die sends one Bundle frame per all-to-all round, holding one parcel for every peer; once
+        every die of the group has sent its bundle for the round, the fabric delivers to each die one
+        Bundle frame holding the parcels addressed to it (peer_die = their source).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +67,13 @@ class UbFabricServicer:
 
     def Stats(self, request, context):
         """Per-link counters since start (or the last reset).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Waiting(self, request, context):
+        """Which dies a round being gathered still waits for (a die whose round timed out names them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +91,11 @@ def add_UbFabricServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsRequest.FromString,
                     response_serializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsReply.SerializeToString,
+            ),
+            'Waiting': grpc.unary_unary_rpc_method_handler(
+                    servicer.Waiting,
+                    request_deserializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingRequest.FromString,
+                    response_serializer=cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class UbFabric:
             '/cmx.fabric.v1.UbFabric/Stats',
             cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsRequest.SerializeToString,
             cmx_dot_fabric_dot_v1_dot_fabric__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Waiting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmx.fabric.v1.UbFabric/Waiting',
+            cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingRequest.SerializeToString,
+            cmx_dot_fabric_dot_v1_dot_fabric__pb2.WaitingReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -291,3 +291,11 @@ def test_bad_arguments_say_what_to_change():
     with pytest.raises(ValueError, match="replication"):
         KvPoolClient(["a:1"], replication=2)
     assert Block(b"k" * 16, NS, 2, 5, b"x").kind == "tail"  # the proto enum is accepted
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 70000])
+def test_a_block_written_on_the_wire_parses_as_its_put_message(size):
+    rng = random.Random(size)
+    block = Block(rng.randbytes(16), "tiny|float32|fp32|bs16", rng.choice(["full", "tail"]), rng.randrange(1, 17),
+                  rng.randbytes(size))
+    assert kvcache_pb2.PutBlock.FromString(block.to_wire()) == block.to_proto()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from cloudmatrix.rpc.protowire import varint as _varint
 from cmx.common.v1 import common_pb2
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -36,15 +37,6 @@ class RawBundle:
     round_bytes: bytes
     traceparent: str
     parcels: list[tuple[int, memoryview]]
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -81,15 +73,6 @@ def _fields(buf: memoryview):
         else:
             raise WireError(f"field {field}: unsupported wire type {kind}")
         yield field, kind, value
-
-
-def frame_body(frame: Buffer) -> int | None:
-    """The field number of a frame's body (``oneof body``; the last one set wins), None if unset."""
-    body = None
-    for field, kind, _ in _fields(memoryview(frame)):
-        if kind == _LEN and field in (_HELLO, _DETACHED, _BUNDLE):
-            body = field
-    return body
 
 
 def read_bundle(frame: Buffer) -> RawBundle | None:

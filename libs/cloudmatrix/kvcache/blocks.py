@@ -9,11 +9,13 @@ import dataclasses
 import functools
 import zlib
 
+from cloudmatrix.rpc.protowire import field_header
 from cmx.common.v1 import common_pb2
 from cmx.kvcache.v1 import kvcache_pb2
 
 KEY_BYTES = 16
 _KIND_TO_PROTO = {"full": common_pb2.BLOCK_KIND_FULL, "tail": common_pb2.BLOCK_KIND_TAIL}
+_PUT_BLOCK_DATA = kvcache_pb2.PutBlock.DESCRIPTOR.fields_by_name["data"].number
 _PROTO_TO_KIND = {v: k for k, v in _KIND_TO_PROTO.items()}
 ACK_STATUSES = frozenset({kvcache_pb2.PUT_STATUS_STORED, kvcache_pb2.PUT_STATUS_DUPLICATE})
 
@@ -52,6 +54,13 @@ class Block:
     def to_proto(self) -> kvcache_pb2.PutBlock:
         return kvcache_pb2.PutBlock(key=self.key, namespace=self.namespace, kind=_KIND_TO_PROTO[self.kind],
                                     num_tokens=self.num_tokens, data=self.data, checksum=self.checksum)
+
+    def to_wire(self) -> bytes:
+        """The serialized PutBlock (it parses as ``to_proto()``), with ``data`` appended once
+        instead of being copied into a message and out again: what a Put stream sends."""
+        head = kvcache_pb2.PutBlock(key=self.key, namespace=self.namespace, kind=_KIND_TO_PROTO[self.kind],
+                                    num_tokens=self.num_tokens, checksum=self.checksum).SerializeToString()
+        return b"".join((head, field_header(_PUT_BLOCK_DATA, len(self.data)), self.data))
 
 
 @dataclasses.dataclass(frozen=True)

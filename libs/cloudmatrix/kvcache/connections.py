@@ -10,10 +10,11 @@ import grpc
 from cloudmatrix.kvcache.health import ShardHealth
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import PeerUnavailable
-from cmx.kvcache.v1 import kvcache_pb2_grpc
+from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 T = TypeVar("T")
 Stub = kvcache_pb2_grpc.KvCacheShardStub
+PUT_METHOD = "/cmx.kvcache.v1.KvCacheShard/Put"
 Attempt = Callable[[Stub, float], Awaitable[T]]  # (stub, timeout_s) -> result; one whole RPC
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -54,7 +55,10 @@ class ShardConnections:
         channel = self._channels.get(shard)
         if channel is None:
             channel = self._channels[shard] = make_channel(shard, max_message_bytes=self.max_message_bytes)
-        return kvcache_pb2_grpc.KvCacheShardStub(channel)
+        stub = kvcache_pb2_grpc.KvCacheShardStub(channel)
+        # Put with requests already serialized (Block.to_wire): the block data is not copied twice
+        stub.PutSerialized = channel.stream_unary(PUT_METHOD, response_deserializer=kvcache_pb2.PutReply.FromString)
+        return stub
 
     def reset(self, shard: str) -> None:
         """Drop the shard's channel (closed in the background); the next call dials afresh.

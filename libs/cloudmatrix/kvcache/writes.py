@@ -42,9 +42,9 @@ async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> li
     only a failed stream is, by ``ShardConnections.call``, and then the whole stream again
     (blocks already stored come back DUPLICATE).
     """
-    messages = [block.to_proto() for block in blocks]
+    messages = [block.to_wire() for block in blocks]
     try:
-        reply = await conns.call(shard, lambda stub, t: stub.Put(iter(messages), timeout=t))
+        reply = await conns.call(shard, lambda stub, t: stub.PutSerialized(iter(messages), timeout=t))
     except CALL_ERRORS as err:
         return [describe(err)] * len(blocks)
     if len(reply.statuses) != len(blocks):

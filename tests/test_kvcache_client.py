@@ -299,3 +299,20 @@ def test_a_block_written_on_the_wire_parses_as_its_put_message(size):
     block = Block(rng.randbytes(16), "tiny|float32|fp32|bs16", rng.choice(["full", "tail"]), rng.randrange(1, 17),
                   rng.randbytes(size))
     assert kvcache_pb2.PutBlock.FromString(block.to_wire()) == block.to_proto()
+
+
+@pytest.mark.parametrize("found", [True, False])
+def test_get_replies_read_on_the_wire_equal_the_protobuf_parse(found):
+    from cloudmatrix.kvcache.reads import WireReply
+    from cloudmatrix.rpc.protowire import WireError
+
+    rng = random.Random(int(found))
+    data = rng.randbytes(70000) if found else b""
+    reply = kvcache_pb2.GetReply(key=rng.randbytes(16), found=found, data=data)
+    if found:
+        reply.checksum, reply.kind, reply.num_tokens, reply.namespace = zlib.crc32(data), 1, 7, "ns|x"
+    raw = reply.SerializeToString()
+    wire = WireReply.parse(raw)
+    assert all(getattr(wire, f.name) == getattr(reply, f.name) for f in kvcache_pb2.GetReply.DESCRIPTOR.fields)
+    with pytest.raises(WireError):
+        WireReply.parse(raw[:-3] if found else raw + b"\x1a\x05ab")  # truncated data / a length past the end

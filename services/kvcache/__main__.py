@@ -5,10 +5,10 @@ import asyncio
 import logging
 
 from cloudmatrix.service_main import ServiceParts, run_service
-from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+from cmx.kvcache.v1 import kvcache_pb2
 from services.kvcache.config import KvCacheConfig
 from services.kvcache.metrics import register_metrics
-from services.kvcache.servicer import KvCacheServicer
+from services.kvcache.servicer import KvCacheServicer, add_to_server
 from services.kvcache.store import ShardStore
 
 SERVICE_NAME = kvcache_pb2.DESCRIPTOR.services_by_name["KvCacheShard"].full_name
@@ -23,7 +23,7 @@ async def build(config: KvCacheConfig) -> ServiceParts:
     log.info("kvcache shard opened", extra={"disk_blocks": stats.disk_blocks, "blobs": stats.blobs,
                                             "dropped_damaged_files": stats.checksum_failures})
     servicer = KvCacheServicer(store)
-    return ServiceParts([(kvcache_pb2_grpc.add_KvCacheShardServicer_to_server, servicer, SERVICE_NAME)])
+    return ServiceParts([(add_to_server, servicer, SERVICE_NAME)])
 
 
 def main() -> None:

@@ -13,6 +13,8 @@ import asyncio
 import grpc
 
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.protowire import field_header
+from cloudmatrix.rpc.server import with_raw_bytes
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from services.kvcache.blobs import BlobChunk, BlobNotFound
 from services.kvcache.blocks import PutOutcome
@@ -20,6 +22,7 @@ from services.kvcache.store import ShardStore
 
 BLOB_CHUNK_BYTES = 1 << 20
 
+_GET_REPLY_DATA = kvcache_pb2.GetReply.DESCRIPTOR.fields_by_name["data"].number
 _PUT_STATUS = {
     PutOutcome.STORED: (kvcache_pb2.PUT_STATUS_STORED, ""),
     PutOutcome.DUPLICATE: (kvcache_pb2.PUT_STATUS_DUPLICATE, ""),
@@ -76,12 +79,13 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
     async def Get(self, request, context):
         keys = list(request.keys)
         blocks = await asyncio.to_thread(self.store.get, keys)
-        for key, block in zip(keys, blocks):
+        for key, block in zip(keys, blocks):  # serialized here: registered with raw responses
             if block is None:
-                yield kvcache_pb2.GetReply(key=key, found=False)
+                yield kvcache_pb2.GetReply(key=key, found=False).SerializeToString()
             else:
-                yield kvcache_pb2.GetReply(key=key, found=True, data=block.data, checksum=block.checksum,
-                                           kind=block.kind, num_tokens=block.num_tokens, namespace=block.namespace)
+                head = kvcache_pb2.GetReply(key=key, found=True, checksum=block.checksum, kind=block.kind,
+                                            num_tokens=block.num_tokens, namespace=block.namespace)
+                yield b"".join((head.SerializeToString(), field_header(_GET_REPLY_DATA, len(block.data)), block.data))
 
     @map_errors
     async def Lookup(self, request, context):
@@ -140,3 +144,8 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
                                             total_bytes=chunk.total_bytes)
         finally:
             chunks.close()
+
+
+# Get answers are written on the wire: the block's data is appended once, not copied into a
+# GetReply and out again. Clients see ordinary GetReply messages.
+add_to_server = with_raw_bytes(kvcache_pb2_grpc.add_KvCacheShardServicer_to_server, responses=["Get"])

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from cloudmatrix.fabric.codec import round_key
 from cloudmatrix.fabric.wire import read_bundle, write_bundle
+from cloudmatrix.rpc.server import with_raw_bytes
 from cloudmatrix.telemetry.context import context_from_traceparent
 from cmx.common.v1 import common_pb2
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
@@ -52,20 +53,8 @@ class LinkCollector:
         yield from families
 
 
-SERVICE = "cmx.fabric.v1.UbFabric"
-
-
-def add_to_server(servicer: UbFabricServicer, server) -> None:
-    """Register the servicer: Attach with raw-bytes frames, Stats and Waiting as generated."""
-    handlers = {
-        "Attach": grpc.stream_stream_rpc_method_handler(servicer.Attach),
-        "Stats": grpc.unary_unary_rpc_method_handler(servicer.Stats, fabric_pb2.StatsRequest.FromString,
-                                                     fabric_pb2.StatsReply.SerializeToString),
-        "Waiting": grpc.unary_unary_rpc_method_handler(servicer.Waiting, fabric_pb2.WaitingRequest.FromString,
-                                                       fabric_pb2.WaitingReply.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
+add_to_server = with_raw_bytes(fabric_pb2_grpc.add_UbFabricServicer_to_server, requests=["Attach"],
+                               responses=["Attach"])
 
 
 @dataclasses.dataclass

@@ -13,20 +13,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from cloudmatrix.rpc.protowire import LEN as _LEN
+from cloudmatrix.rpc.protowire import VARINT as _VARINT
+from cloudmatrix.rpc.protowire import WireError
+from cloudmatrix.rpc.protowire import fields as _fields
 from cloudmatrix.rpc.protowire import varint as _varint
 from cmx.common.v1 import common_pb2
 
-_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 # Frame field numbers (fabric.proto)
 _SRC, _DST, _ROUND, _HELLO, _DETACHED, _TRACEPARENT, _BUNDLE = 1, 2, 3, 4, 9, 10, 11
 _PARCELS = 1              # Bundle.parcels
 _PEER, _PAYLOAD = 1, 2    # Parcel.peer_die, Parcel.payload
 
 Buffer = bytes | bytearray | memoryview
-
-
-class WireError(ValueError):
-    """Bytes that are not a well-formed frame."""
+__all__ = ["RawBundle", "WireError", "read_bundle", "write_bundle"]
 
 
 @dataclasses.dataclass
@@ -37,42 +37,6 @@ class RawBundle:
     round_bytes: bytes
     traceparent: str
     parcels: list[tuple[int, memoryview]]
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise WireError("truncated or overlong varint")
-        byte = buf[pos]
-        value |= (byte & 0x7F) << shift
-        pos += 1
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value) for every field: an int, or a memoryview for LEN."""
-    pos = 0
-    while pos < len(buf):
-        tag, pos = _read_varint(buf, pos)
-        field, kind = tag >> 3, tag & 7
-        if kind == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif kind == _LEN:
-            size, pos = _read_varint(buf, pos)
-            if pos + size > len(buf):
-                raise WireError(f"field {field}: length {size} runs past the end of the message")
-            value, pos = buf[pos:pos + size], pos + size
-        elif kind in (_FIXED64, _FIXED32):
-            width = 8 if kind == _FIXED64 else 4
-            if pos + width > len(buf):
-                raise WireError(f"field {field}: truncated fixed-width value")
-            value, pos = None, pos + width
-        else:
-            raise WireError(f"field {field}: unsupported wire type {kind}")
-        yield field, kind, value
 
 
 def read_bundle(frame: Buffer) -> RawBundle | None:

@@ -70,7 +70,8 @@ class FetchedBlock(Block):
     shard: str = ""
 
     @classmethod
-    def from_reply(cls, reply: kvcache_pb2.GetReply, shard: str) -> FetchedBlock:
+    def from_reply(cls, reply, shard: str) -> FetchedBlock:
+        """From a GetReply, or anything with its fields (reads.WireReply)."""
         return cls(key=reply.key, namespace=reply.namespace, kind=reply.kind, num_tokens=reply.num_tokens,
                    data=reply.data, shard=shard)
 

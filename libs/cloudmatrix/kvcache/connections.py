@@ -15,6 +15,7 @@ from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 T = TypeVar("T")
 Stub = kvcache_pb2_grpc.KvCacheShardStub
 PUT_METHOD = "/cmx.kvcache.v1.KvCacheShard/Put"
+GET_METHOD = "/cmx.kvcache.v1.KvCacheShard/Get"
 Attempt = Callable[[Stub, float], Awaitable[T]]  # (stub, timeout_s) -> result; one whole RPC
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -56,8 +57,11 @@ class ShardConnections:
         if channel is None:
             channel = self._channels[shard] = make_channel(shard, max_message_bytes=self.max_message_bytes)
         stub = kvcache_pb2_grpc.KvCacheShardStub(channel)
-        # Put with requests already serialized (Block.to_wire): the block data is not copied twice
+        # Put with requests already serialized (Block.to_wire), Get with replies left serialized
+        # (read on the wire by reads.py): a block's data is not copied through message objects
         stub.PutSerialized = channel.stream_unary(PUT_METHOD, response_deserializer=kvcache_pb2.PutReply.FromString)
+        stub.GetSerialized = channel.unary_stream(GET_METHOD,
+                                                  request_serializer=kvcache_pb2.GetRequest.SerializeToString)
         return stub
 
     def reset(self, shard: str) -> None:

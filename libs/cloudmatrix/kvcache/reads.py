@@ -11,6 +11,7 @@ them); ``Repairs.drain()`` awaits the ones in flight.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import zlib
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from cloudmatrix.kvcache.blocks import FetchedBlock
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.health import ShardHealth
 from cloudmatrix.kvcache.writes import put_on
+from cloudmatrix.rpc.protowire import LEN, WireError, fields
 from cmx.kvcache.v1 import kvcache_pb2
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,15 @@ def _next_round(health: ShardHealth, replicas: dict[bytes, list[str]], cursor: d
 
 async def _get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
     """key -> intact block, or None for "not found"; keys left out had no usable answer."""
-    async def attempt(stub, timeout_s: float) -> list[kvcache_pb2.GetReply]:
-        return [reply async for reply in stub.Get(kvcache_pb2.GetRequest(keys=keys), timeout=timeout_s)]
+    async def attempt(stub, timeout_s: float) -> list[WireReply]:
+        return [WireReply.parse(raw) async for raw in stub.GetSerialized(kvcache_pb2.GetRequest(keys=keys),
+                                                                            timeout=timeout_s)]
 
     try:
         replies = await conns.call(shard, attempt)
+    except WireError as err:
+        log.warning("kvcache shard %s answered a malformed GetReply: %s", shard, err)
+        return {}
     except CALL_ERRORS as err:
         log.warning("Get of %d blocks from kvcache shard %s failed: %s", len(keys), shard, describe(err))
         return {}
@@ -116,7 +122,38 @@ async def _get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dic
     return answer
 
 
-def _decode(reply: kvcache_pb2.GetReply, shard: str) -> dict[bytes, FetchedBlock | None]:
+@dataclasses.dataclass(frozen=True)
+class WireReply:
+    """A GetReply read on the wire (the data is copied once, out of the received bytes)."""
+
+    key: bytes = b""
+    found: bool = False
+    data: bytes = b""
+    checksum: int = 0
+    kind: int = 0
+    num_tokens: int = 0
+    namespace: str = ""
+
+    @classmethod
+    def parse(cls, raw: bytes) -> WireReply:
+        values = {}
+        for number, kind, value in fields(memoryview(raw)):
+            name = _GET_REPLY_FIELDS.get(number)
+            if name is None:
+                continue  # a field this client does not know
+            expected = _LEN_FIELDS.get(name)
+            if (kind == LEN) != (expected is not None):
+                raise WireError(f"GetReply field {name}: wire type {kind} is wrong")
+            values[name] = bytes(value) if expected is bytes else str(value, "utf-8") if expected is str else value
+        values["found"] = bool(values.get("found", False))
+        return cls(**values)
+
+
+_GET_REPLY_FIELDS = {f.number: f.name for f in kvcache_pb2.GetReply.DESCRIPTOR.fields}
+_LEN_FIELDS = {"key": bytes, "data": bytes, "namespace": str}
+
+
+def _decode(reply: WireReply, shard: str) -> dict[bytes, FetchedBlock | None]:
     if not reply.found:
         return {reply.key: None}
     if zlib.crc32(reply.data) != reply.checksum:

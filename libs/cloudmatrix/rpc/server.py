@@ -52,6 +52,33 @@ def as_registration(item: RegistrationLike) -> Registration:
     return item if isinstance(item, Registration) else Registration(*item)
 
 
+class _Capture:
+    """Stands in for a server to catch the handlers a generated add function registers."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def with_raw_bytes(add_fn: Callable[[Any, grpc.aio.Server], None], *, requests: Sequence[str] = (),
+                   responses: Sequence[str] = ()) -> Callable[[Any, grpc.aio.Server], None]:
+    """A generated ``add_XServicer_to_server`` whose listed methods take serialized requests
+    (bytes) or return serialized responses: for hot paths that read or write their large messages
+    on the wire (``cloudmatrix.rpc.protowire``). Clients are unaffected: the bytes on the wire are
+    the same protobuf messages."""
+    def add(servicer: Any, server: grpc.aio.Server) -> None:
+        capture = _Capture()
+        add_fn(servicer, capture)
+        handlers = {name: h._replace(request_deserializer=None if name in requests else h.request_deserializer,
+                                     response_serializer=None if name in responses else h.response_serializer)
+                    for name, h in capture.handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+        server.add_registered_method_handlers(capture.service, handlers)
+    return add
+
+
 class ServiceHost:
     """One process's gRPC server with health, reflection, metrics and a graceful drain."""
 

@@ -167,3 +167,21 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     q, k, v = _normal(gen, 1, heads, q_len, 8), _normal(gen, 1, 2, 8, 8), _normal(gen, 1, 2, 8, 8)
     with pytest.raises(ValueError, match=match):
         flash_attention(q, k, v, scale=math.sqrt(1 / 8), **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_rank_one_shift_equals_the_shift_gemm(seed):
+    from cloudmatrix.kernels.fp16 import cube_matmul
+    from cloudmatrix.kernels.pasa import apply_shift
+    from cloudmatrix.kernels.pasa_beta import shift_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    k5 = torch.randn(2, 1, 3, 128, 72, generator=g) * 30 + 5  # [B, H, tiles, n, D], biased like real keys
+    for mode in ("pasa", "pasa-hybrid"):
+        m = shift_matrix(128, 0.98, 0.1, torch.float32)
+        got, gemm = apply_shift(m, k5, MODES[mode]), cube_matmul(m, k5)
+        ulp = torch.finfo(torch.float16).eps * gemm.abs().clamp_min(2 ** -14)
+        assert ((got - gemm).abs() <= ulp + 2 ** -22).all()  # the last fp16 bit (near 0: subnormal quanta)
+        assert (got == gemm).float().mean() > 0.99
+    m64, k64 = shift_matrix(128, 0.98, 0.1, torch.float64), k5.double()
+    assert torch.allclose(apply_shift(m64, k64, MODES["fp64"]), m64 @ k64, rtol=1e-12, atol=1e-10)

@@ -68,6 +68,13 @@ class LoopSettings:
 
 SLOW_PROBES_DOWN = 3
 
+
+def _deliver_soon(request: Request, item) -> None:
+    """Hand a step's event to its consumer on the event loop's next turn: the loop issues the next
+    step's Forward calls first, and the request streams (one gRPC write each) run while the dies
+    compute instead of delaying the step."""
+    asyncio.get_running_loop().call_soon(request.outbox.put_nowait, item)
+
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
 StepHook = Callable[[float, float, int, dict], None]  # measured s, modeled s, sequences, die phases
@@ -89,6 +96,7 @@ class StepLoop:
     async def start(self) -> None:
         """Load the dies and start stepping (raises when the first load fails)."""
         self.scheduler = Scheduler(await self._load(), self.limits)
+        self.scheduler.deliver = _deliver_soon
         self.state, self.why = LoopState.SERVING, ""
         self._tasks = [asyncio.create_task(self._guarded()), asyncio.create_task(self._watch())]
 

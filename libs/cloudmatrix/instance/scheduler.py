@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -68,6 +69,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._aborts: dict[str, str] = {}
         self.preemptions = 0
+        # How an event reaches a request's consumer; the step loop defers it (see StepLoop.start).
+        self.deliver: Callable[[Request, StepEvent | Exception], None] = _put
+
 
     def reset(self, blocks: BlockManager) -> None:
         """Start over on freshly loaded dies (every request must have been failed first)."""
@@ -176,7 +180,7 @@ class Scheduler:
             elif reason is not None:
                 self._finish(request, event)
             else:
-                request.outbox.put_nowait(event)
+                self.deliver(request, event)
         return to_export
 
     def _append(self, request: Request, token: int) -> str | None:
@@ -203,7 +207,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.blocks, request.state = [], RequestState.FINISHED
         self.requests.pop(request.request_id, None)
-        request.outbox.put_nowait(outcome)
+        self.deliver(request, outcome)
 
     def fail(self, request: Request, error: Exception) -> None:
         """End one request with ``error`` (its consumer raises it)."""
@@ -214,3 +218,7 @@ class Scheduler:
         for request in list(self.requests.values()):
             self.fail(request, error)
         self._aborts.clear()
+
+
+def _put(request: Request, item: StepEvent | Exception) -> None:
+    request.outbox.put_nowait(item)

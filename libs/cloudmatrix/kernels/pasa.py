@@ -224,11 +224,27 @@ def _shift_keys(k: torch.Tensor, used: torch.Tensor | None, beta: float, scale: 
     b, h, sk, d = k.shape
     k5 = k.reshape(b, h, sk // n, n, d)
     if used is not None:
-        w = used.reshape(used.shape[0], 1, sk // n, n, 1).to(ar.dtype)  # [B or 1, 1, T, n, 1]
-        mean = ar.rnd((k5 * w).sum(-2, keepdim=True) / w.sum(-2, keepdim=True).clamp_min(1.0))
-        k5 = torch.where(w > 0, k5, mean)
-    m = shift_matrix(n, beta, scale, ar.dtype)
-    return ar.matmul(m, k5).reshape(b, h, sk, d)
+        w = used.reshape(used.shape[0], 1, sk // n, n, 1)  # [B or 1, 1, T, n, 1]
+        weights = w.to(ar.dtype)
+        used_sum = torch.matmul(weights.transpose(-1, -2), k5)  # [B, Hkv, T, 1, D]: no full-size temporary
+        mean = ar.rnd(used_sum / weights.sum(-2, keepdim=True).clamp_min(1.0))
+        k5 = torch.where(w, k5, mean)
+    return apply_shift(shift_matrix(n, beta, scale, ar.dtype), k5, ar).reshape(b, h, sk, d)
+
+
+def apply_shift(m: torch.Tensor, k5: torch.Tensor, ar: _Arith) -> torch.Tensor:
+    """``ar.matmul(m, k5)`` for the shift matrix M = a I + c 1 1^T, in O(n D) per tile instead of
+    O(n^2 D): M K = m_ii K + m_ij (colsum(K) - K). m: [n, n], k5: [..., n, D] -> [..., n, D].
+
+    Inputs are rounded as the cube unit rounds them (fp16) and the products accumulate in fp32, as
+    in the GEMM; only the order of the fp32 additions differs (the hardware's is not specified
+    either), so an output may differ from the GEMM form's in its last fp16 bit. In place where it
+    can be: the key tensors are the largest of a decode step's attention."""
+    cube = ar.matmul is cube_matmul
+    diag, off = (to_fp16(m[0, 0]), to_fp16(m[0, 1])) if cube else (m[0, 0], m[0, 1])
+    k_in = k5.to(torch.float16).to(k5.dtype) if cube else k5
+    out = (k_in.sum(-2, keepdim=True) - k_in).mul_(off.item()).add_(k_in, alpha=diag.item())
+    return out.copy_(out.to(torch.float16)) if cube else out
 
 
 def _mask(s: torch.Tensor, allowed: torch.Tensor | None, g: int, neg: float) -> torch.Tensor:

@@ -61,12 +61,15 @@ class ServerConfig:
     otlp_endpoint: str | None = None  # set -> spans go to this OTLP gRPC collector instead
     service_name: str = ""  # "" -> the name the service's main passes to run_service
     ready_file: str | None = None  # JSON {service, pid, host, port, metrics_port} once SERVING
+    malloc_retain_bytes: int = 256 * 2**20  # free heap kept mapped (cloudmatrix.allocator); 0 = glibc defaults
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
         _require(-1 <= self.metrics_port <= 65535, "metrics_port",
                  f"must be -1 (off) or in [0, 65535], got {self.metrics_port}")
         _require(self.grace_s >= 0, "grace_s", f"must be >= 0, got {self.grace_s}")
+        _require(0 <= self.malloc_retain_bytes < 2**31, "malloc_retain_bytes",
+                 f"must be in [0, 2^31), got {self.malloc_retain_bytes}")
         _require(self.max_message_bytes > 0, "max_message_bytes",
                  f"must be > 0, got {self.max_message_bytes}")
         _require(self.log_level.upper() in LOG_LEVELS, "log_level",

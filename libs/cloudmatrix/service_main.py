@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from cloudmatrix.allocator import tune_allocator
 from cloudmatrix.config import ConfigError, ServerConfig, load_config
 from cloudmatrix.rpc.server import RegistrationLike, ServiceHost
 from cloudmatrix.telemetry.logging import setup_logging
@@ -60,6 +61,7 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
     config = _load_or_exit(name, config_cls, args)
     server: ServerConfig = config.server
     service = server.service_name or name
+    tune_allocator(server.malloc_retain_bytes)
     _limit_torch_threads()
     setup_logging(service, server.log_level, server.log_format)
     provider = setup_tracing(service, otlp_endpoint=server.otlp_endpoint,

@@ -103,7 +103,7 @@ def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
     assert free == [6, 6]
 
 
-@pytest.mark.parametrize("batch_wait_s", [0.0, 0.5])
+@pytest.mark.parametrize("batch_wait_s", [0.0, 1.0])
 def test_an_idle_instance_waits_for_a_burst_to_arrive_when_asked_to(batch_wait_s):
     async def scenario():
         h = Harness(batch_wait_s=batch_wait_s)

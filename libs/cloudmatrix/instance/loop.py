@@ -75,6 +75,7 @@ def _deliver_soon(request: Request, item) -> None:
     compute instead of delaying the step."""
     asyncio.get_running_loop().call_soon(request.outbox.put_nowait, item)
 
+
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
 StepHook = Callable[[float, float, int, dict], None]  # measured s, modeled s, sequences, die phases

@@ -72,7 +72,6 @@ class Scheduler:
         # How an event reaches a request's consumer; the step loop defers it (see StepLoop.start).
         self.deliver: Callable[[Request, StepEvent | Exception], None] = _put
 
-
     def reset(self, blocks: BlockManager) -> None:
         """Start over on freshly loaded dies (every request must have been failed first)."""
         assert not self.requests, f"{len(self.requests)} requests still live at reset"

@@ -111,11 +111,55 @@ def test_a_stop_string_cuts_the_text(gw, local):
     ({"max_tokens": -3}, "max_tokens", ">= 1"),
     ({"prompt": [7] * 2100}, "prompt", "context of 2048"),
     ({"max_tokens": 2047}, "max_tokens", "context of 2048"),
+    ({"best_of": 3}, "best_of", "best_of = 1"),
+    ({"suffix": "tail"}, "suffix", "not supported"),
+    ({"logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "json_object"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ({"tool_choice": "required"}, "tool_choice", "not supported"),
 ])
 def test_bad_requests_get_a_400_naming_the_field(gw, change, param, words):
     status, body = _post(gw.http, "/v1/completions", {"model": gw.model, "prompt": "Hello", **change})
     assert status == 400 and body["error"]["param"] == param and words in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(gw):
+    status, body = _post(gw.http, "/v1/chat/completions", {
+        "model": gw.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "tools": [],
+        "tool_choice": "none", "response_format": {"type": "text"}, "logit_bias": {}, "top_logprobs": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] >= 1
+
+
+def test_the_developer_role_is_the_system_prompt(gw):
+    def answer(role: str) -> str:
+        reply = _client(gw.http).chat.completions.create(
+            model=gw.model, messages=[{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            max_tokens=6, temperature=0)
+        return reply.choices[0].message.content
+
+    assert answer("developer") == answer("system")
+
+
+def test_models_retrieve_and_json_errors_for_every_status(gw):
+    client = _client(gw.http)
+    assert client.models.retrieve(gw.model).id == gw.model
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("no-such-model")
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    cases = [("GET", "/v1/no-such-endpoint", None, 404, "not_found"),
+             ("GET", "/v1/completions", None, 405, "method_not_allowed"),
+             ("POST", "/v1/completions", b"x" * (3 * 2**20), 413, "request_too_large")]
+    for method, path, data, status, code in cases:
+        request = urllib.request.Request(f"http://127.0.0.1:{gw.http}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(request, timeout=60)
+        assert failure.value.code == status and failure.value.headers["Content-Type"].startswith("application/json")
+        error = json.loads(failure.value.read())["error"]
+        assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+        if status == 405:
+            assert "POST" in failure.value.headers["Allow"]
 
 
 def test_a_missing_or_wrong_api_key_gets_401(gw):
@@ -221,8 +265,9 @@ async def _hold(admission: Admission, timeout_s: float = 1.0) -> None:
 def test_chat_template_matches_the_checkpoint_template(tiny_checkpoint):
     jinja2 = pytest.importorskip("jinja2")
     config = json.loads((Path(tiny_checkpoint) / "tokenizer_config.json").read_text())
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+    messages = [{"role": "system", "content": "S"}, {"role": "developer", "content": "D"},
+                {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "U2"}]
     expected = jinja2.Template(config["chat_template"]).render(
         messages=messages, bos_token=config["bos_token"], eos_token=config["eos_token"], add_generation_prompt=True)
     assert render(messages) == expected

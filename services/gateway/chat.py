@@ -13,7 +13,7 @@ from cloudmatrix.model.tokenizer import BOS, EOS
 
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 
 
 def render(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
@@ -23,7 +23,7 @@ def render(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -
     parts = [BOS]
     for i, message in enumerate(messages):
         role, content = _role(message, i), _content(message, i)
-        if role == "system":
+        if role in ("system", "developer"):
             parts.append(f"{content}\n\n")
         elif role == "user":
             parts.append(f"{USER}{content}")

@@ -32,6 +32,21 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
     return 500, "internal_error", "internal_error"
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def http_error_response(exc: web.HTTPException, method: str, path: str) -> web.Response:
+    """An HTTP-level refusal (unknown path, wrong method, body too large, ...) in OpenAI's error
+    shape instead of aiohttp's plain text; headers such as ``Allow`` are kept."""
+    messages = {404: f"no such endpoint: {method} {path}",
+                405: f"method {method} is not allowed on {path} (allowed: {exc.headers.get('Allow', '')})",
+                413: f"request body too large: {exc.text or exc.reason}"}
+    body = {"error": {"message": messages.get(exc.status, exc.text or exc.reason), "type": "invalid_request_error",
+                      "param": None, "code": _HTTP_CODES.get(exc.status, exc.reason.lower().replace(" ", "_"))}}
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
     return _described(exc)[1]
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from services.gateway import chat as chat_template
 from services.gateway import openai_schema as oai
 from services.gateway.core import GatewayCore
-from services.gateway.errors import error_body, error_response
+from services.gateway.errors import error_body, error_response, http_error_response
 from services.gateway.schema import Delta, Finish, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class OpenAIHttp:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
         return app
@@ -44,8 +45,10 @@ class OpenAIHttp:
     async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return http_error_response(exc, request.method, request.path)
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape; unexpected ones are logged
             return error_response(exc)
 
@@ -61,10 +64,21 @@ class OpenAIHttp:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and any(hmac.compare_digest(key.strip(), k) for k in self.api_keys)
 
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.core.model.id, "object": "model", "created": self.created,
+                "owned_by": "cloudmatrix-infer", "max_model_len": self.core.model.context_limit}
+
     async def models(self, request: web.Request) -> web.Response:
-        model = {"id": self.core.model.id, "object": "model", "created": self.created,
-                 "owned_by": "cloudmatrix-infer", "max_model_len": self.core.model.context_limit}
-        return web.json_response({"object": "list", "data": [model]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id} (the openai client's ``models.retrieve``)."""
+        name = request.match_info["model"]
+        if name != self.core.model.id:
+            return web.json_response(status=404, data={"error": {
+                "message": f"model {name!r} does not exist; this server serves {self.core.model.id!r}",
+                "type": "invalid_request_error", "param": "model", "code": "model_not_found"}})
+        return web.json_response(self._model_card())
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=prometheus_client.generate_latest(),

@@ -81,6 +81,27 @@ def _unsupported(body: dict[str, Any], chat: bool) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, (int, float), 0):
             raise ValueError(f"{name}: not supported (only 0)")
+    _not_implemented(body, chat)
+
+
+def _not_implemented(body: dict[str, Any], chat: bool) -> None:
+    """Fields of OpenAI's API this server does not implement: a request that relies on one gets
+    a 400 naming it, never a silently different answer. Their neutral values are accepted."""
+    for name in ("tools", "functions", "logit_bias"):
+        if _field(body, name, (list, dict), None):
+            raise ValueError(f"{name}: not supported (tool and function calling, logit bias)")
+    for name in ("tool_choice", "function_call"):
+        if _field(body, name, (str, dict), "none") not in ("none", "auto"):
+            raise ValueError(f"{name}: not supported (no tool or function calling)")
+    response_format = _field(body, "response_format", (dict,), {"type": "text"})
+    if response_format.get("type", "text") != "text":
+        raise ValueError(f"response_format: only {{\"type\": \"text\"}} is supported, got {response_format!r}")
+    if chat and _field(body, "top_logprobs", (int,), 0):
+        raise ValueError("top_logprobs: not supported")
+    if not chat and _field(body, "best_of", (int,), 1) != 1:
+        raise ValueError("best_of: only best_of = 1 is supported")
+    if not chat and _field(body, "suffix", (str,), ""):
+        raise ValueError("suffix: not supported (no insertion)")
 
 
 def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:

@@ -16,7 +16,7 @@ SPECIAL_TOKENS = (BOS, EOS, PAD)
 # Documented in docs/model.md: a plain role-tagged transcript ending with the assistant's turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% if m['role'] in ['system', 'developer'] %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
     "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -136,3 +139,39 @@ def test_bad_references_are_reported(services, needle):
     from cloudmatrix.launcher.waves import waves
     with pytest.raises(ValueError, match=needle):
         waves(parse_topology({"services": services}, Path(".")).processes)
+
+
+def test_up_checks_the_topology_inputs_before_starting_anything(run_dir):
+    up = cmx("up", "--topology", "topologies/local.yaml", "--run-dir", str(run_dir))
+    assert up.returncode == 2 and "Traceback" not in up.stderr
+    assert "prefill-0, decode-0, gateway-0: checkpoint: no config.json in" in up.stderr
+    assert not (run_dir / "state.json").exists() and not (run_dir / "logs").exists()
+
+
+def test_down_counts_the_processes_that_had_already_exited(tmp_path, run_dir):
+    topo = _write_topology(tmp_path / "topo.yaml", dies=2)
+    assert cmx("up", "--topology", str(topo), "--run-dir", str(run_dir)).returncode == 0
+    victim = _records(run_dir)[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while is_alive(victim) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    down = cmx("down", "--run-dir", str(run_dir))
+    assert down.returncode == 0 and "stopped 1 processes; 1 had already exited: die-1" in down.stdout
+
+
+def test_status_into_a_closed_pipe_exits_without_a_traceback(tmp_path, run_dir):
+    topo = _write_topology(tmp_path / "topo.yaml", dies=1)
+    assert cmx("up", "--topology", str(topo), "--run-dir", str(run_dir)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cloudmatrix.cli.main", "status", "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before cmx writes (as `cmx status | head -0`)
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_every_launcher_option_shows_its_default():
+    for command, needles in (("up", ["(default: topologies/local.yaml)", "(default: runs/local)", "(default: 120.0)"]),
+                             ("status", ["(default: runs/local)"]), ("down", ["(default: 15.0)"])):
+        text = cmx(command, "--help").stdout
+        assert all(n in " ".join(text.split()) for n in needles), text

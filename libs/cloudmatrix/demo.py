@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,14 @@ def demo_prompts() -> list[tuple[str, str]]:
     return [("short", "The CloudMatrix384 supernode serves"),
             ("long A", shared + " The first question is about dispatch."),
             ("long B, shared prefix", shared + " The second question is about combine.")]
+
+
+def printable(text: str) -> str:
+    """Text a terminal shows as is: control and other invisible characters become \\uXXXX, in
+    double quotes so that leading and trailing spaces show."""
+    shown = "".join(c if c == " " or (c.isprintable() and not unicodedata.category(c).startswith("Z"))
+                    else f"\\u{ord(c):04x}" for c in text)
+    return f'"{shown}"'
 
 
 def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dict:

@@ -42,10 +42,10 @@ def http_port_file(config: GatewayConfig) -> Path:
     return Path(config.server.run_dir) / "ready" / f"{config.server.service_name or 'gateway'}.http.json"
 
 
-def _write_port(path: Path, port: int) -> None:
+def _write_port(path: Path, host: str, port: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps({"http_port": port}))
+    tmp.write_text(json.dumps({"http_host": host, "http_port": port}))
     tmp.replace(path)
 
 
@@ -61,7 +61,7 @@ async def build(config: GatewayConfig) -> ServiceParts:
         site = web.TCPSite(runner, config.http_host, config.http_port)
         await site.start()
         port = runner.addresses[0][1]
-        _write_port(port_file, port)
+        _write_port(port_file, config.http_host, port)
         log.info("http serving", extra={"http_host": config.http_host, "http_port": port,
                                         "http_port_file": str(port_file)})
 

@@ -10,6 +10,7 @@ from cloudmatrix.demo import (
     demo_prompts,
     gateway_url,
     get_json,
+    printable,
     stream_completion,
     wait_for_trace,
 )
@@ -18,8 +19,8 @@ from cloudmatrix.telemetry.trace_view import render_tree
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("demo", help="requests through the gateway of a running topology, with a trace")
-    parser.add_argument("--run-dir", default="runs/local")
-    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--run-dir", default="runs/local", help="the run directory `cmx up` used")
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens to generate per request")
     parser.set_defaults(handler=_demo)
 
 
@@ -27,12 +28,13 @@ def _demo(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     url = gateway_url(run_dir)
     model = get_json(f"{url}/v1/models")["data"][0]["id"]
-    print(f"gateway {url}, model {model}\n")
+    print(f"gateway {url}, model {model}")
+    print("(the model has random weights, a deterministic init: its text is a sample of tokens, not an answer)\n")
     last = None
     for label, prompt in demo_prompts():
         last = stream_completion(url, model, prompt, args.max_tokens)
         usage = last["usage"]
-        print(f"[{label}] ...{prompt[-40:]!r} -> {last['text']!r}")
+        print(f"[{label}] ...{printable(prompt[-40:])} -> {printable(last['text'])}")
         print(f"    prompt {usage['prompt_tokens']} tokens, {usage['prompt_tokens_details']['cached_tokens']} from the "
               f"context cache; {usage['completion_tokens']} generated; measured TTFT {last['ttft_s'] * 1e3:.0f} ms, "
               f"TPOT {last['tpot_s'] * 1e3:.1f} ms; modeled CloudMatrix384 {last['timing']['modeled_s'] * 1e3:.2f} ms")

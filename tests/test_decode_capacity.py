@@ -4,8 +4,6 @@ when the running requests outgrow the pool, and says so in its metrics."""
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import grpc
 import pytest
@@ -16,6 +14,7 @@ from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
 from cmx.decode.v1 import decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2_grpc
+from tests.metrics_text import samples, scrape, value
 from tests.services import running_services
 from tests.test_decode import _generate, _wait_until_idle
 
@@ -49,14 +48,13 @@ def test_a_pool_for_4_serves_16_concurrent_requests_with_preemption(tmp_path, ti
 
             results = asyncio.run(run())
             load = _wait_until_idle(decode_addr)
-            with urllib.request.urlopen(f"http://127.0.0.1:{s['decode'].metrics_port}/metrics", timeout=10) as page:
-                metrics = page.read().decode()
+            metrics = scrape(s['decode'].metrics_port)
     assert [tokens for tokens, _ in results] == expected
     assert load.kv_blocks_total == 2 * BLOCKS_PER_DIE and list(load.die_kv_blocks_free) == [BLOCKS_PER_DIE] * 2
-    counted = float(re.search(r'^cmx:num_preemptions_total\{instance="decode-0"\} (\S+)$', metrics, re.M).group(1))
+    counted = value(metrics, "cmx_num_preemptions_total", engine="decode-0")
     assert load.preemptions > 0 and counted == load.preemptions
-    phase = {m.group(1): float(m.group(2)) for m in re.finditer(
-        r'^cmx:engine_die_phase_seconds_total\{instance="decode-0",phase="(\w+)"\} (\S+)$', metrics, re.M)}
+    phase = {labels["phase"]: v for labels, v in samples(metrics, "cmx_engine_die_phase_seconds_total",
+                                                           engine="decode-0")}
     assert set(phase) == {"forward", "compute", "dispatch", "combine", "sample"}
     assert phase["forward"] == pytest.approx(sum(phase[k] for k in ("compute", "dispatch", "combine", "sample")))
     assert phase["compute"] > 0 and phase["dispatch"] > 0  # 2 dies: the MoE rounds wait on the fabric

@@ -7,7 +7,6 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
-import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,13 +26,16 @@ from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.admission import Admission
 from services.gateway.chat import render
 from services.gateway.text import OutputText
+from tests.metrics_text import samples, scrape, types, value
 from tests.services import running_services
 from tests.test_decode import _load, _wait_for, _wait_until_idle, serving_stack
 
 pytestmark = pytest.mark.timeout(300)
-METRICS = ("time_to_first_token_seconds", "time_to_first_token_modeled_seconds", "time_to_first_token_phase_seconds",
-           "inter_token_latency_seconds", "e2e_request_latency_seconds", "num_requests_running",
-           "num_requests_waiting", "prefix_cache_queries_total", "prefix_cache_hits_total")
+HISTOGRAMS = ("time_to_first_token_seconds", "time_to_first_token_modeled_seconds",
+              "time_to_first_token_phase_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+              "request_prompt_tokens", "request_generation_tokens")
+COUNTERS = ("prompt_tokens", "prompt_tokens_cached", "generation_tokens", "requests")
+GAUGES = ("num_requests_running", "num_requests_waiting")
 
 
 @pytest.fixture(scope="module")
@@ -175,18 +177,13 @@ def test_over_capacity_429_past_the_deadline_504_no_instance_503(gw):
     long = {"model": gw.model, "prompt": "Slow", "max_tokens": 1500, "ignore_eos": True}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(_post, gw.one_http, "/v1/completions", long)
-        assert _wait_for(lambda: _gauge(gw.one_http, "cmx:num_requests_running") == 1)
+        assert _wait_for(lambda: value(scrape(gw.one_http), "cmx_num_requests_running") == 1)
         status, body = _post(gw.one_http, "/v1/completions", {**long, "max_tokens": 2})
         assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
         status, body = first.result()
     assert status == 504 and body["error"]["type"] == "timeout_error"
     status, body = _post(gw.dead_http, "/v1/completions", {**long, "max_tokens": 2})
     assert status == 503 and "prefill" in body["error"]["message"]
-
-
-def _gauge(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return float(re.search(rf"^{name} (\S+)$", response.read().decode(), re.MULTILINE).group(1))
 
 
 def test_grpc_generate_streams(gw, local):
@@ -205,13 +202,27 @@ def test_grpc_generate_streams(gw, local):
     assert chunks[-1].timing.modeled_s > 0 and models[0].id == gw.model and models[0].max_context_tokens == 2048
 
 
-def test_metrics_expose_the_cmx_series(gw):
-    _client(gw.http).completions.create(model=gw.model, prompt="Metrics", max_tokens=3, temperature=0)
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.http}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert all(f"cmx:{name}" in text for name in METRICS)
-    assert float(re.search(r"^cmx:time_to_first_token_seconds_count (\S+)$", text, re.MULTILINE).group(1)) > 0
-    assert float(re.search(r"^cmx:prefix_cache_queries_total (\S+)$", text, re.MULTILINE).group(1)) > 0
+def test_metrics_expose_the_cmx_series_typed_with_model_name(gw):
+    before = scrape(gw.http)
+    _client(gw.http).completions.create(model=gw.model, prompt="Metrics", max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    status, _ = _post(gw.http, "/v1/completions", {"model": gw.model, "prompt": "x", "max_tokens": -1})
+    assert status == 400
+    text, kinds = scrape(gw.http), types(scrape(gw.http))
+    expected = {**dict.fromkeys(HISTOGRAMS, "histogram"), **dict.fromkeys(COUNTERS, "counter"),
+                **dict.fromkeys(GAUGES, "gauge")}
+    assert {name: kinds.get(f"cmx_{name}") for name in expected} == {name: t for name, t in expected.items()}
+    assert all(labels.get("model_name") == gw.model for name in GAUGES for labels, _ in samples(text, f"cmx_{name}"))
+
+    def delta(name: str, **labels: str) -> float:
+        return value(text, name, model_name=gw.model, **labels) - value(before, name, model_name=gw.model, **labels)
+
+    assert delta("cmx_time_to_first_token_seconds_count") == 1 and delta("cmx_generation_tokens_total") == 3
+    assert delta("cmx_request_generation_tokens_sum") == 3 and delta("cmx_prompt_tokens_total") > 0
+    assert delta("cmx_requests_total", finish_reason="length") == 1
+    assert delta("cmx_requests_total", finish_reason="invalid") == 1  # the 400 is counted
+    assert "cmx_prefix_cache_queries" not in kinds  # counted once, by the prefill instances
+    assert not any(":" in name for name in kinds)  # colons are for recording rules
 
 
 def test_a_client_leaving_mid_stream_frees_the_decode_blocks(gw):

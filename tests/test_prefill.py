@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +13,7 @@ from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+from tests.metrics_text import samples, scrape, types, value
 from tests.services import running_services
 
 pytestmark = pytest.mark.timeout(300)
@@ -95,11 +96,12 @@ def test_scheduler_metrics_are_exported(tmp_path, tiny_checkpoint):
     with prefill_instance(tmp_path, tiny_checkpoint, with_record=True) as (address, _, record):
         _prefill(address, "m1", list(range(3, 40)))
         _prefill(address, "m2", list(range(3, 40)))
-        with urllib.request.urlopen(f"http://127.0.0.1:{record.metrics_port}/metrics", timeout=10) as response:
-            text = response.read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line.startswith("cmx:") and " " in line}
-    assert values['cmx:prefix_cache_queries_total{instance="prefill-0"}'] == 74
-    assert values['cmx:prefix_cache_hits_total{instance="prefill-0"}'] == 32  # 2 of m2's blocks
-    assert values['cmx:engine_step_modeled_seconds_count{instance="prefill-0"}'] >= 2
-    assert 'cmx:kv_cache_usage_ratio{instance="prefill-0"}' in values
+        text = scrape(record.metrics_port)
+    model = Path(tiny_checkpoint).resolve().name
+    labels = {"model_name": model, "engine": "prefill-0"}  # vLLM's labels; no "instance" of our own
+    assert value(text, "cmx_prefix_cache_queries_total", **labels) == 74
+    assert value(text, "cmx_prefix_cache_hits_total", **labels) == 32  # 2 of m2's blocks
+    assert value(text, "cmx_engine_step_modeled_seconds_count", **labels) >= 2
+    assert samples(text, "cmx_kv_cache_usage_ratio", **labels)
+    assert types(text)["cmx_engine_step_seconds"] == "histogram" and types(text)["cmx_prefix_cache_hits"] == "counter"
+    assert not any("instance" in labels for labels, _ in samples(text, "cmx_num_requests_running"))

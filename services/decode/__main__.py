@@ -20,7 +20,7 @@ async def build(config: DecodeConfig) -> ServiceParts:
     core = DecodeCore(loop, pool, cfg.eos_token_id, cfg.vocab_size, cfg.max_position_embeddings, config.chunk_tokens)
 
     async def on_ready(host) -> None:
-        await start_loop(loop, host, config.instance_id)
+        await start_loop(loop, host, config, config.instance_id)
 
     async def on_stop() -> None:
         await loop.stop()

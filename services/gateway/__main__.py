@@ -12,7 +12,6 @@ from cloudmatrix.model.config import load_config
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.gateway import metrics
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend
 from services.gateway.config import GatewayConfig
@@ -30,7 +29,6 @@ def build_core(config: GatewayConfig, backend: GrpcBackend) -> GatewayCore:
     model = ModelInfo(config.model_id or Path(config.checkpoint).resolve().name, cfg.max_position_embeddings,
                       cfg.vocab_size, cfg.eos_token_id)
     admission = Admission(config.max_in_flight, config.max_queue)
-    metrics.track_admission(admission)
     return GatewayCore(model, TextTokenizer.load(config.checkpoint), backend,
                        InstancePicker("prefill", config.prefill, backend.prefill_load),
                        InstancePicker("decode", config.decode, backend.decode_load),

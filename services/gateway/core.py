@@ -17,9 +17,9 @@ from opentelemetry import trace
 
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
-from services.gateway import metrics
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.picker import InstancePicker
 from services.gateway.schema import (
     Delta,
@@ -76,6 +76,8 @@ class GatewayCore:
                  prefill: InstancePicker, decode: InstancePicker, admission: Admission, timeout_s: float) -> None:
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.prefill, self.decode, self.admission, self.timeout_s = prefill, decode, admission, timeout_s
+        self.metrics = GatewayMetrics(model.id)
+        self.metrics.track_admission(admission)
 
     def prepare(self, req: GenerateRequest) -> Prepared:
         """Tokenize and validate; ValueError names the field to change."""
@@ -120,7 +122,8 @@ class GatewayCore:
                 raise
             finally:  # a request whose client left ends here with no reason: "cancelled"
                 span.set_attributes({"completion_tokens": run.completion_tokens, "cached_tokens": run.cached_tokens})
-                metrics.observe_finish(run.reason or "cancelled", time.perf_counter() - start)
+                self.metrics.observe_finish(run.reason or "cancelled", time.perf_counter() - start,
+                                            run.completion_tokens)
 
     async def _serve(self, run: _Run) -> AsyncIterator[Delta | Finish]:
         first = await self._prefill(run)
@@ -148,7 +151,8 @@ class GatewayCore:
         run.last_token_at = time.perf_counter()
         run.measured["prefill"], run.modeled["prefill"] = run.last_token_at - started, first.modeled_s
         run.cached_tokens = first.cached_tokens
-        metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first, len(p.token_ids))
+        self.metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first,
+                                         len(p.token_ids))
         return first
 
     @staticmethod
@@ -217,7 +221,7 @@ class GatewayCore:
         now = time.perf_counter()
         if run.completion_tokens:  # tokens of one chunk share its gap evenly
             for _ in token_ids:
-                metrics.ITL.observe((now - run.last_token_at) / len(token_ids))
+                self.metrics.itl.observe((now - run.last_token_at) / len(token_ids))
         run.last_token_at = now
         accepted, text = [], ""
         for token in token_ids:
@@ -226,6 +230,7 @@ class GatewayCore:
             accepted.append(token)
             text += run.text.push(token)
         run.completion_tokens += len(accepted)
+        self.metrics.observe_tokens(len(accepted))
         return Delta(text, accepted)
 
     def _finish(self, run: _Run) -> Finish:

@@ -22,7 +22,7 @@ from services.gateway import chat as chat_template
 from services.gateway import openai_schema as oai
 from services.gateway.core import GatewayCore
 from services.gateway.errors import error_body, error_response, http_error_response
-from services.gateway.schema import Delta, Finish, GenerateRequest
+from services.gateway.schema import Delta, Finish, GenerateRequest, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,27 @@ class OpenAIHttp:
                                   "decode_instances": len(decode)}, status=200 if ok else 503)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
-        return await self._complete(request, body, oai.generate_request(body, uuid.uuid4().hex, False,
-                                                                        oai.prompt(body)), chat=False)
+        return await self._complete(request, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
-        ids = self.core.tokenizer.encode(chat_template.render(body.get("messages")), add_bos=False)
-        return await self._complete(request, body, oai.generate_request(body, uuid.uuid4().hex, True, ids),
-                                    chat=True)
+        return await self._complete(request, chat=True)
 
-    async def _complete(self, request: web.Request, body: dict[str, Any], req: GenerateRequest,
-                        chat: bool) -> web.StreamResponse:
-        prepared = _renamed(self.core.prepare, req, chat)
+    async def _parse(self, request: web.Request, chat: bool) -> tuple[dict[str, Any], Prepared]:
+        """The body and the prepared request; a malformed one (400, 413) is counted as "invalid"."""
+        try:
+            body = await _json_body(request)
+            if chat:
+                ids = self.core.tokenizer.encode(chat_template.render(body.get("messages")), add_bos=False)
+                req = oai.generate_request(body, uuid.uuid4().hex, True, ids)
+            else:
+                req = oai.generate_request(body, uuid.uuid4().hex, False, oai.prompt(body))
+            return body, _renamed(self.core.prepare, req, chat)
+        except (ValueError, web.HTTPRequestEntityTooLarge):
+            self.core.metrics.observe_invalid()
+            raise
+
+    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body, prepared = await self._parse(request, chat)
         stream, include_usage = oai.stream_flags(body)
         shape = oai.Shape(chat, prepared.request_id, prepared.model, int(time.time()))
         async with contextlib.aclosing(self.core.generate(prepared)) as events:

@@ -48,7 +48,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @map_errors
     async def Generate(self, request, context):
         await self._authenticate(context)
-        prepared = self.core.prepare(generate_request(request))
+        try:
+            prepared = self.core.prepare(generate_request(request))
+        except ValueError:
+            self.core.metrics.observe_invalid()
+            raise
         text, token_ids = "", []
         async with contextlib.aclosing(self.core.generate(prepared)) as events:
             async for event in events:

@@ -23,7 +23,7 @@ async def build(config: PrefillConfig) -> ServiceParts:
                                                    config.kv_lease_ttl_s))
 
     async def on_ready(host) -> None:  # the dies load before the instance reports SERVING
-        await start_loop(loop, host, config.instance_id, lambda: {
+        await start_loop(loop, host, config, config.instance_id, lambda: {
             "prefix_cache_queries": core.cache_queries, "prefix_cache_hits": core.cache_hits})
 
     async def on_stop() -> None:

@@ -35,13 +35,15 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
                                                        settings.probe_timeout_s, settings.batch_wait_s))
 
 
-async def start_loop(loop: StepLoop, host, instance_id: str,
+async def start_loop(loop: StepLoop, host, settings: InstanceSettings, instance_id: str,
                      extra: Callable[[], dict[str, float]] = dict) -> None:
     """Load the dies and start stepping; the service's health follows the loop's from then on,
-    and the scheduler's gauges and step histograms are registered."""
+    and the scheduler's gauges and step histograms are registered (labels: the model's name and
+    the instance id as ``engine``)."""
     loop.on_health = host.set_health
     await loop.start()
-    loop.on_step = register_scheduler_metrics(instance_id, lambda: {**scheduler_gauges(loop), **extra()})
+    loop.on_step = register_scheduler_metrics(model_id_of(settings), instance_id,
+                                              lambda: {**scheduler_gauges(loop), **extra()})
 
 
 def scheduler_gauges(loop: StepLoop) -> dict[str, float]:

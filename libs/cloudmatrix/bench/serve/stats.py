@@ -70,8 +70,8 @@ def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
     return out
 
 
-STEP_SERIES = ("cmx:engine_step_seconds_sum", "cmx:engine_step_seconds_count", "cmx:engine_step_sequences_total")
-PHASE_SERIES = "cmx:engine_die_phase_seconds_total"
+STEP_SERIES = ("cmx_engine_step_seconds_sum", "cmx_engine_step_seconds_count", "cmx_engine_step_sequences_total")
+PHASE_SERIES = "cmx_engine_die_phase_seconds_total"
 
 
 def step_snapshot(url: str) -> dict:
@@ -90,7 +90,7 @@ def step_breakdown(before: dict, after: dict) -> dict:
             "die_phase_ms_per_step": per_step}
 
 
-CACHE_SERIES = ("cmx:prefix_cache_queries_total", "cmx:prefix_cache_hits_total")
+CACHE_SERIES = ("cmx_prompt_tokens_total", "cmx_prompt_tokens_cached_total")  # the gateway's
 
 
 def hit_rate(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -57,6 +58,14 @@ def test_up_status_down_with_real_processes(tmp_path, run_dir):
             info = npu_pb2_grpc.NpuEmulatorStub(channel).GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=5)
         assert (info.die_id, info.num_dies) == (i, 2)
         assert Path(record.log).is_file()
+    groups = json.loads((run_dir / "prometheus_targets.json").read_text())  # a Prometheus file_sd file
+    assert [g["labels"]["cmx_process"] for g in groups] == ["die-0", "die-1"]
+    for group, record in zip(groups, records):
+        assert group["targets"] == [f"127.0.0.1:{record.metrics_port}"] and group["labels"]["job"] == "cmx"
+        with urllib.request.urlopen(f"http://{group['targets'][0]}/metrics", timeout=10) as page:
+            assert page.status == 200
+    config = yaml.safe_load((run_dir / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["file_sd_configs"][0]["files"] == [str(run_dir / "prometheus_targets.json")]
     status = cmx("status", "--run-dir", str(run_dir))
     assert status.returncode == 0 and status.stdout.count("SERVING") == 2
     assert all(r.address in status.stdout for r in records)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cloudmatrix.launcher import prometheus
 from cloudmatrix.launcher.processes import ProcessRecord, load_state, save_state, spawn, stop_all, wait_healthy
 from cloudmatrix.launcher.topology import Topology
 from cloudmatrix.launcher.waves import resolve, waves
@@ -11,8 +12,9 @@ from cloudmatrix.rpc.channel import health_check_sync
 
 
 def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[ProcessRecord]:
-    """Every process SERVING, state saved in ``run_dir``; on a failure the started ones are
-    stopped and the error (StartupError, KeyboardInterrupt) propagates."""
+    """Every process SERVING, state and a Prometheus scrape config saved in ``run_dir``; on a
+    failure the started ones are stopped and the error (StartupError, KeyboardInterrupt)
+    propagates."""
     records: list[ProcessRecord] = []
     try:
         for wave in waves(topology.processes):
@@ -25,6 +27,7 @@ def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[Proces
         (run_dir / "state.json").unlink(missing_ok=True)
         raise
     save_state(run_dir, topology, records)
+    prometheus.write(run_dir, records, topology.name)
     return records
 
 

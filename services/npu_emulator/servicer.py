@@ -19,10 +19,12 @@ from services.npu_emulator.config import NpuEmulatorConfig
 from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_step
 from services.npu_emulator.core import Die
 from services.npu_emulator.loader import load_engine
+from services.npu_emulator.metrics import DieCounters
 
 
 class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
-    def __init__(self, die: Die, config: NpuEmulatorConfig) -> None:
+    def __init__(self, die: Die, config: NpuEmulatorConfig, counters: DieCounters | None = None) -> None:
+        self.counters = counters or DieCounters()
         self.die, self.config = die, config
         self.max_tensor_bytes = config.server.max_message_bytes
 
@@ -95,6 +97,7 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
         seqs = [sequence_step(s) for s in request.sequences]
         results, measured, modeled = await asyncio.to_thread(engine.forward, request.step, request.microbatch, seqs,
                                                              request.return_logits)
+        self.counters.record(len(seqs), sum(len(s.token_ids) for s in seqs), measured, modeled.get("total", 0.0))
         outputs = [npu_pb2.SequenceOutput(seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
                                           logits=encode_tensor(r.logits) if r.logits is not None else None)
                    for r in results]

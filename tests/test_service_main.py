@@ -137,7 +137,7 @@ def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
     server_span = next(s for s in spans if s["name"].endswith("TraceService/Export")
                        and s["trace_id"] == hex_id(client_span.context.trace_id, 32))
     assert server_span["parent_span_id"] == hex_id(client_span.context.span_id, 16)
-    assert server_span["resource"] == {"service.name": "demo"}
+    assert server_span["resource"] == {"service.name": "demo", "service.instance.id": "demo"}
 
 
 @pytest.mark.parametrize("args, env, message", [

@@ -76,8 +76,10 @@ def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpo
     completions, run_dir = _serve_and_complete(tmp_path, tiny_checkpoint, "fp32", prefill_instances=2)
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "fp32")
     spans = read_spans(run_dir / "spans")
-    served_by = {s["resource"]["service.name"] for s in spans if s["name"] == "/cmx.prefill.v1.Prefill/Prefill"
-                 and s["kind"].endswith("SERVER")}
+    served_by = {s["resource"]["service.instance.id"] for s in spans
+                 if s["name"] == "/cmx.prefill.v1.Prefill/Prefill" and s["kind"].endswith("SERVER")}
+    assert {s["resource"]["service.name"] for s in spans} >= {"gateway", "prefill", "decode", "npu_emulator",
+                                                              "ub_fabric", "kvcache"}  # semantic conventions
     assert served_by == {"prefill0-0", "prefill1-0"}  # the gateway used both prefill instances
     trace = trace_of_request(spans, completions[-1].id.split("-", 1)[1])
     names = {s["name"] for s in trace}

@@ -69,8 +69,9 @@ def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dic
 
 def wait_for_trace(span_dir: Path, request_id: str, timeout_s: float, services: int = 6) -> list[dict]:
     """The request's spans once they are on disk (span files are written in batches, each process
-    on its own schedule): from at least ``services`` services, and whole (every span's parent is
-    there), or what there is at the timeout."""
+    on its own schedule): from at least ``services`` services (``service.name``: gateway,
+    prefill, decode, npu_emulator, kvcache, ub_fabric), with the root span, and whole (every
+    span's parent is there), or what there is at the timeout."""
     deadline, spans = time.monotonic() + timeout_s, []
     while time.monotonic() < deadline:
         try:
@@ -78,7 +79,8 @@ def wait_for_trace(span_dir: Path, request_id: str, timeout_s: float, services: 
         except ValueError:
             spans = []
         ids = {s["span_id"] for s in spans}
-        whole = all(s.get("parent_span_id") in (None, "") or s["parent_span_id"] in ids for s in spans)
+        whole = all(s.get("parent_span_id") in (None, "") or s["parent_span_id"] in ids for s in spans) \
+            and any(s.get("parent_span_id") in (None, "") for s in spans)
         if whole and len({s.get("resource", {}).get("service.name") for s in spans}) >= services:
             break
         time.sleep(0.5)

@@ -64,7 +64,7 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
     tune_allocator(server.malloc_retain_bytes)
     _limit_torch_threads()
     setup_logging(service, server.log_level, server.log_format)
-    provider = setup_tracing(service, otlp_endpoint=server.otlp_endpoint,
+    provider = setup_tracing(name, instance_id=service, otlp_endpoint=server.otlp_endpoint,
                              span_file=server.span_file(service, os.getpid()))
     instrument_grpc()
     try:

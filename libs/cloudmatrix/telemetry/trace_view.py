@@ -35,7 +35,7 @@ def render_tree(spans: list[dict], max_lines: int = 80) -> str:
 
     def walk(group: list[dict], depth: int) -> None:
         span = group[0]
-        service = span.get("resource", {}).get("service.name", "?")
+        service = process_of(span)
         total_ms = sum(s["duration_s"] for s in group) * 1e3
         count = f" x {len(group)}" if len(group) > 1 else ""
         lines.append(f"{'  ' * depth}{span['name']}{count}  [{service}]  {total_ms:.2f} ms")
@@ -54,9 +54,15 @@ def _runs(spans: list[dict]) -> list[list[dict]]:
     """Consecutive spans with the same name and service, grouped."""
     runs: list[list[dict]] = []
     for s in spans:
-        key = (s["name"], s.get("resource", {}).get("service.name"))
-        if runs and (runs[-1][0]["name"], runs[-1][0].get("resource", {}).get("service.name")) == key:
+        key = (s["name"], process_of(s))
+        if runs and (runs[-1][0]["name"], process_of(runs[-1][0])) == key:
             runs[-1].append(s)
         else:
             runs.append([s])
     return runs
+
+
+def process_of(span: dict) -> str:
+    """The process a span came from: its ``service.instance.id`` (``gateway-0``), or the service."""
+    resource = span.get("resource", {})
+    return resource.get("service.instance.id") or resource.get("service.name", "?")

@@ -18,7 +18,7 @@ from opentelemetry.instrumentation.grpc import (
     GrpcAioInstrumentorServer,
     filters,
 )
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -30,6 +30,7 @@ from opentelemetry.sdk.trace.export import (
 def setup_tracing(
     service_name: str,
     *,
+    instance_id: str | None = None,
     otlp_endpoint: str | None = None,
     span_file: str | None = None,
     set_global: bool = True,
@@ -37,11 +38,15 @@ def setup_tracing(
     """A TracerProvider exporting through a BatchSpanProcessor: to the OTLP gRPC collector at
     ``otlp_endpoint`` when given, else as JSON lines to ``span_file`` when given, else nowhere.
 
+    The resource follows OpenTelemetry's semantic conventions: ``service.name`` is the service
+    (``gateway``, ``npu_emulator``, ...), ``service.instance.id`` the process (``gateway-0``).
+
     ``provider.shutdown()`` flushes pending spans (it also runs at interpreter exit). With
     ``set_global`` the provider becomes OpenTelemetry's global one, which can be set once per
     process; tests pass ``set_global=False`` and hand the provider around explicitly.
     """
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    attributes = {SERVICE_NAME: service_name} | ({SERVICE_INSTANCE_ID: instance_id} if instance_id else {})
+    provider = TracerProvider(resource=Resource.create(attributes))
     exporter = _make_exporter(otlp_endpoint, span_file)
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -122,7 +127,8 @@ def span_record(span: ReadableSpan) -> dict[str, Any]:
         "status_message": span.status.description,
         "attributes": dict(span.attributes or {}),
         "events": [_event_record(e) for e in span.events],
-        "resource": {"service.name": span.resource.attributes.get(SERVICE_NAME)},
+        "resource": {k: v for k in (SERVICE_NAME, SERVICE_INSTANCE_ID)
+                     if (v := span.resource.attributes.get(k)) is not None},
     }
 
 

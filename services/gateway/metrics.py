@@ -53,30 +53,38 @@ class GatewayMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
+        # the per-request and per-token series, bound once (a label lookup takes a lock)
+        self.ttft = TTFT.labels(model_name)
+        self.ttft_modeled = TTFT_MODELED.labels(model_name)
         self.itl = ITL.labels(model_name)
+        self.prompt_tokens = PROMPT_TOKENS.labels(model_name)
+        self.cached_prompt_tokens = CACHED_PROMPT_TOKENS.labels(model_name)
+        self.generation_tokens = GENERATION_TOKENS.labels(model_name)
+        self.request_prompt_tokens = REQUEST_PROMPT_TOKENS.labels(model_name)
+        self.request_generation_tokens = REQUEST_GENERATION_TOKENS.labels(model_name)
+        self.e2e = E2E.labels(model_name)
 
     def observe_first_token(self, ttft_s: float, admission_s: float, prefill: PrefillOutcome,
                             prompt_tokens: int) -> None:
-        m = self.model_name
-        TTFT.labels(m).observe(ttft_s)
-        PROMPT_TOKENS.labels(m).inc(prompt_tokens)
-        CACHED_PROMPT_TOKENS.labels(m).inc(prefill.cached_tokens)
-        REQUEST_PROMPT_TOKENS.labels(m).observe(prompt_tokens)
-        TTFT_MODELED.labels(m).observe(prefill.modeled_s)
-        TTFT_PHASE.labels(m, "admission").observe(admission_s)
+        self.ttft.observe(ttft_s)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(prefill.cached_tokens)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.ttft_modeled.observe(prefill.modeled_s)
+        TTFT_PHASE.labels(self.model_name, "admission").observe(admission_s)
         for phase, seconds in prefill.measured.items():
-            TTFT_PHASE.labels(m, phase).observe(seconds)
+            TTFT_PHASE.labels(self.model_name, phase).observe(seconds)
 
     def observe_tokens(self, count: int) -> None:
-        GENERATION_TOKENS.labels(self.model_name).inc(count)
+        self.generation_tokens.inc(count)
 
     def observe_finish(self, reason: str, e2e_s: float, generated: int) -> None:
         """``reason``: see REQUESTS; only finished requests count toward the end-to-end latency and
         the tokens-per-request histogram."""
         REQUESTS.labels(self.model_name, reason).inc()
         if reason in ("stop", "length"):
-            E2E.labels(self.model_name).observe(e2e_s)
-            REQUEST_GENERATION_TOKENS.labels(self.model_name).observe(generated)
+            self.e2e.observe(e2e_s)
+            self.request_generation_tokens.observe(generated)
 
     def observe_invalid(self) -> None:
         """A request refused as malformed before it was admitted."""

@@ -50,18 +50,21 @@ class ShardConnections:
         self.health = ShardHealth(down_after=down_after, probe_interval_s=probe_interval_s,
                                   probe_timeout_s=min(deadline_s, probe_interval_s), on_up=self.reset)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, Stub] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def stub(self, shard: str) -> Stub:
-        channel = self._channels.get(shard)
-        if channel is None:
+        """The shard's stub, made once per channel."""
+        stub = self._stubs.get(shard)
+        if stub is None:
             channel = self._channels[shard] = make_channel(shard, max_message_bytes=self.max_message_bytes)
-        stub = kvcache_pb2_grpc.KvCacheShardStub(channel)
-        # Put with requests already serialized (Block.to_wire), Get with replies left serialized
-        # (read on the wire by reads.py): a block's data is not copied through message objects
-        stub.PutSerialized = channel.stream_unary(PUT_METHOD, response_deserializer=kvcache_pb2.PutReply.FromString)
-        stub.GetSerialized = channel.unary_stream(GET_METHOD,
-                                                  request_serializer=kvcache_pb2.GetRequest.SerializeToString)
+            stub = self._stubs[shard] = kvcache_pb2_grpc.KvCacheShardStub(channel)
+            # Put with requests already serialized (Block.to_wire), Get with replies left serialized
+            # (read on the wire by reads.py): a block's data is not copied through message objects
+            stub.PutSerialized = channel.stream_unary(PUT_METHOD,
+                                                      response_deserializer=kvcache_pb2.PutReply.FromString)
+            stub.GetSerialized = channel.unary_stream(GET_METHOD,
+                                                      request_serializer=kvcache_pb2.GetRequest.SerializeToString)
         return stub
 
     def reset(self, shard: str) -> None:
@@ -70,6 +73,7 @@ class ShardConnections:
         Called when a down shard is SERVING again, so no reconnect backoff left over from its
         outage delays the first call.
         """
+        self._stubs.pop(shard, None)
         channel = self._channels.pop(shard, None)
         if channel is not None:
             task = asyncio.create_task(channel.close(grace=None))
@@ -99,5 +103,5 @@ class ShardConnections:
 
     async def close(self) -> None:
         await self.health.close()
-        channels, self._channels = list(self._channels.values()), {}
+        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
         await asyncio.gather(*(c.close(grace=None) for c in channels), *self._closing, return_exceptions=True)

@@ -178,6 +178,7 @@ def test_missing_and_invalid_yaml_files(tmp_path):
 @pytest.mark.parametrize("kwargs, field_name", [
     ({"port": -1}, "port"), ({"metrics_port": -2}, "metrics_port"), ({"grace_s": -0.1}, "grace_s"),
     ({"max_message_bytes": 0}, "max_message_bytes"), ({"log_format": "xml"}, "log_format"),
+    ({"span_file_max_bytes": -1}, "span_file_max_bytes"), ({"span_file_backups": -1}, "span_file_backups"),
 ])
 def test_server_config_validation(kwargs, field_name):
     with pytest.raises(ValueError, match=f"^{field_name}: "):
@@ -187,4 +188,5 @@ def test_server_config_validation(kwargs, field_name):
 def test_server_config_span_file():
     assert ServerConfig(run_dir="r").span_file("npu", 42) == "r/spans/npu-42.jsonl"
     assert ServerConfig(trace_file="t.jsonl").span_file("npu", 42) == "t.jsonl"
-    assert ServerConfig(otlp_endpoint="localhost:4317").span_file("npu", 42) is None
+    assert ServerConfig(otlp_endpoint="localhost:4317").span_file("npu", 42) == "runs/local/spans/npu-42.jsonl"
+    assert ServerConfig(otlp_endpoint="localhost:4317", span_files=False).span_file("npu", 42) is None

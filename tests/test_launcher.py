@@ -105,10 +105,30 @@ def test_shipped_topologies_parse(name):
     ({"services": [{"service": "npu_emulator", "count": 0}]}, "services[0].count"),
     ({"services": [{"service": "npu_emulator", "port": 70000}]}, "services[0].port"),
     ({"services": [{"service": "npu_emulator"}, {"service": "npu_emulator"}]}, "repeat"),
+    ({"otlp_endpoint": "no port here", "services": [{"service": "npu_emulator"}]}, "topology.otlp_endpoint"),
+    ({"otlp_endpoint": 4317, "services": [{"service": "npu_emulator"}]}, "topology.otlp_endpoint"),
 ])
 def test_bad_topologies_name_the_field(raw, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         parse_topology(raw, Path("."))
+
+
+def test_one_otlp_switch_reaches_every_process_and_a_process_setting_still_wins():
+    raw = {"otlp_endpoint": "collector:4317", "services": [
+        {"name": "die", "service": "npu_emulator", "count": 2},
+        {"name": "gateway", "service": "gateway", "set": {"server.otlp_endpoint": "other:4317"}}]}
+    topology = parse_topology(raw, Path("."))
+    assert topology.otlp_endpoint == "collector:4317"
+    for spec in topology.processes:  # later overrides win in load_config
+        assert spec.overrides[0] == "server.otlp_endpoint=collector:4317"
+    assert topology.processes[-1].overrides[-1] == "server.otlp_endpoint=other:4317"
+    # `cmx up --otlp-endpoint` on a topology without one
+    plain = parse_topology({"services": raw["services"][:1]}, Path("."))
+    assert plain.otlp_endpoint is None and plain.with_otlp_endpoint(None) is plain
+    switched = plain.with_otlp_endpoint("127.0.0.1:4317")
+    assert all(s.overrides[0] == "server.otlp_endpoint=127.0.0.1:4317" for s in switched.processes)
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        plain.with_otlp_endpoint("nowhere")
 
 
 def test_instance_generation_equals_the_local_engine(tmp_path, run_dir, tiny_checkpoint):
@@ -180,7 +200,9 @@ def test_status_into_a_closed_pipe_exits_without_a_traceback(tmp_path, run_dir):
 
 
 def test_every_launcher_option_shows_its_default():
-    for command, needles in (("up", ["(default: topologies/local.yaml)", "(default: runs/local)", "(default: 120.0)"]),
+    for command, needles in (("up", ["(default: topologies/local.yaml)", "(default: runs/local)", "(default: 120.0)",
+                                     "--otlp-endpoint HOST:PORT"]),
+                             ("trace", ["(default: 15.0)", "(default: runs/local)", "(default: 80)", "--depth"]),
                              ("status", ["(default: runs/local)"]), ("down", ["(default: 15.0)"])):
         text = cmx(command, "--help").stdout
         assert all(n in " ".join(text.split()) for n in needles), text

@@ -1,16 +1,21 @@
 """The whole serving system from topology files: greedy output through the gateway equals the local
 engine (fp32 with two prefill instances, int8-pasa with one and two; fp32 with one is in
-test_gateway.py), and one request's trace holds spans from every service type."""
+test_gateway.py), and one request's trace holds spans from every service type: in the span files,
+in `cmx trace` run right after the request, and at an OTLP receiver the topology exports to."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import openai
 import pytest
 import yaml
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import load_for_precision, parse_precision
@@ -45,10 +50,47 @@ def _topology(path, checkpoint, precision: str, prefill_instances: int):
     return path
 
 
-def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances):
+class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver on 127.0.0.1: keeps every span with its resource's attributes."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict] = []
+        self._lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def Export(self, request, context):
+        with self._lock:
+            for rs in request.resource_spans:
+                resource = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        attributes = {a.key: a.value.string_value for a in span.attributes}
+                        self.spans.append({"trace_id": span.trace_id.hex(), "name": span.name,
+                                           "parent": span.parent_span_id.hex(), "resource": resource,
+                                           "attributes": attributes})
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace_of(self, request_id: str) -> list[dict]:
+        with self._lock:
+            ids = {s["trace_id"] for s in self.spans if s["attributes"].get("request_id") == request_id}
+            return [s for s in self.spans if s["trace_id"] in ids]
+
+
+@pytest.fixture
+def otlp_receiver():
+    receiver = OtlpReceiver()
+    yield receiver
+    receiver.server.stop(grace=None)
+
+
+def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances, otlp_endpoint=None, after=None):
     run_dir = tmp_path / f"run-{precision}"
     topo = _topology(tmp_path / f"{precision}.yaml", checkpoint, precision, prefill_instances)
-    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir),
+             *(("--otlp-endpoint", otlp_endpoint) if otlp_endpoint else ()))
     assert up.returncode == 0, up.stderr
     try:
         port = json.loads(next((run_dir / "ready").glob("gateway*.http.json")).read_text())["http_port"]
@@ -60,6 +102,8 @@ def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances):
         # Alone, so every step it needs runs in its own trace (a shared step joins its oldest request's).
         completions.append(client.completions.create(model=model, prompt="A prompt nobody sent before, about "
                                                      "the fabric and its rounds", max_tokens=4, temperature=0))
+        if after is not None:
+            after(run_dir, completions[-1].id.split("-", 1)[1])
     finally:
         down = cmx("down", "--run-dir", str(run_dir))  # flushes every process's spans
     assert down.returncode == 0, down.stderr
@@ -72,8 +116,23 @@ def _local_texts(checkpoint, precision: str) -> list[str]:
     return [tok.decode(list(generate(model, tok.encode(p), SamplingParams(max_tokens=8)))) for p in PROMPTS]
 
 
-def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpoint):
-    completions, run_dir = _serve_and_complete(tmp_path, tiny_checkpoint, "fp32", prefill_instances=2)
+SERVICE_TYPES = {"gateway", "prefill", "decode", "npu_emulator", "ub_fabric", "kvcache"}
+
+
+def _cmx_trace_right_away(run_dir, request_id: str) -> None:
+    """`cmx trace` the moment the request has ended prints the whole trace: every service type."""
+    shown = cmx("trace", request_id, "--run-dir", str(run_dir), "--all")
+    assert shown.returncode == 0, shown.stderr
+    header, *tree = shown.stdout.splitlines()
+    assert set(header.split(" from ")[1].split(", ")) == SERVICE_TYPES, header
+    assert tree[0].startswith("gateway.generate  [gateway-0]")
+    assert any(line.strip().startswith("/cmx.decode.v1.Decode/Decode") and "[decode-0]" in line for line in tree)
+
+
+def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpoint, otlp_receiver):
+    completions, run_dir = _serve_and_complete(tmp_path, tiny_checkpoint, "fp32", prefill_instances=2,
+                                               otlp_endpoint=f"127.0.0.1:{otlp_receiver.port}",
+                                               after=_cmx_trace_right_away)
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "fp32")
     spans = read_spans(run_dir / "spans")
     served_by = {s["resource"]["service.instance.id"] for s in spans
@@ -81,12 +140,19 @@ def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpo
     assert {s["resource"]["service.name"] for s in spans} >= {"gateway", "prefill", "decode", "npu_emulator",
                                                               "ub_fabric", "kvcache"}  # semantic conventions
     assert served_by == {"prefill0-0", "prefill1-0"}  # the gateway used both prefill instances
-    trace = trace_of_request(spans, completions[-1].id.split("-", 1)[1])
+    request_id = completions[-1].id.split("-", 1)[1]
+    trace = trace_of_request(spans, request_id)
     names = {s["name"] for s in trace}
     for expected in ("gateway.generate", "/cmx.prefill.v1.Prefill/Prefill", "/cmx.kvcache.v1.KvCacheShard/Put",
                      "/cmx.npu.v1.NpuEmulator/Forward", "fabric.dispatch", "/cmx.decode.v1.Decode/Decode"):
         assert expected in names, expected
     assert not any("prompt" in k and isinstance(v, str) for s in trace for k, v in s["attributes"].items())
+    # The same trace reached the OTLP receiver (`cmx down` flushed every exporter), once.
+    exported = otlp_receiver.trace_of(request_id)
+    assert len({s["trace_id"] for s in exported}) == 1
+    assert {s["resource"]["service.name"] for s in exported} == SERVICE_TYPES
+    assert {s["resource"]["service.instance.id"] for s in exported} >= {"gateway-0", "decode-0", "fabric-0"}
+    assert sorted(s["name"] for s in exported) == sorted(s["name"] for s in trace)
 
 
 @pytest.mark.parametrize("prefill_instances", [1, 2])

@@ -58,7 +58,10 @@ class ServerConfig:
     log_format: str = "json"  # "json" or "text"
     run_dir: str = "runs/local"
     trace_file: str | None = None  # None -> <run_dir>/spans/<service>-<pid>.jsonl
-    otlp_endpoint: str | None = None  # set -> spans go to this OTLP gRPC collector instead
+    otlp_endpoint: str | None = None  # set -> spans also go to this OTLP gRPC collector (host:port)
+    span_files: bool = True  # False -> no JSON-lines span files (with otlp_endpoint: the collector only)
+    span_file_max_bytes: int = 16 * 2**20  # a span file is rotated past this (0 = never)
+    span_file_backups: int = 1  # rotated span files kept per process
     service_name: str = ""  # "" -> the name the service's main passes to run_service
     ready_file: str | None = None  # JSON {service, pid, host, port, metrics_port} once SERVING
     malloc_retain_bytes: int = 256 * 2**20  # free heap kept mapped (cloudmatrix.allocator); 0 = glibc defaults
@@ -70,6 +73,9 @@ class ServerConfig:
         _require(self.grace_s >= 0, "grace_s", f"must be >= 0, got {self.grace_s}")
         _require(0 <= self.malloc_retain_bytes < 2**31, "malloc_retain_bytes",
                  f"must be in [0, 2^31), got {self.malloc_retain_bytes}")
+        _require(self.span_file_max_bytes >= 0, "span_file_max_bytes",
+                 f"must be >= 0 (0 = never rotate), got {self.span_file_max_bytes}")
+        _require(self.span_file_backups >= 0, "span_file_backups", f"must be >= 0, got {self.span_file_backups}")
         _require(self.max_message_bytes > 0, "max_message_bytes",
                  f"must be > 0, got {self.max_message_bytes}")
         _require(self.log_level.upper() in LOG_LEVELS, "log_level",
@@ -78,8 +84,8 @@ class ServerConfig:
                  f"must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 
     def span_file(self, service: str, pid: int) -> str | None:
-        """Where finished spans are written as JSON lines; None when they go to OTLP instead."""
-        if self.otlp_endpoint:
+        """Where finished spans are written as JSON lines; None when span files are off."""
+        if not self.span_files:
             return None
         return self.trace_file or os.path.join(self.run_dir, "spans", f"{service}-{pid}.jsonl")
 

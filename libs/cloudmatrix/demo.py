@@ -9,8 +9,6 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
-from cloudmatrix.telemetry.trace_view import read_spans, trace_of_request
-
 
 def gateway_url(run_dir: Path) -> str:
     """http://host:port of the first gateway `cmx up` started in run_dir."""
@@ -65,23 +63,3 @@ def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dic
     tpot = (arrivals[-1] - ttft) / (tokens - 1) if arrivals and tokens > 1 else 0.0
     return {"id": last.get("id", ""), "text": text, "usage": last.get("usage", {}),
             "timing": last.get("timing", {"modeled_s": 0.0}), "ttft_s": ttft, "tpot_s": tpot}
-
-
-def wait_for_trace(span_dir: Path, request_id: str, timeout_s: float, services: int = 6) -> list[dict]:
-    """The request's spans once they are on disk (span files are written in batches, each process
-    on its own schedule): from at least ``services`` services (``service.name``: gateway,
-    prefill, decode, npu_emulator, kvcache, ub_fabric), with the root span, and whole (every
-    span's parent is there), or what there is at the timeout."""
-    deadline, spans = time.monotonic() + timeout_s, []
-    while time.monotonic() < deadline:
-        try:
-            spans = trace_of_request(read_spans(span_dir), request_id)
-        except ValueError:
-            spans = []
-        ids = {s["span_id"] for s in spans}
-        whole = all(s.get("parent_span_id") in (None, "") or s["parent_span_id"] in ids for s in spans) \
-            and any(s.get("parent_span_id") in (None, "") for s in spans)
-        if whole and len({s.get("resource", {}).get("service.name") for s in spans}) >= services:
-            break
-        time.sleep(0.5)
-    return spans

@@ -65,7 +65,8 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
     _limit_torch_threads()
     setup_logging(service, server.log_level, server.log_format)
     provider = setup_tracing(name, instance_id=service, otlp_endpoint=server.otlp_endpoint,
-                             span_file=server.span_file(service, os.getpid()))
+                             span_file=server.span_file(service, os.getpid()),
+                             span_file_max_bytes=server.span_file_max_bytes, span_file_backups=server.span_file_backups)
     instrument_grpc()
     try:
         code = asyncio.run(_serve(service, config, build, provider))

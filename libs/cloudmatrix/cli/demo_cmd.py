@@ -12,9 +12,8 @@ from cloudmatrix.demo import (
     get_json,
     printable,
     stream_completion,
-    wait_for_trace,
 )
-from cloudmatrix.telemetry.trace_view import render_tree
+from cloudmatrix.telemetry.trace_view import incomplete, render_tree, wait_for_trace
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +40,9 @@ def _demo(args: argparse.Namespace) -> int:
     request_id = last["id"].split("-", 1)[1]
     spans = wait_for_trace(run_dir / "spans", request_id, timeout_s=15.0)
     services = sorted({s.get("resource", {}).get("service.name", "?") for s in spans})
-    print(f"\ntrace of request {request_id}: {len(spans)} spans from {', '.join(services)}")
+    missing = incomplete(spans)
+    print(f"\ntrace of request {request_id}: {len(spans)} spans from {', '.join(services)}"
+          + (f" (incomplete: {'; '.join(missing)})" if missing else ""))
     print(render_tree(spans))
+    print(f"(the whole tree: cmx trace {request_id} --all --run-dir {args.run_dir})")
     return 0

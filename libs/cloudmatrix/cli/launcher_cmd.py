@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--topology", default=DEFAULT_TOPOLOGY, help="topology YAML file (docs/launcher.md)")
     up.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="logs, ready files, spans and state go here")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for every health check")
+    up.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
+                    help="every process also exports its spans to this OTLP gRPC collector (overrides the "
+                         "topology's otlp_endpoint; spans still go to <run-dir>/spans too)")
     up.set_defaults(handler=_up)
     status = sub.add_parser("status", help="print each process, its address and its health")
     status.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="the run directory `cmx up` used")
@@ -32,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    topology = load_topology(args.topology)
+    topology = load_topology(args.topology).with_otlp_endpoint(args.otlp_endpoint)
     run_dir = Path(args.run_dir).resolve()
     preflight.check(topology, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

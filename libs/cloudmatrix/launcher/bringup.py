@@ -2,6 +2,7 @@
 them: what `cmx up` / `cmx down` and the benchmarks that bring up their own topology share."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cloudmatrix.launcher import prometheus
@@ -28,7 +29,22 @@ def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[Proces
         raise
     save_state(run_dir, topology, records)
     prometheus.write(run_dir, records, topology.name)
+    write_telemetry(run_dir, topology)
     return records
+
+
+TELEMETRY_FILE = "telemetry.json"
+
+
+def write_telemetry(run_dir: Path, topology: Topology) -> None:
+    """Where the run's spans go, for `cmx trace` (kept after `cmx down`, like the spans)."""
+    where = {"topology": topology.name, "span_dir": str(run_dir / "spans"), "otlp_endpoint": topology.otlp_endpoint}
+    (run_dir / TELEMETRY_FILE).write_text(json.dumps(where, indent=2) + "\n")
+
+
+def read_telemetry(run_dir: Path) -> dict:
+    path = run_dir / TELEMETRY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def bring_down(run_dir: Path, grace_s: float) -> tuple[list[ProcessRecord], list[str]]:

@@ -26,6 +26,23 @@ class ProcessSpec:
 class Topology:
     name: str
     processes: tuple[ProcessSpec, ...]
+    otlp_endpoint: str | None = None  # every process also exports its spans to this OTLP collector
+
+    def with_otlp_endpoint(self, endpoint: str | None) -> Topology:
+        """The same processes, each exporting spans to the OTLP gRPC collector at ``endpoint``
+        (``host:port``, or ``https://host:port`` for TLS) besides its span file; a process's own
+        ``set: {server.otlp_endpoint: ...}`` still wins."""
+        if not endpoint:
+            return self
+        setting = f"server.otlp_endpoint={_checked_endpoint(endpoint, 'otlp_endpoint')}"
+        processes = tuple(dataclasses.replace(p, overrides=(setting, *p.overrides)) for p in self.processes)
+        return Topology(self.name, processes, endpoint)
+
+
+def _checked_endpoint(endpoint: Any, where: str) -> str:
+    if not isinstance(endpoint, str) or ":" not in endpoint or any(c.isspace() for c in endpoint):
+        raise ValueError(f"{where}: expected host:port of an OTLP gRPC collector, got {endpoint!r}")
+    return endpoint
 
 
 def _require(entry: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -64,7 +81,10 @@ def parse_topology(raw: dict[str, Any], base_dir: Path) -> Topology:
     names = [p.name for p in processes]
     if len(set(names)) != len(names):
         raise ValueError(f"topology.services: process names repeat: {sorted(names)}")
-    return Topology(str(raw.get("name", "local")), tuple(processes))
+    topology = Topology(str(raw.get("name", "local")), tuple(processes))
+    endpoint = raw.get("otlp_endpoint")
+    return topology.with_otlp_endpoint(_checked_endpoint(endpoint, "topology.otlp_endpoint")) \
+        if endpoint is not None else topology
 
 
 def load_topology(path: str | Path) -> Topology:

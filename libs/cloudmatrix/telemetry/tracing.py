@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing: a provider per process, spans to OTLP or to a JSON-lines file.
+"""OpenTelemetry tracing: a provider per process, spans to OTLP and/or to rotated JSON-lines files.
 
 Context crosses processes in gRPC metadata as W3C ``traceparent`` (OpenTelemetry's default global
 propagator); ``instrument_grpc`` makes every ``grpc.aio`` server and channel carry it.
@@ -26,6 +26,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
+EXPORT_DELAY_MS = 1000  # a finished span reaches its exporters within about this long
+
 
 def setup_tracing(
     service_name: str,
@@ -33,10 +35,13 @@ def setup_tracing(
     instance_id: str | None = None,
     otlp_endpoint: str | None = None,
     span_file: str | None = None,
+    span_file_max_bytes: int = 0,
+    span_file_backups: int = 1,
     set_global: bool = True,
 ) -> TracerProvider:
-    """A TracerProvider exporting through a BatchSpanProcessor: to the OTLP gRPC collector at
-    ``otlp_endpoint`` when given, else as JSON lines to ``span_file`` when given, else nowhere.
+    """A TracerProvider exporting through BatchSpanProcessors: to the OTLP gRPC collector at
+    ``otlp_endpoint`` and/or as JSON lines to ``span_file`` (rotated past ``span_file_max_bytes``
+    when > 0, keeping ``span_file_backups`` old files), or nowhere when neither is given.
 
     The resource follows OpenTelemetry's semantic conventions: ``service.name`` is the service
     (``gateway``, ``npu_emulator``, ...), ``service.instance.id`` the process (``gateway-0``).
@@ -47,24 +52,23 @@ def setup_tracing(
     """
     attributes = {SERVICE_NAME: service_name} | ({SERVICE_INSTANCE_ID: instance_id} if instance_id else {})
     provider = TracerProvider(resource=Resource.create(attributes))
-    exporter = _make_exporter(otlp_endpoint, span_file)
-    if exporter is not None:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if otlp_endpoint:
+        provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint),
+                                                       schedule_delay_millis=EXPORT_DELAY_MS))
+    if span_file:
+        exporter = JsonLinesSpanExporter(span_file, max_bytes=span_file_max_bytes, backups=span_file_backups)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=EXPORT_DELAY_MS))
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
 
 
-def _make_exporter(otlp_endpoint: str | None, span_file: str | None) -> SpanExporter | None:
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter,
-        )
+def _otlp_exporter(endpoint: str) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter,
+    )
 
-        return OTLPSpanExporter(endpoint=otlp_endpoint, insecure=not otlp_endpoint.startswith("https://"))
-    if span_file:
-        return JsonLinesSpanExporter(span_file)
-    return None
+    return OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
 
 
 FABRIC_ATTACH = "/cmx.fabric.v1.UbFabric/Attach"
@@ -86,11 +90,18 @@ def instrument_grpc(tracer_provider: TracerProvider | None = None) -> None:
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends one JSON object per finished span to a file (see ``span_record``)."""
+    """Appends one JSON object per finished span to a file (see ``span_record``).
 
-    def __init__(self, path: str):
+    With ``max_bytes`` > 0 the file is rotated before it would grow past it: ``f`` becomes
+    ``f.1``, ``f.1`` becomes ``f.2`` ... and the oldest beyond ``backups`` is deleted, so a
+    process's spans take at most ``(backups + 1) * max_bytes`` on disk.
+    """
+
+    def __init__(self, path: str, *, max_bytes: int = 0, backups: int = 1):
+        if max_bytes < 0 or backups < 0:
+            raise ValueError(f"need max_bytes >= 0 and backups >= 0, got {max_bytes}, {backups}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown()
         self._lock = threading.Lock()
 
@@ -99,9 +110,21 @@ class JsonLinesSpanExporter(SpanExporter):
         with self._lock:
             if self._file.closed:
                 return SpanExportResult.FAILURE
+            if self.max_bytes and self._file.tell() and self._file.tell() + len(lines) > self.max_bytes:
+                self._rotate()
             self._file.write(lines)
             self._file.flush()
         return SpanExportResult.SUCCESS
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for n in range(self.backups, 0, -1):
+            older = f"{self.path}.{n - 1}" if n > 1 else self.path
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{n}")
+        if self.backups == 0:
+            os.remove(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown()
 
     def shutdown(self) -> None:
         with self._lock:

@@ -34,7 +34,7 @@ async def _peers_forward(driver: InstanceDriver, dies: list[int]):
     calls = []
     for i in dies:  # the load claimed every block of the dies for the instance: use block 0
         seq = npu_pb2.SequenceInput(seq_id=f"s{i}", token_ids=[5, 6, 7], block_table=[0])
-        calls.append(driver.dies[i].Forward(npu_pb2.ForwardRequest(step=1, sequences=[seq]), timeout=60))
+        calls.append(driver.dies[i].forward(1, [seq], deadline_s=60))
     start = time.monotonic()
     results = await asyncio.gather(*calls, return_exceptions=True)
     return time.monotonic() - start, results

@@ -5,34 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cloudmatrix.clients.types import DecodeStep, Sampling
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens; ``max_tokens`` counts the first token (sampled by prefill)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: tuple[str, ...] = ()           # stop strings, matched on the detokenized text
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field when a value is out of range."""
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
-            raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
+__all__ = ["DecodeStep", "Delta", "Finish", "GenerateRequest", "PrefillOutcome", "Prepared", "Sampling", "Timing",
+           "Usage"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +81,4 @@ class PrefillOutcome:
     cached_tokens: int
     measured: dict[str, float]           # the prefill instance's phases
     modeled: dict[str, float]
-    modeled_s: float
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeStep:
-    token_ids: list[int]
-    finish_reason: str | None            # "stop", "length", "cancelled" or None
     modeled_s: float

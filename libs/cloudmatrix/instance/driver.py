@@ -14,17 +14,13 @@ import logging
 import grpc
 import torch
 
+from cloudmatrix.clients.base import ClientOptions
+from cloudmatrix.clients.npu import LoadedModel, NpuClient
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.moe.placement import ExpertPlacement
-from cloudmatrix.rpc.channel import make_channel
-from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
-from cmx.common.v1 import common_pb2
-from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
+from cmx.npu.v1 import npu_pb2
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": common_pb2.PRECISION_FP32, "int8": common_pb2.PRECISION_INT8,
-              "pasa": common_pb2.PRECISION_PASA, "int8-pasa": common_pb2.PRECISION_INT8_PASA}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +69,18 @@ class InstanceDriver:
                  timeout_s: float = 120.0) -> None:
         self.addresses, self.fabric_address, self.group = die_addresses, fabric_address, group
         self.timeout_s = timeout_s
-        self.channels = [make_channel(a) for a in die_addresses]
-        self.dies = [npu_pb2_grpc.NpuEmulatorStub(c) for c in self.channels]
+        # No retries: a die that does not answer is the scheduler's business (die failure and recovery)
+        self.dies = [NpuClient(a, ClientOptions(deadline_s=timeout_s, retries=0)) for a in die_addresses]
         self.step_no = 0
         # One step per microbatch at a time: concurrent steps of one microbatch could reach the
         # dies in different orders and wait on each other's rounds.
         self._step_locks = collections.defaultdict(asyncio.Lock)
         self.replies_by_microbatch: dict[int, list[npu_pb2.ForwardReply]] = {}
         self.model_id = ""
-        self.loaded: list[npu_pb2.LoadModelReply] = []  # the dies' answers to the last load
+        self.loaded: list[LoadedModel] = []  # the dies' answers to the last load
 
     async def close(self) -> None:
-        await asyncio.gather(*(c.close() for c in self.channels))
+        await asyncio.gather(*(d.close() for d in self.dies))
 
     async def load(self, checkpoint: str, precision: str = "fp32", placement: ExpertPlacement | None = None,
                    block_size: int = 16, pool_bytes: int = 0, dispatch_dtype: str = "",
@@ -92,22 +88,17 @@ class InstanceDriver:
         """LoadModel on every die at once (each waits for the whole fabric group; with
         ``model_cache``, kvcache shard addresses, the dies read their weights from the pool), then
         claim each die's KV blocks (at most ``max_blocks`` per die when > 0) for the instance."""
-        cache = npu_pb2.ModelCacheSource(kvcache_addresses=model_cache, blob_prefix=cache_prefix) if model_cache \
-            else None
-        entries = [npu_pb2.ExpertPlacement(layer=layer, expert=e, dies=list(dies))
-                   for layer, experts in (placement.replicas.items() if placement else ())
-                   for e, dies in enumerate(experts)]
-        requests = [npu_pb2.LoadModelRequest(
-            checkpoint_path=checkpoint, precision=PRECISIONS[precision], die_id=i, num_dies=len(self.dies),
-            placement=entries, kv_block_size=block_size, kv_pool_bytes=pool_bytes,
-            fabric_address=self.fabric_address if len(self.dies) > 1 else "", fabric_group=self.group,
-            dispatch_dtype=dispatch_dtype, model_cache=cache) for i in range(len(self.dies))]
-        loaded = await asyncio.gather(*(d.LoadModel(r, timeout=self.timeout_s) for d, r in zip(self.dies, requests)))
+        replicas = placement.replicas if placement else None
+        fabric = self.fabric_address if len(self.dies) > 1 else ""
+        loaded = await asyncio.gather(*(d.load_model(
+            checkpoint, precision=precision, die_id=i, num_dies=len(self.dies), placement=replicas,
+            block_size=block_size, pool_bytes=pool_bytes, fabric_address=fabric, fabric_group=self.group,
+            dispatch_dtype=dispatch_dtype, model_cache=model_cache, cache_prefix=cache_prefix)
+            for i, d in enumerate(self.dies)))
         self.model_id, self.loaded = loaded[0].model_id, loaded
         counts = [min(r.kv_blocks_total, max_blocks) if max_blocks > 0 else r.kv_blocks_total for r in loaded]
-        claimed = await asyncio.gather(*(d.AllocateBlocks(npu_pb2.AllocateBlocksRequest(num_blocks=n),
-                                                          timeout=self.timeout_s) for d, n in zip(self.dies, counts)))
-        return BlockManager([list(c.block_ids) for c in claimed], block_size)
+        claimed = await asyncio.gather(*(d.allocate_blocks(n) for d, n in zip(self.dies, counts)))
+        return BlockManager(claimed, block_size)
 
     async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0,
                       return_logits: bool = False) -> ForwardResult:
@@ -115,8 +106,7 @@ class InstanceDriver:
         Steps of different microbatches may run at once (two-microbatch pipelining)."""
         async with self._step_locks[microbatch]:
             self.step_no += 1
-            calls = [d.Forward(npu_pb2.ForwardRequest(step=self.step_no, microbatch=microbatch, sequences=seqs,
-                                                      return_logits=return_logits), timeout=self.timeout_s)
+            calls = [d.forward(self.step_no, seqs, microbatch=microbatch, return_logits=return_logits)
                      for d, seqs in zip(self.dies, per_die)]
             results = await asyncio.gather(*calls, return_exceptions=True)
         _raise_for(results)
@@ -130,26 +120,19 @@ class InstanceDriver:
 
     async def write_blocks(self, writes: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         """Fill blocks with KV: die -> [(block id, kv [layers, n, C+R])]; one WriteBlocks per die."""
-        calls = {die: self.dies[die].WriteBlocks(npu_pb2.WriteBlocksRequest(blocks=[
-            npu_pb2.KvBlockData(block_id=b, num_tokens=kv.shape[1], kv=encode_tensor(kv)) for b, kv in blocks]),
-            timeout=self.timeout_s) for die, blocks in writes.items() if blocks}
+        calls = {die: self.dies[die].write_blocks(blocks) for die, blocks in writes.items() if blocks}
         _raise_for(dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True))))
 
     async def read_blocks(self, die: int, blocks: list[tuple[int, int]]) -> list[torch.Tensor]:
         """KV of (block id, valid tokens) blocks on one die: [layers, n, C+R] each."""
-        if not blocks:
-            return []
-        request = npu_pb2.ReadBlocksRequest(block_ids=[b for b, _ in blocks], num_tokens=[n for _, n in blocks])
         try:
-            reply = await self.dies[die].ReadBlocks(request, timeout=self.timeout_s)
+            return await self.dies[die].read_blocks(blocks)
         except grpc.aio.AioRpcError as err:
             raise StepFailed([(die, err)]) from err
-        return [decode_tensor(b.kv, "kv") for b in reply.blocks]
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
         """GetDieInfo on every die: does it answer, and does it still hold this instance's model?"""
-        replies = await asyncio.gather(*(d.GetDieInfo(npu_pb2.GetDieInfoRequest(), timeout=timeout_s)
-                                         for d in self.dies), return_exceptions=True)
+        replies = await asyncio.gather(*(d.die_info(timeout_s) for d in self.dies), return_exceptions=True)
         probes = []
         for die, reply in enumerate(replies):
             if isinstance(reply, grpc.aio.AioRpcError):
@@ -162,9 +145,7 @@ class InstanceDriver:
 
     async def expert_load(self, reset: bool = False) -> torch.Tensor:
         """Tokens per expert summed over the dies: int64 [MoE layers, routed experts] (EPLB's input)."""
-        replies = await asyncio.gather(*(d.GetExpertLoad(npu_pb2.GetExpertLoadRequest(reset=reset),
-                                                         timeout=self.timeout_s) for d in self.dies))
-        return sum(decode_tensor(r.token_counts, "token_counts") for r in replies)
+        return sum(await asyncio.gather(*(d.expert_load(reset) for d in self.dies)))
 
 
 def _raise_for(results) -> None:

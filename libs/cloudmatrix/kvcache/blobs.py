@@ -76,7 +76,8 @@ async def _put_on(conns: ShardConnections, shard: str, chunks: Chunks, total_byt
                   deadline_s: float) -> str | None:
     """None when ``shard`` stored the whole blob, else why not."""
     try:
-        reply = await conns.call(shard, lambda stub, t: stub.PutBlob(chunks(), timeout=t), deadline_s)
+        reply = await conns.call(shard, lambda client, t: client.unary("PutBlob", chunks(), idempotent=False,
+                                                                       deadline_s=t), deadline_s)
     except CALL_ERRORS as err:
         return describe(err)
     if reply.bytes != total_bytes:
@@ -129,7 +130,7 @@ async def get_blob(conns: ShardConnections, replicas: list[str], name: str, sink
     """Read the blob into ``sink`` from the first up replica that serves it intact; False if none does."""
     for shard in conns.health.up(replicas):
         try:
-            await conns.call(shard, lambda stub, t: _read_blob(stub, t, name, sink), deadline_s)
+            await conns.call(shard, lambda client, t: read_blob(client, t, name, sink), deadline_s)
             return True
         except (*CALL_ERRORS, CorruptBlob) as err:
             if not _is_not_found(err):
@@ -142,10 +143,11 @@ def _is_not_found(err: BaseException) -> bool:
     return isinstance(err, grpc.aio.AioRpcError) and err.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def _read_blob(stub, timeout_s: float, name: str, sink: BytesSink | FileSink) -> None:
+async def read_blob(client, timeout_s: float, name: str, sink: BytesSink | FileSink) -> None:
+    """Blob ``name`` from one shard (a ``KvShardClient``) into ``sink``, every chunk checked."""
     sink.reset()
     expected, received, total, done = 0, 0, 0, False
-    async for chunk in stub.GetBlob(kvcache_pb2.GetBlobRequest(name=name), timeout=timeout_s):
+    async for chunk in client.stream("GetBlob", kvcache_pb2.GetBlobRequest(name=name), timeout_s):
         if done or chunk.chunk_index != expected:
             raise CorruptBlob(f"blob {name!r}: chunk {chunk.chunk_index} arrived where {expected} was due")
         if zlib.crc32(chunk.data) != chunk.checksum:

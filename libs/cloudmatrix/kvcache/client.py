@@ -231,7 +231,8 @@ class KvPoolClient:
     async def _unary(self, shard: str, rpc: str, request: Message) -> Message | str:
         """The reply, or (logged) a string saying why there is none."""
         try:
-            return await self._conns.call(shard, lambda stub, t: getattr(stub, rpc)(request, timeout=t))
+            return await self._conns.call(
+                shard, lambda client, t: client.unary(rpc, request, idempotent=False, deadline_s=t))
         except CALL_ERRORS as err:
             log.warning("kvcache shard %s: %s failed: %s", shard, rpc, describe(err))
             return describe(err)

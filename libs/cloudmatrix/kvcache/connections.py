@@ -1,22 +1,21 @@
-"""One channel per shard, and ``call``: an RPC with a deadline, retries and liveness accounting."""
+"""One client per shard (``cloudmatrix.clients.KvShardClient``), and ``call``: an RPC with a
+deadline, retries and liveness accounting."""
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from cloudmatrix.kvcache.health import ShardHealth
-from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import PeerUnavailable
-from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+
+if TYPE_CHECKING:
+    from cloudmatrix.clients.kvcache import KvShardClient
 
 T = TypeVar("T")
-Stub = kvcache_pb2_grpc.KvCacheShardStub
-PUT_METHOD = "/cmx.kvcache.v1.KvCacheShard/Put"
-GET_METHOD = "/cmx.kvcache.v1.KvCacheShard/Get"
-Attempt = Callable[[Stub, float], Awaitable[T]]  # (stub, timeout_s) -> result; one whole RPC
+Attempt = Callable[["KvShardClient", float], Awaitable[T]]  # (shard client, timeout_s) -> result; one RPC
 
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CALL_ERRORS = (grpc.aio.AioRpcError, PeerUnavailable)  # what ``call`` raises for a failed RPC
@@ -30,7 +29,7 @@ def describe(err: BaseException) -> str:
 
 
 class ShardConnections:
-    """Lazily made grpc.aio channels to the shards, and the retry loop every RPC goes through.
+    """Lazily made clients of the shards, and the retry loop every RPC goes through.
 
     An attempt that fails UNAVAILABLE or DEADLINE_EXCEEDED counts against the shard's health and
     is retried up to ``retries`` times after ``backoff_s``, 2x, 4x...; retries stop early when the
@@ -49,23 +48,19 @@ class ShardConnections:
         self.max_message_bytes = max_message_bytes
         self.health = ShardHealth(down_after=down_after, probe_interval_s=probe_interval_s,
                                   probe_timeout_s=min(deadline_s, probe_interval_s), on_up=self.reset)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, Stub] = {}
+        self._clients: dict[str, KvShardClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    def stub(self, shard: str) -> Stub:
-        """The shard's stub, made once per channel."""
-        stub = self._stubs.get(shard)
-        if stub is None:
-            channel = self._channels[shard] = make_channel(shard, max_message_bytes=self.max_message_bytes)
-            stub = self._stubs[shard] = kvcache_pb2_grpc.KvCacheShardStub(channel)
-            # Put with requests already serialized (Block.to_wire), Get with replies left serialized
-            # (read on the wire by reads.py): a block's data is not copied through message objects
-            stub.PutSerialized = channel.stream_unary(PUT_METHOD,
-                                                      response_deserializer=kvcache_pb2.PutReply.FromString)
-            stub.GetSerialized = channel.unary_stream(GET_METHOD,
-                                                      request_serializer=kvcache_pb2.GetRequest.SerializeToString)
-        return stub
+    def client(self, shard: str) -> KvShardClient:
+        """The shard's client (retries are this class's business, so the client makes none)."""
+        client = self._clients.get(shard)
+        if client is None:
+            from cloudmatrix.clients.base import ClientOptions  # here: cloudmatrix.clients imports this package
+            from cloudmatrix.clients.kvcache import KvShardClient
+
+            options = ClientOptions(deadline_s=self.deadline_s, retries=0, max_message_bytes=self.max_message_bytes)
+            client = self._clients[shard] = KvShardClient(shard, options)
+        return client
 
     def reset(self, shard: str) -> None:
         """Drop the shard's channel (closed in the background); the next call dials afresh.
@@ -73,21 +68,20 @@ class ShardConnections:
         Called when a down shard is SERVING again, so no reconnect backoff left over from its
         outage delays the first call.
         """
-        self._stubs.pop(shard, None)
-        channel = self._channels.pop(shard, None)
-        if channel is not None:
-            task = asyncio.create_task(channel.close(grace=None))
+        client = self._clients.pop(shard, None)
+        if client is not None:
+            task = asyncio.create_task(client.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
     async def call(self, shard: str, attempt: Attempt[T], deadline_s: float | None = None) -> T:
-        """Run ``attempt(stub, timeout_s)`` against ``shard`` with retries; see the class doc."""
+        """Run ``attempt(client, timeout_s)`` against ``shard`` with retries; see the class doc."""
         timeout_s = deadline_s or self.deadline_s
         for n in range(self.retries + 1):
             if not self.health.is_up(shard):
                 raise PeerUnavailable(f"kvcache shard {shard} is marked down")
             try:
-                result = await attempt(self.stub(shard), timeout_s)
+                result = await attempt(self.client(shard), timeout_s)
             except grpc.aio.AioRpcError as err:
                 if err.code() not in TRANSIENT_CODES:
                     self.health.record_success(shard)
@@ -103,5 +97,5 @@ class ShardConnections:
 
     async def close(self) -> None:
         await self.health.close()
-        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
-        await asyncio.gather(*(c.close(grace=None) for c in channels), *self._closing, return_exceptions=True)
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.close() for c in clients), *self._closing, return_exceptions=True)

@@ -102,9 +102,8 @@ def _next_round(health: ShardHealth, replicas: dict[bytes, list[str]], cursor: d
 
 async def _get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
     """key -> intact block, or None for "not found"; keys left out had no usable answer."""
-    async def attempt(stub, timeout_s: float) -> list[WireReply]:
-        return [WireReply.parse(raw) async for raw in stub.GetSerialized(kvcache_pb2.GetRequest(keys=keys),
-                                                                            timeout=timeout_s)]
+    async def attempt(client, timeout_s: float) -> list[WireReply]:
+        return [WireReply.parse(raw) for raw in await client.get_wire(keys, timeout_s)]
 
     try:
         replies = await conns.call(shard, attempt)

@@ -44,7 +44,7 @@ async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> li
     """
     messages = [block.to_wire() for block in blocks]
     try:
-        reply = await conns.call(shard, lambda stub, t: stub.PutSerialized(iter(messages), timeout=t))
+        reply = await conns.call(shard, lambda client, t: client.put_wire(messages, t))
     except CALL_ERRORS as err:
         return [describe(err)] * len(blocks)
     if len(reply.statuses) != len(blocks):

@@ -1,0 +1,75 @@
+"""PrefillClient and DecodeClient: the gateway's calls to a prefill or decode instance.
+
+    async with PrefillClient(prefill_address) as prefill, DecodeClient(decode_address) as decode:
+        first = await prefill.prefill("req-1", "tiny-int8", prompt_ids, sampling)
+        stream = decode.decode("req-1", "tiny-int8", prompt_ids, first.first_token, first.kv, sampling)
+        async for step in stream:
+            ...
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cloudmatrix.clients.base import ServerStream, ServiceClient
+from cloudmatrix.clients.types import FINISH_NAMES, DecodeStep, InstanceLoad, PrefillResult, Sampling, Timing
+from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
+from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
+
+
+class PrefillClient(ServiceClient):
+    SERVICE = "cmx.prefill.v1.Prefill"
+    STUB = prefill_pb2_grpc.PrefillStub
+
+    async def prefill(self, request_id: str, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
+                      *, disable_context_cache: bool = False, deadline_s: float | None = None) -> PrefillResult:
+        """The prompt's KV into the pool and its first token; not retried (it writes KV)."""
+        request = prefill_pb2.PrefillRequest(request_id=request_id, model=model, token_ids=token_ids,
+                                             sampling=sampling.to_proto(),
+                                             disable_context_cache=disable_context_cache)
+        r = await self.unary("Prefill", request, idempotent=False, deadline_s=deadline_s)
+        return PrefillResult(r.first_token, r.first_token_logprob, r.kv, r.cached_tokens, r.computed_tokens,
+                             Timing.from_proto(r.timing))
+
+    async def load(self, deadline_s: float | None = None) -> InstanceLoad:
+        reply = await self.unary("GetLoad", prefill_pb2.GetLoadRequest(), idempotent=True, deadline_s=deadline_s)
+        return InstanceLoad.from_proto(reply.load)
+
+
+class DecodeStream:
+    """One Decode call: iterate its steps; ``cancel()`` drops an unfinished call (the instance
+    frees the request's blocks)."""
+
+    def __init__(self, stream: ServerStream) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[DecodeStep]:
+        async for chunk in self._stream:
+            yield DecodeStep(list(chunk.token_ids), FINISH_NAMES.get(chunk.finish_reason) if chunk.finished
+                             else None, chunk.timing.modeled_s)
+
+    async def cancel(self) -> None:
+        await self._stream.cancel()
+
+
+class DecodeClient(ServiceClient):
+    SERVICE = "cmx.decode.v1.Decode"
+    STUB = decode_pb2_grpc.DecodeStub
+
+    def decode(self, request_id: str, model: str, prompt_token_ids: list[int], first_token: int, kv: Any,
+               sampling: Sampling = Sampling(), deadline_s: float | None = None) -> DecodeStream:
+        """Continue a prefilled request (its first token and KV handle, as prefill answered);
+        not retried."""
+        request = decode_pb2.DecodeRequest(request_id=request_id, model=model, prompt_token_ids=prompt_token_ids,
+                                           first_token=first_token, kv=kv, sampling=sampling.to_proto())
+        return DecodeStream(self.stream("Decode", request, deadline_s))
+
+    async def cancel(self, request_id: str, deadline_s: float | None = None) -> bool:
+        """False when the instance did not know the request or it had finished (idempotent)."""
+        reply = await self.unary("Cancel", decode_pb2.CancelRequest(request_id=request_id), idempotent=True,
+                                 deadline_s=deadline_s)
+        return reply.cancelled
+
+    async def load(self, deadline_s: float | None = None) -> InstanceLoad:
+        reply = await self.unary("GetLoad", decode_pb2.GetLoadRequest(), idempotent=True, deadline_s=deadline_s)
+        return InstanceLoad.from_proto(reply.load)

@@ -1,0 +1,135 @@
+"""The dataclasses the clients take and return instead of protos."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from cmx.common.v1 import common_pb2
+
+FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+                common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
+PRECISION_NAMES = {common_pb2.PRECISION_FP32: "fp32", common_pb2.PRECISION_INT8: "int8",
+                   common_pb2.PRECISION_PASA: "pasa", common_pb2.PRECISION_INT8_PASA: "int8-pasa"}
+PRECISIONS = {name: value for value, name in PRECISION_NAMES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens; ``max_tokens`` counts the first token (sampled by prefill)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()           # stop strings, matched on the detokenized text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value is out of range."""
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: stop strings must be non-empty")
+
+    def to_proto(self) -> common_pb2.SamplingParams:
+        return common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                         seed=self.seed, max_tokens=self.max_tokens, stop=list(self.stop),
+                                         stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Measured wall seconds here and modeled CloudMatrix384 seconds, total and per phase."""
+
+    measured_s: float
+    modeled_s: float
+    measured: dict[str, float]
+    modeled: dict[str, float]
+
+    @classmethod
+    def from_proto(cls, t: common_pb2.Timing) -> Timing:
+        return cls(t.measured_s, t.modeled_s, {p.phase: p.measured_s for p in t.phases},
+                   {p.phase: p.modeled_s for p in t.phases})
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceLoad:
+    """What a prefill or decode instance is doing (the gateway's load balancing input)."""
+
+    instance_id: str
+    running: int
+    waiting: int
+    waiting_tokens: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    preemptions: int
+
+    @property
+    def requests(self) -> int:
+        return self.running + self.waiting
+
+    @classmethod
+    def from_proto(cls, load: common_pb2.InstanceLoad) -> InstanceLoad:
+        return cls(load.instance_id, load.running_requests, load.waiting_requests, load.waiting_tokens,
+                   load.kv_blocks_used, load.kv_blocks_total, load.preemptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    id: str
+    precision: str
+    max_context_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateChunk:
+    """A piece of a completion; the last one has ``finish_reason`` and ``usage``."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    timing: Timing | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    first_token_logprob: float
+    kv: Any                              # the prompt's KV handle in the pool: pass it on to decode
+    cached_tokens: int
+    computed_tokens: int
+    timing: Timing
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep:
+    token_ids: list[int]
+    finish_reason: str | None            # "stop", "length", "cancelled", or None while running
+    modeled_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DieInfo:
+    die_id: int
+    num_dies: int
+    hbm_capacity_bytes: int
+    hbm_used_bytes: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_block_size: int
+    kv_block_bytes: int
+    model_id: str                        # "" until a model is loaded
+    precision: str
+    num_local_experts: int

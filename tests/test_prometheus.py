@@ -1,13 +1,16 @@
 """A real Prometheus server (Debian's `prometheus` package) scraping the default topology through
 the scrape config `cmx up` writes: the documented series are found by name through the HTTP query
-API, typed, with `model_name`; so are the die and expert-load series."""
+API, typed, with `model_name`; so are the die and expert-load series; and every query of the
+Grafana dashboard (dashboards/grafana/cmx-overview.json) is accepted and answers."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -17,8 +20,13 @@ import pytest
 from cloudmatrix.bench.compare import _topology
 from cloudmatrix.launcher import prometheus
 from cloudmatrix.launcher.bringup import bring_down, bring_up
+from tests.metrics_text import scrape, value
 
 pytestmark = pytest.mark.timeout(600)
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana" / "cmx-overview.json"
+# Grafana's variables as this test sets them: every model, a rate window of a few 1 s scrapes
+_VARIABLES = {"model_name": ".*", "__rate_interval": "10s", "__interval": "10s"}
 
 
 def _prometheus_binary() -> str:
@@ -46,6 +54,14 @@ def _get(url: str) -> dict:
 
 def _query(base: str, promql: str) -> list[dict]:
     return _get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")["data"]["result"]
+
+
+def _evaluate(base: str, promql: str) -> dict:
+    """The query API's whole answer, an error's included (Prometheus answers a bad query with a 400)."""
+    try:
+        return _get(f"{base}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read())
 
 
 def _scalar(base: str, promql: str) -> float:
@@ -99,13 +115,15 @@ def _complete(records, model: str, n: int) -> None:
             assert response.status == 200
 
 
+def _all_targets_up(base: str, records) -> bool:
+    """file_sd: every process of the run is found, and each is scraped."""
+    targets = _get(f"{base}/api/v1/targets")["data"]["activeTargets"]
+    return len(targets) == len(records) and all(t["health"] == "up" for t in targets)
+
+
 def test_a_real_prometheus_finds_the_documented_series_typed_with_model_name(stack):
     base, records, model = stack
-    def targets() -> list[dict]:
-        return _get(f"{base}/api/v1/targets")["data"]["activeTargets"]
-
-    # file_sd: every process of the run is found, and each is scraped
-    assert _wait(lambda: len(targets()) == len(records) and all(t["health"] == "up" for t in targets()))
+    assert _wait(lambda: _all_targets_up(base, records))
     _complete(records, model, 3)
     assert _wait(lambda: _scalar(base, "sum(cmx_time_to_first_token_seconds_count)") >= 3)
     for name in ("cmx_time_to_first_token_seconds_bucket", "cmx_inter_token_latency_seconds_count",
@@ -124,3 +142,32 @@ def test_a_real_prometheus_finds_the_documented_series_typed_with_model_name(sta
     assert _scalar(base, f'sum(cmx_generation_tokens_total{{model_name="{model}"}})') >= 12
     per_die = "sum by (die) (cmx_expert_tokens_total)"
     assert _scalar(base, f"max({per_die}) / avg({per_die})") >= 1  # the expert-load imbalance query answers
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, expr) of every target, Grafana's variables substituted (an unknown one raises)."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    def substitute(expr: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: _VARIABLES[m.group(1) or m.group(2)], expr)
+    return [(p["title"], substitute(t["expr"])) for p in panels for t in p.get("targets", [])]
+
+
+def test_every_grafana_dashboard_query_is_accepted_and_answers_once_requests_ran(stack):
+    base, records, model = stack
+    assert _wait(lambda: _all_targets_up(base, records))
+    _complete(records, model, 3)
+    # the requests have run once Prometheus holds the gateway's own count of the tokens they generated
+    gateway = next(r for r in records if r.service == "gateway")
+    generated = value(scrape(gateway.metrics_port), "cmx_generation_tokens_total", model_name=model)
+    assert _wait(lambda: _scalar(base, f'sum(cmx_generation_tokens_total{{model_name="{model}"}})') >= generated >= 12)
+    queries = _dashboard_queries()
+    assert len(queries) >= 20
+    for title, expr in queries:
+        answer = _evaluate(base, expr)
+        assert answer["status"] == "success", (title, expr, answer.get("error"))
+    silent = [(title, expr) for title, expr in queries if not _wait(lambda e=expr: _query(base, e), 60.0)]
+    assert not silent, f"no series: {silent}"
+    # the model_name variable's label_values(cmx_num_requests_running, model_name)
+    names = _get(f"{base}/api/v1/label/model_name/values?"
+                 f"{urllib.parse.urlencode({'match[]': 'cmx_num_requests_running'})}")["data"]
+    assert model in names

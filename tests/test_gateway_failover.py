@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import REGISTRY
 
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable
@@ -80,9 +81,40 @@ def test_an_unavailable_instance_is_left_out_and_another_serves(tokenizer):
     assert isinstance(events[-1], Finish) and events[-1].reason == "length"
 
 
+def _failed(reason: str) -> float:
+    return REGISTRY.get_sample_value("cmx_requests_total", {"model_name": "m", "finish_reason": reason}) or 0.0
+
+
 def test_with_every_instance_down_the_instance_message_reaches_the_client(tokenizer):
+    before = _failed("unavailable")
     with pytest.raises(PeerUnavailable) as err:
         _generate(tokenizer, {"p0", "p1"})
     assert str(err.value) == DOWN.replace("decode", "prefill")
     with pytest.raises(PeerUnavailable, match="^decode-0: die 1 failed"):
         _generate(tokenizer, {"d0", "d1"})
+    assert _failed("unavailable") - before == 2  # counted by kind, not as a bare "error"
+
+
+def test_failures_are_counted_by_kind(tokenizer):
+    class Failing(FakeBackend):
+        def __init__(self, exc: Exception) -> None:
+            super().__init__(set())
+            self.exc = exc
+
+        async def prefill(self, address, p, timeout_s):
+            raise self.exc
+
+    for exc, reason in ((TimeoutError("late"), "timeout"), (RuntimeError("boom"), "error")):
+        backend = Failing(exc)
+        core = GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
+                           InstancePicker("prefill", ("p0",), backend.prefill_load),
+                           InstancePicker("decode", ("d0",), backend.decode_load), Admission(4, 4), 10.0)
+        prepared = core.prepare(GenerateRequest("r", "m", [3, 4], Sampling(max_tokens=2)))
+        before = _failed(reason)
+
+        async def run():
+            return [event async for event in core.generate(prepared)]
+
+        with pytest.raises(type(exc)):
+            asyncio.run(run())
+        assert _failed(reason) - before == 1

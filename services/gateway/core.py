@@ -114,11 +114,8 @@ class GatewayCore:
                     run.measured["queue"] = time.perf_counter() - start
                     async for event in self._serve(run):
                         yield event
-            except ResourceExhausted:
-                run.reason = "rejected"
-                raise
-            except Exception:
-                run.reason = "error"
+            except Exception as exc:
+                run.reason = _error_kind(exc)
                 raise
             finally:  # a request whose client left ends here with no reason: "cancelled"
                 span.set_attributes({"completion_tokens": run.completion_tokens, "cached_tokens": run.cached_tokens})
@@ -237,3 +234,14 @@ class GatewayCore:
         usage = Usage(len(run.prepared.token_ids), run.completion_tokens, run.cached_tokens)
         timing = Timing(dict(run.measured), dict(run.modeled))
         return Finish(run.reason, usage, timing, run.text.flush())
+
+
+def _error_kind(exc: Exception) -> str:
+    """The ``cmx_requests_total`` outcome of a request that failed with ``exc``."""
+    if isinstance(exc, ResourceExhausted):
+        return "rejected"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, PeerUnavailable):
+        return "unavailable"
+    return "error"

@@ -45,7 +45,8 @@ REQUEST_PROMPT_TOKENS = Histogram("cmx_request_prompt_tokens", "Prompt tokens pe
 REQUEST_GENERATION_TOKENS = Histogram("cmx_request_generation_tokens", "Generated tokens per finished request",
                                       MODEL, buckets=_TOKENS)
 REQUESTS = Counter("cmx_requests", "Requests by outcome: stop, length (finished), invalid (400 / INVALID_ARGUMENT), "
-                   "rejected (over capacity), error, cancelled (the client left)", MODEL + ["finish_reason"])
+                   "rejected (over capacity), timeout (past its deadline), unavailable (no instance could serve it), "
+                   "error (an instance failed), cancelled (the client left)", MODEL + ["finish_reason"])
 
 
 class GatewayMetrics:

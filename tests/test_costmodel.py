@@ -157,12 +157,15 @@ def test_intra_node_is_faster_than_inter_node_by_the_documented_margin():
 
 
 @pytest.mark.parametrize("paper", ub.paper_dispatch_combine_table(), ids=lambda r: f"{r.op}-EP{r.ep}")
-def test_modeled_dispatch_combine_reproduces_the_paper_latency(paper):
+def test_the_held_out_bandwidth_column_of_the_dispatch_combine_table(paper):
+    """The latency column is the calibration target (reproduced by construction, so not tested
+    here); the bandwidth column is held out: our row sizes differ from the paper's byte count
+    (docs/costmodel.md), so it lands within 15%, not exactly. The system-level held-out checks
+    are in test_simulator.py."""
     dispatch, combine = ub.modeled_dispatch_combine(paper.ep)
     modeled = dispatch if paper.op == "dispatch" else combine
-    assert modeled.latency_s == pytest.approx(paper.latency_s, rel=0.10)
-    # bandwidth: our payload count differs from the paper's, so only the same ballpark
     assert modeled.bandwidth == pytest.approx(paper.bandwidth, rel=0.15)
+    assert modeled.bandwidth < paper.bandwidth  # we count fewer bytes per row than the paper does
 
 
 def test_effective_bandwidth_interpolates_in_log_ep_and_clamps():

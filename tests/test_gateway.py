@@ -198,7 +198,7 @@ def test_grpc_generate_streams(gw, local):
     assert len(chunks) >= 10 and len(ids) == 10 and chunks[-1].usage.completion_tokens == 10
     assert "".join(c.text for c in chunks) == tokenizer.decode(ids)
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-    assert [p.phase for p in chunks[-1].timing.phases] == ["queue", "prefill", "decode"]
+    assert [p.phase for p in chunks[-1].timing.phases] == ["queue", "cache_load", "prefill", "decode"]
     assert chunks[-1].timing.modeled_s > 0 and models[0].id == gw.model and models[0].max_context_tokens == 2048
 
 

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from cloudmatrix.costmodel import ub
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
@@ -69,6 +70,12 @@ def test_first_token_matches_the_local_engine_and_a_shared_prefix_hits_the_pool(
     assert _hits(shards) - hits_before >= 20  # the 20 shared blocks were read from the pool
     ttft = {r.request_id: {p.phase: p for p in r.timing.phases} for r in (first, repeat)}
     assert ttft["r2"]["compute"].modeled_s < ttft["r1"]["compute"].modeled_s
+    # the 20 cached blocks' KV (fp32 [layers, 16, C+R] each) over UB, in the modeled total
+    block_bytes = 4 * local.cfg.num_hidden_layers * 16 * (local.cfg.kv_lora_rank + local.cfg.qk_rope_head_dim)
+    assert ttft["r1"]["cache_load"].modeled_s == 0.0
+    assert ttft["r2"]["cache_load"].modeled_s == pytest.approx(ub.pool_transfer_s(20 * block_bytes))
+    r2 = ttft["r2"]
+    assert repeat.timing.modeled_s == pytest.approx(r2["compute"].modeled_s + r2["cache_load"].modeled_s)
     assert repeat.timing.measured_s < first.timing.measured_s
     assert len(first.kv.block_keys) == 21 and first.kv.num_tokens == 330  # 20 full + a tail
 

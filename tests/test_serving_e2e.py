@@ -120,13 +120,21 @@ SERVICE_TYPES = {"gateway", "prefill", "decode", "npu_emulator", "ub_fabric", "k
 
 
 def _cmx_trace_right_away(run_dir, request_id: str) -> None:
-    """`cmx trace` the moment the request has ended prints the whole trace: every service type."""
+    """`cmx trace` the moment the request has ended prints the whole trace: every service type.
+    Then `cmx demo` (what `make run` shows): its second long prompt's prefix comes from the context
+    cache, and its modeled TTFT includes that prefix's transfer from the pool; the first's does not."""
     shown = cmx("trace", request_id, "--run-dir", str(run_dir), "--all")
     assert shown.returncode == 0, shown.stderr
     header, *tree = shown.stdout.splitlines()
     assert set(header.split(" from ")[1].split(", ")) == SERVICE_TYPES, header
     assert tree[0].startswith("gateway.generate  [gateway-0]")
     assert any(line.strip().startswith("/cmx.decode.v1.Decode/Decode") and "[decode-0]" in line for line in tree)
+    demo = cmx("demo", "--run-dir", str(run_dir), "--max-tokens", "4")
+    assert demo.returncode == 0, demo.stderr
+    pool_ms = [float(line.split("over UB ")[1].split(" ms")[0]) for line in demo.stdout.splitlines()
+               if "modeled CloudMatrix384: TTFT" in line]
+    assert len(pool_ms) == 3 and pool_ms[1] == 0.0 and pool_ms[2] > 0.0, demo.stdout
+    assert "trace of request" in demo.stdout and "(incomplete" not in demo.stdout
 
 
 def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpoint, otlp_receiver):

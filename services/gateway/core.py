@@ -146,7 +146,10 @@ class GatewayCore:
                 if not await self._other_instance(self.prefill, address, tried):
                     raise
         run.last_token_at = time.perf_counter()
-        run.measured["prefill"], run.modeled["prefill"] = run.last_token_at - started, first.modeled_s
+        # modeled: the cached prefix's pool transfer apart from the rest of the prefill
+        run.modeled["cache_load"] = first.modeled.get("cache_load", 0.0)
+        run.measured["prefill"] = run.last_token_at - started
+        run.modeled["prefill"] = first.modeled_s - run.modeled["cache_load"]
         run.cached_tokens = first.cached_tokens
         self.metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first,
                                          len(p.token_ids))

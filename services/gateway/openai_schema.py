@@ -116,10 +116,12 @@ def generate_request(body: dict[str, Any], request_id: str, chat: bool,
 
 
 def timing_json(timing: Timing) -> dict[str, Any]:
-    """The gateway's phases (queue, prefill, decode), measured here and modeled on CloudMatrix384."""
+    """The gateway's phases (queue, cache_load, prefill, decode), measured here and modeled on
+    CloudMatrix384; cache_load (the cached prefix's pool transfer) is modeled only: its measured
+    time is part of prefill's."""
     return {"measured_s": timing.measured_s, "modeled_s": timing.modeled_s,
             "phases": {p: {"measured_s": timing.measured.get(p, 0.0), "modeled_s": timing.modeled.get(p, 0.0)}
-                       for p in ("queue", "prefill", "decode")}}
+                       for p in ("queue", "cache_load", "prefill", "decode")}}
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:

@@ -49,7 +49,8 @@ class Usage:
 @dataclasses.dataclass(frozen=True)
 class Timing:
     """Phases queue, prefill, decode: measured wall seconds here and modeled CloudMatrix384
-    seconds, kept apart. queue + prefill is the time to the first token."""
+    seconds, kept apart. queue + cache_load + prefill is the time to the first token (cache_load,
+    the cached prefix's pool transfer, is modeled only)."""
 
     measured: dict[str, float]
     modeled: dict[str, float]

@@ -38,7 +38,7 @@ def final_chunk(request_id: str, finish: Finish, text: str = "",
         usage=gateway_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                 cached_tokens=u.cached_tokens),
         timing=timing_proto(t.measured, t.modeled, measured_s=t.measured_s, modeled_s=t.modeled_s,
-                            phases=("queue", "prefill", "decode")))
+                            phases=("queue", "cache_load", "prefill", "decode")))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):

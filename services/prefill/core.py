@@ -2,8 +2,9 @@
 (cached prefix written to the die, the rest computed in chunks packed with other requests'), the
 new KV read back and written to the pool, the prompt's blocks leased for the decode, first token.
 
-Timing phases (measured wall seconds here; modeled CloudMatrix384 seconds for compute):
-queue, cache_lookup, cache_load, compute, kv_write.
+Timing phases (measured wall seconds here; modeled CloudMatrix384 seconds for cache_load, the
+cached blocks' KV read from the pool over UB, and compute): queue, cache_lookup, cache_load,
+compute, kv_write.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from opentelemetry import trace
 
+from cloudmatrix.costmodel import ub
 from cloudmatrix.instance.loop import StepLoop
 from cloudmatrix.instance.request import Request, StopRule
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
@@ -64,11 +66,11 @@ class PrefillCore:
                       use_cache: bool) -> PrefillResult:
         self.validate(token_ids)
         self.loop.check_admission()  # refuse before any pool traffic
-        measured, modeled = {}, {"compute": 0.0}
+        measured, modeled = {}, {"compute": 0.0, "cache_load": 0.0}
         keys = prefix_keys(token_ids, self.block_size, self.namespace)
         ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
         with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
-            cached = await self._fetch_cached(keys, len(token_ids), use_cache, measured)
+            cached = await self._fetch_cached(keys, len(token_ids), use_cache, measured, modeled)
             span.set_attribute("cached_tokens", len(cached) * self.block_size)
         with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
             first, kv = await self._compute(request_id, token_ids, sampling, cached, measured, modeled)
@@ -78,12 +80,12 @@ class PrefillCore:
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
             self.cache_hits += cached_tokens
-        modeled["total"] = modeled["compute"]
+        modeled["total"] = modeled["compute"] + modeled["cache_load"]
         return PrefillResult(first, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled, lease)
 
-    async def _fetch_cached(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> list:
+    async def _fetch_cached(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured, modeled) -> list:
         """KV of the longest cached prefix ([layers, block, C+R] per block); at least one token is
-        left to compute (its logits give the first token)."""
+        left to compute (its logits give the first token). Modeled: those bytes over UB."""
         start = time.perf_counter()
         limit = min(len(keys.full), (num_tokens - 1) // self.block_size)
         hit = await self.pool.lookup(list(keys.full[:limit])) if self.pool and use_cache and limit else 0
@@ -97,6 +99,7 @@ class PrefillCore:
                     break
                 blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
         measured["cache_load"] = time.perf_counter() - start
+        modeled["cache_load"] = ub.pool_transfer_s(sum(b.numel() * b.element_size() for b in blocks))
         return blocks
 
     async def _compute(self, request_id, token_ids, sampling, cached: list, measured, modeled):

@@ -14,6 +14,7 @@ from cloudmatrix.cli import (
     generate_cmd,
     launcher_cmd,
     quantize_cmd,
+    simulate_cmd,
     trace_cmd,
 )
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, bench_cmd,
-                   trace_cmd, call_cmd):
+                   trace_cmd, call_cmd, simulate_cmd):
         module.register(sub)
     return parser
 

@@ -91,6 +91,15 @@ def transfer_s(src: int, dst: int, nbytes: int, spec: UBSpec = CLOUDMATRIX384_UB
     return link_latency_s(src, dst, spec) + nbytes / link_bandwidth(src, dst, spec)
 
 
+def pool_transfer_s(nbytes: int, spec: UBSpec = CLOUDMATRIX384_UB) -> float:
+    """KV blocks read from the EMS pool into a die's HBM over UB (context caching). The pool's
+    memory is taken to sit on another node (the worst case: the inter-node latency and bandwidth
+    loss) and the die's UB port to be the limit (assumption: the pool's CPU side keeps up; the
+    paper gives no figure for its read bandwidth). 0 for no bytes."""
+    check_nonnegative(nbytes=nbytes)
+    return transfer_s(0, spec.dies_per_node, nbytes, spec) if nbytes else 0.0
+
+
 def cached_transfer_model(spec: UBSpec = CLOUDMATRIX384_UB) -> Callable[[int, int, int], float]:
     """``transfer_s`` with each die pair's latency and bandwidth computed once: for a router that
     models every parcel it moves."""
@@ -221,6 +230,16 @@ def round_s(bytes_matrix: Sequence[Sequence[int]], kind: str, *, dies: Sequence[
     if ep < 2:
         return 0.0
     return _round_latency_s(dies, spec) + _busiest_bytes(bytes_matrix) / effective_bandwidth(kind, ep)
+
+
+def busiest_round_s(busiest_bytes: float, kind: str, ep: int, spec: UBSpec = CLOUDMATRIX384_UB) -> float:
+    """``round_s`` from the busiest die's bytes alone (the larger of what it sends and receives),
+    for EP ranks on dies 0..EP-1: what a simulator of a whole deployment needs without building
+    an EP x EP matrix."""
+    check_nonnegative(busiest_bytes=busiest_bytes)
+    if ep < 2:
+        return 0.0
+    return _round_latency_s(range(ep), spec) + busiest_bytes / effective_bandwidth(kind, ep)
 
 
 def modeled_dispatch_combine(ep: int, tokens_per_rank: int = 128, hidden: int = 7168, top_k: int = 8,

@@ -1,0 +1,154 @@
+"""The CloudMatrix384 simulator (`cmx simulate`): the paper's system-level rows are held out from
+every constant, so they are the test of the model. Rows within the issue's bound must stay there;
+rows outside it are pinned to the error docs/simulator.md reports (a change to the model that
+moves one must update the docs, and cannot quietly buy one row at the price of another). Then
+the model's own laws: monotone in batch and context, the roofline under ideal efficiencies, SLO
+search and capacity planning against brute force, and the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cloudmatrix.cli.main import main
+from cloudmatrix.costmodel.die import ASCEND_910C_DIE, IDEAL_EFFICIENCY, roofline_s
+from cloudmatrix.costmodel.ops import DEEPSEEK_V3
+from cloudmatrix.simulator.decode import DecodeSetup, largest_batch_within, simulate_decode
+from cloudmatrix.simulator.paper import paper_rows
+from cloudmatrix.simulator.planning import parse_duration_s, plan
+from cloudmatrix.simulator.prefill import PrefillSetup, simulate_prefill
+
+# (table, label, metric) -> the error docs/simulator.md reports for rows outside their bound
+DOCUMENTED_MISSES = {
+    ("prefill", "default EPLB, 4K prompts, 16,384 tokens/NPU", "tokens/s per NPU"): 0.497,
+    ("prefill", "perfect EPLB, 4K prompts, 16,384 tokens/NPU", "tokens/s per NPU"): 0.266,
+    ("decode", "batch 96/NPU, KV ~4K", "TPOT ms"): -0.208,
+    ("decode", "batch 96/NPU, KV ~4K", "tokens/s per NPU"): 0.262,
+    ("slo", "SLO 50 ms, 4096/256, batch 96", "TPOT ms"): -0.192,
+    ("slo", "SLO 50 ms, 4096/256, batch 96", "tokens/s per NPU"): 0.239,
+    ("slo", "SLO 30 ms, 4096/256, batch 24", "TPOT ms"): -0.164,
+    ("slo", "SLO 30 ms, 4096/256, batch 24", "tokens/s per NPU"): 0.198,
+    ("microbatch", "decode batch 64/NPU", "throughput gain %"): 0.738,
+    ("microbatch", "decode batch 96/NPU", "throughput gain %"): 0.977,
+    ("microbatch", "decode batch 128/NPU", "throughput gain %"): 1.891,
+}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return paper_rows()
+
+
+def test_every_paper_row_is_predicted(rows):
+    tables = [r.table for r in rows]
+    assert tables.count("prefill") == 2 and tables.count("decode") == 2 and tables.count("slo") == 10
+    assert tables.count("microbatch") == 3 and tables.count("mtp") == 2 and tables.count("context_cache") == 2
+    assert all(r.predicted > 0 for r in rows if r.table != "microbatch")
+
+
+def test_rows_within_their_bound_stay_within_it_and_misses_are_the_documented_ones(rows):
+    for r in rows:
+        key = (r.table, r.label, r.metric)
+        if r.bound is None:
+            continue
+        if key in DOCUMENTED_MISSES:
+            assert not r.within and r.error == pytest.approx(DOCUMENTED_MISSES[key], abs=0.01), key
+        else:
+            assert r.within, (key, r.error)
+    assert sum(bool(r.within) for r in rows) == 8
+
+
+def test_tpot_grows_with_batch_and_context_and_mtp_costs_per_layer_time():
+    tpots = [simulate_decode(DecodeSetup(batch_per_die=b)).tpot_s for b in range(2, 130, 4)]
+    assert tpots == sorted(tpots) and len(set(tpots)) == len(tpots)
+    by_kv = [simulate_decode(DecodeSetup(kv_len=kv)).tpot_s for kv in (512, 2048, 8192, 32768)]
+    assert by_kv == sorted(by_kv)
+    off, on = simulate_decode(DecodeSetup(mtp=False)), simulate_decode(DecodeSetup(mtp=True))
+    assert on.layer_s > off.layer_s and on.tpot_s < on.step_s
+    bf16 = simulate_decode(DecodeSetup(int8=False))
+    assert bf16.tpot_s > on.tpot_s  # INT8 halves weight traffic and dispatch bytes
+
+
+def test_ideal_efficiency_is_the_roofline():
+    """With every efficiency 1 and no launch cost, the MLA core is exactly max(FLOPs / peak,
+    bytes / bandwidth), counted here from first principles; the ideal model is never slower."""
+    cfg, b, q, kv = DEEPSEEK_V3, 48, 2, 4096
+    ideal = simulate_decode(DecodeSetup(batch_per_die=b, kv_len=kv), eff=IDEAL_EFFICIENCY)
+    heads, latent = cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    keys = b * sum(kv - q + i + 1 for i in range(q))  # causal: query i sees kv - q + i + 1 keys
+    flops = 2 * heads * keys * (latent + cfg.kv_lora_rank)
+    nbytes = 2 * (b * kv * latent + b * q * heads * (latent + cfg.kv_lora_rank))
+    expected = roofline_s(flops, nbytes, ASCEND_910C_DIE.fp16_flops, ASCEND_910C_DIE.hbm_bandwidth)
+    assert ideal.attention.breakdown()["mla"] == pytest.approx(expected)
+    assert ideal.step_s < simulate_decode(DecodeSetup(batch_per_die=b, kv_len=kv)).step_s
+    assert simulate_prefill(eff=IDEAL_EFFICIENCY).batch_s < simulate_prefill().batch_s
+
+
+def test_the_largest_batch_within_an_slo_is_the_brute_force_one():
+    setup = DecodeSetup(kv_len=4224, imbalance=1.3)
+    slo = 0.030
+    best = largest_batch_within(slo, setup)
+    feasible = [b for b in range(2, 200) if simulate_decode(dataclasses.replace(setup, batch_per_die=b)).tpot_s <= slo]
+    assert best.setup.batch_per_die == max(feasible) and best.tpot_s <= slo
+    assert largest_batch_within(1e-4, setup) is None
+
+
+def test_microbatching_and_context_caching_help_and_eplb_imbalance_hurts():
+    one, two = (simulate_prefill(PrefillSetup(microbatches=m)) for m in (1, 2))
+    assert two.batch_s < one.batch_s
+    hit = simulate_prefill(PrefillSetup(reuse=0.5))
+    assert hit.tokens_per_s_per_npu > two.tokens_per_s_per_npu and hit.cache_load_s > 0
+    skewed = simulate_prefill(PrefillSetup(imbalance=1.3))
+    assert skewed.batch_s > two.batch_s
+    assert simulate_decode(DecodeSetup(imbalance=2.0)).moe.total_s > simulate_decode(DecodeSetup()).moe.total_s
+
+
+def test_capacity_plan_covers_the_demand():
+    p = plan(20.0, 4096, 256, 0.05, DecodeSetup(), PrefillSetup())
+    assert p.prefill_npus * p.prefill.tokens_per_s_per_npu >= 20.0 * 4096
+    assert (p.prefill_npus - 1) * p.prefill.tokens_per_s_per_npu < 20.0 * 4096
+    assert p.decode_npus * p.decode.tokens_per_s_per_npu >= 20.0 * 256 and p.decode.tpot_s <= 0.05
+    with pytest.raises(ValueError, match="rate"):
+        plan(0.0, 4096, 256, 0.05, DecodeSetup(), PrefillSetup())
+
+
+@pytest.mark.parametrize("text,seconds", [("30ms", 0.03), ("0.05s", 0.05), ("30", 0.03), ("250us", 2.5e-4)])
+def test_durations_parse(text, seconds):
+    assert parse_duration_s(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"batch_per_die": 0}, "batch_per_die"), ({"acceptance": 1.5}, "acceptance"),
+                                          ({"imbalance": 0.5}, "imbalance"), ({"microbatches": 3}, "microbatches")])
+def test_bad_setups_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        DecodeSetup(**kwargs)
+
+
+def test_cli_paper_table_and_json(capsys, tmp_path):
+    assert main(["simulate", "--paper", "--json", str(tmp_path / "paper.json")]) == 0
+    out = capsys.readouterr().out
+    assert "8 of 19 bounded rows within their bound" in out and "MISSED" in out
+    report = json.loads((tmp_path / "paper.json").read_text())
+    assert len(report["rows"]) == 21 and {"paper", "predicted", "error", "within"} <= set(report["rows"][0])
+
+
+def test_cli_tpot_slo_answers_with_batch_and_throughput(capsys):
+    assert main(["simulate", "--tpot-slo", "30ms", "--prompt", "4096", "--output", "256", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch within a TPOT of 30 ms" in out
+    report = json.loads(out[out.index("{"):])
+    assert report["tpot_ms"] <= 30.0 and report["batch_per_npu"] >= 2 and report["tokens_per_s_per_npu"] > 0
+
+
+def test_cli_what_ifs_plan_and_plot(capsys, tmp_path):
+    assert main(["simulate", "--batch", "64", "--kv-len", "8192", "--no-mtp", "--eplb", "perfect"]) == 0
+    assert "batch 64/NPU, KV 8192, INT8, MTP off" in capsys.readouterr().out
+    assert main(["simulate", "--phase", "prefill", "--reuse", "0.5"]) == 0
+    assert "50% from the context cache" in capsys.readouterr().out
+    assert main(["simulate", "--rate", "20", "--prompt", "4096", "--output", "256"]) == 0
+    assert "NPUs" in capsys.readouterr().out
+    assert main(["simulate", "--plot", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["simulate", "--batch", "0"]) == 2
+    assert "batch_per_die" in capsys.readouterr().err

@@ -179,9 +179,11 @@ def _paper() -> dict:
     batches = slo_batches()
     print("\nlargest batch within each TPOT SLO (the model's own choice):")
     for b in batches:
-        print(f"  SLO {b['slo_ms']} ms, {b['prompt']}/{b['output']}: paper batch {b['paper_batch_per_npu']}, model "
-              f"batch {b['predicted_batch_per_npu']} (TPOT {b['predicted_tpot_ms'] or 0:.1f} ms, "
-              f"{b['predicted_tokens_per_s_per_npu']:,.0f} tokens/s per NPU)")
+        found = (f"batch {b['predicted_batch_per_npu']} (TPOT {b['predicted_tpot_ms']:.1f} ms, "
+                 f"{b['predicted_tokens_per_s_per_npu']:,.0f} tokens/s per NPU)") if b["predicted_tpot_ms"] \
+            else "no batch of 4 or more meets it"
+        print(f"  SLO {b['slo_ms']} ms, {b['prompt']}/{b['output']}: paper batch {b['paper_batch_per_npu']}, "
+              f"model {found}")
     bounded = [r for r in rows if r.bound is not None]
     print(f"\n{sum(r.within for r in bounded)} of {len(bounded)} bounded rows within their bound; docs/simulator.md "
           f"says which assumption fails where")

@@ -31,6 +31,7 @@ class UBSpec:
     inter_node_extra_latency_s: float = 1e-6  # "< 1 us" (PAPERS.md s1); the bound
     die_to_die_latency_s: float = 1.2e-6     # die to die at 512 B (PAPERS.md s1, uncertain); taken as intra-node
     die_to_die_probe_bytes: int = 512        # the message size of that latency figure
+    cpu_bandwidth: float = 160e9             # bytes/s a CPU moves over UB (PAPERS.md s1: ~160 GB/s per CPU)
 
     @property
     def dies_per_node(self) -> int:
@@ -91,13 +92,29 @@ def transfer_s(src: int, dst: int, nbytes: int, spec: UBSpec = CLOUDMATRIX384_UB
     return link_latency_s(src, dst, spec) + nbytes / link_bandwidth(src, dst, spec)
 
 
+def bulk_collective_s(busiest_bytes: float, dies: int, spec: UBSpec = CLOUDMATRIX384_UB) -> float:
+    """A bulk collective (all-gather, all-to-all of large contiguous buffers, moved by the DMA
+    engines rather than per token on the vector cores) among ``dies`` dies 0..dies-1: the busiest
+    die's bytes at its UB port rate (less the inter-node loss when the group spans nodes), plus the
+    slowest link's latency (assumption: no paper figure for such collectives; docs/simulator.md)."""
+    check_nonnegative(busiest_bytes=busiest_bytes)
+    if dies < 2:
+        return 0.0
+    spans_nodes = dies > spec.dies_per_node
+    bandwidth = spec.die_bandwidth * (1.0 - spec.inter_node_bandwidth_loss if spans_nodes else 1.0)
+    return _round_latency_s(range(dies), spec) + busiest_bytes / bandwidth
+
+
 def pool_transfer_s(nbytes: int, spec: UBSpec = CLOUDMATRIX384_UB) -> float:
-    """KV blocks read from the EMS pool into a die's HBM over UB (context caching). The pool's
-    memory is taken to sit on another node (the worst case: the inter-node latency and bandwidth
-    loss) and the die's UB port to be the limit (assumption: the pool's CPU side keeps up; the
-    paper gives no figure for its read bandwidth). 0 for no bytes."""
+    """KV blocks read from the EMS pool (CPU DRAM) into a die's HBM over UB (context caching):
+    the pool's memory is taken to sit on another node (the worst case: the inter-node latency and
+    bandwidth loss), served by one CPU at its UB bandwidth, below the die's port (assumption: the
+    paper gives no read bandwidth of the pool itself). 0 for no bytes."""
     check_nonnegative(nbytes=nbytes)
-    return transfer_s(0, spec.dies_per_node, nbytes, spec) if nbytes else 0.0
+    if not nbytes:
+        return 0.0
+    rate = min(spec.cpu_bandwidth, spec.die_bandwidth) * (1.0 - spec.inter_node_bandwidth_loss)
+    return link_latency_s(0, spec.dies_per_node, spec) + nbytes / rate
 
 
 def cached_transfer_model(spec: UBSpec = CLOUDMATRIX384_UB) -> Callable[[int, int, int], float]:

@@ -31,6 +31,7 @@ class PrefillSetup:
     tokens_per_die: int = 8192       # 16,384 per NPU per batch (PAPERS.md s2 prefill table)
     dies: int = 32                   # one instance: EP32
     experts_per_die: int = 9         # 8 routed + 1 redundant copy (PAPERS.md s2)
+    attention_tp: int = 32           # SP -> TP -> SP attention: the TP stage's degree (assumption)
     int8: bool = True
     microbatches: int = 2            # 2: one microbatch's dispatch / combine overlap the other's compute
     imbalance: float = 1.0           # busiest die's routed rows / the mean (1 = perfect EPLB)
@@ -41,6 +42,7 @@ class PrefillSetup:
                   "tokens_per_die": self.tokens_per_die >= self.prompt_len
                   and self.tokens_per_die % self.prompt_len == 0,
                   "experts_per_die": self.experts_per_die >= 1, "microbatches": self.microbatches in (1, 2),
+                  "attention_tp": 1 <= self.attention_tp <= self.dies and 128 % self.attention_tp == 0,
                   "imbalance": self.imbalance >= 1.0, "reuse": 0.0 <= self.reuse < 1.0}
         for field, ok in checks.items():
             if not ok:
@@ -112,11 +114,25 @@ def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEffi
                                            name="shared"))
                .add("weighted_sum", vector_s(ACT_BYTES * cfg.hidden_size * (rows + 2 * tokens), die=die, eff=eff)))
     remote = 1.0 - 1.0 / setup.dies
-    rounds = PhaseCost("rounds")
+    rounds = sp_tp_sp_rounds(cfg, setup)
     for kind in ub.KINDS:
         size = ub.row_bytes(kind, cfg.hidden_size, setup.int8)
         rounds = rounds.add(kind, ub.busiest_round_s(max(rows * remote, busiest) * size, kind, setup.dies))
     return compute, rounds
+
+
+def sp_tp_sp_rounds(cfg: ModelConfig, setup: PrefillSetup) -> PhaseCost:
+    """The attention's stage changes (PAPERS.md s2: SP -> TP -> SP): every die gathers the TP
+    group's q / kv latents (q_lora_rank + kv_lora_rank + qk_rope_head_dim values per token) for its
+    share of the heads, then sends each head's output rows back to the die that owns the token.
+    Bulk transfers at the UB port rate (``ub.bulk_collective_s``)."""
+    tp, tokens = setup.attention_tp, setup.sequences * setup.new_per_seq
+    latent = cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    gather = (tp - 1) * tokens * latent * ACT_BYTES
+    scatter = (tp - 1) * tokens * (cfg.num_attention_heads // tp) * cfg.v_head_dim * ACT_BYTES
+    return (PhaseCost("rounds")
+            .add("sp_to_tp", ub.bulk_collective_s(gather, tp))
+            .add("tp_to_sp", ub.bulk_collective_s(scatter, tp)))
 
 
 def overlapped_s(compute_s: float, rounds_s: float, microbatches: int) -> float:

@@ -135,14 +135,14 @@ def test_cli_paper_table_and_json(capsys, tmp_path):
 def test_cli_tpot_slo_answers_with_batch_and_throughput(capsys):
     assert main(["simulate", "--tpot-slo", "30ms", "--prompt", "4096", "--output", "256", "--json", "-"]) == 0
     out = capsys.readouterr().out
-    assert "largest batch within a TPOT of 30 ms" in out
+    assert "largest batch within a TPOT of 30 ms" in out and " per die), KV 4224" in out
     report = json.loads(out[out.index("{"):])
     assert report["tpot_ms"] <= 30.0 and report["batch_per_npu"] >= 2 and report["tokens_per_s_per_npu"] > 0
 
 
 def test_cli_what_ifs_plan_and_plot(capsys, tmp_path):
     assert main(["simulate", "--batch", "64", "--kv-len", "8192", "--no-mtp", "--eplb", "perfect"]) == 0
-    assert "batch 64/NPU, KV 8192, INT8, MTP off" in capsys.readouterr().out
+    assert "batch 64/NPU (32 per die), KV 8192, INT8, MTP off" in capsys.readouterr().out
     assert main(["simulate", "--phase", "prefill", "--reuse", "0.5"]) == 0
     assert "50% from the context cache" in capsys.readouterr().out
     assert main(["simulate", "--rate", "20", "--prompt", "4096", "--output", "256"]) == 0

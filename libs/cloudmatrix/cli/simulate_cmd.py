@@ -120,7 +120,8 @@ def _decode_dict(r: DecodeResult) -> dict:
 
 def _print_decode(r: DecodeResult) -> None:
     s = r.setup
-    print(f"decode, {s.dies} dies (EP{s.dies}), batch {DIES_PER_NPU * s.batch_per_die}/NPU, KV {s.kv_len}, "
+    print(f"decode, {s.dies} dies (EP{s.dies}), batch {DIES_PER_NPU * s.batch_per_die}/NPU "
+          f"({s.batch_per_die} per die), KV {s.kv_len}, "
           f"{'INT8' if s.int8 else 'BF16'}, MTP {'on (acceptance %.2f)' % s.acceptance if s.mtp else 'off'}, "
           f"{s.microbatches} microbatch(es), expert imbalance {s.imbalance:.2f}")
     print(f"  TPOT {r.tpot_s * 1e3:.1f} ms (step {r.step_s * 1e3:.1f} ms, {s.tokens_per_step:.2f} tokens/step); "

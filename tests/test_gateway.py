@@ -16,6 +16,7 @@ import grpc
 import openai
 import pytest
 
+from cloudmatrix.clients import CallError, ClientOptions, GatewayClient
 from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.sampling import SamplingParams
@@ -51,6 +52,7 @@ def gw(tmp_path_factory, tiny_checkpoint):
             port = {n: json.loads((run_dir / "ready" / f"{n}.http.json").read_text())["http_port"] for n in g}
             yield SimpleNamespace(http=port["gateway"], auth_http=port["gateway-auth"], one_http=port["gateway-one"],
                                   dead_http=port["gateway-dead"], grpc=g["gateway"].address,
+                                  auth_grpc=g["gateway-auth"].address,
                                   model=Path(tiny_checkpoint).resolve().name, decode=decode)
 
 
@@ -171,6 +173,18 @@ def test_a_missing_or_wrong_api_key_gets_401(gw):
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
     status, reply = _post(gw.auth_http, "/v1/completions", body, {"Authorization": "Bearer k2"})
     assert status == 200 and reply["usage"]["completion_tokens"] >= 1
+
+
+def test_the_grpc_api_checks_the_api_key_too(gw):
+    async def scenario(metadata):
+        async with GatewayClient(gw.auth_grpc, ClientOptions(metadata=metadata, retries=0)) as client:
+            return await client.list_models()
+
+    for metadata in ((), (("authorization", "Bearer nope"),), (("authorization", "k1"),)):
+        with pytest.raises(CallError) as refused:
+            asyncio.run(scenario(metadata))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "k1" not in str(refused.value)
+    assert asyncio.run(scenario((("authorization", "Bearer k1"),)))[0].id == gw.model
 
 
 def test_over_capacity_429_past_the_deadline_504_no_instance_503(gw):

@@ -388,3 +388,19 @@ def test_concurrent_callers_keep_the_tiers_consistent(tmp_path):
     assert sorted(p.stem for p in tmp_path.glob("*.blk")) == sorted(k.hex() for k in store.disk.index)
     s = store.stats()
     assert s.stored + s.duplicates + s.rejected == 4 * 60 and s.conflicts == 0 and s.checksum_failures == 0
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_disk_fsync_syncs_each_file_and_its_directory(gen, tmp_path, monkeypatch, fsync):
+    """With disk_fsync a written block's file and the directory entry of its rename are synced
+    before the write returns (power-loss durability); without it nothing is synced."""
+    synced = []
+    real_fsync = __import__("os").fsync
+    monkeypatch.setattr("services.kvcache.disk.os.fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store = ShardStore(4 * BLOCK_BYTES, 4 * BLOCK_BYTES, disk=DiskTier(tmp_path, 8 * BLOCK_BYTES, fsync),
+                       write_through=True, clock=FakeClock())
+    datas = fill(store, gen, [1, 2])
+    assert len(synced) == (4 if fsync else 0)  # two blocks x (file + directory)
+    reopened = DiskTier(tmp_path, 8 * BLOCK_BYTES, fsync)
+    assert [reopened.read(key(i)).data for i in (1, 2)] == [datas[1], datas[2]]
+    assert KvCacheConfig(disk_fsync=True).disk_fsync and not KvCacheConfig().disk_fsync

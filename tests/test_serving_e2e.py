@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.telemetry.trace_view import read_spans, trace_of_request
 
 pytestmark = pytest.mark.timeout(400)
@@ -33,7 +35,7 @@ def cmx(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def _topology(path, checkpoint, precision: str, prefill_instances: int):
+def _topology(path, checkpoint, precision: str, prefill_instances: int, **top):
     common = {"checkpoint": str(checkpoint), "precision": precision, "fabric": "{addresses:fabric}",
               "kvcache": "{addresses:kvcache}"}
     services = [{"name": "kvcache", "service": "kvcache", "count": 2}, {"name": "fabric", "service": "ub_fabric"},
@@ -44,9 +46,11 @@ def _topology(path, checkpoint, precision: str, prefill_instances: int):
                      {"name": f"prefill{i}", "service": "prefill",
                       "set": {**common, "dies": f"{{addresses:pdie{i}}}", "instance_id": f"prefill-{i}"}}]
     prefills = ",".join(f"{{addresses:prefill{i}}}" for i in range(prefill_instances))
-    services.append({"name": "gateway", "service": "gateway",
-                     "set": {"checkpoint": str(checkpoint), "prefill": prefills, "decode": "{addresses:decode}"}})
-    path.write_text(yaml.safe_dump({"name": f"e2e-{precision}", "services": services}))
+    gateway = {"checkpoint": str(checkpoint), "prefill": prefills, "decode": "{addresses:decode}"}
+    if top.get("api_key"):
+        gateway["api_keys"] = top.pop("api_key")
+    services.append({"name": "gateway", "service": "gateway", "set": gateway})
+    path.write_text(yaml.safe_dump({"name": f"e2e-{precision}", "services": services, **top}))
     return path
 
 
@@ -169,3 +173,33 @@ def test_int8_pasa_equals_the_local_engine(tmp_path, tiny_checkpoint, prefill_in
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "int8-pasa")
 
 
+def test_mutual_tls_end_to_end_with_an_api_key_and_nothing_secret_in_logs_or_spans(tmp_path, tiny_checkpoint):
+    """Every gRPC plane under mutual TLS (fabric links, dies, pool, instances, gateway): a
+    completion is served, a plaintext client reaches no process, and after the run no log line or
+    span holds the prompt, the completion or the API key."""
+    key = "sk-cmx-" + uuid.uuid4().hex
+    prompt = "Quartz zebras whisper vermilion passwords beneath the supernode"
+    run_dir = tmp_path / "run-tls"
+    topo = _topology(tmp_path / "tls.yaml", tiny_checkpoint, "fp32", 1, tls=True, api_key=key)
+    up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir))
+    assert up.returncode == 0, up.stderr
+    try:
+        port = json.loads(next((run_dir / "ready").glob("gateway*.http.json")).read_text())["http_port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        completion = client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=16,
+                                               temperature=0)
+        assert completion.usage.completion_tokens == 16
+        addresses = [r["host"] + ":" + str(r["port"]) for r in json.loads((run_dir / "state.json").read_text())
+                     ["processes"]]
+        assert len(addresses) == 9 and all(health_check_sync(a, timeout=2.0) != "SERVING" for a in addresses)
+        status = cmx("status", "--run-dir", str(run_dir))  # the CLI uses the run's client certificate
+        assert status.stdout.count("SERVING") == 9, status.stdout
+    finally:
+        down = cmx("down", "--run-dir", str(run_dir))
+    assert down.returncode == 0, down.stderr
+    secrets = [key, prompt, prompt.split()[2]] + ([completion.choices[0].text] if len(completion.choices[0].text) >= 12
+                                                  else [])
+    files = [*(run_dir / "logs").glob("*.log"), *(run_dir / "spans").glob("*.jsonl*")]
+    assert len(files) >= 16
+    leaks = [(f.name, s) for f in files for s in secrets if s in f.read_text(errors="replace")]
+    assert leaks == []

@@ -65,6 +65,9 @@ class ServerConfig:
     service_name: str = ""  # "" -> the name the service's main passes to run_service
     ready_file: str | None = None  # JSON {service, pid, host, port, metrics_port} once SERVING
     malloc_retain_bytes: int = 256 * 2**20  # free heap kept mapped (cloudmatrix.allocator); 0 = glibc defaults
+    tls_ca: str | None = None    # mutual TLS (all three or none): the CA's certificate (PEM) ...
+    tls_cert: str | None = None  # ... this process's certificate, served and presented to peers ...
+    tls_key: str | None = None   # ... and its private key. `cmx certs` makes them.
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port", f"must be in [0, 65535], got {self.port}")
@@ -73,6 +76,9 @@ class ServerConfig:
         _require(self.grace_s >= 0, "grace_s", f"must be >= 0, got {self.grace_s}")
         _require(0 <= self.malloc_retain_bytes < 2**31, "malloc_retain_bytes",
                  f"must be in [0, 2^31), got {self.malloc_retain_bytes}")
+        tls = (self.tls_ca, self.tls_cert, self.tls_key)
+        _require(all(tls) or not any(tls), "tls_ca",
+                 "tls_ca, tls_cert and tls_key go together: set all three for mutual TLS, or none")
         _require(self.span_file_max_bytes >= 0, "span_file_max_bytes",
                  f"must be >= 0 (0 = never rotate), got {self.span_file_max_bytes}")
         _require(self.span_file_backups >= 0, "span_file_backups", f"must be >= 0, got {self.span_file_backups}")

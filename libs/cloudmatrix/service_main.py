@@ -24,7 +24,9 @@ from typing import Any, NoReturn
 
 from cloudmatrix.allocator import tune_allocator
 from cloudmatrix.config import ConfigError, ServerConfig, load_config
+from cloudmatrix.rpc import tls
 from cloudmatrix.rpc.server import RegistrationLike, ServiceHost
+from cloudmatrix.rpc.tls import use_process_tls
 from cloudmatrix.telemetry.logging import setup_logging
 from cloudmatrix.telemetry.tracing import instrument_grpc, setup_tracing
 
@@ -64,6 +66,7 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
     tune_allocator(server.malloc_retain_bytes)
     _limit_torch_threads()
     setup_logging(service, server.log_level, server.log_format)
+    use_process_tls(tls.files_of(server))  # outbound channels present this process's certificate
     provider = setup_tracing(name, instance_id=service, otlp_endpoint=server.otlp_endpoint,
                              span_file=server.span_file(service, os.getpid()),
                              span_file_max_bytes=server.span_file_max_bytes, span_file_backups=server.span_file_backups)

@@ -17,6 +17,8 @@ class KvCacheConfig:
     disk_capacity_bytes: int = 4 * 2**30     # disk tier: block data bytes in disk_dir
     disk_write_through: bool = False         # also write every stored block to disk before acking
                                              # the Put (default: blocks reach disk when evicted)
+    disk_fsync: bool = False                 # fsync each disk-tier file and its directory: survives a
+                                             # power loss, ~2 syncs per block (default: crash-safe only)
     max_lease_s: float = 600.0               # a lease's ttl is capped at this
     blob_dir: str | None = None              # where blobs persist; None = <disk_dir>/blobs, or memory only
 

@@ -17,8 +17,10 @@ File ``<32 hex digits of the key>.blk``, little-endian:
     46+N    D     data
 
 Files are written to ``<hex>.tmp`` and renamed into place, so a crash (SIGKILL included) never
-leaves a torn ``.blk`` visible; leftover ``.tmp`` files are removed when the tier opens. There is
-no fsync: after a power loss a file may be damaged, and the header and data checksums catch that.
+leaves a torn ``.blk`` visible; leftover ``.tmp`` files are removed when the tier opens. By default
+there is no fsync: after a power loss a file may be damaged or lost (the header and data checksums
+catch damage). With ``fsync`` the file and then its directory are synced before ``write`` returns:
+a block on disk survives a power loss, at the cost of two syncs per block (docs/kvcache.md).
 """
 from __future__ import annotations
 
@@ -73,9 +75,10 @@ class DiskTier:
     Not thread-safe on its own: the shard's store serializes every call.
     """
 
-    def __init__(self, directory: str | os.PathLike, capacity_bytes: int) -> None:
+    def __init__(self, directory: str | os.PathLike, capacity_bytes: int, fsync: bool = False) -> None:
         self.directory = Path(directory)
         self.capacity_bytes = capacity_bytes
+        self.fsync = fsync
         self.index: OrderedDict[bytes, BlockMeta] = OrderedDict()  # oldest first
         self.used_bytes = 0
         self.dropped_on_open = 0  # damaged files deleted while indexing
@@ -106,12 +109,25 @@ class DiskTier:
             with open(tmp, "wb") as f:
                 f.write(encode_header(block))
                 f.write(block.data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
+            if self.fsync:
+                self._sync_directory()
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
         self._index(block.key, block.meta)
         return True
+
+    def _sync_directory(self) -> None:
+        """Make the rename durable: sync the directory entry."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read(self, key: bytes) -> Block | None:
         """The block, verified; None if its file vanished. A damaged file is deleted and raises

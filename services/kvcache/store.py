@@ -58,7 +58,8 @@ class ShardStore:
 
     @classmethod
     def from_config(cls, config: KvCacheConfig, clock: Callable[[], float] = time.monotonic) -> ShardStore:
-        disk = DiskTier(config.disk_dir, config.disk_capacity_bytes) if config.disk_dir is not None else None
+        disk = DiskTier(config.disk_dir, config.disk_capacity_bytes, config.disk_fsync) \
+            if config.disk_dir is not None else None
         return cls(config.capacity_bytes, config.max_block_bytes, disk=disk,
                    write_through=config.disk_write_through, blobs=BlobStore(config.resolved_blob_dir), max_lease_s=config.max_lease_s, clock=clock)
 

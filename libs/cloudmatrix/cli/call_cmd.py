@@ -20,8 +20,9 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cloudmatrix.launcher.processes import load_state
-from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from cloudmatrix.launcher.processes import load_state, run_tls
+from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, make_sync_channel
+from cloudmatrix.rpc.tls import use_process_tls
 
 DEFAULT_RUN_DIR = "runs/local"
 _UNREACHABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -55,7 +56,8 @@ def _call(args: argparse.Namespace) -> int:
         raise ValueError("name a METHOD to call, or pass --list (not both)")
     address, label = resolve_target(args.target, Path(args.run_dir))
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-    with grpc.insecure_channel(address, options=options) as channel:
+    use_process_tls(run_tls(Path(args.run_dir)) if args.run_dir else None)
+    with make_sync_channel(address, options) as channel:
         try:
             return _run(args, channel, address)
         except Unreachable as err:

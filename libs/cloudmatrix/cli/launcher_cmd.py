@@ -8,9 +8,10 @@ from pathlib import Path
 
 from cloudmatrix.launcher import preflight
 from cloudmatrix.launcher.bringup import bring_down, bring_up
-from cloudmatrix.launcher.processes import ProcessRecord, StartupError, is_alive, load_state
+from cloudmatrix.launcher.processes import ProcessRecord, StartupError, is_alive, load_state, run_tls
 from cloudmatrix.launcher.topology import load_topology
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.rpc.tls import use_process_tls
 
 DEFAULT_TOPOLOGY = "topologies/local.yaml"
 DEFAULT_RUN_DIR = "runs/local"
@@ -52,6 +53,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _print_table(records: list[ProcessRecord], run_dir: Path) -> None:
+    use_process_tls(run_tls(run_dir))
     print(f"{'NAME':<20} {'SERVICE':<14} {'PID':>7}  {'ADDRESS':<22} {'METRICS':>7}  {'HEALTH':<12} LOG")
     for r in records:
         health = health_check_sync(r.address, timeout=1.0) if is_alive(r) and r.port else "STOPPED"

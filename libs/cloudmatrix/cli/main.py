@@ -8,6 +8,7 @@ import sys
 from cloudmatrix.cli import (
     bench_cmd,
     call_cmd,
+    certs_cmd,
     checkpoint_cmd,
     demo_cmd,
     eplb_cmd,
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, bench_cmd,
-                   trace_cmd, call_cmd, simulate_cmd):
+                   trace_cmd, call_cmd, simulate_cmd, certs_cmd):
         module.register(sub)
     return parser
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from cloudmatrix.fabric.codec import from_payload, round_id, round_key, to_payload
 from cloudmatrix.fabric.wire import RawBundle, WireError, read_bundle, write_bundle
 from cloudmatrix.moe.dispatch import TokenRows
-from cloudmatrix.rpc.channel import channel_options
+from cloudmatrix.rpc.channel import channel_options, make_sync_channel
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.telemetry.context import current_traceparent
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
@@ -56,7 +56,7 @@ class FabricLink:
 
     def connect(self, timeout_s: float) -> None:
         """Attach and wait until the whole group has attached (the fabric's Hello)."""
-        self._channel = grpc.insecure_channel(self.address, options=self._options)
+        self._channel = make_sync_channel(self.address, self._options)
         self._outbox: queue.Queue = queue.Queue()
         hello = fabric_pb2.Hello(die_id=self.die_id, world_size=self.num_dies, group=self.group)
         self._outbox.put(fabric_pb2.Frame(src_die=self.die_id, hello=hello).SerializeToString())

@@ -6,16 +6,33 @@ import json
 from pathlib import Path
 
 from cloudmatrix.launcher import prometheus
-from cloudmatrix.launcher.processes import ProcessRecord, load_state, save_state, spawn, stop_all, wait_healthy
+from cloudmatrix.launcher.processes import (
+    CERT_DIR,
+    ProcessRecord,
+    load_state,
+    save_state,
+    spawn,
+    stop_all,
+    wait_healthy,
+)
 from cloudmatrix.launcher.topology import Topology
 from cloudmatrix.launcher.waves import resolve, waves
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.rpc.tls import TlsFiles, make_certs, process_tls, use_process_tls
 
 
 def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[ProcessRecord]:
     """Every process SERVING, state and a Prometheus scrape config saved in ``run_dir``; on a
     failure the started ones are stopped and the error (StartupError, KeyboardInterrupt)
-    propagates."""
+    propagates. A ``tls`` topology gets a new CA and certificates in ``<run_dir>/certs`` (kept if
+    there already), and this process talks to it as ``client``."""
+    previous = process_tls()
+    if topology.tls:
+        cert_dir = run_dir / CERT_DIR
+        if not (cert_dir / "ca.pem").is_file():
+            make_certs(cert_dir)
+        topology = topology.with_certificates(cert_dir)
+        use_process_tls(TlsFiles.in_dir(cert_dir, "client"))  # for the health checks below
     records: list[ProcessRecord] = []
     try:
         for wave in waves(topology.processes):
@@ -27,6 +44,8 @@ def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[Proces
         stop_all(records, grace_s=5.0)
         (run_dir / "state.json").unlink(missing_ok=True)
         raise
+    finally:
+        use_process_tls(previous)
     save_state(run_dir, topology, records)
     prometheus.write(run_dir, records, topology.name)
     write_telemetry(run_dir, topology)

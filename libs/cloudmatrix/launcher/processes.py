@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloudmatrix.launcher.topology import ProcessSpec, Topology
+from cloudmatrix.rpc.tls import TlsFiles
 
 STATE_FILE = "state.json"
 
@@ -88,8 +89,11 @@ def wait_healthy(procs: list[tuple[subprocess.Popen, ProcessRecord]], health: Ca
         time.sleep(0.05)
 
 
+CERT_DIR = "certs"
+
+
 def save_state(run_dir: Path, topology: Topology, records: list[ProcessRecord]) -> None:
-    state = {"topology": topology.name, "processes": [dataclasses.asdict(r) for r in records]}
+    state = {"topology": topology.name, "tls": topology.tls, "processes": [dataclasses.asdict(r) for r in records]}
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -98,6 +102,15 @@ def load_state(run_dir: Path) -> list[ProcessRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"nothing is running from {run_dir} (no {STATE_FILE}); start it with `cmx up`")
     return [ProcessRecord(**p) for p in json.loads(path.read_text())["processes"]]
+
+
+def run_tls(run_dir: Path) -> TlsFiles | None:
+    """The client identity for talking to the run in ``run_dir`` when it uses mutual TLS, else None
+    (also when nothing runs there)."""
+    path = run_dir / STATE_FILE
+    if not path.is_file() or not json.loads(path.read_text()).get("tls"):
+        return None
+    return TlsFiles.in_dir(run_dir / CERT_DIR, "client")
 
 
 def is_alive(record: ProcessRecord) -> bool:

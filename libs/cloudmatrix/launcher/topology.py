@@ -27,6 +27,7 @@ class Topology:
     name: str
     processes: tuple[ProcessSpec, ...]
     otlp_endpoint: str | None = None  # every process also exports its spans to this OTLP collector
+    tls: bool = False  # mutual TLS on every gRPC plane, with certificates `cmx up` makes per run
 
     def with_otlp_endpoint(self, endpoint: str | None) -> Topology:
         """The same processes, each exporting spans to the OTLP gRPC collector at ``endpoint``
@@ -36,7 +37,18 @@ class Topology:
             return self
         setting = f"server.otlp_endpoint={_checked_endpoint(endpoint, 'otlp_endpoint')}"
         processes = tuple(dataclasses.replace(p, overrides=(setting, *p.overrides)) for p in self.processes)
-        return Topology(self.name, processes, endpoint)
+        return dataclasses.replace(self, processes=processes, otlp_endpoint=endpoint)
+
+    def with_certificates(self, cert_dir: Path) -> Topology:
+        """Every process serves and calls with mutual TLS: its service type's certificate from
+        ``cert_dir`` (``rpc.tls.make_certs``)."""
+        def tls_settings(service: str) -> tuple[str, ...]:
+            files = {"ca": cert_dir / "ca.pem", "cert": cert_dir / f"{service}.pem", "key": cert_dir / f"{service}.key"}
+            return tuple(f"server.tls_{k}={v}" for k, v in files.items())
+
+        processes = tuple(dataclasses.replace(p, overrides=(*tls_settings(p.service), *p.overrides))
+                          for p in self.processes)
+        return dataclasses.replace(self, processes=processes, tls=True)
 
 
 def _checked_endpoint(endpoint: Any, where: str) -> str:
@@ -81,7 +93,10 @@ def parse_topology(raw: dict[str, Any], base_dir: Path) -> Topology:
     names = [p.name for p in processes]
     if len(set(names)) != len(names):
         raise ValueError(f"topology.services: process names repeat: {sorted(names)}")
-    topology = Topology(str(raw.get("name", "local")), tuple(processes))
+    tls = raw.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ValueError(f"topology.tls: expected true or false, got {tls!r}")
+    topology = Topology(str(raw.get("name", "local")), tuple(processes), tls=tls)
     endpoint = raw.get("otlp_endpoint")
     return topology.with_otlp_endpoint(_checked_endpoint(endpoint, "topology.otlp_endpoint")) \
         if endpoint is not None else topology

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloudmatrix.rpc.tls import process_channel_credentials
+
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 UNREACHABLE = "UNREACHABLE"
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -27,11 +29,13 @@ def make_channel(
     credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``target`` ("host:port"); TLS when ``credentials`` is given.
+    """A grpc.aio channel to ``target`` ("host:port"); TLS with ``credentials``, or with the
+    process's mutual-TLS identity when one is set (``rpc.tls.use_process_tls``).
 
     Looked up on ``grpc.aio`` at call time, so ``instrument_grpc()`` tracing applies.
     """
     options = channel_options(max_message_bytes)
+    credentials = credentials if credentials is not None else process_channel_credentials()
     extra = {"interceptors": list(interceptors)} if interceptors else {}
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options, **extra)
@@ -49,9 +53,17 @@ async def health_check(target: str, timeout: float = 1.0, service: str = "") -> 
     return _status_name(reply.status)
 
 
+def make_sync_channel(target: str, options: Sequence[tuple[str, int]] = ()) -> grpc.Channel:
+    """A blocking channel, TLS with the process's mutual-TLS identity when one is set."""
+    credentials = process_channel_credentials()
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=list(options))
+    return grpc.insecure_channel(target, options=list(options))
+
+
 def health_check_sync(target: str, timeout: float = 1.0, service: str = "") -> str:
     """Blocking ``health_check`` for CLI use (do not call it from a running event loop)."""
-    with grpc.insecure_channel(target) as channel:
+    with make_sync_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

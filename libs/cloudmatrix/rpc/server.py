@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.rpc import tls
 from cloudmatrix.rpc.channel import channel_options
 from cloudmatrix.telemetry.metrics import start_metrics_server
 
@@ -147,8 +148,10 @@ class ServiceHost:
 
     def _bind(self) -> int:
         address = _host_port(self.config.host, self.config.port)
+        files = tls.files_of(self.config)
         try:
-            port = self._server.add_insecure_port(address)
+            port = self._server.add_secure_port(address, tls.server_credentials(files)) if files \
+                else self._server.add_insecure_port(address)
         except RuntimeError as err:
             raise OSError(f"cannot bind gRPC server to {address}: {err}") from err
         if port == 0:

@@ -118,3 +118,56 @@ def test_failures_are_counted_by_kind(tokenizer):
         with pytest.raises(type(exc)):
             asyncio.run(run())
         assert _failed(reason) - before == 1
+
+
+class PositionBackend(FakeBackend):
+    """A model whose next token is the sequence's length: any split of the generation between
+    instances gives the same tokens. Decode instances in ``dies_after`` fail after that many."""
+
+    def __init__(self, dies_after: dict[str, int]) -> None:
+        super().__init__(set())
+        self.dies_after, self.prefills = dies_after, []
+
+    async def prefill(self, address, p, timeout_s):
+        self.prefills.append(len(p.token_ids))
+        return PrefillOutcome(len(p.token_ids), None, 0, {}, {}, 0.0)
+
+    def decode(self, address, p, first, timeout_s):
+        self.calls.append(address)
+        return PositionStream(len(p.token_ids) + 1, p.sampling.max_tokens - 1, self.dies_after.get(address))
+
+
+class PositionStream:
+    def __init__(self, start: int, count: int, dies_after: int | None) -> None:
+        self.start, self.count, self.dies_after = start, count, dies_after
+
+    async def __aiter__(self):
+        for i in range(self.count):
+            if i == self.dies_after:
+                raise PeerUnavailable("decode-0: the instance is gone")
+            yield DecodeStep([self.start + i], "length" if i == self.count - 1 else None, 0.0)
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_decode_instance_lost_mid_stream_hands_the_request_to_another_with_no_token_lost(tokenizer):
+    backend = PositionBackend({"d0": 5})
+    core = GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
+                       InstancePicker("prefill", ("p0",), backend.prefill_load),
+                       InstancePicker("decode", ("d0", "d1"), backend.decode_load), Admission(4, 4), 10.0)
+    prompt = [3, 4, 5]
+    prepared = core.prepare(GenerateRequest("r", "m", prompt, Sampling(max_tokens=12, ignore_eos=True)))
+    before = REGISTRY.get_sample_value("cmx_request_migrations_total", {"model_name": "m"}) or 0.0
+
+    async def run():
+        return [event async for event in core.generate(prepared)]
+
+    events = asyncio.run(run())
+    tokens = [t for e in events[:-1] for t in e.token_ids]
+    assert tokens == list(range(3, 15))  # 12 tokens, each once, in order
+    assert events[-1].reason == "length" and events[-1].usage.completion_tokens == 12
+    assert events[-1].usage.prompt_tokens == 3  # the client's prompt, not the continuation's
+    # prefill of the prompt, then of the prompt + the 6 tokens streamed (1 + 5 from d0)
+    assert backend.prefills == [3, 9] and backend.calls == ["d0", "d1"]
+    assert REGISTRY.get_sample_value("cmx_request_migrations_total", {"model_name": "m"}) - before == 1

@@ -7,6 +7,7 @@ name; the address goes to the log."""
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 
@@ -20,6 +21,9 @@ _RAISED = {grpc.StatusCode.UNAVAILABLE: PeerUnavailable, grpc.StatusCode.DEADLIN
            grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted, grpc.StatusCode.INVALID_ARGUMENT: ValueError}
 
 
+_ADDRESS = re.compile(r"(ipv[46]:)?(\[[0-9a-fA-F:.]+\]|[0-9]{1,3}(\.[0-9]{1,3}){3}|[\w.-]+\.[\w-]+):[0-9]+")
+
+
 class InstanceFailed(RuntimeError):
     """An instance answered a call with an unexpected status (an internal error there)."""
 
@@ -29,9 +33,10 @@ def converted(err: grpc.aio.AioRpcError, address: str) -> Exception:
     log.warning("instance call failed", extra={"address": address, "code": err.code().name,
                                                "details": err.details()})
     kind = _RAISED.get(err.code())
+    details = _ADDRESS.sub("an instance", err.details() or "")  # gRPC's own connect errors name them
     if kind is None:
-        return InstanceFailed(f"an instance failed ({err.code().name}): {err.details() or 'no details'}")
-    return kind(err.details() or err.code().name)
+        return InstanceFailed(f"an instance failed ({err.code().name}): {details or 'no details'}")
+    return kind(details or err.code().name)
 
 
 class GatewayDecodeStream:

@@ -63,6 +63,8 @@ class _Run:
     cached_tokens: int = 0
     last_token_at: float = 0.0
     reason: str | None = None
+    generated: list[int] = dataclasses.field(default_factory=list)  # accepted completion tokens
+    migrations: int = 0
 
     def remaining(self) -> float:
         left = self.deadline - time.perf_counter()
@@ -133,18 +135,8 @@ class GatewayCore:
 
     async def _prefill(self, run: _Run) -> PrefillOutcome:
         p = run.prepared
-        tried: set[str] = set()
-        while True:  # an unavailable instance is left out and the prefill runs on another, if any
-            address = await self.prefill.pick(frozenset(tried))
-            try:
-                with self.prefill.using(address):
-                    started = time.perf_counter()
-                    first = await self.backend.prefill(address, p, run.remaining())
-                break
-            except PeerUnavailable:
-                tried.add(address)
-                if not await self._other_instance(self.prefill, address, tried):
-                    raise
+        started = time.perf_counter()
+        first = await self._prefill_anywhere(p, run)
         run.last_token_at = time.perf_counter()
         # modeled: the cached prefix's pool transfer apart from the rest of the prefill
         run.modeled["cache_load"] = first.modeled.get("cache_load", 0.0)
@@ -155,6 +147,19 @@ class GatewayCore:
                                          len(p.token_ids))
         return first
 
+    async def _prefill_anywhere(self, p: Prepared, run: _Run) -> PrefillOutcome:
+        """Prefill ``p`` on a picked instance; an unavailable one is left out and another tried."""
+        tried: set[str] = set()
+        while True:
+            address = await self.prefill.pick(frozenset(tried))
+            try:
+                with self.prefill.using(address):
+                    return await self.backend.prefill(address, p, run.remaining())
+            except PeerUnavailable:
+                tried.add(address)
+                if not await self._other_instance(self.prefill, address, tried):
+                    raise
+
     @staticmethod
     async def _other_instance(picker: InstancePicker, failed: str, tried: set[str]) -> bool:
         """After ``failed`` answered UNAVAILABLE: is another untried instance reachable?"""
@@ -162,9 +167,9 @@ class GatewayCore:
         log.warning("instance unavailable; trying another", extra={"kind": picker.kind, "address": failed})
         return any(a not in tried for a in await picker.reachable())
 
-    def _first_token_reason(self, run: _Run, token: int) -> str | None:
-        """Finished on the prefill's token: no decode call at all."""
-        s = run.prepared.sampling
+    def _first_token_reason(self, run: _Run, token: int, request: Prepared | None = None) -> str | None:
+        """Finished on a prefill's token (the request's, or a migration's): no decode call then."""
+        s = (request or run.prepared).sampling
         if run.text.stopped or token == self.model.eos_token_id and not s.ignore_eos or token in s.stop_token_ids:
             return "stop"
         return "length" if s.max_tokens == 1 else None
@@ -172,27 +177,52 @@ class GatewayCore:
     async def _decode(self, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
         """Stream the decode to its end: after its finished chunk, or after the chunk that answers our
         Cancel at a stop string. Leaving early (the client left, an error) drops the call instead.
+
         A decode instance that is unavailable before it sent anything is left out and another one
-        (if any) decodes: the KV is in the pool, any instance can adopt it."""
+        (if any) decodes: the KV is in the pool, any instance can adopt it. One that fails mid-stream
+        is left out too and the request migrates (``_migrate``): the prompt plus the tokens already
+        streamed are prefilled again (the prompt's blocks come from the context cache) and another
+        instance continues, so the client sees every token once."""
         started, run.modeled["decode"], tried = time.perf_counter(), 0.0, set()
+        backend_request, backend_first = run.prepared, first
         while True:
             address = await self.decode.pick(frozenset(tried))
             progress = run.completion_tokens
             try:
-                async for delta in self._decode_on(address, run, first):
+                async for delta in self._decode_on(address, run, backend_request, backend_first):
                     yield delta
                 break
             except PeerUnavailable:
                 tried.add(address)
-                if run.completion_tokens != progress or not await self._other_instance(self.decode, address, tried):
+                if not await self._other_instance(self.decode, address, tried):
                     raise
+                if run.completion_tokens != progress:
+                    backend_request, backend_first = await self._migrate(run)
+                    yield self._accept(run, [backend_first.first_token])
+                    run.reason = self._first_token_reason(run, backend_first.first_token, backend_request)
+                    if run.reason is not None:
+                        break
         run.measured["decode"] = time.perf_counter() - started
         if run.reason is None:
             raise PeerUnavailable("the decode stream ended before the request finished")
 
-    async def _decode_on(self, address: str, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
+    async def _migrate(self, run: _Run) -> tuple[Prepared, PrefillOutcome]:
+        """The request as a new backend request: the prompt and every token streamed so far, for
+        the tokens still to come; its prefill's token is the next one."""
+        run.migrations += 1
+        p, s = run.prepared, run.prepared.sampling
+        continuation = Prepared(f"{p.request_id}-m{run.migrations}", p.model, p.token_ids + run.generated,
+                                dataclasses.replace(s, max_tokens=s.max_tokens - len(run.generated)))
+        log.warning("decode instance lost mid-stream; migrating the request",
+                    extra={"request_id": p.request_id, "streamed_tokens": len(run.generated)})
+        trace.get_current_span().add_event("migrated", {"streamed_tokens": len(run.generated)})
+        self.metrics.migrations.inc()
+        return continuation, await self._prefill_anywhere(continuation, run)
+
+    async def _decode_on(self, address: str, run: _Run, request: Prepared,
+                         first: PrefillOutcome) -> AsyncIterator[Delta]:
         with self.decode.using(address):
-            stream = self.backend.decode(address, run.prepared, first, run.remaining())
+            stream = self.backend.decode(address, request, first, run.remaining())
             try:
                 async for step in stream:
                     run.modeled["decode"] += step.modeled_s
@@ -200,7 +230,7 @@ class GatewayCore:
                         yield self._accept(run, step.token_ids)
                     if run.reason is None and run.text.stopped:
                         run.reason = "stop"
-                        if step.finish_reason is None and not await self._cancel(address, run.prepared.request_id):
+                        if step.finish_reason is None and not await self._cancel(address, request.request_id):
                             break
                     elif run.reason is None:
                         run.reason = step.finish_reason
@@ -230,6 +260,7 @@ class GatewayCore:
             accepted.append(token)
             text += run.text.push(token)
         run.completion_tokens += len(accepted)
+        run.generated += accepted
         self.metrics.observe_tokens(len(accepted))
         return Delta(text, accepted)
 

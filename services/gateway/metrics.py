@@ -44,6 +44,8 @@ REQUEST_PROMPT_TOKENS = Histogram("cmx_request_prompt_tokens", "Prompt tokens pe
                                   buckets=_TOKENS)
 REQUEST_GENERATION_TOKENS = Histogram("cmx_request_generation_tokens", "Generated tokens per finished request",
                                       MODEL, buckets=_TOKENS)
+MIGRATIONS = Counter("cmx_request_migrations", "Requests moved to another decode instance mid-stream (theirs failed)",
+                     MODEL)
 REQUESTS = Counter("cmx_requests", "Requests by outcome: stop, length (finished), invalid (400 / INVALID_ARGUMENT), "
                    "rejected (over capacity), timeout (past its deadline), unavailable (no instance could serve it), "
                    "error (an instance failed), cancelled (the client left)", MODEL + ["finish_reason"])
@@ -64,6 +66,7 @@ class GatewayMetrics:
         self.request_prompt_tokens = REQUEST_PROMPT_TOKENS.labels(model_name)
         self.request_generation_tokens = REQUEST_GENERATION_TOKENS.labels(model_name)
         self.e2e = E2E.labels(model_name)
+        self.migrations = MIGRATIONS.labels(model_name)
 
     def observe_first_token(self, ttft_s: float, admission_s: float, prefill: PrefillOutcome,
                             prompt_tokens: int) -> None:

@@ -1,6 +1,7 @@
 """Faults against real processes, bounded in time: a decode instance SIGKILLed mid-stream hands its
 request to the other decode instance (request migration) and the client gets exactly the local
-engine's tokens, none twice, none missing; with no decode instance left the request fails fast and
+engine's tokens, none twice, none missing; SIGTERM makes the gateway refuse new HTTP connections at
+once while it finishes the stream in flight; with no decode instance left a request fails fast and
 clearly instead of hanging."""
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import openai
@@ -15,12 +18,14 @@ import pytest
 
 from cloudmatrix.clients import DecodeClient
 from cloudmatrix.launcher.bringup import bring_down, bring_up
-from cloudmatrix.launcher.processes import is_alive, load_state
+from cloudmatrix.launcher.processes import is_alive, load_state, save_state, spawn, wait_healthy
 from cloudmatrix.launcher.topology import parse_topology
+from cloudmatrix.launcher.waves import resolve
 from cloudmatrix.model.generate import generate
 from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.rpc.channel import health_check_sync
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = "Request migration keeps every token of a stream whose decode instance died"
@@ -36,19 +41,51 @@ def _topology(checkpoint: Path):
         {"name": "decode-a", "service": "decode", "set": {**common, "dies": "{addresses:adie}", "instance_id": "a"}},
         {"name": "decode-b", "service": "decode", "set": {**common, "dies": "{addresses:bdie}", "instance_id": "b"}},
         {"name": "gateway", "service": "gateway", "set": {
-            "checkpoint": str(checkpoint), "prefill": "{addresses:prefill}",
+            "checkpoint": str(checkpoint), "prefill": "{addresses:prefill}", "server.grace_s": 60,
             "decode": "{addresses:decode-a},{addresses:decode-b}"}}]}, Path("."))
 
 
 @pytest.fixture(scope="module")
 def two_decodes(tmp_path_factory, tiny_checkpoint):
     run_dir = tmp_path_factory.mktemp("two-decodes")
-    records = bring_up(_topology(Path(tiny_checkpoint)), run_dir, 180.0)
+    topology = _topology(Path(tiny_checkpoint))
+    records = bring_up(topology, run_dir, 180.0)
     try:
-        port = json.loads((run_dir / "ready" / "gateway-0.http.json").read_text())["http_port"]
-        yield run_dir, {r.name: r for r in records}, f"http://127.0.0.1:{port}/v1"
+        yield run_dir, {r.name: r for r in records}, topology
     finally:
         bring_down(run_dir, grace_s=5.0)
+
+
+def _http_port(run_dir: Path) -> int:
+    return json.loads((run_dir / "ready" / "gateway-0.http.json").read_text())["http_port"]
+
+
+def _client(run_dir: Path, timeout_s: float = 120.0) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{_http_port(run_dir)}/v1", api_key="unused", max_retries=0,
+                         timeout=timeout_s)
+
+
+def _refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+    except OSError:
+        return True
+    return False
+
+
+def _wait(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stream(client: openai.OpenAI, prompt: str, max_tokens: int):
+    return client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=max_tokens,
+                                     temperature=0, stream=True, stream_options={"include_usage": True},
+                                     extra_body={"ignore_eos": True})
 
 
 def _running(address: str) -> int:
@@ -61,15 +98,12 @@ def _running(address: str) -> int:
 
 def test_a_decode_instance_killed_after_20_tokens_and_the_stream_completes_on_the_other(two_decodes,
                                                                                          tiny_checkpoint):
-    run_dir, records, url = two_decodes
+    run_dir, records, _ = two_decodes
     tokenizer = TextTokenizer.load(tiny_checkpoint)
     model = load_for_precision(tiny_checkpoint, parse_precision("fp32"))
     expected = tokenizer.decode(list(generate(model, tokenizer.encode(PROMPT), SamplingParams(max_tokens=64),
                                               ignore_eos=True)))
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
-    stream = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=64,
-                                       temperature=0, stream=True, stream_options={"include_usage": True},
-                                       extra_body={"ignore_eos": True})
+    stream = _stream(_client(run_dir), PROMPT, 64)
     text, chunks, usage, killed = "", 0, None, None
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -86,12 +120,33 @@ def test_a_decode_instance_killed_after_20_tokens_and_the_stream_completes_on_th
     assert "migrating the request" in gateway_log
 
 
+def test_sigterm_makes_the_gateway_refuse_new_http_at_once_and_finish_the_stream_in_flight(two_decodes):
+    run_dir, records, topology = two_decodes
+    gateway, port = records["gateway-0"], _http_port(run_dir)
+    stream = iter(_stream(_client(run_dir), "A stream that outlives its gateway's SIGTERM", 160))
+    first = [next(stream) for _ in range(3)]
+    os.kill(gateway.pid, signal.SIGTERM)
+    assert _wait(lambda: _refuses(port), timeout_s=30.0)  # new connections refused at once...
+    decode = next(r for r in load_state(run_dir) if r.service == "decode" and is_alive(r))
+    assert _running(decode.address) == 1  # (the request is still in flight)
+    rest = list(stream)                                   # ... while the request in flight streams on
+    usage = next(c.usage for c in reversed(first + rest) if c.usage)
+    assert usage.completion_tokens == 160
+    assert _wait(lambda: not is_alive(gateway), timeout_s=60.0)  # then it exits by itself
+    # a new gateway for the next test, recorded so that the fixture stops it
+    spec = next(p for p in topology.processes if p.name == "gateway-0")
+    state = [r for r in load_state(run_dir) if r.name != "gateway-0"]
+    proc, record = spawn(resolve(spec, state), run_dir)
+    save_state(run_dir, topology, [*state, record])
+    wait_healthy([(proc, record)], health_check_sync, 120.0)
+
+
 def test_with_no_decode_instance_left_a_request_fails_fast_and_clearly(two_decodes):
-    run_dir, records, url = two_decodes
+    run_dir, _, _ = two_decodes
     for record in load_state(run_dir):
         if record.service == "decode" and is_alive(record):
             os.kill(record.pid, signal.SIGKILL)
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    client = _client(run_dir, timeout_s=60.0)
     with pytest.raises(openai.APIStatusError) as failed:
         client.completions.create(model=client.models.list().data[0].id, prompt="Nobody decodes this",
                                   max_tokens=8, temperature=0)

@@ -41,12 +41,15 @@ class ServiceParts:
     """What a service's ``build(config)`` returns (a ``(registrations, on_ready)`` tuple works too).
 
     ``on_ready(host)`` runs after the server is bound (``host.port`` is known) and before the
-    services flip to SERVING; ``on_stop()`` runs after the drain, before telemetry is flushed.
+    services flip to SERVING; ``on_drain()`` when the drain begins (stop accepting new work on
+    other listeners; in-flight work goes on); ``on_stop()`` after the drain, before telemetry is
+    flushed.
     """
 
     registrations: Sequence[RegistrationLike]
     on_ready: OnReady | None = None
     on_stop: OnStop | None = None
+    on_drain: OnStop | None = None
 
 
 Build = Callable[[Any], Awaitable["ServiceParts | tuple[Sequence[RegistrationLike], OnReady | None]"]]
@@ -111,7 +114,7 @@ def _limit_torch_threads() -> None:
 async def _serve(service: str, config: Any, build: Build, provider: Any) -> int:
     parts = _as_parts(await build(config))
     host = ServiceHost(config.server, parts.registrations, service=service,
-                       tracer_provider=provider, on_stop=parts.on_stop)
+                       tracer_provider=provider, on_stop=parts.on_stop, on_drain=parts.on_drain)
     async with host:
         host.install_signal_handlers()
         if parts.on_ready is not None:

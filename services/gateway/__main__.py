@@ -54,22 +54,33 @@ async def build(config: GatewayConfig) -> ServiceParts:
                            shutdown_timeout=config.server.grace_s)
     port_file = http_port_file(config)
 
+    sites: list[web.TCPSite] = []
+
     async def on_ready(host) -> None:
         await runner.setup()
         site = web.TCPSite(runner, config.http_host, config.http_port)
         await site.start()
+        sites.append(site)
         port = runner.addresses[0][1]
         _write_port(port_file, config.http_host, port)
         log.info("http serving", extra={"http_host": config.http_host, "http_port": port,
                                         "http_port_file": str(port_file)})
 
+    async def on_drain() -> None:
+        """SIGTERM: refuse new HTTP connections at once; requests in flight go on streaming."""
+        port_file.unlink(missing_ok=True)
+        for site in sites:
+            await site.stop()
+        log.info("http closed to new connections; draining in-flight requests")
+
     async def on_stop() -> None:
         port_file.unlink(missing_ok=True)
-        await runner.cleanup()
+        await runner.cleanup()  # waits up to grace_s for the in-flight handlers
         await backend.close()
 
     servicer = GatewayServicer(core, config.api_keys)
-    return ServiceParts([(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, SERVICE_NAME)], on_ready, on_stop)
+    return ServiceParts([(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, SERVICE_NAME)], on_ready, on_stop,
+                        on_drain)
 
 
 def main() -> None:

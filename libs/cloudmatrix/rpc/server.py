@@ -92,6 +92,7 @@ class ServiceHost:
         tracer_provider: TracerProvider | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         on_stop: Callable[[], Awaitable[None]] | None = None,
+        on_drain: Callable[[], Awaitable[None]] | None = None,
     ):
         self.config = config
         self.service = service
@@ -99,6 +100,7 @@ class ServiceHost:
         self._tracer_provider = tracer_provider
         self._interceptors = list(interceptors)
         self._on_stop = on_stop
+        self._on_drain = on_drain
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._port: int | None = None
@@ -219,6 +221,8 @@ class ServiceHost:
             await self._health.enter_graceful_shutdown()
             if self.config.ready_file:
                 _remove_if_present(self.config.ready_file)
+            if self._on_drain is not None:  # other listeners stop taking new work now too
+                await self._on_drain()
             if self._server is not None:
                 await self._server.stop(self.config.grace_s)
             if self._on_stop is not None:

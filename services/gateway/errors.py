@@ -1,5 +1,6 @@
 """Exceptions -> OpenAI's error JSON ``{"error": {message, type, param, code}}`` and HTTP statuses:
-400 bad input (the param named), 429 over capacity, 503 an instance unavailable, 504 deadline."""
+400 bad input (the param named), 429 over capacity, 503 an instance unavailable (both with
+``Retry-After``), 504 deadline."""
 from __future__ import annotations
 
 import logging
@@ -33,6 +34,8 @@ def classify(exc: BaseException) -> tuple[int, str, str]:
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+# Seconds a client should wait before retrying: over capacity (429) or no instance reachable (503).
+RETRY_AFTER_S = {429: 1, 503: 2}
 
 
 def http_error_response(exc: web.HTTPException, method: str, path: str) -> web.Response:
@@ -53,7 +56,8 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 def error_response(exc: BaseException) -> web.Response:
     status, body = _described(exc)
-    return web.json_response(body, status=status)
+    retry = RETRY_AFTER_S.get(status)
+    return web.json_response(body, status=status, headers={"Retry-After": str(retry)} if retry else None)
 
 
 def _described(exc: BaseException) -> tuple[int, dict[str, Any]]:

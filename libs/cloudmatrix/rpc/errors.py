@@ -33,6 +33,10 @@ _PASSED_THROUGH = frozenset({
 })
 
 
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of RESOURCE_EXHAUSTED: seconds to wait
+RETRY_AFTER_S = 1
+
+
 class ResourceExhausted(Exception):
     """The request is fine but cannot be served now (queue full, no KV blocks); retry later."""
 
@@ -74,6 +78,8 @@ async def abort_for(exc: Exception, context: grpc.aio.ServicerContext) -> None:
     status = status_for(exc)
     if status is None:
         raise exc
+    if status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED:  # "not now": tell the caller when to retry
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(RETRY_AFTER_S)),))
     await context.abort(*status)
 
 

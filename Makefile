@@ -9,7 +9,7 @@ CKPT := $(RUN_DIR)/checkpoints/tiny
 # The default topology (topologies/local.yaml) serves the INT8 checkpoint.
 CKPT_INT8 := $(RUN_DIR)/checkpoints/tiny-int8
 
-.PHONY: install run test protos clean
+.PHONY: install run test test-reliability protos clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The full fault, overload, fuzz and security suite (docs/reliability.md); `make test` runs it
+# with fewer fuzz examples.
+RELIABILITY_TESTS := tests/test_reliability.py tests/test_fuzz.py tests/test_security.py tests/test_die_faults.py \
+	tests/test_fabric_faults.py tests/test_kvcache_pool.py
+test-reliability: install
+	CMX_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -s -p no:cacheprovider $(RELIABILITY_TESTS)
 
 protos: install
 	$(PY) scripts/gen_protos.py

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,6 +57,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
 
 
 _EXCEPTION_CODES = (
+    (DecodeError, grpc.StatusCode.INVALID_ARGUMENT),  # a streamed request message that does not parse
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PeerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -70,6 +72,8 @@ def _status_for_rpc_error(exc: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, s
 
 
 def _details(exc: BaseException) -> str:
+    if isinstance(exc, DecodeError):
+        return f"request: a message of the stream is not valid protobuf ({' '.join(str(exc).split())})"
     return " ".join(str(exc).split()) or type(exc).__name__
 
 

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from cloudmatrix.config import ServerConfig
 from cloudmatrix.rpc import tls
 from cloudmatrix.rpc.channel import channel_options
+from cloudmatrix.rpc.requests import ParseRequests
 from cloudmatrix.telemetry.metrics import start_metrics_server
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class ServiceHost:
         """Bind, register everything NOT_SERVING, start serving RPCs and /metrics."""
         self._server = grpc.aio.server(
             options=[*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)],
-            interceptors=self._interceptors or None,
+            interceptors=[ParseRequests(), *self._interceptors],
         )
         await self._register_health()
         for r in self.registrations:

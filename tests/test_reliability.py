@@ -39,13 +39,14 @@ def _topology(checkpoint: Path):
     common = {"checkpoint": str(checkpoint), "precision": "fp32", "kvcache": "{addresses:kvcache}"}
     return parse_topology({"name": "two-decodes", "services": [
         {"name": "kvcache", "service": "kvcache", "count": 2},
-        {"name": "pdie", "service": "npu_emulator"}, {"name": "adie", "service": "npu_emulator"},
-        {"name": "bdie", "service": "npu_emulator"},
-        {"name": "prefill", "service": "prefill", "set": {**common, "dies": "{addresses:pdie}"}},
+        {"name": "pdie", "service": "npu_emulator"}, {"name": "qdie", "service": "npu_emulator"},
+        {"name": "adie", "service": "npu_emulator"}, {"name": "bdie", "service": "npu_emulator"},
+        {"name": "prefill", "service": "prefill", "set": {**common, "dies": "{addresses:pdie}", "instance_id": "p"}},
+        {"name": "prefill-q", "service": "prefill", "set": {**common, "dies": "{addresses:qdie}", "instance_id": "q"}},
         {"name": "decode-a", "service": "decode", "set": {**common, "dies": "{addresses:adie}", "instance_id": "a"}},
         {"name": "decode-b", "service": "decode", "set": {**common, "dies": "{addresses:bdie}", "instance_id": "b"}},
         {"name": "gateway", "service": "gateway", "set": {
-            "checkpoint": str(checkpoint), "prefill": "{addresses:prefill}", "server.grace_s": 60,
+            "checkpoint": str(checkpoint), "prefill": "{addresses:prefill},{addresses:prefill-q}", "server.grace_s": 60,
             "max_in_flight": CAPACITY // 2, "max_queue": CAPACITY // 2,
             "decode": "{addresses:decode-a},{addresses:decode-b}"}}]}, Path("."))
 
@@ -123,6 +124,18 @@ def test_a_decode_instance_killed_after_20_tokens_and_the_stream_completes_on_th
     assert text == expected  # every token once, in order, as the local engine makes them
     gateway_log = Path(records["gateway-0"].log).read_text()
     assert "migrating the request" in gateway_log
+
+
+def test_a_killed_prefill_instance_is_left_out_and_every_request_is_served_by_the_other(two_decodes):
+    run_dir, records, _ = two_decodes
+    os.kill(records["prefill-0"].pid, signal.SIGKILL)
+    client = _client(run_dir)
+    model = client.models.list().data[0].id
+    for i in range(4):  # the first may hit the dead instance: the gateway retries it on the other
+        completion = client.completions.create(model=model, prompt=f"Prefill failover {i}", max_tokens=2,
+                                               temperature=0)
+        assert completion.usage.completion_tokens == 2
+    assert not is_alive(records["prefill-0"]) and is_alive(records["prefill-q-0"])
 
 
 def _rss_mb(pid: int) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cloudmatrix.launcher import prometheus
+from cloudmatrix.launcher import prometheus, supervisor
 from cloudmatrix.launcher.processes import (
     CERT_DIR,
     ProcessRecord,
@@ -49,6 +49,8 @@ def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[Proces
     save_state(run_dir, topology, records)
     prometheus.write(run_dir, records, topology.name)
     write_telemetry(run_dir, topology)
+    if any(p.restart == "on-failure" for p in topology.processes):
+        supervisor.start(run_dir)
     return records
 
 
@@ -67,7 +69,9 @@ def read_telemetry(run_dir: Path) -> dict:
 
 
 def bring_down(run_dir: Path, grace_s: float) -> tuple[list[ProcessRecord], list[str]]:
-    """Stop what ``run_dir``'s state lists; returns the records and the names killed hard."""
+    """Stop the run's supervisor (no restarts from now on), then what ``run_dir``'s state lists;
+    returns the records and the names killed hard."""
+    supervisor.stop(run_dir)
     records = load_state(run_dir)
     killed = stop_all(records, grace_s)
     (run_dir / "state.json").unlink(missing_ok=True)

@@ -29,6 +29,7 @@ class ProcessRecord:
     host: str = ""
     port: int = 0
     metrics_port: int = 0
+    restarts: int = 0  # times the run's supervisor restarted it
 
     @property
     def address(self) -> str:
@@ -93,7 +94,8 @@ CERT_DIR = "certs"
 
 
 def save_state(run_dir: Path, topology: Topology, records: list[ProcessRecord]) -> None:
-    state = {"topology": topology.name, "tls": topology.tls, "processes": [dataclasses.asdict(r) for r in records]}
+    state = {"topology": topology.name, "tls": topology.tls, "processes": [dataclasses.asdict(r) for r in records],
+             "specs": {p.name: dataclasses.asdict(p) for p in topology.processes}}
     (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -102,6 +104,27 @@ def load_state(run_dir: Path) -> list[ProcessRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"nothing is running from {run_dir} (no {STATE_FILE}); start it with `cmx up`")
     return [ProcessRecord(**p) for p in json.loads(path.read_text())["processes"]]
+
+
+def load_specs(run_dir: Path) -> dict[str, ProcessSpec]:
+    """The specs the run's processes were started from (for restarts)."""
+    raw = json.loads((run_dir / STATE_FILE).read_text()).get("specs", {})
+    return {name: ProcessSpec(**{**spec, "overrides": tuple(spec["overrides"])}) for name, spec in raw.items()}
+
+
+def replace_record(run_dir: Path, record: ProcessRecord) -> bool:
+    """Put ``record`` in the state in place of the one with its name; False when no state is left
+    (the run was stopped meanwhile)."""
+    path = run_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    state["processes"] = [dataclasses.asdict(record) if p["name"] == record.name else p for p in state["processes"]]
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+    return True
 
 
 def run_tls(run_dir: Path) -> TlsFiles | None:

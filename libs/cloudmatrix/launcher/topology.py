@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 SERVICES = ("npu_emulator", "ub_fabric", "kvcache", "prefill", "decode", "gateway")
+RESTART_POLICIES = ("never", "on-failure")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,8 @@ class ProcessSpec:
     port: int  # 0 = let the process pick a free port (it reports it in its ready file)
     config: str | None
     overrides: tuple[str, ...]
+    restart: str = "never"  # "on-failure": the run's supervisor restarts it when it dies
+    max_restarts: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +78,19 @@ def _expand(entry: dict[str, Any], where: str, base_dir: Path) -> list[ProcessSp
         raise ValueError(f"{where}.count: expected a positive int, got {count!r}")
     if not isinstance(port, int) or not 0 <= port <= 65535 - count:
         raise ValueError(f"{where}.port: expected 0 (any free port) or a base port, got {port!r}")
+    restart = entry.get("restart", "never")
+    if restart not in RESTART_POLICIES:
+        raise ValueError(f"{where}.restart: expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}")
+    max_restarts = entry.get("max_restarts", 5)
+    if not isinstance(max_restarts, int) or max_restarts < 1:
+        raise ValueError(f"{where}.max_restarts: expected a positive int, got {max_restarts!r}")
     config = entry.get("config")
     config = str((base_dir / config).resolve()) if config else None
     overrides = tuple(f"{k}={v}" for k, v in (entry.get("set") or {}).items())
     return [
         ProcessSpec(f"{name}-{i}", service, entry.get("host", "127.0.0.1"), port + i if port else 0, config,
-                    overrides + tuple(o.replace("{index}", str(i)) for o in entry.get("set_each", ())))
+                    overrides + tuple(o.replace("{index}", str(i)) for o in entry.get("set_each", ())),
+                    restart, max_restarts)
         for i in range(count)
     ]
 

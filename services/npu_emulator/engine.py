@@ -20,6 +20,10 @@ from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
 from cloudmatrix.rpc.errors import ResourceExhausted
 from services.npu_emulator.modeled import forward_modeled_s
 
+# A die whose fabric stream broke re-attaches at its next Forward; it gives up (the Forward fails
+# with UNAVAILABLE) when the group has not re-formed within this long.
+RECONNECT_TIMEOUT_S = 10.0
+
 
 @dataclasses.dataclass(frozen=True)
 class SequenceStep:
@@ -101,6 +105,9 @@ class DieEngine:
         for s in seqs:
             self._validate(s)
         with self._locks[microbatch], torch.inference_mode():
+            reconnect = getattr(self.link, "reconnect_if_broken", None)
+            if reconnect is not None:  # the fabric went away and maybe came back: re-form the group
+                reconnect(RECONNECT_TIMEOUT_S)
             self.link.begin_step(step, microbatch)
             self.first_step = step if self.first_step is None else self.first_step
             self.last_step = step

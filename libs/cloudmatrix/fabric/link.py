@@ -53,6 +53,8 @@ class FabricLink:
         self._broken: str | None = None
         self._greeted = False
         self._round = threading.local()  # two microbatches step concurrently, one thread each
+        self._generation = 0  # one per Attach stream: a stream that ended cannot touch the next one's state
+        self._reconnect_lock = threading.Lock()
 
     def connect(self, timeout_s: float) -> None:
         """Attach and wait until the whole group has attached (the fabric's Hello)."""
@@ -63,12 +65,29 @@ class FabricLink:
         self._stub = fabric_pb2_grpc.UbFabricStub(self._channel)
         attach = self._channel.stream_stream(ATTACH_METHOD)  # raw bytes both ways: frames are read on the wire
         self._responses = attach(iter(self._outbox.get, _CLOSE))
-        threading.Thread(target=self._receive, name=f"fabric-link-{self.die_id}", daemon=True).start()
+        threading.Thread(target=self._receive, args=(self._responses, self._generation),
+                         name=f"fabric-link-{self.die_id}", daemon=True).start()
         with self._cond:
             if not self._cond.wait_for(lambda: self._greeted or self._broken, timeout_s) or self._broken:
+                why = self._broken or "peers missing"
+                self._broken = f"could not attach: {why}"
                 self.close()
                 raise PeerUnavailable(f"fabric {self.address}: group {self.group!r} of {self.num_dies} dies did not "
-                                      f"assemble within {timeout_s:.0f} s ({self._broken or 'peers missing'})")
+                                      f"assemble within {timeout_s:.0f} s ({why})")
+
+    def reconnect_if_broken(self, timeout_s: float) -> None:
+        """Attach again when the stream broke (the fabric restarted, or was unreachable): every die
+        of the group does so at its next step, and the group re-forms on the new stream. Raises
+        ``PeerUnavailable`` (fast when the fabric is down) if it cannot."""
+        with self._reconnect_lock:
+            with self._cond:
+                if self._broken is None:
+                    return
+                self._generation += 1
+                self._inbox.clear()
+                self._detached, self._broken, self._greeted = {}, None, False
+            self.close()
+            self.connect(timeout_s)
 
     @property
     def traffic(self) -> list[RoundTraffic]:
@@ -127,23 +146,26 @@ class FabricLink:
             return "the fabric holds no bundle of this round"
         return f"no bundle from dies {list(reply.missing_dies)}"
 
-    def _receive(self) -> None:
+    def _receive(self, responses, generation: int) -> None:
         try:
-            for frame in self._responses:
-                self._file(frame)
+            for frame in responses:
+                self._file(frame, generation)
             reason = "the fabric closed the stream"
         except grpc.RpcError as err:
             reason = f"{err.code().name}: {err.details()}"
         except (WireError, DecodeError) as err:
             reason = f"the fabric sent a malformed frame ({err})"
         with self._cond:
-            self._broken = reason
-            self._cond.notify_all()
+            if generation == self._generation:
+                self._broken = reason
+                self._cond.notify_all()
 
-    def _file(self, raw: bytes) -> None:
+    def _file(self, raw: bytes, generation: int) -> None:
         bundle = read_bundle(raw)
         frame = fabric_pb2.Frame.FromString(raw) if bundle is None else None
         with self._cond:
+            if generation != self._generation:
+                return
             if bundle is not None:
                 self._inbox[round_key(bundle.round)] = bundle
             elif frame.HasField("hello"):

@@ -209,6 +209,7 @@ def test_kvcache_shard_client_calls_every_shard_rpc(stack):
             again = await shard.put_blocks([Block(key, "tiny/fp32", "full", 16, data)])
             got = await shard.get_blocks([key, MISSING])
             present, longest = await shard.lookup([key, MISSING])
+            listed = await shard.all_keys(page=1)
             lease = await shard.lease([key, MISSING], ttl_s=30.0)
             refused = await shard.delete([key])
             released = await shard.release([lease.lease_id])
@@ -219,10 +220,11 @@ def test_kvcache_shard_client_calls_every_shard_rpc(stack):
                 await shard.get_blob("no-such-blob")
             stats = await shard.stats()
             return put, again, got, present, longest, lease, refused, released, deleted, stored, blob_back, \
-                missing_blob.value, stats
+                missing_blob.value, stats, listed
 
-    put, again, got, present, longest, lease, refused, released, deleted, stored, blob_back, missing, stats = \
+    put, again, got, present, longest, lease, refused, released, deleted, stored, blob_back, missing, stats, listed = \
         run(scenario())
+    assert key in listed and listed == sorted(listed)  # every key the shard holds, ascending, paged
     assert [o.status for o in put] == ["stored"] and [o.status for o in again] == ["duplicate"]
     assert got[key].data == data and got[key].num_tokens == 16 and got[MISSING] is None
     assert present == [True, False] and longest == 1

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from cloudmatrix.clients import KvShardClient
 from cloudmatrix.kv.hashing import namespace, prefix_keys
 from cloudmatrix.kvcache import Block, KvPoolClient
 from cloudmatrix.launcher.processes import spawn, wait_healthy
@@ -106,6 +107,7 @@ def test_lookup_finds_the_prefix_another_process_wrote(tmp_path):
         writer = f"""
 import asyncio, torch
 from cloudmatrix.kv.hashing import namespace, prefix_keys
+from cloudmatrix.clients import KvShardClient
 from cloudmatrix.kvcache import Block, KvPoolClient
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 async def main():
@@ -125,3 +127,43 @@ asyncio.run(main())
                 return await client.lookup(list(prefix_keys(tokens, 4, NS).full))
 
         assert asyncio.run(lookup()) == 6  # 24 tokens = 6 blocks cached; blocks 7-10 never written
+
+
+def test_a_restarted_shard_gets_back_every_replica_it_should_hold_by_anti_entropy_without_reads(tmp_path):
+    """A shard SIGKILLed (memory only: it comes back empty) while a long-lived pool client keeps
+    working: the client marks it down, probes it back up, and its anti-entropy pass copies every
+    block the shard should hold onto it, with no read of those blocks. ListKeys pages through."""
+    names = [f"kv{i}" for i in range(3)]
+    ports = {n: free_port() for n in names}
+    with running_services(tmp_path, [(n, "kvcache", (f"server.port={ports[n]}",)) for n in names]) as records:
+        addresses = [records[n].address for n in names]
+        victim = records["kv1"]
+        blocks = _blocks(60, seed=5)
+
+        async def scenario():
+            async with KvPoolClient(addresses, **FAST) as pool:
+                assert all(r.acknowledged for r in await pool.put_blocks(blocks))
+                owed = [b for b in blocks if victim.address in pool.replicas(b.key)]
+                os.kill(victim.pid, signal.SIGKILL)
+                await pool.lookup([b.key for b in owed[:1]])  # the failure marks it down
+                assert victim.address in pool.down_shards
+                proc, record = spawn(ProcessSpec("kv1", "kvcache", "127.0.0.1", ports["kv1"], None, ()), tmp_path)
+                try:
+                    await asyncio.to_thread(wait_healthy, [(proc, record)], health_check_sync, 60)
+                    for _ in range(300):  # the probe finds it SERVING, which starts the pass
+                        if victim.address not in pool.down_shards:
+                            break
+                        await asyncio.sleep(0.05)
+                    copied = await pool.drain_anti_entropy()
+                    async with KvShardClient(victim.address) as shard:
+                        held = set(await shard.all_keys(page=7))  # several ListKeys pages
+                        fetched = await shard.get_blocks([b.key for b in owed])
+                    return owed, copied, held, fetched, await pool.anti_entropy()
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=15)
+
+        owed, copied, held, fetched, second = asyncio.run(scenario())
+        assert owed and copied == len(owed) and held == {b.key for b in owed}
+        assert all(fetched[b.key].data == b.data for b in owed)  # bit for bit
+        assert second == 0  # a second pass finds nothing to copy

@@ -6,8 +6,9 @@ import asyncio
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted, map_errors
+from cloudmatrix.rpc.errors import RETRY_AFTER_KEY, PeerUnavailable, ResourceExhausted, map_errors
 from tests.rpc_helpers import run
 
 
@@ -16,8 +17,14 @@ class Aborted(Exception):
 
 
 class FakeContext:
+    def __init__(self) -> None:
+        self.trailing = ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing = tuple(metadata)
+
     async def abort(self, code, details=""):
-        raise Aborted(code, details)
+        raise Aborted(code, details, self.trailing)
 
 
 def peer_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -48,7 +55,21 @@ def test_map_errors_aborts_with_status(exc, code, details, streaming):
 
     with pytest.raises(Aborted) as info:
         run(scenario())
-    assert info.value.args == (code, details)
+    retry = ((RETRY_AFTER_KEY, "1"),) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else ()
+    assert info.value.args == (code, details, retry)  # "not now" says when to retry
+
+
+def test_a_stream_message_that_is_not_protobuf_is_invalid_argument():
+    async def stream(self, request_iterator, context):
+        raise DecodeError("Error parsing message")
+        yield
+
+    async def scenario():
+        return [item async for item in map_errors(stream)(None, None, FakeContext())]
+
+    with pytest.raises(Aborted) as info:
+        run(scenario())
+    assert info.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT and info.value.args[1].startswith("request: ")
 
 
 def test_map_errors_lets_other_exceptions_through():

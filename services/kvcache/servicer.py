@@ -38,6 +38,9 @@ _PUT_STATUS = {
 PUT_BATCH_BYTES = 8 * 2**20
 
 
+MAX_LIST_KEYS = 10_000
+
+
 class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
     def __init__(self, store: ShardStore, blob_chunk_bytes: int = BLOB_CHUNK_BYTES) -> None:
         self.store = store
@@ -113,6 +116,14 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
         s = await asyncio.to_thread(self.store.stats)
         fields = kvcache_pb2.StatsReply.DESCRIPTOR.fields_by_name
         return kvcache_pb2.StatsReply(**{name: getattr(s, name) for name in fields})
+
+    @map_errors
+    async def ListKeys(self, request, context):
+        limit = request.limit or 1000
+        if not 1 <= limit <= MAX_LIST_KEYS:
+            raise ValueError(f"limit: must be in 1..{MAX_LIST_KEYS}, got {request.limit}")
+        keys, more = await asyncio.to_thread(self.store.keys_after, request.after, limit)
+        return kvcache_pb2.ListKeysReply(keys=keys, more=more)
 
     @map_errors
     async def PutBlob(self, request_iterator, context):

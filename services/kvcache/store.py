@@ -95,6 +95,13 @@ class ShardStore:
         longest = next((i for i, hit in enumerate(present) if not hit), len(present))
         return LookupResult(present, longest)
 
+    def keys_after(self, after: bytes, limit: int) -> tuple[list[bytes], bool]:
+        """Up to ``limit`` held keys greater than ``after``, ascending, and whether more follow."""
+        with self._lock:
+            held = set(self.memory.blocks) | (set(self.disk.index) if self.disk is not None else set())
+        page = sorted(k for k in held if k > after)
+        return page[:limit], len(page) > limit
+
     def lease(self, keys: Sequence[bytes], ttl_s: float) -> LeaseGrant:
         """Pin the present keys in memory (disk-only ones are promoted first) for
         min(ttl_s, max_lease_s) seconds."""

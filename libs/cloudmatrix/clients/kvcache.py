@@ -103,6 +103,23 @@ class KvShardClient(ServiceClient):
                                  deadline_s=deadline_s)
         return {"deleted": reply.deleted, "missing": reply.missing, "refused_leased": reply.refused_leased}
 
+    async def list_keys(self, after: bytes = b"", limit: int = 1000,
+                        deadline_s: float | None = None) -> tuple[list[bytes], bool]:
+        """A page of the keys the shard holds after ``after`` (ascending), and whether more follow."""
+        reply = await self.unary("ListKeys", kvcache_pb2.ListKeysRequest(after=after, limit=limit), idempotent=True,
+                                 deadline_s=deadline_s)
+        return list(reply.keys), reply.more
+
+    async def all_keys(self, page: int = 1000) -> list[bytes]:
+        """Every key the shard holds, page by page."""
+        keys, after, more = [], b"", True
+        while more:
+            batch, more = await self.list_keys(after, page)
+            keys += batch
+            after = batch[-1] if batch else after
+            more = more and bool(batch)
+        return keys
+
     async def stats(self, deadline_s: float | None = None) -> dict[str, int]:
         """Every counter of the shard (blocks, used_bytes, hits, misses, evictions, ...)."""
         reply = await self.unary("Stats", kvcache_pb2.StatsRequest(), idempotent=True, deadline_s=deadline_s)

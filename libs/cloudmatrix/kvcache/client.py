@@ -19,7 +19,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from cloudmatrix.kvcache import blobs, reads, writes
+from cloudmatrix.kvcache import antientropy, blobs, reads, writes
 from cloudmatrix.kvcache.blocks import (
     BlobPutResult,
     Block,
@@ -63,6 +63,9 @@ class KvPoolClient:
                                        max_message_bytes=max_message_bytes, down_after=down_after,
                                        probe_interval_s=probe_interval_s)
         self._repairs = reads.Repairs(self._conns)
+        self._passes: set[asyncio.Task[int]] = set()
+        self._rejoin_copies = 0
+        self._conns.on_rejoin = self._rejoined
 
     async def __aenter__(self) -> KvPoolClient:
         return self
@@ -71,7 +74,10 @@ class KvPoolClient:
         await self.close()
 
     async def close(self) -> None:
-        """Cancel repairs and probes, close every channel."""
+        """Cancel repairs, anti-entropy passes and probes, close every channel."""
+        for task in self._passes:
+            task.cancel()
+        await asyncio.gather(*self._passes, return_exceptions=True)
         await self._repairs.close()
         await self._conns.close()
 
@@ -96,6 +102,35 @@ class KvPoolClient:
         self.ring.remove(shard)
         self._conns.health.forget(shard)
         self._conns.reset(shard)
+
+    # -- anti-entropy
+
+    async def anti_entropy(self, shards: list[str] | None = None) -> int:
+        """Copy every block to each up replica of its key that lacks it (only to ``shards`` when
+        given); the number of blocks copied (antientropy.py)."""
+        return await antientropy.run_pass(self._conns, self.ring.shards, self.replicas,
+                                          set(shards) if shards is not None else None)
+
+    async def drain_anti_entropy(self) -> int:
+        """Wait for the passes started by shards coming back; the blocks they copied since the
+        last drain."""
+        while self._passes:
+            await asyncio.gather(*list(self._passes), return_exceptions=True)
+        copied, self._rejoin_copies = self._rejoin_copies, 0
+        return copied
+
+    def _rejoined(self, shard: str) -> None:
+        """A shard that was down is SERVING again (restarted: empty or stale): refill its replicas."""
+        task = asyncio.get_running_loop().create_task(self.anti_entropy([shard]))
+        self._passes.add(task)
+        task.add_done_callback(self._pass_done)
+
+    def _pass_done(self, task: asyncio.Task[int]) -> None:
+        self._passes.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self._rejoin_copies += task.result()
+        elif not task.cancelled():
+            log.warning("anti-entropy pass failed: %s", task.exception())
 
     # -- blocks
 

@@ -47,7 +47,8 @@ class ShardConnections:
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_bytes
         self.health = ShardHealth(down_after=down_after, probe_interval_s=probe_interval_s,
-                                  probe_timeout_s=min(deadline_s, probe_interval_s), on_up=self.reset)
+                                  probe_timeout_s=min(deadline_s, probe_interval_s), on_up=self._back_up)
+        self.on_rejoin: Callable[[str], None] | None = None  # after a down shard is SERVING again
         self._clients: dict[str, KvShardClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -61,6 +62,11 @@ class ShardConnections:
             options = ClientOptions(deadline_s=self.deadline_s, retries=0, max_message_bytes=self.max_message_bytes)
             client = self._clients[shard] = KvShardClient(shard, options)
         return client
+
+    def _back_up(self, shard: str) -> None:
+        self.reset(shard)
+        if self.on_rejoin is not None:
+            self.on_rejoin(shard)
 
     def reset(self, shard: str) -> None:
         """Drop the shard's channel (closed in the background); the next call dials afresh.

@@ -70,7 +70,7 @@ async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], lis
     missed: dict[bytes, list[str]] = {key: [] for key in keys}  # replicas that answered "not found"
     pending = keys
     while plan := _next_round(conns.health, replicas, cursor, pending):
-        answers = await asyncio.gather(*(_get_on(conns, shard, ks) for shard, ks in plan.items()))
+        answers = await asyncio.gather(*(get_on(conns, shard, ks) for shard, ks in plan.items()))
         pending = []
         for (shard, ks), answer in zip(plan.items(), answers):
             for key in ks:
@@ -100,7 +100,7 @@ def _next_round(health: ShardHealth, replicas: dict[bytes, list[str]], cursor: d
     return plan
 
 
-async def _get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
+async def get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
     """key -> intact block, or None for "not found"; keys left out had no usable answer."""
     async def attempt(client, timeout_s: float) -> list[WireReply]:
         return [WireReply.parse(raw) for raw in await client.get_wire(keys, timeout_s)]

@@ -69,6 +69,11 @@ class KvCacheShardStub:
                 request_serializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/cmx.kvcache.v1.KvCacheShard/ListKeys',
+                request_serializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysReply.FromString,
+                _registered_method=True)
         self.PutBlob = channel.stream_unary(
                 '/cmx.kvcache.v1.KvCacheShard/PutBlob',
                 request_serializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.BlobChunk.SerializeToString,
@@ -131,6 +136,14 @@ class KvCacheShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """The block keys the shard holds (memory and disk), in byte order, a page at a time: what the
+        pool's anti-entropy pass compares between replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutBlob(self, request_iterator, context):
         """Model caching: store and fetch a named blob (e.g. a weights shard) in chunks.
         """
@@ -182,6 +195,11 @@ def add_KvCacheShardServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.FromString,
                     response_serializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsReply.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.FromString,
+                    response_serializer=cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysReply.SerializeToString,
             ),
             'PutBlob': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlob,
@@ -383,6 +401,33 @@ class KvCacheShard:
             '/cmx.kvcache.v1.KvCacheShard/Stats',
             cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
             cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cmx.kvcache.v1.KvCacheShard/ListKeys',
+            cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.SerializeToString,
+            cmx_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,7 @@ from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tests.services import running_services
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,13 +98,7 @@ def _load(decode_addr: str) -> common_pb2.InstanceLoad:
         return decode_pb2_grpc.DecodeStub(channel).GetLoad(decode_pb2.GetLoadRequest(), timeout=10).load
 
 
-def _wait_for(condition, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
+_wait_for = wait_for  # (test_gateway and test_die_faults import it from here)
 
 
 def _wait_until_idle(decode_addr: str, timeout_s: float = 60.0) -> common_pb2.InstanceLoad:

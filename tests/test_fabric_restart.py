@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,17 +15,9 @@ import pytest
 from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.processes import is_alive, load_state
 from cloudmatrix.launcher.topology import parse_topology
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
@@ -68,7 +59,7 @@ def test_a_killed_fabric_restarted_by_the_supervisor_and_the_ep2_instance_serves
             answers.append((status, reply))
             return status == 200
 
-        assert _wait(served_again, 120.0), answers[-3:]
+        assert wait_for(served_again, 120.0), answers[-3:]
         for status, reply in answers[:-1]:  # while the fabric was away: clear refusals, no 500s, no hangs
             assert status == 503 and reply["error"]["code"] == "instance_unavailable", reply
             assert "127.0.0.1" not in reply["error"]["message"]

@@ -28,6 +28,7 @@ from cmx.gateway.v1 import gateway_pb2
 from cmx.kvcache.v1 import kvcache_pb2
 from cmx.npu.v1 import npu_pb2
 from cmx.prefill.v1 import prefill_pb2
+from tests.waiting import rss_mb
 
 pytestmark = pytest.mark.timeout(900)
 EXAMPLES = int(os.environ.get("CMX_FUZZ_EXAMPLES", "15"))
@@ -66,18 +67,11 @@ def stack(tmp_path_factory, tiny_checkpoint):
             "checkpoint": str(tiny_checkpoint), "prefill": "{addresses:prefill}", "decode": "{addresses:decode}",
             "request_timeout_s": 20}}]}, Path("."))
     records = bring_up(topology, run_dir, 180.0)
-    rss = {r.name: _rss_mb(r.pid) for r in records}
+    rss = {r.name: rss_mb(r.pid) for r in records}
     try:
         yield run_dir, {r.name: r for r in records}, rss
     finally:
         bring_down(run_dir, grace_s=5.0)
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _call(channel: grpc.Channel, path: str, client_streaming: bool, server_streaming: bool,
@@ -164,4 +158,4 @@ def test_no_process_died_or_bloated_after_the_fuzzing(stack):
     for record in load_state(run_dir):
         assert is_alive(record), record.name
         assert health_check_sync(record.address, timeout=5.0) == "SERVING", record.name
-        assert _rss_mb(record.pid) - rss[record.name] < 300, record.name
+        assert rss_mb(record.pid) - rss[record.name] < 300, record.name

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
+from tests.waiting import rss_mb, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = "Request migration keeps every token of a stream whose decode instance died"
@@ -76,15 +76,6 @@ def _refuses(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
     except OSError:
         return True
-    return False
-
-
-def _wait(predicate, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
     return False
 
 
@@ -138,13 +129,6 @@ def test_a_killed_prefill_instance_is_left_out_and_every_request_is_served_by_th
     assert not is_alive(records["prefill-0"]) and is_alive(records["prefill-q-0"])
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _post(port: int, body: dict) -> tuple[int, dict, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -158,12 +142,12 @@ def _post(port: int, body: dict) -> tuple[int, dict, dict]:
 def test_a_burst_of_ten_times_capacity_is_shed_with_429_and_retry_after_and_memory_stays_bounded(two_decodes):
     run_dir, _, _ = two_decodes
     processes = [r for r in load_state(run_dir) if is_alive(r)]
-    before = {r.name: _rss_mb(r.pid) for r in processes}
+    before = {r.name: rss_mb(r.pid) for r in processes}
     body = {"model": _client(run_dir).models.list().data[0].id, "prompt": "Overload", "max_tokens": 4,
             "temperature": 0}
     with ThreadPoolExecutor(10 * CAPACITY) as pool:
         answers = list(pool.map(lambda _: _post(_http_port(run_dir), body), range(10 * CAPACITY)))
-    during = {r.name: _rss_mb(r.pid) for r in processes}
+    during = {r.name: rss_mb(r.pid) for r in processes}
     statuses = [status for status, _, _ in answers]
     assert set(statuses) <= {200, 429} and statuses.count(200) >= CAPACITY and statuses.count(429) > 0, statuses
     for status, headers, reply in answers:
@@ -172,7 +156,7 @@ def test_a_burst_of_ten_times_capacity_is_shed_with_429_and_retry_after_and_memo
         else:
             assert reply["usage"]["completion_tokens"] == 4  # admitted requests are served in full
     assert _post(_http_port(run_dir), body)[0] == 200  # and the gateway serves on
-    after = {r.name: _rss_mb(r.pid) for r in processes}
+    after = {r.name: rss_mb(r.pid) for r in processes}
     growth = max(during[n] - before[n] for n in before), max(after[n] - before[n] for n in before)
     print(f"burst of {10 * CAPACITY}: {statuses.count(200)} served, {statuses.count(429)} shed; largest RSS growth "
           f"{growth[0]:.0f} MB during, {growth[1]:.0f} MB after")  # docs/reliability.md
@@ -186,13 +170,13 @@ def test_sigterm_makes_the_gateway_refuse_new_http_at_once_and_finish_the_stream
     stream = iter(_stream(_client(run_dir), "A stream that outlives its gateway's SIGTERM", 160))
     first = [next(stream) for _ in range(3)]
     os.kill(gateway.pid, signal.SIGTERM)
-    assert _wait(lambda: _refuses(port), timeout_s=30.0)  # new connections refused at once...
+    assert wait_for(lambda: _refuses(port), timeout_s=30.0)  # new connections refused at once...
     decode = next(r for r in load_state(run_dir) if r.service == "decode" and is_alive(r))
     assert _running(decode.address) == 1  # (the request is still in flight)
     rest = list(stream)                                   # ... while the request in flight streams on
     usage = next(c.usage for c in reversed(first + rest) if c.usage)
     assert usage.completion_tokens == 160
-    assert _wait(lambda: not is_alive(gateway), timeout_s=60.0)  # then it exits by itself
+    assert wait_for(lambda: not is_alive(gateway), timeout_s=60.0)  # then it exits by itself
     # a new gateway for the next test, recorded so that the fixture stops it
     spec = next(p for p in topology.processes if p.name == "gateway-0")
     state = [r for r in load_state(run_dir) if r.name != "gateway-0"]

@@ -15,17 +15,9 @@ from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.processes import is_alive, load_state
 from cloudmatrix.launcher.topology import parse_topology
 from cloudmatrix.rpc.channel import health_check_sync
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _wait(predicate, timeout_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _record(run_dir: Path, name: str):
@@ -45,19 +37,19 @@ def test_a_crashed_process_is_restarted_on_its_address_with_backoff_until_max_re
             before = _record(run_dir, "kvcache-0")
             os.kill(before.pid, signal.SIGKILL)
             # back, and seen SERVING by the supervisor (it records the ports the process reported)
-            assert _wait(lambda: _record(run_dir, "kvcache-0").restarts == restarts
-                         and _record(run_dir, "kvcache-0").metrics_port > 0
-                         and health_check_sync(first.address, timeout=1.0) == "SERVING")
+            assert wait_for(lambda: _record(run_dir, "kvcache-0").restarts == restarts
+                            and _record(run_dir, "kvcache-0").metrics_port > 0
+                            and health_check_sync(first.address, timeout=1.0) == "SERVING", timeout_s=120.0)
             again = _record(run_dir, "kvcache-0")
             assert again.pid != before.pid and again.address == first.address  # same address for its peers
         log_file = run_dir / "logs" / "supervisor.log"
-        assert _wait(lambda: "no restarts left" in log_file.read_text())
+        assert wait_for(lambda: "no restarts left" in log_file.read_text(), timeout_s=120.0)
         log = log_file.read_text()
         assert "restart 1 of 2, after 1 s of backoff" in log and "restart 2 of 2, after 2 s of backoff" in log
         assert "failed" not in log
         os.kill(_record(run_dir, "kvcache-0").pid, signal.SIGKILL)  # a third crash: no restarts left
         os.kill(fabric.pid, signal.SIGKILL)                          # no policy: stays down
-        assert _wait(lambda: not is_alive(_record(run_dir, "kvcache-0")))
+        assert wait_for(lambda: not is_alive(_record(run_dir, "kvcache-0")), timeout_s=120.0)
         time.sleep(supervisor.backoff_s(2) + 1.0)  # longer than the next backoff would be
         assert not is_alive(_record(run_dir, "kvcache-0")) and not is_alive(_record(run_dir, "fabric-0"))
         assert _record(run_dir, "kvcache-0").restarts == 2

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from cloudmatrix.simulator.decode import DIES_PER_NPU, DecodeResult, DecodeSetup, largest_batch_within, simulate_decode
 from cloudmatrix.simulator.paper import (
@@ -69,9 +70,10 @@ def _simulate(args: argparse.Namespace) -> int:
         result = _decode(args)
     if args.plot:
         _plot(args, args.plot)
-    if args.json:
-        text = json.dumps(result, indent=2) + "\n"
-        sys.stdout.write(text) if args.json == "-" else open(args.json, "w").write(text)  # noqa: SIM115
+    if args.json == "-":
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -12,13 +12,13 @@ block's data is not copied through message objects.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 from google.protobuf import json_format
 
 from cloudmatrix.clients.base import ServiceClient
 from cloudmatrix.kvcache.blobs import BytesSink, chunks_from_bytes, read_blob
 from cloudmatrix.kvcache.blocks import Block, FetchedBlock
+from cloudmatrix.kvcache.reads import WireReply, decode_reply
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 PUT_METHOD = "/cmx.kvcache.v1.KvCacheShard/Put"
@@ -75,9 +75,9 @@ class KvShardClient(ServiceClient):
         """key -> the block (its CRC-32 checked), or None when the shard does not hold it intact."""
         found: dict[bytes, FetchedBlock | None] = dict.fromkeys(keys)
         for raw in await self.get_wire(keys, deadline_s):
-            reply = kvcache_pb2.GetReply.FromString(raw)
-            if reply.found and zlib.crc32(reply.data) == reply.checksum and reply.key in found:
-                found[reply.key] = FetchedBlock.from_reply(reply, self.address)
+            reply = WireReply.parse(raw)
+            if reply.key in found:  # a corrupt or malformed copy stays None (logged by decode_reply)
+                found.update(decode_reply(reply, self.address))
         return found
 
     async def lookup(self, keys: list[bytes], deadline_s: float | None = None) -> tuple[list[bool], int]:

@@ -117,7 +117,7 @@ async def get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict
     answer: dict[bytes, FetchedBlock | None] = {}
     for reply in replies:
         if reply.key in wanted:
-            answer.update(_decode(reply, shard))
+            answer.update(decode_reply(reply, shard))
     return answer
 
 
@@ -152,7 +152,7 @@ _GET_REPLY_FIELDS = {f.number: f.name for f in kvcache_pb2.GetReply.DESCRIPTOR.f
 _LEN_FIELDS = {"key": bytes, "data": bytes, "namespace": str}
 
 
-def _decode(reply: WireReply, shard: str) -> dict[bytes, FetchedBlock | None]:
+def decode_reply(reply: WireReply, shard: str) -> dict[bytes, FetchedBlock | None]:
     if not reply.found:
         return {reply.key: None}
     if zlib.crc32(reply.data) != reply.checksum:

@@ -139,7 +139,8 @@ def test_a_real_prometheus_finds_the_documented_series_typed_with_model_name(sta
     assert kinds["cmx_time_to_first_token_seconds"] == "histogram"
     assert kinds["cmx_engine_step_seconds"] == "histogram" and kinds["cmx_requests"] == "counter"
     assert kinds["cmx_expert_tokens"] == "counter" and kinds["cmx_num_requests_running"] == "gauge"
-    assert _scalar(base, f'sum(cmx_generation_tokens_total{{model_name="{model}"}})') >= 12
+    # 3 requests x 4 tokens, once a scrape after the last one has been stored
+    assert _wait(lambda: _scalar(base, f'sum(cmx_generation_tokens_total{{model_name="{model}"}})') >= 12)
     per_die = "sum by (die) (cmx_expert_tokens_total)"
     assert _scalar(base, f"max({per_die}) / avg({per_die})") >= 1  # the expert-load imbalance query answers
 

@@ -37,7 +37,8 @@ test: install
 # The full fault, overload, fuzz and security suite (docs/reliability.md); `make test` runs it
 # with fewer fuzz examples.
 RELIABILITY_TESTS := tests/test_reliability.py tests/test_fuzz.py tests/test_security.py tests/test_die_faults.py \
-	tests/test_fabric_faults.py tests/test_kvcache_pool.py tests/test_supervisor.py tests/test_fabric_restart.py
+	tests/test_fabric_faults.py tests/test_kvcache_pool.py tests/test_supervisor.py tests/test_fabric_restart.py \
+	tests/test_pool_faults.py
 test-reliability: install
 	CMX_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -s -p no:cacheprovider $(RELIABILITY_TESTS)
 

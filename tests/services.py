@@ -1,9 +1,11 @@
 """Start real service processes for tests (via the launcher's own spawn/wait), always stopped."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from pathlib import Path
 
+from cloudmatrix.clients import DecodeClient
 from cloudmatrix.launcher.processes import ProcessRecord, spawn, stop_all, wait_healthy
 from cloudmatrix.launcher.topology import ProcessSpec
 from cloudmatrix.rpc.channel import health_check_sync
@@ -18,6 +20,15 @@ def running_service(service: str, run_dir: Path, *overrides: str, name: str | No
 
 def log_text(record: ProcessRecord) -> str:
     return Path(record.log).read_text()
+
+
+def decode_running(address: str) -> int:
+    """The requests running on the decode instance at ``address``, as its GetLoad says."""
+    async def load():
+        async with DecodeClient(address) as client:
+            return (await client.load(deadline_s=5.0)).running
+
+    return asyncio.run(load())
 
 
 @contextlib.contextmanager

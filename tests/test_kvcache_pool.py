@@ -58,14 +58,18 @@ def test_sigkilled_shard_loses_no_acknowledged_block_and_repair_restores_it(tmp_
                     KvPoolClient(addresses, write_quorum=1, **FAST) as degraded:
                 acked = [r.acknowledged for r in await strict.put_blocks(before)]
                 os.kill(victim.pid, signal.SIGKILL)
-                strict_after = await strict.put_blocks(after)  # keys with kv1 as replica: not acked
+                strict_after = await strict.put_blocks(after)  # keys with kv1 as replica: on a stand-in
                 degraded_after = await degraded.put_blocks(after)
                 return acked, strict_after, degraded_after, strict.replicas
 
         acked, strict_after, degraded_after, replicas = asyncio.run(write_kill_write())
         assert all(acked)
         on_victim = [victim.address in replicas(b.key) for b in after]
-        assert [r.acknowledged for r in strict_after] == [not v for v in on_victim]  # W=2 never lies
+        assert all(r.acknowledged for r in strict_after)  # W=2 never lies: two live shards hold each block,
+        for result, owed in zip(strict_after, on_victim):    # kv1's share on the next shard along the ring
+            assert len(result.stored_on) == 2 and victim.address not in result.stored_on
+            assert (set(result.stored_on) == set(result.replicas)) == (not owed)
+            assert (victim.address in result.errors) == owed
         assert all(r.acknowledged for r in degraded_after)  # W=1 keeps the pool writable
         data = asyncio.run(_read_back(addresses, before + after))  # kv1 is still dead
         assert all(data[b.key] == b.data for b in before + after)  # bit for bit

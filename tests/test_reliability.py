@@ -1,11 +1,14 @@
-"""Faults against real processes, bounded in time: a decode instance SIGKILLed mid-stream hands its
-request to the other decode instance (request migration) and the client gets exactly the local
-engine's tokens, none twice, none missing; SIGTERM makes the gateway refuse new HTTP connections at
+"""Faults against real processes, bounded in time: a decode instance SIGKILLed mid-stream (one
+stream, then under the benchmark client's load) or frozen (SIGSTOP, found by keepalive) hands its
+requests to the other decode instance (request migration) and each client gets exactly the local
+engine's tokens, none twice, none missing; a killed prefill instance is left out; a burst of ten
+times capacity is shed with 429; SIGTERM makes the gateway refuse new HTTP connections at
 once while it finishes the stream in flight; with no decode instance left a request fails fast and
 clearly instead of hanging."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -18,9 +21,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from cloudmatrix.clients import DecodeClient
+from cloudmatrix.bench.serve.runner import LoadShape, run_load
+from cloudmatrix.bench.serve.workload import BenchRequest
 from cloudmatrix.launcher.bringup import bring_down, bring_up
-from cloudmatrix.launcher.processes import is_alive, load_state, save_state, spawn, wait_healthy
+from cloudmatrix.launcher.processes import is_alive, load_state, replace_record, spawn, wait_healthy
 from cloudmatrix.launcher.topology import parse_topology
 from cloudmatrix.launcher.waves import resolve
 from cloudmatrix.model.generate import generate
@@ -28,6 +32,7 @@ from cloudmatrix.model.precision import load_for_precision, parse_precision
 from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
+from tests.services import decode_running
 from tests.waiting import rss_mb, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -85,14 +90,6 @@ def _stream(client: openai.OpenAI, prompt: str, max_tokens: int):
                                      extra_body={"ignore_eos": True})
 
 
-def _running(address: str) -> int:
-    async def load():
-        async with DecodeClient(address) as client:
-            return (await client.load(deadline_s=5.0)).running
-
-    return asyncio.run(load())
-
-
 def test_a_decode_instance_killed_after_20_tokens_and_the_stream_completes_on_the_other(two_decodes,
                                                                                          tiny_checkpoint):
     run_dir, records, _ = two_decodes
@@ -108,13 +105,93 @@ def test_a_decode_instance_killed_after_20_tokens_and_the_stream_completes_on_th
             chunks += 1
         usage = chunk.usage or usage
         if chunks == 20 and killed is None:  # the instance serving the stream dies now
-            killed = next(r for name, r in records.items() if name.startswith("decode") and _running(r.address))
+            killed = next(r for name, r in records.items() if name.startswith("decode") and decode_running(r.address))
             os.kill(killed.pid, signal.SIGKILL)
     assert killed is not None and not is_alive(killed)
     assert usage.completion_tokens == 64
     assert text == expected  # every token once, in order, as the local engine makes them
     gateway_log = Path(records["gateway-0"].log).read_text()
     assert "migrating the request" in gateway_log
+
+
+def _respawn(run_dir: Path, topology, name: str) -> None:
+    """Start the dead process ``name`` again on its old address (its peers were given that one),
+    recorded so that the fixture stops it."""
+    old = next(r for r in load_state(run_dir) if r.name == name)
+    spec = next(p for p in topology.processes if p.name == name)
+    proc, record = spawn(dataclasses.replace(resolve(spec, load_state(run_dir)), port=old.port), run_dir)
+    replace_record(run_dir, record)  # (stopped by the fixture even if it never turns SERVING)
+    wait_healthy([(proc, record)], health_check_sync, 120.0)
+    replace_record(run_dir, record)  # with its reported ports
+
+
+def _both_decodes(run_dir: Path, topology) -> list:
+    """The two decode instances' records, either one restarted first if it is dead."""
+    for record in load_state(run_dir):
+        if record.service == "decode" and not is_alive(record):
+            _respawn(run_dir, topology, record.name)
+    return [r for r in load_state(run_dir) if r.service == "decode"]
+
+
+def _migrations(run_dir: Path) -> int:
+    return Path(next(r for r in load_state(run_dir) if r.name == "gateway-0").log).read_text().count(
+        "migrating the request")
+
+
+def test_a_decode_instance_killed_under_benchmark_load_and_every_request_gets_the_local_engines_tokens(
+        two_decodes, tiny_checkpoint):
+    """16 greedy requests of 96 tokens from the benchmark client, 8 at a time; one decode instance is
+    SIGKILLed while both run requests: every request completes, each with the local engine's text."""
+    run_dir, _, topology = two_decodes
+    decodes, migrations = _both_decodes(run_dir, topology), _migrations(run_dir)
+    tokenizer = TextTokenizer.load(tiny_checkpoint)
+    model = load_for_precision(tiny_checkpoint, parse_precision("fp32"))
+    requests = [BenchRequest(tokenizer.encode(f"Load {i}: the decode tier loses an instance"), 96) for i in range(16)]
+    expected = [tokenizer.decode(list(generate(model, r.prompt, SamplingParams(max_tokens=96), ignore_eos=True)))
+                for r in requests]
+    url = f"http://127.0.0.1:{_http_port(run_dir)}"
+    load = lambda: asyncio.run(run_load(url, _client(run_dir).models.list().data[0].id, requests,  # noqa: E731
+                                        LoadShape(concurrency=8), timeout_s=240.0))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(load)
+        assert wait_for(lambda: all(decode_running(d.address) >= 1 for d in decodes), timeout_s=120.0)
+        victim = max(decodes, key=lambda d: decode_running(d.address))
+        os.kill(victim.pid, signal.SIGKILL)
+        results, _ = running.result()
+    assert [r.error for r in results] == [""] * len(requests)  # every request completed ...
+    assert [r.output_tokens for r in results] == [96] * len(requests)
+    assert [r.text for r in results] == expected  # ... with every token once, in order
+    assert _migrations(run_dir) > migrations
+
+
+def test_a_frozen_decode_instance_is_found_by_keepalive_and_its_seeded_stream_migrates(two_decodes,
+                                                                                        tiny_checkpoint):
+    """SIGSTOP (no FIN, no RST: a silent peer) of the instance serving a seeded sampled stream: the
+    gateway's keepalive ping goes unanswered, the call fails, the request migrates, and the client
+    gets the local engine's tokens for that seed (sampling is a function of seed and position)."""
+    run_dir, _, topology = two_decodes
+    decodes, migrations = _both_decodes(run_dir, topology), _migrations(run_dir)
+    tokenizer = TextTokenizer.load(tiny_checkpoint)
+    model = load_for_precision(tiny_checkpoint, parse_precision("fp32"))
+    sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=48)
+    expected = tokenizer.decode(list(generate(model, tokenizer.encode(PROMPT), sampling, ignore_eos=True)))
+    client = _client(run_dir)
+    stream = client.completions.create(model=client.models.list().data[0].id, prompt=PROMPT, max_tokens=48,
+                                       temperature=0.8, top_p=0.95, seed=7, stream=True,
+                                       extra_body={"ignore_eos": True})
+    text, chunks, frozen = "", 0, None
+    try:
+        for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            chunks += 1
+            if chunks == 10 and frozen is None:
+                frozen = next(d for d in decodes if decode_running(d.address))
+                os.kill(frozen.pid, signal.SIGSTOP)
+    finally:
+        if frozen is not None:
+            os.kill(frozen.pid, signal.SIGKILL)  # (SIGKILL ends a stopped process too)
+    assert frozen is not None and text == expected
+    assert _migrations(run_dir) == migrations + 1
 
 
 def test_a_killed_prefill_instance_is_left_out_and_every_request_is_served_by_the_other(two_decodes):
@@ -172,17 +249,12 @@ def test_sigterm_makes_the_gateway_refuse_new_http_at_once_and_finish_the_stream
     os.kill(gateway.pid, signal.SIGTERM)
     assert wait_for(lambda: _refuses(port), timeout_s=30.0)  # new connections refused at once...
     decode = next(r for r in load_state(run_dir) if r.service == "decode" and is_alive(r))
-    assert _running(decode.address) == 1  # (the request is still in flight)
+    assert decode_running(decode.address) == 1  # (the request is still in flight)
     rest = list(stream)                                   # ... while the request in flight streams on
     usage = next(c.usage for c in reversed(first + rest) if c.usage)
     assert usage.completion_tokens == 160
     assert wait_for(lambda: not is_alive(gateway), timeout_s=60.0)  # then it exits by itself
-    # a new gateway for the next test, recorded so that the fixture stops it
-    spec = next(p for p in topology.processes if p.name == "gateway-0")
-    state = [r for r in load_state(run_dir) if r.name != "gateway-0"]
-    proc, record = spawn(resolve(spec, state), run_dir)
-    save_state(run_dir, topology, [*state, record])
-    wait_healthy([(proc, record)], health_check_sync, 120.0)
+    _respawn(run_dir, topology, "gateway-0")  # a new gateway for the next test
 
 
 def test_with_no_decode_instance_left_a_request_fails_fast_and_clearly(two_decodes):

@@ -54,6 +54,8 @@ class ServerConfig:
     metrics_port: int = 0  # 0 = pick a free port, -1 = no metrics endpoint
     grace_s: float = 5.0  # drain time for in-flight RPCs on SIGTERM
     max_message_bytes: int = 64 * 1024 * 1024
+    keepalive_s: float = 10.0  # HTTP/2 ping to a client silent this long (0 = never) ...
+    keepalive_timeout_s: float = 20.0  # ... and its connection closed when no ack comes within this
     log_level: str = "INFO"
     log_format: str = "json"  # "json" or "text"
     run_dir: str = "runs/local"
@@ -82,6 +84,8 @@ class ServerConfig:
         _require(self.span_file_max_bytes >= 0, "span_file_max_bytes",
                  f"must be >= 0 (0 = never rotate), got {self.span_file_max_bytes}")
         _require(self.span_file_backups >= 0, "span_file_backups", f"must be >= 0, got {self.span_file_backups}")
+        _require(self.keepalive_s >= 0, "keepalive_s", f"must be >= 0 (0 = no pings), got {self.keepalive_s}")
+        _require(self.keepalive_timeout_s > 0, "keepalive_timeout_s", f"must be > 0, got {self.keepalive_timeout_s}")
         _require(self.max_message_bytes > 0, "max_message_bytes",
                  f"must be > 0, got {self.max_message_bytes}")
         _require(self.log_level.upper() in LOG_LEVELS, "log_level",

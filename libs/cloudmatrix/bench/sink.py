@@ -11,9 +11,11 @@ from pathlib import Path
 
 import grpc
 
+from cloudmatrix.rpc.channel import server_options
+
 SERVICE = "cmx.bench.Raw"
 MAX_MESSAGE = 64 * 2**20
-OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+OPTIONS = server_options(MAX_MESSAGE)  # the suite's servers' own: message limits and keepalive policy
 
 
 def _chunks(request: bytes) -> tuple[bytes, int]:

@@ -2,6 +2,7 @@
 loop with its scheduler, the KV namespace, the metrics and the health hook."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.instance.settings import InstanceSettings
 from cloudmatrix.kv.hashing import namespace
 from cmx.common.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 
 def model_id_of(settings: InstanceSettings) -> str:
@@ -27,8 +30,12 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
     driver = InstanceDriver(list(settings.dies), settings.fabric, group=instance_id, timeout_s=settings.rpc_timeout_s)
 
     async def load():
-        return await driver.load(str(Path(settings.checkpoint).resolve()), settings.precision,
-                                 block_size=settings.block_size, max_blocks=settings.kv_blocks_per_die)
+        blocks = await driver.load(str(Path(settings.checkpoint).resolve()), settings.precision,
+                                   block_size=settings.block_size, max_blocks=settings.kv_blocks_per_die,
+                                   model_cache=list(settings.kvcache) if settings.model_cache else None)
+        log.info("dies loaded", extra={"instance": instance_id, "dies": len(driver.loaded),
+                                       "from_model_cache": sum(m.from_model_cache for m in driver.loaded)})
+        return blocks
 
     limits = SchedulerLimits(settings.max_running, settings.max_waiting, settings.max_step_tokens)
     return StepLoop(driver, load, limits, LoopSettings(instance_id, microbatches, settings.probe_interval_s,

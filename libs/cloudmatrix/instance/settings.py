@@ -17,6 +17,9 @@ class InstanceSettings:
     fabric: str = ""                     # ub_fabric address (needed for more than one die)
     kvcache: tuple[str, ...] = ()        # kvcache shard addresses
     replication: int = 2                 # pool replicas per block (capped at the shard count)
+    model_cache: bool = False            # dies load weights through the pool (the paper's EMS model
+                                         # cache; the first loader publishes them): a restarted die reloads
+                                         # from pooled memory instead of the checkpoint's disk
     block_size: int = 16                 # tokens per KV block (die pool and pool keys)
     kv_blocks_per_die: int = 0           # KV blocks the scheduler uses on each die; 0 = the die's whole pool
     max_running: int = 64                # requests holding KV blocks and stepping; more wait
@@ -36,6 +39,8 @@ class InstanceSettings:
             raise ValueError("dies: must list at least one npu_emulator address")
         if len(self.dies) > 1 and not self.fabric:
             raise ValueError("fabric: needed when the instance has more than one die")
+        if self.model_cache and not self.kvcache:
+            raise ValueError("model_cache: needs the kvcache shards (kvcache) that hold the model's weights")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if min(self.block_size, self.replication) < 1 or self.rpc_timeout_s <= 0:

@@ -78,10 +78,11 @@ class FetchedBlock(Block):
 
 @dataclasses.dataclass(frozen=True)
 class PutResult:
-    """Where one block landed: acknowledged once ``write_quorum`` replicas stored it (or had it).
+    """Where one block landed: acknowledged once ``write_quorum`` shards stored it (or had it).
 
-    ``replicas`` are the block's ring replicas; ``stored_on`` those that answered STORED or
-    DUPLICATE; ``errors`` says, per replica that did not, why (a rejection or an RPC failure).
+    ``replicas`` are the block's ring replicas; ``stored_on`` the shards that answered STORED or
+    DUPLICATE, a stand-in for a replica that is marked down among them; ``errors`` says, per shard
+    that did not, why (down, a rejection or an RPC failure).
     """
 
     key: bytes

@@ -87,6 +87,10 @@ class KvPoolClient:
         """The ring replicas of ``key``, primary first (down or not)."""
         return self.ring.replicas(key, self.replication)
 
+    def _preference(self, key: bytes) -> list[str]:
+        """Every shard in ring order from ``key``: its replicas, then the stand-ins for down ones."""
+        return self.ring.replicas(key, len(self.ring))
+
     def is_up(self, shard: str) -> bool:
         return self._conns.health.is_up(shard)
 
@@ -138,7 +142,7 @@ class KvPoolClient:
         """Store each block on its replicas; one PutResult per block, in order."""
         for block in blocks:
             self._check_size(len(block.data), f"block {block.key.hex()}")
-        return await writes.put_blocks(self._conns, self.replicas, blocks, self.write_quorum)
+        return await writes.put_blocks(self._conns, self._preference, self.replication, blocks, self.write_quorum)
 
     async def get_blocks(self, keys: Iterable[bytes]) -> dict[bytes, FetchedBlock | None]:
         """Each distinct key -> its checksum-verified block, or None when no up replica has it.

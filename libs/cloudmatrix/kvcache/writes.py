@@ -10,29 +10,45 @@ from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, descr
 DOWN = "shard marked down"
 
 
-async def put_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], list[str]], blocks: list[Block],
-                     write_quorum: int) -> list[PutResult]:
-    """One PutResult per block, in order; acknowledged once ``write_quorum`` replicas hold it."""
-    replicas = [replicas_of(block.key) for block in blocks]
-    errors: list[dict[str, str]] = [{} for _ in blocks]
-    plan: dict[str, list[int]] = {}  # shard -> indexes of the blocks it gets
-    for i, shards in enumerate(replicas):
-        for shard in shards:
-            if conns.health.is_up(shard):
-                plan.setdefault(shard, []).append(i)
-            else:
-                errors[i][shard] = DOWN
-    outcomes = await asyncio.gather(*(put_on(conns, s, [blocks[i] for i in idx]) for s, idx in plan.items()))
-    for (shard, indexes), outcome in zip(plan.items(), outcomes):
-        for i, error in zip(indexes, outcome):
-            if error is not None:
-                errors[i][shard] = error
-    return [_result(block, shards, errs, write_quorum) for block, shards, errs in zip(blocks, replicas, errors)]
+async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], list[str]], replication: int,
+                     blocks: list[Block], write_quorum: int) -> list[PutResult]:
+    """One PutResult per block, in order; acknowledged once ``write_quorum`` shards hold it.
+
+    A block goes to its ``replication`` ring replicas (the head of ``preference_of(key)``, every
+    shard in ring order). A replica that is marked down, or found down by this put, is stood in for
+    by the next up shard along the ring (a sloppy quorum, as Dynamo's hinted handoff): the block
+    still gets ``replication`` copies while a shard is away, and anti-entropy copies it onto its
+    replica once that one is back. A shard's refusal (checksum, capacity, conflict) gets no stand-in."""
+    preferences = [preference_of(block.key) for block in blocks]
+    owners = [preference[:replication] for preference in preferences]
+    errors = [{s: DOWN for s in replicas if not conns.health.is_up(s)} for replicas in owners]
+    stored: list[list[str]] = [[] for _ in blocks]
+    tried: list[set[str]] = [set() for _ in blocks]
+    while plan := _plan(conns, preferences, replication, stored, tried):
+        outcomes = await asyncio.gather(*(put_on(conns, s, [blocks[i] for i in idx]) for s, idx in plan.items()))
+        for (shard, indexes), outcome in zip(plan.items(), outcomes):
+            for i, error in zip(indexes, outcome):
+                if error is None:
+                    stored[i].append(shard)
+                else:
+                    errors[i][shard] = error
+    rows = zip(blocks, preferences, owners, stored, errors)
+    return [PutResult(block.key, len(on) >= write_quorum, tuple(replicas), tuple(sorted(on, key=preference.index)),
+                      errs) for block, preference, replicas, on, errs in rows]
 
 
-def _result(block: Block, replicas: list[str], errors: dict[str, str], write_quorum: int) -> PutResult:
-    stored = tuple(s for s in replicas if s not in errors)
-    return PutResult(block.key, len(stored) >= write_quorum, tuple(replicas), stored, errors)
+def _plan(conns: ShardConnections, preferences: list[list[str]], replication: int, stored: list[list[str]],
+          tried: list[set[str]]) -> dict[str, list[int]]:
+    """shard -> indexes of the blocks to put there next: for each block as many untried up shards,
+    in ring order, as it lacks copies (a shard that refused it counts as one: no stand-in)."""
+    plan: dict[str, list[int]] = {}
+    for i, preference in enumerate(preferences):
+        refused = sum(1 for s in tried[i] if s not in stored[i] and conns.health.is_up(s))
+        wanted = replication - len(stored[i]) - refused
+        for shard in [s for s in preference if s not in tried[i] and conns.health.is_up(s)][:max(0, wanted)]:
+            plan.setdefault(shard, []).append(i)
+            tried[i].add(shard)
+    return plan
 
 
 async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> list[str | None]:

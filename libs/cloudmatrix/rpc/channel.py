@@ -14,12 +14,40 @@ UNREACHABLE = "UNREACHABLE"
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message-size options shared by servers and channels so both sides agree."""
-    return [
+# A silent peer (a frozen process, a dropped link) is found by HTTP/2 keepalive: a PING after
+# KEEPALIVE_S without traffic, the connection (and every call on it, UNAVAILABLE) closed when no ack
+# comes within KEEPALIVE_TIMEOUT_S. gRPC times a ping out by grpc.http2.ping_timeout_ms (60 s by
+# default); grpc.keepalive_timeout_ms alone does not shorten it.
+KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 20.0
+
+
+def channel_options(max_message_bytes: int, keepalive_s: float = KEEPALIVE_S,
+                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
+    """Message-size and keepalive options shared by servers and channels so both sides agree
+    (``keepalive_s`` 0 = no keepalive pings)."""
+    options = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if keepalive_s > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return options
+
+
+def server_options(max_message_bytes: int, keepalive_s: float = KEEPALIVE_S,
+                   keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
+    """A server's options: the channels' own (it pings silent clients too), and a ping policy that
+    accepts its clients' keepalive pings instead of answering them with GOAWAY."""
+    return [*channel_options(max_message_bytes, keepalive_s, keepalive_timeout_s),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0)]
 
 
 def make_channel(

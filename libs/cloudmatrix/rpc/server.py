@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from cloudmatrix.config import ServerConfig
 from cloudmatrix.rpc import tls
-from cloudmatrix.rpc.channel import channel_options
+from cloudmatrix.rpc.channel import server_options
 from cloudmatrix.rpc.requests import ParseRequests
 from cloudmatrix.telemetry.metrics import start_metrics_server
 
@@ -131,8 +131,10 @@ class ServiceHost:
 
     async def start(self) -> None:
         """Bind, register everything NOT_SERVING, start serving RPCs and /metrics."""
+        c = self.config
+        options = server_options(c.max_message_bytes, c.keepalive_s, c.keepalive_timeout_s)
         self._server = grpc.aio.server(
-            options=[*channel_options(self.config.max_message_bytes), ("grpc.so_reuseport", 0)],
+            options=[*options, ("grpc.so_reuseport", 0)],
             interceptors=[ParseRequests(), *self._interceptors],
         )
         await self._register_health()

@@ -21,6 +21,7 @@ class RequestResult:
     e2e_s: float = 0.0
     itl_s: list[float] = dataclasses.field(default_factory=list)
     error: str = ""
+    text: str = ""  # the completion as streamed (checked against a reference by the fault tests)
 
     @property
     def ok(self) -> bool:
@@ -66,7 +67,9 @@ def _on_line(line: bytes, result: RequestResult, start: float, last: float) -> f
         usage = event["usage"]
         result.output_tokens = usage.get("completion_tokens", 0)
         result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    if any(choice.get("text") for choice in event.get("choices", ())):
+    text = "".join(choice.get("text") or "" for choice in event.get("choices", ()))
+    result.text += text
+    if text:
         if result.ttft_s == 0.0:
             result.ttft_s = now - start
         else:

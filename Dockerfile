@@ -1,12 +1,28 @@
-# The one image every service runs from; the Kubernetes manifests pick the service by command.
-# For a CPU-only image, point PIP_INDEX_URL (build arg) at an index that serves torch's CPU wheels.
-FROM python:3.11-slim
-ARG PIP_INDEX_URL
-WORKDIR /app
+# The one image every container of k8s/ runs (the manifests pick the service by command):
+#   docker build -t cloudmatrix-infer:0.1.0 .
+# Build stage: a virtual environment with torch's CPU build (from TORCH_INDEX_URL) and the project.
+# Final stage: that environment on a slim Python, no compilers or package caches, a non-root user,
+# a root filesystem the pods mount read-only (HOME and temporary files under /tmp, a volume).
+FROM python:3.11-slim AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY libs ./libs
 COPY services ./services
-RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 \
- && pip install --no-cache-dir -c constraints.txt .
-ENV PYTHONUNBUFFERED=1
-USER 65534
+RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
+ && pip install -c constraints.txt . \
+ && pip uninstall -y pip setuptools wheel
+
+FROM python:3.11-slim
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp
+RUN groupadd --gid 10001 cmx && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin cmx
+USER 10001:10001
+WORKDIR /tmp
+CMD ["python", "-m", "services.gateway", "--help"]

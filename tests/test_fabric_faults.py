@@ -3,6 +3,7 @@ within the round deadline, never a hang, and the fabric keeps serving the rest."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ from cloudmatrix.rpc.channel import health_check_sync
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from cmx.npu.v1 import npu_pb2
 from tests.services import running_services
+from tests.test_kvcache_client import free_port
 
 ROUND_TIMEOUT_S = 3.0
 pytestmark = pytest.mark.timeout(240)
@@ -113,3 +115,23 @@ def test_driver_reports_which_dies_failed(instance, tiny_checkpoint):
     codes = {die: err.code() for die, err in failure.errors}
     assert codes[0] == grpc.StatusCode.INVALID_ARGUMENT  # the die holding the bad sequence
     assert codes.get(1) == grpc.StatusCode.UNAVAILABLE  # its peer waited for a round that never came
+
+
+def test_dies_loading_before_their_fabric_listens_wait_for_it(tmp_path, tiny_checkpoint):
+    """The containers of a Kubernetes pod start in any order: a LoadModel that reaches the dies
+    before the fabric listens waits for the fabric (within fabric_connect_timeout_s) instead of
+    failing on the refused connection."""
+    port = free_port()
+    with running_services(tmp_path, [(f"die{i}", "npu_emulator", ()) for i in range(2)]) as dies:
+        async def scenario():
+            driver = InstanceDriver([dies[f"die{i}"].address for i in range(2)], f"127.0.0.1:{port}", group="late")
+            loading = asyncio.ensure_future(driver.load(str(tiny_checkpoint), "fp32", block_size=4))
+            await asyncio.sleep(1.0)  # (not a timing assertion) the LoadModel calls reach the dies first
+            assert not loading.done()  # no fabric yet: the dies wait for it
+            with contextlib.ExitStack() as stack:
+                await asyncio.to_thread(stack.enter_context,
+                                        running_services(tmp_path, [("fabric", "ub_fabric", (f"server.port={port}",))]))
+                await loading
+                return [m.num_local_experts for m in driver.loaded]
+
+        assert len(asyncio.run(scenario())) == 2

@@ -84,6 +84,29 @@ def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused():
         s.add(_request("a", _prompt(2, 3), 2))
 
 
+def test_start_waits_until_every_die_answers_then_loads_them():
+    """An instance whose dies are not up yet (a pod's containers start in any order) waits for
+    them instead of failing its first load, then serves."""
+    async def scenario():
+        h = Harness()
+        h.driver.down = {1}
+        starting = asyncio.ensure_future(h.loop.start())
+        while h.driver.probes < 5:
+            await asyncio.sleep(0.01)
+        waited = (starting.done(), h.driver.loads)
+        h.driver.down = set()
+        await starting
+        request = _request("r", _prompt(1, 5), 4)
+        h.loop.submit(request)
+        tokens, _ = await h.collect(request)
+        await h.loop.stop()
+        return waited, h.driver.loads, tokens
+
+    waited, loads, tokens = run(scenario())
+    assert waited == (False, 0) and loads == 1
+    assert tokens == reference(_prompt(1, 5), 4)
+
+
 def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
     async def scenario():
         h = Harness(dies=2, blocks=6)  # 6 blocks of 4 per die; each request grows to 5 blocks

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from cloudmatrix.launcher.topology import entry_settings
 from cloudmatrix.rpc.channel import health_check_sync, make_channel
 from tests.rpc_helpers import (
     ONE_SPAN,
@@ -24,11 +26,14 @@ from tests.rpc_helpers import (
     read_spans,
     run,
 )
+from tests.test_kvcache_client import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
 
 DEMO_SERVICE = '''
+import asyncio
+import os
 from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -38,7 +43,14 @@ from cloudmatrix.service_main import ServiceParts, run_service
 
 
 class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, export_marker):
+        self.export_marker = export_marker
+
     async def Export(self, request, context):
+        if self.export_marker and request.resource_spans:
+            with open(self.export_marker, "a") as f:
+                attributes = {a.key: a.value.string_value for a in request.resource_spans[0].resource.attributes}
+                f.write(attributes.get("service.instance.id", "") + "\\n")
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
@@ -46,6 +58,8 @@ class Sink(trace_service_pb2_grpc.TraceServiceServicer):
 class DemoConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     stop_marker: str = ""
+    export_marker: str = ""   # the Sink notes every OTLP export it receives here
+    hold_file: str = ""       # on_ready waits until this file exists (the process is not ready till then)
 
 
 async def build(config):
@@ -53,9 +67,13 @@ async def build(config):
         with open(config.stop_marker, "w") as f:
             f.write("drained")
 
+    async def on_ready(host):
+        while config.hold_file and not os.path.exists(config.hold_file):
+            await asyncio.sleep(0.05)
+
     name = trace_service_pb2.DESCRIPTOR.services_by_name["TraceService"].full_name
-    registration = (trace_service_pb2_grpc.add_TraceServiceServicer_to_server, Sink(), name)
-    return ServiceParts(registrations=[registration], on_stop=on_stop)
+    registration = (trace_service_pb2_grpc.add_TraceServiceServicer_to_server, Sink(config.export_marker), name)
+    return ServiceParts(registrations=[registration], on_stop=on_stop, on_ready=on_ready)
 
 
 if __name__ == "__main__":
@@ -150,3 +168,85 @@ def test_run_service_rejects_bad_config_with_exit_2(spawn_demo, args, env, messa
     assert proc.wait(timeout=30) == 2
     proc.stderr_file.seek(0)
     assert proc.stderr_file.read() == message + "\n"
+
+
+def test_liveness_is_serving_while_the_process_is_not_yet_ready(tmp_path, spawn_demo):
+    """Kubernetes' liveness probe asks for "liveness": SERVING from the moment the server listens,
+    while the readiness probe's overall health stays NOT_SERVING until the process is ready."""
+    ready_file, hold = tmp_path / "ready.json", tmp_path / "hold"
+    port = free_port()
+    proc = spawn_demo("--set", f"server.port={port}", "--set", f"hold_file={hold}",
+                      env={"CMX_DEMO__SERVER__READY_FILE": str(ready_file),
+                           "CMX_DEMO__SERVER__RUN_DIR": str(tmp_path / "run")})
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while health_check_sync(target, service="liveness") != "SERVING":
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert health_check_sync(target) == "NOT_SERVING"
+    hold.write_text("go")
+    wait_for_file(ready_file, proc)
+    assert health_check_sync(target) == "SERVING" and health_check_sync(target, service="liveness") == "SERVING"
+
+
+def test_spans_go_to_the_endpoint_in_otel_exporter_otlp_endpoint(tmp_path, spawn_demo):
+    marker = tmp_path / "exports"
+    sink = spawn_demo("--set", f"export_marker={marker}", env={
+        "CMX_DEMO__SERVER__READY_FILE": str(tmp_path / "sink.json"), "CMX_DEMO__SERVER__SPAN_FILES": "false"})
+    sink_port = wait_for_file(tmp_path / "sink.json", sink)["port"]
+    traced = spawn_demo("--set", "server.service_name=traced", env={
+        "CMX_DEMO__SERVER__READY_FILE": str(tmp_path / "traced.json"), "CMX_DEMO__SERVER__RUN_DIR": str(tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}"})
+    traced_port = wait_for_file(tmp_path / "traced.json", traced)["port"]
+    client_tp, _ = memory_tracer_provider()
+    run(traced_export(f"127.0.0.1:{traced_port}", client_tp))  # a server span in "traced" ...
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and "traced" in marker.read_text().split()):  # ... exported to the sink
+        assert traced.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_real_service_takes_its_settings_from_a_topology_entry_below_its_env(tmp_path):
+    """`--topology FILE --entry NAME --index N` (how a Kubernetes container reads its ConfigMap):
+    the entry's set and set_each ({index} = N) apply, the environment wins over them."""
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(yaml.safe_dump({"name": "t", "services": [
+        {"name": "fab", "service": "ub_fabric", "count": 1,
+         "set": {"server.metrics_port": -1, "hello_timeout_s": 7},
+         "set_each": ["server.service_name=fab-{index}"]}]}))
+    ready = tmp_path / "ready.json"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CMX_")},
+           "CMX_UB_FABRIC__SERVER__READY_FILE": str(ready), "CMX_UB_FABRIC__SERVER__RUN_DIR": str(tmp_path),
+           "CMX_UB_FABRIC__SERVER__METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.ub_fabric", "--topology", str(topology), "--entry", "fab",
+                             "--index", "3"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        info = wait_for_file(ready, proc)
+        assert info["service"] == "fab-3"  # set_each, index 3 (beyond count: an autoscaler's pod)
+        assert isinstance(info["metrics_port"], int)  # the env's metrics port over the entry's -1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("entry, extra, message", [
+    ("nope", {}, "no entry named 'nope'"),
+    ("fab", {"set": {"fabric": "{addresses:fab}"}}, "only `cmx up` fills in {addresses:fab}"),
+    ("fab", {"set_each": ["server.run_dir={run_dir}/x"]}, "only `cmx up` fills in {run_dir}"),
+    ("die", {}, "runs service 'npu_emulator', not 'ub_fabric'"),
+])
+def test_a_topology_entry_that_cannot_configure_the_process_exits_2_naming_why(tmp_path, entry, extra, message):
+    topology = tmp_path / "topology.yaml"
+    topology.write_text(yaml.safe_dump({"name": "t", "services": [
+        {"name": "fab", "service": "ub_fabric", **extra}, {"name": "die", "service": "npu_emulator"}]}))
+    run_ = subprocess.run([sys.executable, "-m", "services.ub_fabric", "--topology", str(topology), "--entry", entry],
+                          capture_output=True, text=True, timeout=60)
+    assert run_.returncode == 2 and "config error: topology:" in run_.stderr and message in run_.stderr, run_.stderr
+
+
+def test_a_topology_with_tls_is_refused_outside_cmx_up(tmp_path):
+    topology = tmp_path / "topology.yaml"
+    services = [{"name": "fab", "service": "ub_fabric"}]
+    topology.write_text(yaml.safe_dump({"name": "t", "tls": True, "services": services}))
+    with pytest.raises(ValueError, match="server.tls_ca"):
+        entry_settings(topology, "fab", 0, "ub_fabric")

@@ -113,9 +113,13 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Sequence[str] = (),
     env_prefix: str = "CMX",
+    base: Sequence[str] = (),
 ) -> T:
-    """Build ``cls`` from defaults, the YAML file at ``path``, ``env`` and ``overrides``."""
+    """Build ``cls`` from defaults, the YAML file at ``path``, ``base`` (KEY=VALUE settings below
+    the environment, e.g. a topology entry's), ``env`` and ``overrides``, in increasing priority."""
     raw: dict[str, Any] = read_yaml(path) if path else {}
+    for item in base:
+        _set_dotted(raw, *parse_override(item))
     for dotted, value in env_items(env or {}, env_prefix):
         _set_dotted(raw, dotted, value)
     for item in overrides:

@@ -3,10 +3,14 @@
     def main() -> None:
         run_service("npu", NpuConfig, build)   # never returns; exits 0 after a clean drain
 
-Config comes from ``--config FILE``, the environment (``CMX_<NAME>__SECTION__FIELD``, e.g.
-``CMX_NPU__SERVER__PORT=5001``) and repeated ``--set section.field=value`` flags, in increasing
-priority. A bad value exits 2 with one ``config error: <dotted.field>: ...`` line on stderr. This is
-the only place that reads ``os.environ``; everything below receives the frozen config.
+Config comes from ``--config FILE``, an entry of a topology file (``--topology FILE --entry NAME
+--index N``: that entry's ``config`` file and ``set`` / ``set_each``, as `cmx up` would give them;
+how a Kubernetes container reads its ConfigMap), the environment (``CMX_<NAME>__SECTION__FIELD``,
+e.g. ``CMX_NPU__SERVER__PORT=5001``) and repeated ``--set section.field=value`` flags, in
+increasing priority. OpenTelemetry's ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is the OTLP endpoint
+when ``server.otlp_endpoint`` is not set. A bad value exits 2 with one ``config error:
+<dotted.field>: ...`` line on stderr. This is the only place that reads ``os.environ``; everything
+below receives the frozen config.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, NoReturn
 
 from cloudmatrix.allocator import tune_allocator
 from cloudmatrix.config import ConfigError, ServerConfig, load_config
+from cloudmatrix.launcher.topology import entry_settings
 from cloudmatrix.rpc import tls
 from cloudmatrix.rpc.server import RegistrationLike, ServiceHost
 from cloudmatrix.rpc.tls import use_process_tls
@@ -70,7 +75,9 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
     _limit_torch_threads()
     setup_logging(service, server.log_level, server.log_format)
     use_process_tls(tls.files_of(server))  # outbound channels present this process's certificate
-    provider = setup_tracing(name, instance_id=service, otlp_endpoint=server.otlp_endpoint,
+    otlp_endpoint = server.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") \
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    provider = setup_tracing(name, instance_id=service, otlp_endpoint=otlp_endpoint,
                              span_file=server.span_file(service, os.getpid()),
                              span_file_max_bytes=server.span_file_max_bytes, span_file_backups=server.span_file_backups)
     instrument_grpc()
@@ -85,15 +92,28 @@ def run_service(name: str, config_cls: type, build: Build, argv: Sequence[str] |
 def _parse_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=name, description=f"CloudMatrix-Infer {name} service")
     parser.add_argument("--config", metavar="FILE", help="YAML config file")
+    parser.add_argument("--topology", metavar="FILE",
+                        help="take settings from an entry of this topology file (a Kubernetes ConfigMap)")
+    parser.add_argument("--entry", help="the topology entry (default: the service's name)")
+    parser.add_argument("--index", type=int, default=0,
+                        help="this process's index in its entry ({index} in set_each; a pod's ordinal)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override one field, e.g. server.port=5001")
     return parser.parse_args(list(argv))
 
 
 def _load_or_exit(name: str, config_cls: type, args: argparse.Namespace) -> Any:
+    path, base = args.config, ()
+    if args.topology:
+        try:
+            entry_config, base = entry_settings(args.topology, args.entry or name, args.index, name)
+        except (OSError, ValueError) as err:
+            print(f"config error: topology: {err}", file=sys.stderr)
+            raise SystemExit(2) from err
+        path = args.config or entry_config
     try:
-        config = load_config(config_cls, path=args.config, env=os.environ,
-                             overrides=args.overrides, env_prefix=env_prefix(name))
+        config = load_config(config_cls, path=path, env=os.environ, overrides=args.overrides,
+                             env_prefix=env_prefix(name), base=base)
     except ConfigError as err:
         print(err, file=sys.stderr)
         raise SystemExit(2) from err

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.rpc.addresses import expand_addresses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,14 +14,17 @@ class GatewayConfig:
     http_port: int = 0                   # 0 = any free port (written to <run_dir>/ready/<name>.http.json)
     checkpoint: str = ""                 # checkpoint directory: tokenizer and model limits
     model_id: str = ""                   # "" = the checkpoint directory's name
-    prefill: tuple[str, ...] = ()        # prefill instance addresses
-    decode: tuple[str, ...] = ()         # decode instance addresses
+    prefill: tuple[str, ...] = ()        # prefill instance addresses, {first..last} ranges allowed
+    decode: tuple[str, ...] = ()         # decode instance addresses (rpc/addresses.py); those that
+                                         # do not answer are left out
     max_in_flight: int = 64              # requests running at once
     max_queue: int = 256                 # requests waiting for a slot; beyond, RESOURCE_EXHAUSTED / 429
     request_timeout_s: float = 300.0     # deadline of a whole request, every outbound call included
     api_keys: tuple[str, ...] = ()       # accepted bearer keys; () = no authentication
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "prefill", expand_addresses(self.prefill, "prefill"))
+        object.__setattr__(self, "decode", expand_addresses(self.decode, "decode"))
         if not self.checkpoint:
             raise ValueError("checkpoint: must name the checkpoint directory (tokenizer, model limits)")
         if not self.prefill:

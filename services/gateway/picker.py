@@ -78,9 +78,16 @@ class InstancePicker:
             self._taken = time.monotonic()
 
     def _checked(self, address: str, answer: int | BaseException) -> int | None:
+        """The load in one GetLoad answer; None for an unreachable instance, logged when it turns
+        unreachable or reachable again (not at every refresh: a range of addresses may name many
+        instances that do not exist yet)."""
+        was_up = self._snapshot.get(address, 0) is not None
         if isinstance(answer, (PeerUnavailable, TimeoutError)):
-            log.warning("GetLoad failed", extra={"kind": self.kind, "address": address, "error": str(answer)})
+            if was_up:
+                log.warning("instance unreachable", extra={"kind": self.kind, "address": address, "error": str(answer)})
             return None
         if isinstance(answer, BaseException):
             raise answer
+        if not was_up:
+            log.info("instance reachable", extra={"kind": self.kind, "address": address})
         return answer

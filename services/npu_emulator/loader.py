@@ -60,7 +60,7 @@ def _exchange(spec: LoadSpec, round_timeout_s: float, connect_timeout_s: float, 
         return SingleDieExchange()
     link = FabricLink(spec.fabric_address, spec.die_id, spec.num_dies, spec.fabric_group or "default",
                       round_timeout_s, max_message_bytes)
-    link.connect(connect_timeout_s)
+    link.connect(connect_timeout_s, wait_for_fabric=True)
     return link
 
 

@@ -56,15 +56,17 @@ class FabricLink:
         self._generation = 0  # one per Attach stream: a stream that ended cannot touch the next one's state
         self._reconnect_lock = threading.Lock()
 
-    def connect(self, timeout_s: float) -> None:
-        """Attach and wait until the whole group has attached (the fabric's Hello)."""
+    def connect(self, timeout_s: float, wait_for_fabric: bool = False) -> None:
+        """Attach and wait until the whole group has attached (the fabric's Hello). With
+        ``wait_for_fabric``, a fabric not listening yet is waited for too (a die loading while its
+        pod's fabric container starts); without, that fails at once."""
         self._channel = make_sync_channel(self.address, self._options)
         self._outbox: queue.Queue = queue.Queue()
         hello = fabric_pb2.Hello(die_id=self.die_id, world_size=self.num_dies, group=self.group)
         self._outbox.put(fabric_pb2.Frame(src_die=self.die_id, hello=hello).SerializeToString())
         self._stub = fabric_pb2_grpc.UbFabricStub(self._channel)
         attach = self._channel.stream_stream(ATTACH_METHOD)  # raw bytes both ways: frames are read on the wire
-        self._responses = attach(iter(self._outbox.get, _CLOSE))
+        self._responses = attach(iter(self._outbox.get, _CLOSE), wait_for_ready=wait_for_fabric)
         threading.Thread(target=self._receive, args=(self._responses, self._generation),
                          name=f"fabric-link-{self.die_id}", daemon=True).start()
         with self._cond:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,6 +68,7 @@ class LoopSettings:
 
 
 SLOW_PROBES_DOWN = 3
+DIES_WAIT_LOG_EVERY = 10  # probes between two "waiting for the dies" log lines at start
 
 
 def _deliver_soon(request: Request, item) -> None:
@@ -95,7 +97,10 @@ class StepLoop:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        """Load the dies and start stepping (raises when the first load fails)."""
+        """Wait until every die answers (an instance's processes may start in any order, as the
+        containers of one Kubernetes pod do), load them and start stepping; raises when that first
+        load fails."""
+        await self._wait_for_dies()
         self.scheduler = Scheduler(await self._load(), self.limits)
         self.scheduler.deliver = _deliver_soon
         self.state, self.why = LoopState.SERVING, ""
@@ -237,6 +242,16 @@ class StepLoop:
         self._down = None
         await self._set_state(LoopState.SERVING, "")
         log.info("the instance serves again", extra={"instance": self.settings.name})
+
+    async def _wait_for_dies(self) -> None:
+        for waited in itertools.count():
+            missing = [p.describe() for p in await self.driver.probe(self.settings.probe_timeout_s) if not p.answered]
+            if not missing:
+                return
+            if waited % DIES_WAIT_LOG_EVERY == 0:
+                log.info("waiting for the dies to answer", extra={"instance": self.settings.name,
+                                                                   "missing": ", ".join(missing)})
+            await asyncio.sleep(self.settings.probe_interval_s)
 
     async def _reload_when_all_answer(self) -> BlockManager | None:
         probes = await self.driver.probe(self.settings.probe_timeout_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.model.precision import PRECISIONS
+from cloudmatrix.rpc.addresses import expand_addresses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,7 +14,8 @@ class InstanceSettings:
     checkpoint: str = ""                 # HF checkpoint directory the dies load
     model_id: str = ""                   # "" = the checkpoint directory's name
     precision: str = "fp32"
-    dies: tuple[str, ...] = ()           # npu_emulator addresses this instance drives
+    dies: tuple[str, ...] = ()           # npu_emulator addresses this instance drives ({first..last}
+                                         # ranges: rpc/addresses.py)
     fabric: str = ""                     # ub_fabric address (needed for more than one die)
     kvcache: tuple[str, ...] = ()        # kvcache shard addresses
     replication: int = 2                 # pool replicas per block (capped at the shard count)
@@ -33,6 +35,8 @@ class InstanceSettings:
     probe_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dies", expand_addresses(self.dies, "dies"))
+        object.__setattr__(self, "kvcache", expand_addresses(self.kvcache, "kvcache"))
         if not self.checkpoint:
             raise ValueError("checkpoint: must name the checkpoint directory the dies load")
         if not self.dies:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,23 @@ def _expand(entry: dict[str, Any], where: str, base_dir: Path) -> list[ProcessSp
     max_restarts = entry.get("max_restarts", 5)
     if not isinstance(max_restarts, int) or max_restarts < 1:
         raise ValueError(f"{where}.max_restarts: expected a positive int, got {max_restarts!r}")
-    config = entry.get("config")
-    config = str((base_dir / config).resolve()) if config else None
-    overrides = tuple(f"{k}={v}" for k, v in (entry.get("set") or {}).items())
+    config = _config_path(entry, base_dir)
     return [
         ProcessSpec(f"{name}-{i}", service, entry.get("host", "127.0.0.1"), port + i if port else 0, config,
-                    overrides + tuple(o.replace("{index}", str(i)) for o in entry.get("set_each", ())),
-                    restart, max_restarts)
+                    _overrides(entry, i), restart, max_restarts)
         for i in range(count)
     ]
+
+
+def _config_path(entry: dict[str, Any], base_dir: Path) -> str | None:
+    config = entry.get("config")
+    return str((base_dir / config).resolve()) if config else None
+
+
+def _overrides(entry: dict[str, Any], index: int) -> tuple[str, ...]:
+    """Process ``index``'s ``--set`` overrides: the entry's ``set``, then ``set_each`` with {index}."""
+    return (tuple(f"{k}={v}" for k, v in (entry.get("set") or {}).items())
+            + tuple(o.replace("{index}", str(index)) for o in entry.get("set_each", ())))
 
 
 def parse_topology(raw: dict[str, Any], base_dir: Path) -> Topology:
@@ -120,3 +129,39 @@ def load_topology(path: str | Path) -> Topology:
     if not isinstance(raw, dict):
         raise ValueError(f"topology file {path}: expected a mapping at the top level")
     return parse_topology(raw, path.parent)
+
+
+_LAUNCHER_ONLY = re.compile(r"\{(addresses:[^}]*|run_dir)\}")
+
+
+def entry_settings(path: str | Path, entry: str, index: int, service: str) -> tuple[str | None, tuple[str, ...]]:
+    """The config file and overrides topology file ``path`` gives process ``index`` of its entry
+    ``entry``, for a process started by something other than `cmx up` (a Kubernetes container,
+    its pod ordinal as ``index``, any index: an autoscaler may run more than ``count``).
+
+    The file is checked whole first. ``service`` must be the entry's; the topology's
+    ``otlp_endpoint`` applies. `cmx up`'s own placeholders ({addresses:...}, {run_dir}) and
+    ``tls: true`` (certificates `cmx up` makes) are refused: give addresses and files instead."""
+    path = Path(path)
+    topology = load_topology(path)
+    raw = yaml.safe_load(path.read_text())
+    where = f"topology file {path}"
+    found = [e for e in raw["services"] if e.get("name", e.get("service")) == entry]
+    if not found:
+        names = ", ".join(e.get("name", e.get("service")) for e in raw["services"])
+        raise ValueError(f"{where}: no entry named {entry!r} (entries: {names})")
+    if found[0]["service"] != service:
+        raise ValueError(f"{where}: entry {entry!r} runs service {found[0]['service']!r}, not {service!r}")
+    if topology.tls:
+        raise ValueError(f"{where}: tls: true is for `cmx up`, which makes the certificates; set "
+                         "server.tls_ca, server.tls_cert and server.tls_key to mounted files instead")
+    if index < 0:
+        raise ValueError(f"{where}: index must be >= 0, got {index}")
+    overrides = _overrides(found[0], index)
+    for override in overrides:
+        if _LAUNCHER_ONLY.search(override):
+            raise ValueError(f"{where}: entry {entry!r} sets {override!r}; only `cmx up` fills in "
+                             f"{_LAUNCHER_ONLY.search(override).group(0)}: write the value itself")
+    if topology.otlp_endpoint:
+        overrides = (f"server.otlp_endpoint={topology.otlp_endpoint}", *overrides)
+    return _config_path(found[0], path.parent), overrides

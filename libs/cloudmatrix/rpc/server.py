@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# A health "service" SERVING from the moment the server listens until its drain, whatever the
+# process's readiness: a liveness probe asks for it, so that a process loading its model or waiting
+# for a die (NOT_SERVING, not ready) is not killed for it.
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class ServiceHost:
         self._port = self._bind()
         self._start_metrics()
         await self._server.start()
+        await self._health.set(LIVENESS, SERVING)
 
     async def _register_health(self) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

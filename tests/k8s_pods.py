@@ -1,0 +1,219 @@
+"""Run a rendered overlay's pods as local processes, so a test can prove the manifests start a
+working system: every container is launched with the command, args, env and ports its object gives
+it, and nothing else.
+
+What stands in for the cluster:
+- pod network: every pod gets its own loopback address, 127.77.<workload>.<ordinal + 1>, which its
+  containers bind (0.0.0.0) and reach each other on (localhost), on the manifests' own ports;
+- DNS: a StatefulSet pod's name ``<set>-<n>.<service>`` (and a ``<set>-{a..b}.<service>`` range of
+  them) is that pod's address;
+- volumes: a directory per volume per pod (emptyDir, PVC, or a ConfigMap's files), at the path it
+  is mounted on, found by prefix in env values, args and the topology file;
+- env: ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (the pod's name, ordinal label, IP) and
+  ``envFrom`` ConfigMaps; ``python`` and ``cmx`` are this interpreter's.
+Init containers run first, in order, per pod (pods in parallel); then every container starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+from cloudmatrix.rpc.channel import health_check_sync
+from tests.k8s_render import pod_spec, workloads
+
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+_VAR = re.compile(r"\$\((\w+)\)")
+
+
+@dataclasses.dataclass
+class Container:
+    pod: Pod
+    spec: dict
+    proc: subprocess.Popen | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.pod.name}/{self.spec['name']}"
+
+    @property
+    def log(self) -> Path:
+        return self.pod.root / f"{self.spec['name']}.log"
+
+    def grpc_target(self) -> str:
+        return f"{self.pod.ip}:{self.spec['readinessProbe']['grpc']['port']}"
+
+    def port(self, name: str) -> int:
+        return next(p["containerPort"] for p in self.spec["ports"] if p["name"] == name)
+
+
+@dataclasses.dataclass
+class Pod:
+    name: str
+    index: int
+    ip: str
+    workload: dict
+    root: Path
+
+    @property
+    def spec(self) -> dict:
+        return pod_spec(self.workload)
+
+
+class LocalCluster:
+    def __init__(self, objects: list[dict], root: Path) -> None:
+        self.objects, self.root = objects, root
+        self.config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+        self.pods: list[Pod] = []
+        self._names: list[tuple[re.Pattern, str]] = []  # pod DNS names -> addresses
+        for k, workload in enumerate(workloads(objects), start=1):
+            name = workload["metadata"]["name"]
+            for i in range(workload["spec"].get("replicas", 1)):
+                pod_name = f"{name}-{i}"
+                self.pods.append(Pod(pod_name, i, f"127.77.{k}.{i + 1}", workload, root / pod_name))
+            if workload["kind"] == "StatefulSet":
+                self._names.append((re.compile(
+                    rf"\b{re.escape(name)}-(?:\{{(\d+)\.\.(\d+)\}}|(\d+))\.{re.escape(workload['spec']['serviceName'])}"
+                    r"(?:\.[a-z0-9-]+)?(?:\.svc(?:\.cluster\.local)?)?\b"), f"127.77.{k}."))
+        self.containers = [Container(pod, spec) for pod in self.pods for spec in pod.spec["containers"]]
+
+    def pod(self, name: str) -> Pod:
+        return next(p for p in self.pods if p.name == name)
+
+    def container(self, pod: str, name: str) -> Container:
+        return next(c for c in self.containers if c.pod.name == pod and c.spec["name"] == name)
+
+    # -- how one pod sees the world ------------------------------------------------------------
+
+    def _mounts(self, pod: Pod, container: dict) -> list[tuple[str, Path]]:
+        """(mount path, local directory) in the container's order. A ConfigMap volume gets a
+        directory per container: its files are rewritten with that container's mounts, which it
+        alone sees."""
+        config_maps = {v["name"] for v in pod.spec.get("volumes", ()) if "configMap" in v}
+
+        def local(name: str) -> Path:
+            return pod.root / "volumes" / (f"{name}.{container['name']}" if name in config_maps else name)
+
+        return [(m["mountPath"], local(m["name"])) for m in container.get("volumeMounts", ())]
+
+    def rewrite(self, pod: Pod, container: dict, value: str) -> str:
+        """``value`` as this container sees it: pod names, localhost and mount paths made local."""
+        for pattern, prefix in self._names:
+            value = pattern.sub(lambda m: prefix + (f"{{{int(m[1]) + 1}..{int(m[2]) + 1}}}" if m[1] else
+                                                     str(int(m[3]) + 1)), value)
+        value = re.sub(r"\b(localhost|0\.0\.0\.0)\b", pod.ip, value)
+        mounts = dict(self._mounts(pod, container))  # one pass: a local path is never rewritten again
+        if mounts:
+            paths = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+            value = re.sub(rf"(?:^|(?<=[=,\s]))({paths})(?=/|$|[,\s])", lambda m: str(mounts[m[1]]), value)
+        return value
+
+    def _volumes(self, pod: Pod, container: dict) -> None:
+        """Each volume's directory; a ConfigMap's files, rewritten for this container (a topology
+        file names addresses and paths)."""
+        sources = {v["name"]: v for v in pod.spec.get("volumes", ())}
+        for mount, (_, local) in zip(container.get("volumeMounts", ()), self._mounts(pod, container)):
+            local.mkdir(parents=True, exist_ok=True)
+            config_map = sources.get(mount["name"], {}).get("configMap")
+            if config_map:
+                for key, text in self.config_maps[config_map["name"]]["data"].items():
+                    (local / key).write_text(self._rewrite_yaml(pod, container, text))
+
+    def _rewrite_yaml(self, pod: Pod, container: dict, text: str) -> str:
+        def walk(node):
+            if isinstance(node, dict):
+                return {k: walk(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(v) for v in node]
+            return self.rewrite(pod, container, node) if isinstance(node, str) else node
+        return yaml.safe_dump(walk(yaml.safe_load(text)), sort_keys=False)
+
+    def _env(self, pod: Pod, container: dict) -> dict[str, str]:
+        env = {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+               "HOME": str(pod.root / "home"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+        for source in container.get("envFrom", ()):
+            ref = source.get("configMapRef", {})
+            if ref.get("name") in self.config_maps:
+                env.update(self.config_maps[ref["name"]]["data"])
+            elif not ref.get("optional"):
+                raise KeyError(f"{pod.name}/{container['name']}: envFrom ConfigMap {ref.get('name')} is missing")
+        for item in container.get("env", ()):
+            if "value" in item:
+                value = _VAR.sub(lambda m: env.get(m[1], m[0]), item["value"])
+            else:
+                value = self._field(pod, item["valueFrom"]["fieldRef"]["fieldPath"])
+            env[item["name"]] = self.rewrite(pod, container, value)
+        return env
+
+    @staticmethod
+    def _field(pod: Pod, path: str) -> str:
+        fields = {"metadata.name": pod.name, f"metadata.labels['{POD_INDEX_LABEL}']": str(pod.index),
+                  "status.podIP": pod.ip}
+        return fields[path]
+
+    def _argv(self, pod: Pod, container: dict, env: dict[str, str]) -> list[str]:
+        argv = [_VAR.sub(lambda m: env.get(m[1], m[0]), a) for a in [*container["command"], *container.get("args", ())]]
+        local = {"python": sys.executable, "cmx": str(Path(sys.executable).parent / "cmx")}
+        return [local.get(argv[0], argv[0]), *(self.rewrite(pod, container, a) for a in argv[1:])]
+
+    def _popen(self, pod: Pod, container: dict) -> subprocess.Popen:
+        self._volumes(pod, container)
+        (pod.root / "home").mkdir(parents=True, exist_ok=True)
+        env = self._env(pod, container)
+        log = open(pod.root / f"{container['name']}.log", "w")  # noqa: SIM115 - the process owns it
+        try:
+            return subprocess.Popen(self._argv(pod, container, env), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=pod.root / "home", start_new_session=True)
+        finally:
+            log.close()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self, init_timeout_s: float = 300.0) -> None:
+        """Every pod's init containers (in order; pods in parallel), then every container."""
+        def init(pod: Pod) -> None:
+            for spec in pod.spec.get("initContainers", ()):
+                proc = self._popen(pod, spec)
+                code = proc.wait(timeout=init_timeout_s)
+                if code != 0:
+                    raise RuntimeError(f"init container {pod.name}/{spec['name']} exited {code}:\n"
+                                       f"{(pod.root / (spec['name'] + '.log')).read_text()[-3000:]}")
+
+        with ThreadPoolExecutor(len(self.pods)) as pool:
+            list(pool.map(init, self.pods))
+        for container in self.containers:
+            container.proc = self._popen(container.pod, container.spec)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until every container's readiness probe (gRPC health) answers SERVING; a container that
+        exits fails at once, with its log."""
+        deadline, waiting = time.monotonic() + timeout_s, list(self.containers)
+        while waiting:
+            for container in waiting:
+                if container.proc.poll() is not None:
+                    raise RuntimeError(f"{container.name} exited {container.proc.returncode}:\n"
+                                       f"{container.log.read_text()[-3000:]}")
+            waiting = [c for c in waiting if health_check_sync(c.grpc_target(), timeout=1.0) != "SERVING"]
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"not ready after {timeout_s} s: {[c.name for c in waiting]}")
+            time.sleep(0.2 if waiting else 0)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        running = [c.proc for c in self.containers if c.proc is not None and c.proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in running:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)

@@ -18,6 +18,8 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
 
 FROM python:3.11-slim
 COPY --from=build /opt/venv /opt/venv
+# The shipped trained model; each instance pod's init container quantizes it to INT8.
+COPY models /opt/cmx/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

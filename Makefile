@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/local
-CKPT := $(RUN_DIR)/checkpoints/tiny
-# The default topology (topologies/local.yaml) serves the INT8 checkpoint.
-CKPT_INT8 := $(RUN_DIR)/checkpoints/tiny-int8
+# The shipped trained model (models/cmx-tiny-py/README.md); the default topology
+# (topologies/local.yaml) serves its INT8 copy.
+MODEL := models/cmx-tiny-py
+CKPT_INT8 := $(RUN_DIR)/checkpoints/cmx-tiny-py-int8
 
 .PHONY: install run test test-reliability protos clean
 
@@ -23,10 +24,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/cmx checkpoint create --preset tiny --out $(CKPT)
-	$(VENV)/bin/cmx quantize --checkpoint $(CKPT) --out $(CKPT_INT8)
-	$(VENV)/bin/cmx generate --local --checkpoint $(CKPT) --max-tokens 32 --seed 0 \
-		"The CloudMatrix384 supernode serves"
+	$(VENV)/bin/cmx quantize --checkpoint $(MODEL) --out $(CKPT_INT8)
+	$(VENV)/bin/cmx generate --local --checkpoint $(MODEL) --max-tokens 48 \
+		"def read_config(path):"
 	$(VENV)/bin/cmx up --topology topologies/local.yaml --run-dir $(RUN_DIR) \
 		&& $(VENV)/bin/cmx demo --run-dir $(RUN_DIR); \
 		status=$$?; $(VENV)/bin/cmx down --run-dir $(RUN_DIR); exit $$status

@@ -9,6 +9,8 @@ What stands in for the cluster:
   them) is that pod's address;
 - volumes: a directory per volume per pod (emptyDir, PVC, or a ConfigMap's files), at the path it
   is mounted on, found by prefix in env values, args and the topology file;
+- image files: what the Dockerfile's final stage COPYs from the build context (the shipped model)
+  is that path of this checkout;
 - env: ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (the pod's name, ordinal label, IP) and
   ``envFrom`` ConfigMaps; ``python`` and ``cmx`` are this interpreter's.
 Init containers run first, in order, per pod (pods in parallel); then every container starts.
@@ -31,6 +33,15 @@ from cloudmatrix.rpc.channel import health_check_sync
 from tests.k8s_render import pod_spec, workloads
 
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def image_files(dockerfile: Path = ROOT / "Dockerfile") -> list[tuple[str, Path]]:
+    """(path in the image, path in this checkout) for each ``COPY src dst`` of the final stage
+    that copies from the build context (not ``--from`` another stage)."""
+    final = dockerfile.read_text().split("\nFROM ")[-1]
+    copies = re.findall(r"(?m)^COPY\s+(?!--)(\S+)\s+(\S+)\s*$", final)
+    return [(dst.rstrip("/"), ROOT / src) for src, dst in copies]
 _VAR = re.compile(r"\$\((\w+)\)")
 
 
@@ -102,7 +113,7 @@ class LocalCluster:
         def local(name: str) -> Path:
             return pod.root / "volumes" / (f"{name}.{container['name']}" if name in config_maps else name)
 
-        return [(m["mountPath"], local(m["name"])) for m in container.get("volumeMounts", ())]
+        return [*((m["mountPath"], local(m["name"])) for m in container.get("volumeMounts", ())), *image_files()]
 
     def rewrite(self, pod: Pod, container: dict, value: str) -> str:
         """``value`` as this container sees it: pod names, localhost and mount paths made local."""

@@ -178,7 +178,8 @@ def test_npu_client_calls_every_die_rpc(stack, tiny_checkpoint):
     assert kv[0].shape[1] == info.kv_block_size and kv[0].abs().sum() > 0  # the forward wrote its KV there
     assert written > 0 and torch.equal(back[0], noise)
     assert torch.equal(outputs["out"], a.int() @ b.int().T) and timing.modeled_s > 0
-    assert load.dtype == torch.int64 and load.sum() > 0
+    assert load.token_counts.dtype == torch.int64 and load.token_counts.sum() > 0
+    assert load.layers == (1, 2, 3) and load.token_counts.shape == (3, 16)  # tiny: MoE layers 1-3, 16 experts
 
 
 def test_fabric_client_stats_waiting_and_attach(stack):

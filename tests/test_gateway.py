@@ -82,6 +82,7 @@ def test_openai_completion_equals_the_local_engine(gw, local):
     reply = _client(gw.http).completions.create(model=gw.model, prompt=prompt, max_tokens=8, temperature=0)
     assert reply.choices[0].text == run(tokenizer.encode(prompt), 8)
     assert [m.id for m in _client(gw.http).models.list()] == [gw.model]
+    assert _client(gw.http).models.list().data[0].trained is False  # a random-init checkpoint
     assert reply.id.startswith("cmpl-") and reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.prompt_tokens == len(tokenizer.encode(prompt)) and 1 <= reply.usage.completion_tokens <= 8
 

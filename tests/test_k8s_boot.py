@@ -58,7 +58,7 @@ def _stream(client: openai.OpenAI, prompt: str) -> tuple[str, int]:
 
 def _local_text(cluster: LocalCluster, prompt: str) -> str:
     """The local engine's greedy text on the checkpoint the gateway pod's init containers made."""
-    checkpoint = cluster.pod("gateway-0").root / "volumes" / "models" / "tiny-int8"
+    checkpoint = cluster.pod("gateway-0").root / "volumes" / "models" / "cmx-tiny-py-int8"
     model = load_for_precision(checkpoint, parse_precision("int8-pasa"))
     tokenizer = TextTokenizer.load(checkpoint)
     ids = generate(model, tokenizer.encode(prompt), SamplingParams(max_tokens=MAX_TOKENS), ignore_eos=True)
@@ -79,6 +79,7 @@ def test_the_dev_overlay_boots_from_its_manifests_and_serves_a_streamed_completi
         assert {p.name for p in cluster.pods} == {"kvcache-0", "kvcache-1", "prefill-0", "decode-0", "gateway-0"}
         text, tokens = _stream(_client(cluster), PROMPTS[0])
         assert tokens == MAX_TOKENS and text == _local_text(cluster, PROMPTS[0])
+        assert _client(cluster).models.list().data[0].trained is True  # the shipped model's INT8 copy
     finally:
         cluster.stop()
 

@@ -139,6 +139,10 @@ def _cmx_trace_right_away(run_dir, request_id: str) -> None:
                if "modeled CloudMatrix384: TTFT" in line]
     assert len(pool_ms) == 3 and pool_ms[1] == 0.0 and pool_ms[2] > 0.0, demo.stdout
     assert "trace of request" in demo.stdout and "(incomplete" not in demo.stdout
+    eplb = cmx("eplb", "--from-dies", "ddie", "--run-dir", str(run_dir), "--dies", "2", "--redundant", "2")
+    assert eplb.returncode == 0, eplb.stderr
+    rows = [line.split() for line in eplb.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "2", "3", "mean"] and float(rows[-1][2]) <= float(rows[-1][1])
 
 
 def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpoint, otlp_receiver):

@@ -24,20 +24,31 @@ def get_json(url: str) -> dict:
 
 
 def demo_prompts() -> list[tuple[str, str]]:
-    """A short prompt, then two long ones sharing a long prefix (the second hits the cache)."""
-    corpus = resources.files("cloudmatrix.model").joinpath("data/tokenizer_corpus.txt").read_text("utf-8")
-    shared = " ".join(corpus.split()[:220])
-    return [("short", "The CloudMatrix384 supernode serves"),
-            ("long A", shared + " The first question is about dispatch."),
-            ("long B, shared prefix", shared + " The second question is about combine.")]
+    """Openings of Python code (the shipped model learned the standard library): a short one,
+    then two long ones sharing a ~40-line module prefix (the second hits the context cache)."""
+    shared = resources.files("cloudmatrix.model").joinpath("data/demo_prefix.txt").read_text("utf-8")
+    return [("short", 'def read_lines(path, encoding="utf-8"):\n    """'),
+            ("long A", shared + "\n    def names(self):\n"),
+            ("long B, shared prefix", shared + "\n    def __len__(self):\n")]
+
+
+def _shown(c: str, keep: str) -> str:
+    """A character as a terminal should get it: itself, or \\uXXXX when it is a control or other
+    invisible character (except those in ``keep``)."""
+    visible = c in keep or (c.isprintable() and not unicodedata.category(c).startswith("Z"))
+    return c if visible else f"\\u{ord(c):04x}"
 
 
 def printable(text: str) -> str:
     """Text a terminal shows as is: control and other invisible characters become \\uXXXX, in
     double quotes so that leading and trailing spaces show."""
-    shown = "".join(c if c == " " or (c.isprintable() and not unicodedata.category(c).startswith("Z"))
-                    else f"\\u{ord(c):04x}" for c in text)
-    return f'"{shown}"'
+    return '"' + "".join(_shown(c, " ") for c in text) + '"'
+
+
+def code_block(text: str, indent: str = "    | ") -> str:
+    """Generated code as indented lines: newlines and tabs kept, every other control or invisible
+    character as \\uXXXX."""
+    return "\n".join(indent + line for line in "".join(_shown(c, " \t\n") for c in text).split("\n"))
 
 
 def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dict:

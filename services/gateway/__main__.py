@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def build_core(config: GatewayConfig, backend: GrpcBackend) -> GatewayCore:
     cfg = load_config(config.checkpoint)
     model = ModelInfo(config.model_id or Path(config.checkpoint).resolve().name, cfg.max_position_embeddings,
-                      cfg.vocab_size, cfg.eos_token_id)
+                      cfg.vocab_size, cfg.eos_token_id, (Path(config.checkpoint) / "train.json").is_file())
     admission = Admission(config.max_in_flight, config.max_queue)
     return GatewayCore(model, TextTokenizer.load(config.checkpoint), backend,
                        InstancePicker("prefill", config.prefill, backend.prefill_load),

@@ -47,6 +47,7 @@ class ModelInfo:
     context_limit: int                   # max_position_embeddings: prompt + completion tokens
     vocab_size: int
     eos_token_id: int
+    trained: bool = False                # the checkpoint came from `cmx train` (it has a train.json)
 
 
 @dataclasses.dataclass

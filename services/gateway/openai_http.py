@@ -66,7 +66,8 @@ class OpenAIHttp:
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.core.model.id, "object": "model", "created": self.created,
-                "owned_by": "cloudmatrix-infer", "max_model_len": self.core.model.context_limit}
+                "owned_by": "cloudmatrix-infer", "max_model_len": self.core.model.context_limit,
+                "trained": self.core.model.trained}
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})

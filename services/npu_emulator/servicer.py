@@ -109,7 +109,7 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
         engine = await self._engine(context)
         counts = engine.expert_load(request.reset)
         return npu_pb2.GetExpertLoadReply(token_counts=encode_tensor(counts), since_step=engine.first_step or 0,
-                                          until_step=engine.last_step or 0)
+                                          until_step=engine.last_step or 0, layers=list(engine.moe_layers))
 
     @map_errors
     async def RunKernel(self, request, context):

@@ -10,6 +10,7 @@ from cloudmatrix.demo import (
     demo_prompts,
     gateway_url,
     get_json,
+    code_block,
     printable,
     stream_completion,
 )
@@ -26,14 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     url = gateway_url(run_dir)
-    model = get_json(f"{url}/v1/models")["data"][0]["id"]
+    card = get_json(f"{url}/v1/models")["data"][0]
+    model = card["id"]
     print(f"gateway {url}, model {model}")
-    print("(the model has random weights, a deterministic init: its text is a sample of tokens, not an answer)\n")
+    if not card.get("trained"):
+        print("(this checkpoint has random weights, a deterministic init: its text is a sample of tokens, not an answer)")
+    print()
     last = None
     for label, prompt in demo_prompts():
         last = stream_completion(url, model, prompt, args.max_tokens)
         usage = last["usage"]
-        print(f"[{label}] ...{printable(prompt[-40:])} -> {printable(last['text'])}")
+        print(f"[{label}] prompt ends with {printable(prompt[-40:])}; completion:")
+        print(code_block(last["text"]))
         phases = last["timing"].get("phases", {})
         pool, prefill = (phases.get(p, {}).get("modeled_s", 0.0) * 1e3 for p in ("cache_load", "prefill"))
         print(f"    prompt {usage['prompt_tokens']} tokens, {usage['prompt_tokens_details']['cached_tokens']} from the "

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--stats", nargs="+", metavar="FILE",
                         help='GetExpertLoad JSON {"token_counts": [[...]], "layers": [...]}; several files are summed')
     source.add_argument("--zipf", metavar="LAYERS,EXPERTS,TOKENS", help="a synthetic Zipf routing trace instead")
+    source.add_argument("--from-dies", metavar="ENTRY",
+                        help="the live counters of a running topology entry's dies (e.g. decode-die), summed")
+    parser.add_argument("--run-dir", default="runs/local", help="with --from-dies: the run directory `cmx up` used")
     parser.add_argument("--zipf-s", type=float, default=1.2, help="Zipf exponent (larger = more skewed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --zipf trace")
     parser.add_argument("--dies", type=int, required=True)
@@ -29,7 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eplb(args: argparse.Namespace) -> int:
-    layers, counts = _read_stats(args.stats) if args.stats else _zipf(args.zipf, args.zipf_s, args.seed)
+    if args.from_dies:
+        layers, counts = _read_dies(Path(args.run_dir), args.from_dies)
+    else:
+        layers, counts = _read_stats(args.stats) if args.stats else _zipf(args.zipf, args.zipf_s, args.seed)
     current = _current_placement(args.placement, layers, counts.shape[1], args.dies)
     planned = balance(counts, args.dies, args.redundant, layers=layers, experts_per_die_cap=args.experts_per_die_cap)
     before = layer_imbalance(current, counts, layers)  # [L]
@@ -59,6 +65,32 @@ def _read_stats(paths: list[str]) -> tuple[list[int], torch.Tensor]:
                              f"{layers} / {tuple(total.shape)}")
         layers, total = ids, counts if total is None else total + counts
     return layers, total
+
+
+def _read_dies(run_dir: Path, entry: str) -> tuple[list[int], torch.Tensor]:
+    """Sum the GetExpertLoad counters of every die of ``entry`` in a running topology."""
+    import asyncio
+
+    from cloudmatrix.clients.npu import NpuClient
+    from cloudmatrix.launcher.processes import load_state, run_tls
+    from cloudmatrix.launcher.waves import entry_of
+    from cloudmatrix.rpc.tls import use_process_tls
+    use_process_tls(run_tls(run_dir))
+    dies = [r.address for r in load_state(run_dir) if r.service == "npu_emulator" and entry_of(r.name) == entry]
+    if not dies:
+        raise ValueError(f"{run_dir} runs no npu_emulator processes of entry {entry!r}")
+
+    async def read(address: str):
+        async with NpuClient(address) as die:
+            return await die.expert_load()
+
+    async def read_all():
+        return await asyncio.gather(*(read(d) for d in dies))
+
+    loads = asyncio.run(read_all())
+    if any(load.layers != loads[0].layers for load in loads):
+        raise ValueError(f"the dies of {entry!r} count different layers: {[load.layers for load in loads]}")
+    return list(loads[0].layers), sum(load.token_counts for load in loads)
 
 
 def _zipf(spec: str, s: float, seed: int) -> tuple[list[int], torch.Tensor]:

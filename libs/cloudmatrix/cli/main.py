@@ -12,11 +12,13 @@ from cloudmatrix.cli import (
     checkpoint_cmd,
     demo_cmd,
     eplb_cmd,
+    eval_cmd,
     generate_cmd,
     launcher_cmd,
     quantize_cmd,
     simulate_cmd,
     trace_cmd,
+    train_cmd,
 )
 
 
@@ -31,8 +33,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, bench_cmd,
-                   trace_cmd, call_cmd, simulate_cmd, certs_cmd):
+    for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, eval_cmd, bench_cmd,
+                   trace_cmd, call_cmd, simulate_cmd, certs_cmd, train_cmd):
         module.register(sub)
     return parser
 

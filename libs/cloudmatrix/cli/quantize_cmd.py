@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from cloudmatrix.model.checkpoint import load_model
-from cloudmatrix.model.tokenizer import TextTokenizer
-from cloudmatrix.quant.calibrate import calibration_prompts
+from cloudmatrix.model.config import load_config
+from cloudmatrix.quant.calibrate import checkpoint_calibration_prompts
 from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint, save_int8_checkpoint
 from cloudmatrix.quant.quantize_model import QuantReport, QuantSettings, quantize_model
 from cloudmatrix.quant.smooth import DEFAULT_ALPHA
@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-smooth", action="store_true", help="no outlier smoothing")
     parser.add_argument("--no-clip", action="store_true", help="no clipping search (clip ratio 1)")
     parser.add_argument("--calib-samples", type=int, default=QuantSettings.calib_samples,
-                        help="calibration prompts (half shipped corpus, half random ids)")
+                        help="calibration prompts (a trained checkpoint: windows of its training text; "
+                        "else half shipped corpus, half random ids)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random calibration prompts and samples")
     parser.set_defaults(handler=_quantize)
 
@@ -30,10 +31,10 @@ def _quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint} is already an INT8 checkpoint; pass a float one")
     settings = QuantSettings(alpha=args.alpha, smooth=not args.no_smooth, clip=not args.no_clip,
                              calib_samples=args.calib_samples, seed=args.seed)
-    model = load_model(args.checkpoint)
-    tokenizer = TextTokenizer.load(args.checkpoint)
-    prompts = calibration_prompts(tokenizer, model.cfg.vocab_size, settings.calib_samples,
-                                  settings.calib_seq_len, settings.seed)
+    # The MTP module, when the checkpoint has one, is quantized like every other layer.
+    model = load_model(args.checkpoint, mtp=bool(load_config(args.checkpoint).num_nextn_predict_layers))
+    prompts = checkpoint_calibration_prompts(args.checkpoint, model.cfg.vocab_size, settings.calib_samples,
+                                             settings.calib_seq_len, settings.seed)
     report = quantize_model(model, prompts, settings)
     out = save_int8_checkpoint(model, args.out, args.checkpoint, settings)
     print(_summary(report, settings, Path(args.checkpoint), out))

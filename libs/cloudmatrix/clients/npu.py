@@ -30,6 +30,14 @@ class LoadedModel:
     timing: Timing
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertLoad:
+    """A die's expert counters: token_counts int64 [MoE layers, routed experts], row i is layers[i]."""
+
+    layers: tuple[int, ...]
+    token_counts: torch.Tensor
+
+
 class NpuClient(ServiceClient):
     SERVICE = "cmx.npu.v1.NpuEmulator"
     STUB = npu_pb2_grpc.NpuEmulatorStub
@@ -104,8 +112,8 @@ class NpuClient(ServiceClient):
         reply = await self.unary("RunKernel", request, idempotent=True, deadline_s=deadline_s)
         return decode_tensors(reply.outputs), Timing.from_proto(reply.timing)
 
-    async def expert_load(self, reset: bool = False, deadline_s: float | None = None) -> torch.Tensor:
-        """Tokens this die computed per expert: int64 [MoE layers, routed experts]."""
+    async def expert_load(self, reset: bool = False, deadline_s: float | None = None) -> ExpertLoad:
+        """Tokens this die computed per expert: int64 [MoE layers, routed experts], with the layer ids."""
         reply = await self.unary("GetExpertLoad", npu_pb2.GetExpertLoadRequest(reset=reset), idempotent=not reset,
                                  deadline_s=deadline_s)
-        return decode_tensor(reply.token_counts, "token_counts")
+        return ExpertLoad(tuple(reply.layers), decode_tensor(reply.token_counts, "token_counts"))

@@ -145,7 +145,7 @@ class InstanceDriver:
 
     async def expert_load(self, reset: bool = False) -> torch.Tensor:
         """Tokens per expert summed over the dies: int64 [MoE layers, routed experts] (EPLB's input)."""
-        return sum(await asyncio.gather(*(d.expert_load(reset) for d in self.dies)))
+        return sum(load.token_counts for load in await asyncio.gather(*(d.expert_load(reset) for d in self.dies)))
 
 
 def _raise_for(results) -> None:

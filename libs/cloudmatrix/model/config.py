@@ -41,6 +41,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
+    num_nextn_predict_layers: int = 0  # MTP modules in the checkpoint (DeepSeek-V3: 1); serving ignores them
     bos_token_id: int = 0
     eos_token_id: int = 1
     hidden_act: str = "silu"
@@ -61,6 +62,8 @@ class ModelConfig:
             raise ValueError(f"scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported")
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even")
+        if self.num_nextn_predict_layers not in (0, 1):
+            raise ValueError(f"num_nextn_predict_layers={self.num_nextn_predict_layers}: only 0 or 1 MTP module is supported")
 
     @property
     def qk_head_dim(self) -> int:
@@ -89,7 +92,7 @@ class ModelConfig:
         kwargs.setdefault("model_id", raw.get("_name_or_path") or raw.get("model_id") or "deepseek-v3")
         return cls(**kwargs)
 
-    def to_hf_dict(self) -> dict[str, Any]:
+    def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """A config.json that transformers' DeepseekV3ForCausalLM loads."""
         out = dataclasses.asdict(self)
         out.update(
@@ -100,9 +103,8 @@ class ModelConfig:
             attention_bias=False,
             attention_dropout=0.0,
             tie_word_embeddings=False,
-            num_nextn_predict_layers=0,
             moe_layer_freq=1,
-            torch_dtype="float32",
+            torch_dtype=torch_dtype,
             initializer_range=0.02,
         )
         return out

@@ -60,23 +60,20 @@ class Router(nn.Module):
 def run_experts(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
     """Routed-expert output, tokens grouped by expert (one GEMM batch per expert).
 
-    x: [T, D] -> [T, D] = sum_k weight[t, k] * expert_{id[t, k]}(x[t]).
+    x: [T, D] -> [T, D] = sum_k weight[t, k] * expert_{id[t, k]}(x[t]). Tokens are gathered once in
+    expert order and scattered back once, so autograd keeps one [T, D] buffer, not one per expert.
     """
     flat_ids = routing.expert_ids.reshape(-1)  # [T*K]
     order = flat_ids.argsort(stable=True)
     token_of = order // routing.expert_ids.shape[1]  # token index of each sorted slot
     counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
-    out = torch.zeros_like(x)
-    start = 0
-    for expert_id, count in enumerate(counts):
-        if count:
-            slots = order[start:start + count]
-            tokens = token_of[start:start + count]
-            y = experts[expert_id](x[tokens])  # [n, D]
-            w = routing.weights.reshape(-1)[slots].to(y.dtype)[:, None]
-            out.index_add_(0, tokens, y * w)
-        start += count
-    return out
+    grouped = x[token_of].split(counts)  # per expert: [n_e, D]
+    ys = [experts[e](rows) for e, rows in enumerate(grouped) if rows.shape[0]]
+    if not ys:
+        return torch.zeros_like(x)
+    y = torch.cat(ys)  # [T*K, D] in expert order
+    w = routing.weights.reshape(-1)[order].to(y.dtype)[:, None]  # [T*K, 1]
+    return torch.zeros_like(x).index_add_(0, token_of, y * w)
 
 
 class MoE(nn.Module):

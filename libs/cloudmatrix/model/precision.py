@@ -13,7 +13,6 @@ import dataclasses
 from pathlib import Path
 
 from cloudmatrix.model.checkpoint import load_model
-from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.model.transformer import DeepseekV3
 
 
@@ -51,11 +50,11 @@ def load_for_precision(checkpoint_dir: str | Path, precision: Precision) -> Deep
     """
     model = load_model(checkpoint_dir)
     if precision.int8_weights and not is_int8(model):
-        from cloudmatrix.quant.calibrate import calibration_prompts
+        from cloudmatrix.quant.calibrate import checkpoint_calibration_prompts
         from cloudmatrix.quant.quantize_model import QuantSettings, quantize_model
         settings = QuantSettings()
-        prompts = calibration_prompts(TextTokenizer.load(checkpoint_dir), model.cfg.vocab_size,
-                                      settings.calib_samples, settings.calib_seq_len, settings.seed)
+        prompts = checkpoint_calibration_prompts(checkpoint_dir, model.cfg.vocab_size, settings.calib_samples,
+                                                 settings.calib_seq_len, settings.seed)
         quantize_model(model, prompts, settings)
     elif not precision.int8_weights and is_int8(model):
         raise ValueError(f"{checkpoint_dir} is an INT8 checkpoint; precision {precision.name!r} needs float weights")

@@ -20,6 +20,16 @@ PRESETS: dict[str, ModelConfig] = {
         n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
         routed_scaling_factor=2.5, max_position_embeddings=2048, model_id="cmx-tiny",
     ),
+    # The shipped trained model (models/cmx-tiny-py): tiny with a 4,096-id vocabulary (byte-level BPE of
+    # the Python standard library) and one MTP module; ~12M parameters with the MTP layer.
+    "tiny-py": ModelConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, num_attention_heads=4, n_routed_experts=16, num_experts_per_tok=4,
+        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, q_lora_rank=128,
+        n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
+        routed_scaling_factor=2.5, max_position_embeddings=2048, num_nextn_predict_layers=1,
+        model_id="cmx-tiny-py",
+    ),
     # ~73M parameters: 6 layers (1 dense), 64 routed experts top-8 in 8 groups, 1 shared expert.
     "small": ModelConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1536, moe_intermediate_size=128,
@@ -58,7 +68,7 @@ def _init_tensor(name: str, t: torch.Tensor, seed: int) -> None:
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> DeepseekV3:
     """Each tensor is drawn from its own generator seeded by (seed, name): order-independent."""
-    model = DeepseekV3(cfg)
+    model = DeepseekV3(cfg, mtp=bool(cfg.num_nextn_predict_layers))
     with torch.no_grad():
         for name, t in model.state_dict().items():
             _init_tensor(name, t, seed)

@@ -1,7 +1,9 @@
-"""Byte-level BPE tokenizer: built deterministically from a shipped corpus, stored as tokenizer.json."""
+"""Byte-level BPE tokenizers (trained on a corpus, stored as tokenizer.json) and the text of token ids."""
 from __future__ import annotations
 
+import codecs
 import json
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 
@@ -26,6 +28,11 @@ CHAT_TEMPLATE = (
 def build_tokenizer(vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE on the shipped corpus; same inputs give the same merges."""
     corpus = resources.files("cloudmatrix.model").joinpath("data/tokenizer_corpus.txt").read_text("utf-8")
+    return train_bpe(corpus.splitlines(), vocab_size)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of ``vocab_size`` ids (specials first) trained on ``texts``; deterministic."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -35,8 +42,8 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus.splitlines(), trainer)
-    # The shipped corpus may yield fewer merges than asked: reserve the rest, as DeepSeek does.
+    tok.train_from_iterator(texts, trainer)
+    # A small corpus may yield fewer merges than asked: reserve the rest, as DeepSeek does.
     reserved = [f"<｜reserved_{i}｜>" for i in range(vocab_size - tok.get_vocab_size())]
     tok.add_special_tokens(reserved)
     return tok
@@ -57,11 +64,34 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, max_length: int) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what ``pre_tokenizers.ByteLevel`` writes): char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 class TextTokenizer:
-    """encode/decode text with the checkpoint's tokenizer.json; BOS is prepended on encode."""
+    """encode/decode text with the checkpoint's tokenizer.json; BOS is prepended on encode.
+
+    Text of token ids is defined once, for whole and streamed decoding alike: a byte-level
+    tokenizer's tokens are bytes, decoded as UTF-8 with invalid bytes as U+FFFD and an incomplete
+    character at the end left out (it has no text yet). Special tokens have no text.
+    """
 
     def __init__(self, tok: Tokenizer, bos_id: int, eos_id: int) -> None:
         self.tok, self.bos_id, self.eos_id = tok, bos_id, eos_id
+        self.special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.byte_level = type(tok.decoder).__name__ == "ByteLevel"
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path) -> "TextTokenizer":
@@ -75,28 +105,45 @@ class TextTokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (byte-level tokenizers only); b"" for a special token."""
+        if token_id in self.special:
+            return b""
+        piece = self.tok.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is not in the tokenizer's vocabulary")
+        return bytes(BYTE_OF_CHAR[c] for c in piece)
+
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+        if not self.byte_level:
+            return self.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+        return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(b"".join(map(self.token_bytes, ids)))
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
+
+    The token bytes go through an incremental UTF-8 decoder, which holds back an incomplete
+    character until its last byte arrives (as vLLM's detokenizer does); the deltas joined equal
+    ``TextTokenizer.decode`` of all the ids. ``flush`` ends the generation: an incomplete character
+    left then is dropped, never emitted as U+FFFD.
+    """
 
     def __init__(self, tokenizer: TextTokenizer) -> None:
         self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.emitted = ""
 
     def push(self, token_id: int) -> str:
+        if self.tokenizer.byte_level:
+            return self.utf8.decode(self.tokenizer.token_bytes(token_id))
+        # Other tokenizers: decode everything so far and hold back a trailing U+FFFD.
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
         delta, self.emitted = text[len(self.emitted):], text
         return delta
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete UTF-8 tail decodes as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids)
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
+        self.utf8.reset()
+        return ""

@@ -4,39 +4,17 @@ Shape legend: B = batch, S = new tokens, D = hidden size, V = vocab.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from cloudmatrix.model.attention import (
-    AttentionOptions,
-    KVView,
-    LatentKVCache,
-    MLAttention,
-)
+from cloudmatrix.model.attention import AttentionOptions, KVView, LatentKVCache
 from cloudmatrix.model.config import ModelConfig
-from cloudmatrix.model.layers import MLP, RMSNorm
+from cloudmatrix.model.layers import RMSNorm
 from cloudmatrix.model.moe import MoE
+from cloudmatrix.model.mtp import MTPLayer
+from cloudmatrix.model.transformer_layer import DecoderLayer, MoEFactory
 
-# Builds the MoE block of a layer: (config, layer index) -> module. The default is the in-process
-# MoE with every expert; a die of an expert-parallel instance plugs in its own.
-MoEFactory = Callable[[ModelConfig, int], nn.Module]
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, options: AttentionOptions, moe: MoEFactory) -> None:
-        super().__init__()
-        self.layer = layer
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLAttention(cfg, options)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = moe(cfg, layer) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
-        # x: [B, S, D] -> [B, S, D]
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv, self.layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+__all__ = ["Backbone", "DecoderLayer", "DeepseekV3", "MoEFactory"]
 
 
 class Backbone(nn.Module):
@@ -52,23 +30,38 @@ class DeepseekV3(nn.Module):
 
     ``kv`` is a dense ``LatentKVCache`` (``new_cache()``) or a paged view of a die's KV pool;
     ``attention`` (shared by every layer, changeable at run time) picks the attention core.
+    With ``mtp`` (and ``num_nextn_predict_layers: 1`` in the config) the model also holds its MTP
+    module (``mtp[0]``), used by training and evaluation through ``hidden_states`` / ``mtp_hidden``.
     """
 
     def __init__(self, cfg: ModelConfig, attention: AttentionOptions | None = None,
-                 moe: MoEFactory = lambda cfg, layer: MoE(cfg)) -> None:
+                 moe: MoEFactory = lambda cfg, layer: MoE(cfg), mtp: bool = False) -> None:
         super().__init__()
+        if mtp and not cfg.num_nextn_predict_layers:
+            raise ValueError(f"{cfg.model_id} has num_nextn_predict_layers=0: it has no MTP module")
         self.cfg = cfg
         self.attention = attention or AttentionOptions()
         self.model = Backbone(cfg, self.attention, moe)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList([MTPLayer(cfg, self.attention, moe)] if mtp else [])
 
     def new_cache(self) -> LatentKVCache:
-        return LatentKVCache.empty(self.cfg.num_hidden_layers)
+        return LatentKVCache.empty(self.cfg.num_hidden_layers + len(self.mtp))
+
+    def hidden_states(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
+        """The final hidden states (after the final norm; differentiable): [B, S] -> [B, S, D]."""
+        x = self.model.embed_tokens(token_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, kv)
+        return self.model.norm(x)
+
+    def mtp_hidden(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                   kv: KVView) -> torch.Tensor:
+        """The MTP module at each position: hidden [B, S, D] (h_i), next_ids [B, S] (t_{i+1}),
+        positions [B, S] (i, that of h_i) -> [B, S, D]; ``lm_head`` of it predicts t_{i+2}."""
+        return self.mtp[0](hidden, self.model.embed_tokens(next_ids), positions, kv)
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVView) -> torch.Tensor:
         # token_ids, positions: [B, S] -> logits [B, S, V] (fp32)
-        x = self.model.embed_tokens(token_ids)
-        for layer in self.model.layers:
-            x = layer(x, positions, kv)
-        return self.lm_head(self.model.norm(x)).float()
+        return self.lm_head(self.hidden_states(token_ids, positions, kv)).float()

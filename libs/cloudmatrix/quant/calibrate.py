@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -72,6 +74,42 @@ def calibration_prompts(tokenizer: TextTokenizer, vocab_size: int, n_samples: in
     return torch.cat([torch.tensor(corpus, dtype=torch.long), random_ids])
 
 
+# A trained checkpoint calibrates on this many files of its corpus's train split (first by path).
+TRAINED_CALIBRATION_FILES = 8
+
+
+def calibration_texts(checkpoint_dir: str | Path) -> list[str] | None:
+    """Text like the model's training data, when the checkpoint was trained by `cmx train` (it has
+    a train.json): the first files of this machine's standard library train split. Else None."""
+    if not (Path(checkpoint_dir) / "train.json").is_file():
+        return None
+    from cloudmatrix.train.corpus import load_corpus
+    root = json.loads((Path(checkpoint_dir) / "train.json").read_text()).get("corpus", {}).get("root")
+    corpus = load_corpus(root if root and Path(root).is_dir() else None)
+    names = corpus.files["train"][:TRAINED_CALIBRATION_FILES]
+    return [(corpus.root / name).read_bytes().decode("utf-8", errors="replace") for name in names]
+
+
+def checkpoint_calibration_prompts(checkpoint_dir: str | Path, vocab_size: int, n_samples: int, seq_len: int,
+                                   seed: int) -> torch.Tensor:
+    """The calibration prompts for a checkpoint: windows of its training text for a trained model,
+    else half shipped corpus, half random ids (a random-init model has no data distribution)."""
+    tokenizer = TextTokenizer.load(checkpoint_dir)
+    texts = calibration_texts(checkpoint_dir)
+    if texts is None:
+        return calibration_prompts(tokenizer, vocab_size, n_samples, seq_len, seed)
+    return text_calibration_prompts(tokenizer, texts, n_samples, seq_len)
+
+
+def text_calibration_prompts(tokenizer: TextTokenizer, texts: list[str], n_samples: int, seq_len: int) -> torch.Tensor:
+    """[n_samples, seq_len]: evenly spaced windows of the texts' token stream, each starting with BOS."""
+    stream = [t for text in texts for t in tokenizer.encode(text, add_bos=False)]
+    if len(stream) < n_samples * seq_len:
+        raise ValueError(f"calibration text has {len(stream)} tokens; {n_samples} x {seq_len} are needed")
+    starts = [(i * (len(stream) - seq_len)) // max(n_samples - 1, 1) for i in range(n_samples)]
+    return torch.tensor([[tokenizer.bos_id, *stream[s:s + seq_len - 1]] for s in starts], dtype=torch.long)
+
+
 def collect_stats(model: DeepseekV3, names: list[str], prompts: torch.Tensor, sample_cap: int,
                   seed: int, batch_size: int = 8) -> dict[str, LinearStats]:
     """Run prompts [N, S] through the float model; returns the input statistics of each named linear."""
@@ -81,12 +119,21 @@ def collect_stats(model: DeepseekV3, names: list[str], prompts: torch.Tensor, sa
                for n in names]
     try:
         for batch in prompts.split(batch_size):
-            positions = torch.arange(batch.shape[1]).expand_as(batch)  # [B, S]
-            model(batch, positions, model.new_cache())
+            _calibration_forward(model, batch)
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+@torch.inference_mode()
+def _calibration_forward(model: DeepseekV3, batch: torch.Tensor) -> None:
+    """The model over batch [B, S]; its MTP module too, when it has one (t_{i+1} after h_i)."""
+    positions = torch.arange(batch.shape[1]).expand_as(batch)  # [B, S]
+    kv = model.new_cache()
+    hidden = model.hidden_states(batch, positions, kv)  # [B, S, D]
+    if len(model.mtp):
+        model.mtp_hidden(hidden[:, :-1], batch[:, 1:], positions[:, :-1], kv)
 
 
 def _recorder(stats: LinearStats, cap: int, gen: torch.Generator):

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cloudmatrix.model.checkpoint import read_state_dict
+from cloudmatrix.model.checkpoint import checkpoint_state, read_state_dict
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.quant.linear import Int8Linear
 from cloudmatrix.quant.quantize_model import QuantSettings, float_matmuls, swap_to_int8
 
 QUANT_METHOD = "cmx-w8a8"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Copied from the float checkpoint: the tokenizer, and the training record of a trained model.
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "train.json")
 
 
 def quantization_config(model: DeepseekV3, settings: QuantSettings) -> dict[str, Any]:
@@ -54,7 +55,7 @@ def is_int8_checkpoint(checkpoint_dir: str | Path) -> bool:
 def save_int8_checkpoint(model: DeepseekV3, out_dir: str | Path, source_dir: str | Path,
                          settings: QuantSettings) -> Path:
     """Write the quantized model: model.safetensors, config.json (the source's + quantization_config)
-    and the source's tokenizer files."""
+    and the source's tokenizer files and train.json."""
     if not any(isinstance(m, Int8Linear) for m in model.modules()):
         raise ValueError("the model has no Int8Linear layers: quantize it before saving an INT8 checkpoint")
     out, source = Path(out_dir), Path(source_dir)
@@ -62,16 +63,17 @@ def save_int8_checkpoint(model: DeepseekV3, out_dir: str | Path, source_dir: str
     config = _raw_config(source)
     config["quantization_config"] = quantization_config(model, settings)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = checkpoint_state(model)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
-    for name in TOKENIZER_FILES:
+    for name in COPIED_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
     return out
 
 
-def load_int8_model(checkpoint_dir: str | Path) -> DeepseekV3:
-    """Build the model, swap in Int8Linear for every ``<name>.weight_scale`` present, load strictly.
+def load_int8_model(checkpoint_dir: str | Path, mtp: bool = False) -> DeepseekV3:
+    """Build the model (with its MTP module if ``mtp``), swap in Int8Linear for every
+    ``<name>.weight_scale`` present, load strictly.
 
     Missing, unknown, mis-shaped or mis-typed tensors raise ValueError naming them.
     """
@@ -79,9 +81,9 @@ def load_int8_model(checkpoint_dir: str | Path) -> DeepseekV3:
     if not is_int8_checkpoint(checkpoint_dir):
         raise ValueError(f"{checkpoint_dir}/config.json has no quantization_config with quant_method {QUANT_METHOD!r}")
     cfg = ModelConfig.from_dict(_raw_config(checkpoint_dir))
-    state = read_state_dict(checkpoint_dir, cfg)
+    state = read_state_dict(checkpoint_dir, cfg, mtp=mtp)
     names = sorted(k[:-len(".weight_scale")] for k in state if k.endswith(".weight_scale"))
-    model = swap_to_int8(DeepseekV3(cfg), names)
+    model = swap_to_int8(DeepseekV3(cfg, mtp=mtp), names)
     _check_tensors(checkpoint_dir, model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -261,11 +261,13 @@ class GetExpertLoadRequest(_message.Message):
     def __init__(self, reset: _Optional[bool] = ...) -> None: ...
 
 class GetExpertLoadReply(_message.Message):
-    __slots__ = ("token_counts", "since_step", "until_step")
+    __slots__ = ("token_counts", "since_step", "until_step", "layers")
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SINCE_STEP_FIELD_NUMBER: _ClassVar[int]
     UNTIL_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     token_counts: _common_pb2.Tensor
     since_step: int
     until_step: int
-    def __init__(self, token_counts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., since_step: _Optional[int] = ..., until_step: _Optional[int] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_counts: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., since_step: _Optional[int] = ..., until_step: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -139,8 +139,11 @@ def render(folder: Path, command: str, notes: str) -> str:
         "![loss curve](loss.png)", "",
         "## Quality on the test split (`cmx eval`)", "",
         f"{ev['windows']:,} windows of {ev['seq_len']} tokens "
-        f"({ev['precisions']['fp32']['tokens']:,} predicted tokens), {ev.get('threads', '?')} threads:", "",
-        "```\ncmx eval --checkpoint models/cmx-tiny-py --json eval.json --out-dir models/cmx-tiny-py\n```", "",
+        f"({ev['precisions']['fp32']['tokens']:,} predicted tokens), threads: {ev.get('threads', '?')}:", "",
+        f"```\ncmx eval --checkpoint models/cmx-tiny-py --threads 2 --max-windows {ev['windows']} "
+        "--json models/cmx-tiny-py/eval.json --out-dir models/cmx-tiny-py\n```", "",
+        f"The first {ev['windows']:,} windows of the test split (its files in path order), a quarter of it: the "
+        "whole split at four precisions takes about 12 minutes on this machine.", "",
         *_quality_rows(ev), "",
         f"MTP module: top-1 accuracy on t+2 (teacher-forced) **{mtp_ev['top1_accuracy_t_plus_2']:.4f}**; greedy "
         f"acceptance **{acc['acceptance']:.4f}** ({acc['accepted']:,} of {acc['drafts']:,} drafts: {acc['prompts']} "

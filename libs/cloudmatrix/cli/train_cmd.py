@@ -41,6 +41,6 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(settings, Path(args.out), corpus_root=args.corpus_root, say=default_say)
     report = trainer.run()
     final = report["final"]["validation"] or {}
-    print(f"trained {report['steps']} steps, {report['tokens'] / 1e6:.2f}M tokens in {report['wall_time_s'] / 60:.1f} min; "
-          f"validation loss {final.get('lm', float('nan')):.4f}; checkpoint in {args.out}")
+    print(f"trained {report['steps']} steps, {report['tokens'] / 1e6:.2f}M tokens in "
+          f"{report['wall_time_s'] / 60:.1f} min; validation loss {final.get('lm', float('nan')):.4f}; checkpoint in {args.out}")
     return 0

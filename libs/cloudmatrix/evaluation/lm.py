@@ -41,10 +41,12 @@ def score_windows(model: DeepseekV3, windows: torch.Tensor, batch_size: int = 8)
     return TokenScores(torch.cat(nll), torch.cat(argmax), torch.cat(mtp) if mtp else None)
 
 
-def summarize(nll: torch.Tensor, correct: torch.Tensor, target_bytes: torch.Tensor) -> dict:
-    """Cross-entropy (nats per token), perplexity, bits per byte, top-1 accuracy."""
+def summarize(nll: torch.Tensor, correct: torch.Tensor | None, target_bytes: torch.Tensor) -> dict:
+    """Cross-entropy (nats per token), perplexity, bits per byte, top-1 accuracy (None without
+    ``correct``, the per-token hits)."""
     ce = float(nll.double().mean())
     return {"cross_entropy": round(ce, 5), "perplexity": round(float(torch.tensor(ce).exp()), 3),
             "bits_per_byte": round(float(nll.double().sum() / torch.log(torch.tensor(2.0, dtype=torch.float64))
                                          / target_bytes.sum()), 5),
-            "top1_accuracy": round(float(correct.double().mean()), 5), "tokens": int(nll.numel())}
+            "top1_accuracy": None if correct is None else round(float(correct.double().mean()), 5),
+            "tokens": int(nll.numel())}

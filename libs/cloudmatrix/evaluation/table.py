@@ -6,18 +6,20 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _scores(row: dict) -> str:
+    return f"{row['cross_entropy']:>10.4f} {row['perplexity']:>8.2f} {row['bits_per_byte']:>10.4f}"
+
+
 def quality_table(report: dict) -> str:
     lines = [f"{'model':<22} {'CE (nats)':>10} {'ppl':>8} {'bits/byte':>10} {'top-1':>7} {'vs base':>9} {'agree':>7}"]
     for name, row in report["baselines"].items():
         label = {"unigram": "unigram (add-one)", "kn_trigram": "3-gram (Kneser-Ney)"}[name]
-        lines.append(f"{label:<22} {row['cross_entropy']:>10.4f} {row['perplexity']:>8.2f} {row['bits_per_byte']:>10.4f} "
-                     f"{_fmt(row['top1_accuracy'], '.4f'):>7} {'':>9} {'':>7}")
+        lines.append(f"{label:<22} {_scores(row)} {_fmt(row['top1_accuracy'], '.4f'):>7} {'':>9} {'':>7}")
     for name, row in report["precisions"].items():
         vs = f"{row['cross_entropy_vs_base_pct']:+.3f}%" if "cross_entropy_vs_base_pct" in row else ""
         agree = _fmt(row.get("top1_agreement_with_base"), ".4f") if vs else ""
         label = name + (f" (vs {row['base']})" if vs else "")
-        lines.append(f"{label:<22} {row['cross_entropy']:>10.4f} {row['perplexity']:>8.2f} {row['bits_per_byte']:>10.4f} "
-                     f"{row['top1_accuracy']:>7.4f} {vs:>9} {agree:>7}")
+        lines.append(f"{label:<22} {_scores(row)} {row['top1_accuracy']:>7.4f} {vs:>9} {agree:>7}")
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ def load_eval_data(checkpoint: Path, corpus: Corpus, seq_len: int, max_windows: 
     """The test split's windows; the train split's stream too when ``with_train`` (for baselines)."""
     tokenizer = TextTokenizer.load(checkpoint)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    train = token_stream(tokenizer.tok, corpus.texts("train"), bos, eos) if with_train else torch.zeros(0, dtype=torch.int32)
+    train = (token_stream(tokenizer.tok, corpus.texts("train"), bos, eos) if with_train
+             else torch.zeros(0, dtype=torch.int32))
     test = token_stream(tokenizer.tok, corpus.texts("test"), bos, eos)
     windows = eval_windows(test, seq_len, max_windows)
     return EvalData(train, test, windows, token_byte_lengths(tokenizer))

@@ -63,7 +63,8 @@ class ModelConfig:
         if self.qk_rope_head_dim % 2:
             raise ValueError("qk_rope_head_dim must be even")
         if self.num_nextn_predict_layers not in (0, 1):
-            raise ValueError(f"num_nextn_predict_layers={self.num_nextn_predict_layers}: only 0 or 1 MTP module is supported")
+            raise ValueError(f"num_nextn_predict_layers={self.num_nextn_predict_layers}: "
+                             "only 0 or 1 MTP module is supported")
 
     @property
     def qk_head_dim(self) -> int:

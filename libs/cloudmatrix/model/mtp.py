@@ -5,8 +5,8 @@ Shape legend: B = batch, S = positions, D = hidden size.
 At position i the module reads the main model's final hidden state h_i (after the final RMSNorm,
 what the output head sees) and the embedding of the next token t_{i+1}, and predicts t_{i+2}:
 
-    x = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])     one transformer block (MLA + MoE)
-    logits = lm_head(shared_head.norm(block(x)))      embedding and output head shared with the model
+    x = eh_proj([enorm(Emb(t_{i+1})); hnorm(h_i)])   then one transformer block (MLA + MoE)
+    logits = lm_head(shared_head.norm(block(x)))    embedding and head shared with the model
 
 Its attention runs at position i (that of h_i, so its KV entry i sits where the main model's
 does) over its own latent KV (layer index ``num_hidden_layers``): entry j holds (h_j, t_{j+1}), so

@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# setuptools prints a generic notice on every editable install (folders named like a package
+	# may shadow it); it says nothing about this project, so it is filtered by its message only.
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 run: install

@@ -142,8 +142,9 @@ def render(folder: Path, command: str, notes: str) -> str:
         f"({ev['precisions']['fp32']['tokens']:,} predicted tokens), threads: {ev.get('threads', '?')}:", "",
         f"```\ncmx eval --checkpoint models/cmx-tiny-py --threads 2 --max-windows {ev['windows']} "
         "--json models/cmx-tiny-py/eval.json --out-dir models/cmx-tiny-py\n```", "",
-        f"The first {ev['windows']:,} windows of the test split (its files in path order), a quarter of it: the "
-        "whole split at four precisions takes about 12 minutes on this machine.", "",
+        f"The first {ev['windows']:,} windows of the test split (its files in path order), about a quarter of it "
+        "(70 s at four precisions here; the whole split, without `--max-windows`, about 5 minutes, was not run in "
+        "the session that trained the model).", "",
         *_quality_rows(ev), "",
         f"MTP module: top-1 accuracy on t+2 (teacher-forced) **{mtp_ev['top1_accuracy_t_plus_2']:.4f}**; greedy "
         f"acceptance **{acc['acceptance']:.4f}** ({acc['accepted']:,} of {acc['drafts']:,} drafts: {acc['prompts']} "

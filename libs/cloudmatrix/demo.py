@@ -52,8 +52,9 @@ def code_block(text: str, indent: str = "    | ") -> str:
 
 
 def stream_completion(url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    """POST /v1/completions with stream: true; returns text, id, usage, timing, TTFT, TPOT."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+    """POST /v1/completions with stream: true, greedy; returns text, id, usage, timing, TTFT, TPOT."""
+    # Greedy (temperature 0; the OpenAI default is 1): the small model's most likely continuation.
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})

@@ -14,14 +14,14 @@ CKPT_INT8 := $(RUN_DIR)/checkpoints/cmx-tiny-py-int8
 
 install: $(STAMP)
 
+# setuptools prints a generic notice on every editable install (folders named like a package may
+# shadow it); it says nothing about this project, so the install filters that one message.
 # torch is pinned to the CPU build that lies on disk; constraints.txt keeps every
 # later resolution from replacing it.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	# setuptools prints a generic notice on every editable install (folders named like a package
-	# may shadow it); it says nothing about this project, so it is filtered by its message only.
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 

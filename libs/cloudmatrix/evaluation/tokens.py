@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cloudmatrix.model.tokenizer import BYTE_OF_CHAR, TextTokenizer
+from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.train.corpus import Corpus
 from cloudmatrix.train.data import eval_windows, token_stream
 
@@ -29,14 +29,7 @@ class EvalData:
 
 def token_byte_lengths(tokenizer: TextTokenizer) -> torch.Tensor:
     """[V] UTF-8 bytes of each id's text; special tokens have none."""
-    tok = tokenizer.tok
-    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    alphabet = BYTE_OF_CHAR
-    lengths = []
-    for i in range(tok.get_vocab_size()):
-        piece = tok.id_to_token(i)
-        lengths.append(0 if i in special or piece is None else sum(c in alphabet for c in piece))
-    return torch.tensor(lengths)
+    return torch.tensor([len(tokenizer.token_bytes(i)) for i in range(tokenizer.tok.get_vocab_size())])
 
 
 def load_eval_data(checkpoint: Path, corpus: Corpus, seq_len: int, max_windows: int | None,

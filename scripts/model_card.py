@@ -2,7 +2,8 @@
 folder: train.json, eval.json, expert_load.json. Every number in the card comes from them; the
 file table hashes what is there. Run after copying a run into models/<name>/:
 
-    python scripts/model_card.py models/cmx-tiny-py --command "cmx train --out ... --minutes 90 --threads 2"
+    python scripts/model_card.py models/cmx-tiny-py --command "cmx train --out A ..." \\
+        --command "cmx train --out B --init-from A ..." --notes notes.md
 """
 from __future__ import annotations
 
@@ -86,13 +87,54 @@ def _file_rows(folder: Path) -> list[str]:
     return rows
 
 
-def render(folder: Path, command: str, notes: str) -> str:
+def _stage_line(name: str, record: dict, train_tokens: float) -> str:
+    s = record["settings"]
+    return (f"- {name}: seed {s['seed']}, peak learning rate {s['lr']}; {record['steps']:,} steps of "
+            f"{s['batch_size']} x {s['seq_len']} tokens = {record['tokens'] / 1e6:.2f} M tokens (about "
+            f"{record['tokens'] / train_tokens:.1f} epochs of the train split); {record['wall_time_s'] / 60:.1f} min "
+            f"of training on {s['threads']} threads.")
+
+
+def _training_lines(train: dict, train_tokens: float) -> list[str]:
+    """One line per run (a continued run names its starting checkpoint), the totals, the recipe."""
+    s, fin, first = train["settings"], train["final"], train.get("init_from")
+    lines = []
+    if first:
+        lines += [_stage_line("First run", first, train_tokens),
+                  _stage_line("Continued run (`--init-from` the first run's checkpoint, SHA-256 "
+                              f"`{first['model_sha256'][:16]}…`; a new AdamW and schedule)", train, train_tokens)]
+    tokens = train["tokens"] + (first["tokens"] if first else 0)
+    wall = train["wall_time_s"] + (first["wall_time_s"] if first else 0)
+    head = "In all" if first else f"Seed {s['seed']}"
+    lines += [
+        f"- {head}: "
+        f"{train['steps'] + (first['steps'] if first else 0):,} steps, {tokens / 1e6:.2f} M tokens "
+        f"(about {tokens / train_tokens:.1f} epochs of the train split), {wall / 60:.1f} min of training on "
+        f"{train['threads']} threads (torch {train['torch']}, a 2-core machine).",
+        f"- AdamW, {s['warmup_steps']} warm-up steps, cosine to {s['min_lr_ratio']} x peak, weight decay "
+        f"{s['weight_decay']}, clipping {s['grad_clip']}; MTP loss weight {s['mtp_weight']} then "
+        f"{s['mtp_weight_late']}; balance loss {s['balance_alpha']}; bias update speed {s['bias_speed']}.",
+        f"- Final training losses (last logged step): next token {fin['train']['lm']:.4f}, MTP "
+        f"{fin['train']['mtp']:.4f}; validation: next token {fin['validation']['lm']:.4f}, MTP "
+        f"{fin['validation']['mtp']:.4f} ({s['eval_windows']} windows of {s['seq_len']}).",
+    ]
+    return lines
+
+
+def _eval_scope(ev: dict) -> str:
+    if ev["windows"] == ev.get("split_windows"):
+        return "The whole test split, every window."
+    return (f"The first {ev['windows']:,} windows of the test split's {ev.get('split_windows', '?')} "
+            "(its files in path order).")
+
+
+def render(folder: Path, commands: list[str], notes: str) -> str:
     train = json.loads((folder / "train.json").read_text())
     ev = json.loads((folder / "eval.json").read_text())
     load = json.loads((folder / "expert_load.json").read_text())
     cfg = json.loads((folder / "config.json").read_text())
     main, mtp = _params(folder, cfg["num_hidden_layers"])
-    corpus, s, fin = train["corpus"], train["settings"], train["final"]
+    corpus = train["corpus"]
     mtp_ev = ev["mtp"]
     acc = mtp_ev["greedy_acceptance"]
     train_tokens = corpus["bytes"]["train"] / train["tokenizer"]["validation_bytes_per_token"]  # approximate
@@ -124,27 +166,16 @@ def render(folder: Path, command: str, notes: str) -> str:
         f"- **Tokenizer**: byte-level BPE, {train['tokenizer']['vocab_size']:,} ids, trained on the train split; "
         f"{train['tokenizer']['validation_bytes_per_token']:.2f} bytes per token on the validation split.", "",
         "## Training", "",
-        f"```\n{command}\n```", "",
-        f"- Seed {s['seed']}; {train['steps']:,} steps of {s['batch_size']} x {s['seq_len']} tokens = "
-        f"{train['tokens'] / 1e6:.2f} M tokens (about {train['tokens'] / train_tokens:.1f} epochs of the train split); "
-        f"wall time {train['wall_time_s'] / 60:.1f} min of training on {train['threads']} threads "
-        f"(torch {train['torch']}, a 2-core machine).",
-        f"- AdamW, peak learning rate {s['lr']}, {s['warmup_steps']} warm-up steps, cosine to "
-        f"{s['min_lr_ratio']} x peak, weight decay {s['weight_decay']}, clipping {s['grad_clip']}; MTP loss weight "
-        f"{s['mtp_weight']} then {s['mtp_weight_late']}; balance loss {s['balance_alpha']}; bias update speed "
-        f"{s['bias_speed']}.",
-        f"- Final training losses (last logged step): next token {fin['train']['lm']:.4f}, MTP {fin['train']['mtp']:.4f}; "
-        f"validation: next token {fin['validation']['lm']:.4f}, MTP {fin['validation']['mtp']:.4f} (16 windows of "
-        f"{s['seq_len']}).", "",
+        "```\n" + "\n".join(commands) + "\n```", "",
+        *_training_lines(train, train_tokens), "",
         "![loss curve](loss.png)", "",
         "## Quality on the test split (`cmx eval`)", "",
         f"{ev['windows']:,} windows of {ev['seq_len']} tokens "
         f"({ev['precisions']['fp32']['tokens']:,} predicted tokens), threads: {ev.get('threads', '?')}:", "",
-        f"```\ncmx eval --checkpoint models/cmx-tiny-py --threads 2 --max-windows {ev['windows']} "
-        "--json models/cmx-tiny-py/eval.json --out-dir models/cmx-tiny-py\n```", "",
-        f"The first {ev['windows']:,} windows of the test split (its files in path order), about a quarter of it "
-        "(70 s at four precisions here; the whole split, without `--max-windows`, about 5 minutes, was not run in "
-        "the session that trained the model).", "",
+        "```\ncmx eval --checkpoint models/cmx-tiny-py --threads 2"
+        + ("" if ev["windows"] == ev.get("split_windows") else f" --max-windows {ev['windows']}")
+        + " --json models/cmx-tiny-py/eval.json --out-dir models/cmx-tiny-py\n```", "",
+        _eval_scope(ev), "",
         *_quality_rows(ev), "",
         f"MTP module: top-1 accuracy on t+2 (teacher-forced) **{mtp_ev['top1_accuracy_t_plus_2']:.4f}**; greedy "
         f"acceptance **{acc['acceptance']:.4f}** ({acc['accepted']:,} of {acc['drafts']:,} drafts: {acc['prompts']} "
@@ -163,7 +194,8 @@ def render(folder: Path, command: str, notes: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--command", required=True, help="the cmx train command that made the model")
+    parser.add_argument("--command", required=True, action="append",
+                        help="a cmx train command that made the model (repeat for a continued run, in order)")
     parser.add_argument("--notes", type=Path, help="a markdown file with the card's notes")
     args = parser.parse_args()
     notes = args.notes.read_text().strip() if args.notes else "(none)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import torch
 
 from cloudmatrix.instance.blocks import BlockManager
@@ -85,8 +86,8 @@ class FakeDriver:
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
         self.probes += 1
-        return [DieProbe(d, False, False, "UNAVAILABLE") if d in self.down else
-                DieProbe(d, False, False, "DEADLINE_EXCEEDED") if d in self.slow else DieProbe(d, True, True)
+        return [DieProbe(d, False, False, grpc.StatusCode.UNAVAILABLE) if d in self.down else
+                DieProbe(d, False, False, grpc.StatusCode.DEADLINE_EXCEEDED) if d in self.slow else DieProbe(d, True, True)
                 for d in self.dies]
 
 

@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.server import ServiceHost
@@ -37,7 +38,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     @map_errors
     async def Export(self, request, context):
         if not request.resource_spans:
-            raise ValueError("export carries no resource_spans")
+            raise FieldError("resource_spans", "the export carries none")
         await asyncio.sleep(self.delay_s)
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()

@@ -157,7 +157,7 @@ def test_drain_finishes_in_flight_rpc_and_refuses_new_ones(tmp_path):
     assert len(collector.requests) == 1
 
 
-def test_value_error_becomes_invalid_argument(tmp_path):
+def test_a_field_error_becomes_invalid_argument_naming_the_field(tmp_path):
     async def scenario():
         async with make_host(tmp_path) as host:
             async with make_channel(host.address) as channel:
@@ -168,7 +168,8 @@ def test_value_error_becomes_invalid_argument(tmp_path):
 
     error = run(scenario())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details() == "export carries no resource_spans"
+    assert error.details() == "resource_spans: the export carries none"
+    assert ("cmx-field", "resource_spans") in tuple(error.trailing_metadata())
 
 
 

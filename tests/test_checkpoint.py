@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.model.presets import create_checkpoint
 from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer

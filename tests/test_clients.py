@@ -14,6 +14,7 @@ import pytest
 import torch
 from opentelemetry.sdk.trace import TracerProvider
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.clients import (
     CallError,
     ClientOptions,
@@ -34,11 +35,11 @@ from cloudmatrix.kvcache.blobs import CorruptBlob
 from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.topology import parse_topology
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.precision import load_for_precision, parse_precision
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import encode_tensor
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.npu.v1 import npu_pb2

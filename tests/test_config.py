@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cloudmatrix.config import ConfigError, ServerConfig, load_config
+from cloudmatrix.errors import FieldError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -24,9 +25,9 @@ class Inner:
 
     def __post_init__(self) -> None:
         if self.count < 0:
-            raise ValueError(f"count: must be >= 0, got {self.count}")
+            raise FieldError("count", f"must be >= 0, got {self.count}")
         if self.ratio > 1:
-            raise ValueError(f"ratio must be <= 1, got {self.ratio}")  # "field ..." style works too
+            raise FieldError("ratio", f"must be <= 1, got {self.ratio}")
 
 
 @dataclass(frozen=True)
@@ -181,8 +182,9 @@ def test_missing_and_invalid_yaml_files(tmp_path):
     ({"span_file_max_bytes": -1}, "span_file_max_bytes"), ({"span_file_backups": -1}, "span_file_backups"),
 ])
 def test_server_config_validation(kwargs, field_name):
-    with pytest.raises(ValueError, match=f"^{field_name}: "):
+    with pytest.raises(FieldError, match=f"^{field_name}: ") as err:
         ServerConfig(**kwargs)
+    assert err.value.field == field_name
 
 
 def test_server_config_span_file():

@@ -10,11 +10,11 @@ import grpc
 import pytest
 import torch
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.kvcache import KvPoolClient, Lease
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc

@@ -10,9 +10,9 @@ import grpc
 import pytest
 import torch
 
-from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.decode.v1 import decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2_grpc
 from tests.metrics_text import samples, scrape, value

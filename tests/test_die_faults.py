@@ -11,13 +11,13 @@ import urllib.request
 
 import pytest
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.launcher.processes import spawn, stop_all, wait_healthy
 from cloudmatrix.launcher.topology import ProcessSpec
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.sampling_params import SamplingParams
 from tests.services import running_services
 from tests.test_decode import _load, _wait_for
 from tests.test_gateway import _post

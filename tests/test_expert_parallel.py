@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cloudmatrix.model.precision import load_for_precision, parse_precision
+from cloudmatrix.checkpoints import load_for_precision
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.moe.die_model import build_die_model, default_dispatch_dtype
 from cloudmatrix.moe.local_exchange import ThreadGroup
 from cloudmatrix.moe.placement import ExpertPlacement

@@ -16,12 +16,13 @@ import grpc
 import openai
 import pytest
 
+from cloudmatrix.checkpoints import load_model
+from cloudmatrix.cli.main import main
 from cloudmatrix.clients import CallError, ClientOptions, GatewayClient
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import ResourceExhausted
+from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
 from cmx.common.v1 import common_pb2
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.admission import Admission
@@ -215,6 +216,24 @@ def test_grpc_generate_streams(gw, local):
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert [p.phase for p in chunks[-1].timing.phases] == ["queue", "cache_load", "prefill", "decode"]
     assert chunks[-1].timing.modeled_s > 0 and models[0].id == gw.model and models[0].max_context_tokens == 2048
+
+
+def test_an_unset_max_tokens_means_the_same_on_every_path(gw, tiny_checkpoint, capsys):
+    """OpenAI completions, the gateway's gRPC Generate and `cmx generate`, none given max_tokens:
+    DEFAULT_MAX_TOKENS greedy tokens each, the same text (the random tiny model stops at EOS
+    only by chance, and it does not in these 16 tokens)."""
+    prompt = "An unset max_tokens"
+    status, body = _post(gw.http, "/v1/completions", {"model": gw.model, "prompt": prompt, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == DEFAULT_MAX_TOKENS
+    request = gateway_pb2.GenerateRequest(model=gw.model, text=prompt, sampling=common_pb2.SamplingParams())
+    with grpc.insecure_channel(gw.grpc) as channel:
+        chunks = list(gateway_pb2_grpc.GatewayStub(channel).Generate(request, timeout=120))
+    assert chunks[-1].usage.completion_tokens == DEFAULT_MAX_TOKENS
+    assert "".join(c.text for c in chunks) == body["choices"][0]["text"]
+    capsys.readouterr()
+    assert main(["generate", "--local", "--checkpoint", str(tiny_checkpoint), prompt]) == 0
+    out, err = capsys.readouterr()
+    assert f"[{DEFAULT_MAX_TOKENS} tokens in" in err and out == prompt + body["choices"][0]["text"] + "\n"
 
 
 def test_metrics_expose_the_cmx_series_typed_with_model_name(gw):

@@ -10,10 +10,11 @@ from prometheus_client import REGISTRY
 
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable
+from cloudmatrix.sampling_params import SamplingParams
 from services.gateway.admission import Admission
 from services.gateway.core import GatewayCore, ModelInfo
 from services.gateway.picker import InstancePicker
-from services.gateway.schema import DecodeStep, Finish, GenerateRequest, PrefillOutcome, Sampling
+from services.gateway.schema import DecodeStep, Finish, GenerateRequest, PrefillOutcome
 
 DOWN = "decode-0: die 1 failed (UNAVAILABLE); the instance is recovering"
 
@@ -61,7 +62,7 @@ def _generate(tokenizer, down: set[str]):
     core = GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
                        InstancePicker("prefill", ("p0", "p1"), backend.prefill_load),
                        InstancePicker("decode", ("d0", "d1"), backend.decode_load), Admission(4, 4), 10.0)
-    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], Sampling(max_tokens=3, ignore_eos=True)))
+    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True)))
 
     async def run():
         return [event async for event in core.generate(prepared)]
@@ -109,7 +110,7 @@ def test_failures_are_counted_by_kind(tokenizer):
         core = GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
                            InstancePicker("prefill", ("p0",), backend.prefill_load),
                            InstancePicker("decode", ("d0",), backend.decode_load), Admission(4, 4), 10.0)
-        prepared = core.prepare(GenerateRequest("r", "m", [3, 4], Sampling(max_tokens=2)))
+        prepared = core.prepare(GenerateRequest("r", "m", [3, 4], SamplingParams(max_tokens=2)))
         before = _failed(reason)
 
         async def run():
@@ -157,7 +158,7 @@ def test_a_decode_instance_lost_mid_stream_hands_the_request_to_another_with_no_
                        InstancePicker("prefill", ("p0",), backend.prefill_load),
                        InstancePicker("decode", ("d0", "d1"), backend.decode_load), Admission(4, 4), 10.0)
     prompt = [3, 4, 5]
-    prepared = core.prepare(GenerateRequest("r", "m", prompt, Sampling(max_tokens=12, ignore_eos=True)))
+    prepared = core.prepare(GenerateRequest("r", "m", prompt, SamplingParams(max_tokens=12, ignore_eos=True)))
     before = REGISTRY.get_sample_value("cmx_request_migrations_total", {"model_name": "m"}) or 0.0
 
     async def run():

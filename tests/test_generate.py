@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams, filter_logits, sample_token
+from cloudmatrix.model.sampling import filter_logits, sample_token
+from cloudmatrix.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

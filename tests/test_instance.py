@@ -7,9 +7,10 @@ import grpc
 import pytest
 import torch
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.instance.sequences import SequenceTable, StepInput
-from cloudmatrix.model.precision import load_for_precision, parse_precision
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.moe.eplb import balance, imbalance
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.tensor_codec import decode_tensor

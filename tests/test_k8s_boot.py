@@ -16,10 +16,11 @@ from pathlib import Path
 import openai
 import pytest
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.precision import load_for_precision, parse_precision
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.sampling_params import SamplingParams
 from tests.k8s_pods import LocalCluster
 from tests.k8s_render import K8S, render, rendered
 

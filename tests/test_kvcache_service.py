@@ -88,19 +88,23 @@ def _truncated(msg: kvcache_pb2.PutBlock) -> kvcache_pb2.PutBlock:
     return msg
 
 
-@pytest.mark.parametrize("make_bad,needle", [
-    (lambda gen: _truncated(block(11, gen)), "needs 256 bytes, got 252"),
-    (lambda gen: block(11, gen, checksum=12345), "checksum"),
-    (lambda gen: block(11, gen, shape=(10, 4, 8)), "over max_block_bytes"),
-    (lambda gen: block(11, gen, key=key(11)[:15]), "key: must be exactly 16 bytes, got 15"),
+@pytest.mark.parametrize("make_bad,field,needle", [
+    (lambda gen: _truncated(block(11, gen)), "data", "needs 256 bytes, got 252"),
+    (lambda gen: block(11, gen, checksum=12345), "checksum", "does not match the CRC-32"),
+    (lambda gen: block(11, gen, shape=(10, 4, 8)), "data", "over max_block_bytes"),
+    (lambda gen: block(11, gen, key=key(11)[:15]), "key", "must be exactly 16 bytes, got 15"),
 ])
-def test_a_malformed_block_is_invalid_argument_and_the_shard_keeps_serving(shard, gen, make_bad, needle):
+def test_a_malformed_block_is_invalid_argument_and_the_shard_keeps_serving(
+    shard, gen, make_bad, field, needle
+):
     record, stub = shard
     good = block(10, gen)
     with pytest.raises(grpc.RpcError) as err:
         stub.Put(iter([good, make_bad(gen)]), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "block 1" in err.value.details() and needle in err.value.details()
+    details = err.value.details()
+    assert details.startswith(f"blocks[1].{field}: ") and needle in details
+    assert dict(err.value.trailing_metadata())["cmx-field"] == f"blocks[1].{field}"
     assert health_check_sync(record.address) == "SERVING"
     assert next(stub.Get(kvcache_pb2.GetRequest(keys=[key(10)]), timeout=10)).found  # earlier blocks stay
     assert stub.Put(iter([block(12, gen)]), timeout=10).stored == 1
@@ -126,7 +130,8 @@ def test_blobs_over_grpc(shard, gen):
 
     with pytest.raises(grpc.RpcError) as err:
         stub.PutBlob(iter([chunks[0], chunks[2]]), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_index: expected 1" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("chunk_index: ") and "chunk 2: expected 1" in err.value.details()
 
 
 def test_metrics_are_exported(shard, gen):

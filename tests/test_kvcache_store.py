@@ -242,8 +242,8 @@ def test_blobs_survive_a_restart_and_a_damaged_one_is_not_found(gen, tmp_path):
 
 
 @pytest.mark.parametrize("mangle,needle", [
-    (lambda cs: [cs[0], cs[2], cs[1]], "chunk_index: expected 1"),
-    (lambda cs: cs[1:], "chunk_index: expected 0"),
+    (lambda cs: [cs[0], cs[2], cs[1]], "chunk 2: expected 1"),
+    (lambda cs: cs[1:], "chunk 1: expected 0"),
     (lambda cs: cs[:-1], "incomplete"),
     (lambda cs: [cs[0], BlobChunk("b", 1, cs[1].data, cs[1].checksum ^ 1), cs[2]], "checksum"),
     (lambda cs: cs + [BlobChunk("b", 3, b"x", zlib.crc32(b"x"))], "already received"),

@@ -7,12 +7,12 @@ import asyncio
 import torch
 
 from cloudmatrix.bench.local_driver import LocalDriver
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
-from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import SchedulerLimits
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
 def test_continuous_batching_with_preemption_equals_the_local_engine(tiny_checkpoint):

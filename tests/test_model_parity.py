@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.checkpoints import load_model
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4

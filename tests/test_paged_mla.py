@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.kv.block_pool import BlockAllocator, PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
-from cloudmatrix.model.checkpoint import load_model
 
 TOL = 1e-4
 BLOCK = 4

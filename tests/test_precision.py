@@ -7,13 +7,8 @@ import sys
 import pytest
 import torch
 
-from cloudmatrix.model.checkpoint import load_model
-from cloudmatrix.model.precision import (
-    PRECISIONS,
-    is_int8,
-    load_for_precision,
-    parse_precision,
-)
+from cloudmatrix.checkpoints import is_int8, load_for_precision, load_model
+from cloudmatrix.model.precision import PRECISIONS, parse_precision
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

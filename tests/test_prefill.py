@@ -8,10 +8,10 @@ import grpc
 import pytest
 import torch
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.costmodel import ub
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 from tests.metrics_text import samples, scrape, types, value

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.cli import quantize_cmd
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.presets import create_checkpoint
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.quant.calibrate import LinearStats, calibration_prompts

@@ -23,15 +23,16 @@ import pytest
 
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
 from cloudmatrix.bench.serve.workload import BenchRequest
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.processes import is_alive, load_state, replace_record, spawn, wait_healthy
 from cloudmatrix.launcher.topology import parse_topology
 from cloudmatrix.launcher.waves import resolve
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.precision import load_for_precision, parse_precision
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.sampling_params import SamplingParams
 from tests.services import decode_running
 from tests.waiting import rss_mb, wait_for
 

@@ -6,14 +6,15 @@ import asyncio
 
 import pytest
 
+from cloudmatrix.errors import InternalError
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.instance.driver import ForwardResult
 from cloudmatrix.instance.loop import SLOW_PROBES_DOWN, InstanceUnavailable, LoopSettings, LoopState, StepLoop
-from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import ResourceExhausted
 from cloudmatrix.rpc.timing import timing_proto
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 from cmx.npu.v1 import npu_pb2
 from tests.fake_dies import FakeDriver, die_failure, prefix_kv, reference
 
@@ -257,15 +258,47 @@ def test_a_die_slow_to_answer_probes_is_down_only_after_several_misses():
     assert run(scenario()) >= SLOW_PROBES_DOWN
 
 
+def test_a_bug_in_a_step_fails_its_requests_and_the_instance_keeps_serving(caplog):
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        complete = h.loop.scheduler.complete
+
+        def broken(*args):
+            h.loop.scheduler.complete = complete  # once
+            raise TypeError("bug in complete")
+
+        h.loop.scheduler.complete = broken
+        request = _request("x", _prompt(0, 5), 3)
+        h.loop.submit(request)
+        with pytest.raises(InternalError, match="its step failed"):
+            await h.collect(request)
+        after = await h.collect(_submitted(h, _request("y", _prompt(1, 5), 3)))
+        state, free = h.loop.state, h.free()
+        await h.loop.stop()
+        return after, state, free, h
+
+    (tokens, reason), state, free, h = run(scenario())
+    assert len(tokens) == 3 and reason == "length"  # y is served
+    assert state is LoopState.SERVING and h.health == [] and h.driver.loads == 1  # no reload
+    assert free == [8, 8]  # x's blocks came back
+    assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records)
+
+
+def _submitted(h: Harness, request: Request) -> Request:
+    h.loop.submit(request)
+    return request
+
+
 def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():
     async def scenario():
         h = Harness()
         await h.loop.start()
 
         def broken(*args):
-            raise RuntimeError("bug in complete")
+            raise RuntimeError("bug in schedule")
 
-        h.loop.scheduler.complete = broken
+        h.loop.scheduler.schedule = broken  # the loop itself, outside any step
         request = _request("x", _prompt(0, 5), 3)
         h.loop.submit(request)
         with pytest.raises(InstanceUnavailable, match="scheduling loop crashed"):

@@ -18,11 +18,12 @@ import pytest
 import yaml
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.precision import load_for_precision, parse_precision
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.sampling_params import SamplingParams
 from cloudmatrix.telemetry.trace_view import read_spans, trace_of_request
 
 pytestmark = pytest.mark.timeout(400)

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.cli.main import main
 from cloudmatrix.evaluation.run import EvalSettings, evaluate
-from cloudmatrix.model.checkpoint import load_model, mtp_prefix
+from cloudmatrix.model.checkpoint import mtp_prefix
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
+from cloudmatrix.sampling_params import SamplingParams
 from cloudmatrix.train.corpus import load_corpus
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "cmx-tiny-py"

@@ -113,21 +113,21 @@ def _f32(shape, nbytes):
 
 MALFORMED = {
     "unspecified dtype": (
-        common_pb2.Tensor(shape=[2], data=bytes(8)), "tensor 'a': dtype DTYPE_UNSPECIFIED"
+        common_pb2.Tensor(shape=[2], data=bytes(8)), "a: dtype DTYPE_UNSPECIFIED"
     ),
     "unknown dtype": (
-        common_pb2.Tensor(dtype=99, shape=[2], data=bytes(8)), "tensor 'a': dtype enum value 99"
+        common_pb2.Tensor(dtype=99, shape=[2], data=bytes(8)), "a: dtype enum value 99"
     ),
-    "negative dim": (_f32([2, -3], 0), r"tensor 'a': shape \[2, -3\] has negative dim -3"),
+    "negative dim": (_f32([2, -3], 0), r"a: shape \[2, -3\] has negative dim -3"),
     "short data": (
-        _f32([2, 3], 20), r"tensor 'a': shape \[2, 3\] with dtype float32 needs 24 bytes, got 20"
+        _f32([2, 3], 20), r"a: shape \[2, 3\] with dtype float32 needs 24 bytes, got 20"
     ),
     "long data": (_f32([2, 3], 28), "needs 24 bytes, got 28"),
     "data for an empty tensor": (_f32([0, 3], 4), "needs 0 bytes, got 4"),
     "scalar with no data": (_f32([], 0), r"shape \[\] with dtype float32 needs 4 bytes, got 0"),
     "bool byte not 0 or 1": (
         common_pb2.Tensor(dtype=common_pb2.DTYPE_BOOL, shape=[3], data=b"\x00\x02\x01"),
-        "tensor 'a': bool data must hold only bytes 0 and 1",
+        "a: bool data must hold only bytes 0 and 1",
     ),
 }
 
@@ -143,7 +143,7 @@ def test_decode_rejects_malformed(case):
 
 def test_decode_rejects_over_max_bytes():
     msg = encode_tensor(torch.randn(4, 8, generator=torch.Generator().manual_seed(6)))
-    message = "tensor 'kv': .* needs 128 bytes, over the limit of 100"
+    message = "kv: .* needs 128 bytes, over the limit of 100"
     with pytest.raises(TensorDecodeError, match=message):
         decode_tensor(msg, "kv", max_bytes=100)
     assert decode_tensor(msg, "kv", max_bytes=128).shape == (4, 8)
@@ -157,11 +157,11 @@ def test_max_bytes_checked_before_data_length():
 
 def test_decode_tensors_names_the_key():
     msgs = {"good": encode_tensor(torch.ones(2)), "bad": _f32([3], 8)}
-    with pytest.raises(TensorDecodeError, match="tensor 'bad': shape"):
+    with pytest.raises(TensorDecodeError, match="bad: shape"):
         decode_tensors(msgs)
 
 
 def test_decode_array_rejects_bfloat16():
     msg = encode_tensor(torch.ones(2, dtype=torch.bfloat16))
-    with pytest.raises(TensorDecodeError, match="tensor 'w': bfloat16 has no numpy dtype"):
+    with pytest.raises(TensorDecodeError, match="w: bfloat16 has no numpy dtype"):
         decode_array(msg, "w")

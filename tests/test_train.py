@@ -3,6 +3,7 @@ auxiliary loss, and its MTP loss is the cross-entropy of t_{i+2} computed indepe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 import pytest
@@ -74,6 +75,20 @@ def test_resume_refuses_other_settings(tmp_path, corpus):
     _trainer(tmp_path, corpus, steps=4).run(stop_after_steps=1)
     with pytest.raises(ValueError, match="other settings"):
         _trainer(tmp_path, corpus, steps=4, lr=1e-3)
+
+
+def test_a_continued_run_starts_from_the_checkpoint(tmp_path, corpus):
+    first = _trainer(tmp_path / "first", corpus, steps=6, export_dtype="float32").run()
+    more = _trainer(tmp_path / "more", corpus, steps=2, seed=1, init_from=str(tmp_path / "first"))
+    saved = load_file(str(tmp_path / "first" / "train_state" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in more.model.state_dict().items())
+    assert more.model.training and more.step == 0
+    tok = "tokenizer.json"
+    assert (tmp_path / "more" / tok).read_bytes() == (tmp_path / "first" / tok).read_bytes()
+    report = more.run()
+    assert report["init_from"]["steps"] == first["steps"] == 6
+    assert report["init_from"]["model_sha256"] == hashlib.sha256(
+        (tmp_path / "first" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_the_bias_update_balances_a_skewed_router():

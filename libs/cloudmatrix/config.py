@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +25,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from cloudmatrix.errors import FieldError
+
 T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -33,7 +34,6 @@ LOG_FORMATS = ("json", "text")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 _NONE = frozenset({"none", "null"})
-_LEADING_FIELD = re.compile(r"^(\w+):?\s+(.+)$", re.DOTALL)
 
 
 class ConfigError(ValueError):
@@ -103,7 +103,7 @@ class ServerConfig:
 def _require(ok: bool, field: str, detail: str) -> None:
     """Validation helper: ``load_config`` turns the "field: ..." prefix into the dotted path."""
     if not ok:
-        raise ValueError(f"{field}: {detail}")
+        raise FieldError(field, detail)
 
 
 def load_config(
@@ -195,17 +195,10 @@ def _construct(cls: type[T], kwargs: dict[str, Any], where: str) -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
+    except FieldError as err:
+        raise ConfigError(_join(where, err.field), str(err).removeprefix(f"{err.field}: ")) from err
     except (ValueError, TypeError) as err:
-        field, detail = _split_validation_message(cls, str(err))
-        raise ConfigError(_join(where, field) or cls.__name__, detail) from err
-
-
-def _split_validation_message(cls: type, message: str) -> tuple[str, str]:
-    """("port", "must be ...") from "port: must be ..." or "port must be ..." (port a field)."""
-    match = _LEADING_FIELD.match(message)
-    if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
-        return match.group(1), match.group(2)
-    return "", message
+        raise ConfigError(where or cls.__name__, str(err)) from err
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.settings import InstanceSettings
 
 
@@ -19,6 +20,6 @@ class DecodeConfig(InstanceSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.kvcache:
-            raise ValueError("kvcache: decode reads every prompt's KV from the pool; list its shards")
+            raise FieldError("kvcache", "decode reads every prompt's KV from the pool; list its shards")
         if self.microbatches not in (1, 2):
-            raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
+            raise FieldError("microbatches", f"must be 1 or 2, got {self.microbatches}")

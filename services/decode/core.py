@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
-from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.request import Request
 from cloudmatrix.kvcache import Lease
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
 from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
@@ -29,9 +30,7 @@ class DecodeRequest:
     prompt_token_ids: list[int]
     first_token: int
     block_keys: list[bytes]
-    sampling: SamplingParams
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
+    sampling: SamplingParams        # its stop_token_ids and ignore_eos apply here; stop strings at the gateway
     lease: Lease | None = None      # the prefill's lease on the blocks; released once they are read
 
     @property
@@ -44,7 +43,7 @@ class DecodeEvent:
     """Tokens produced by one step (or the finish), with measured / modeled seconds."""
 
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     measured: dict[str, float]
     modeled: dict[str, float]
 
@@ -57,24 +56,21 @@ class DecodeCore:
 
     def cancel(self, request_id: str) -> bool:
         """End a request before the next step (finish reason CANCELLED); False if it is unknown."""
-        return self.loop.abort(request_id, "cancelled")
-
-    def _stop_rule(self, req: DecodeRequest) -> StopRule:
-        return StopRule(req.sampling.max_tokens, self.eos, req.stop_token_ids, req.ignore_eos, self.context_limit)
+        return self.loop.abort(request_id, FinishReason.CANCELLED)
 
     def validate(self, req: DecodeRequest) -> None:
         """Bad input fails this request alone, here, before anything reaches a die."""
         if not req.prompt_token_ids:
-            raise ValueError("prompt_token_ids: the prompt is empty")
+            raise FieldError("prompt_token_ids", "the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in (*req.prompt_token_ids, req.first_token)):
-            raise ValueError(f"prompt_token_ids: ids (and first_token) must be in [0, {self.vocab_size})")
+            raise FieldError("prompt_token_ids", f"ids (and first_token) must be in [0, {self.vocab_size})")
         if req.prompt_len >= self.context_limit:
-            raise ValueError(f"prompt_token_ids: {req.prompt_len} tokens leave no room in the context of "
+            raise FieldError("prompt_token_ids", f"{req.prompt_len} tokens leave no room in the context of "
                              f"{self.context_limit}")
 
     async def decode(self, req: DecodeRequest) -> AsyncIterator[DecodeEvent]:
         self.validate(req)
-        rule = self._stop_rule(req)
+        rule = StopRule.of(req.sampling, self.eos, self.context_limit)
         reason = rule.reason(req.first_token, 1, req.prompt_len + 1)
         if reason is not None:  # finished on the prefill's token: nothing to step
             await self._release_lease(req)
@@ -105,7 +101,7 @@ class DecodeCore:
                 measured = {}
         finally:
             if not request.finished:  # the client left: end it before the next step
-                self.loop.abort(request.request_id, "disconnected")
+                self.loop.abort(request.request_id, FinishReason.CANCELLED)
 
     async def _fetch(self, req: DecodeRequest) -> list:
         fetched = await self.pool.get_blocks(req.block_keys)
@@ -115,7 +111,7 @@ class DecodeCore:
         blocks = [decode_tensor(common_pb2.Tensor.FromString(fetched[k].data), "kv") for k in req.block_keys]
         held = sum(kv.shape[1] for kv in blocks)
         if held != req.prompt_len:
-            raise ValueError(f"kv: the blocks hold {held} tokens, the prompt has {req.prompt_len}")
+            raise FieldError("kv", f"the blocks hold {held} tokens, the prompt has {req.prompt_len}")
         return blocks
 
     async def _release_lease(self, req: DecodeRequest) -> None:

@@ -1,17 +1,14 @@
 """gRPC servicer of a decode instance."""
 from __future__ import annotations
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.kvcache import Lease
 from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.sampling import sampling_from_proto
+from cloudmatrix.rpc.sampling import finish_to_proto, sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
-from cmx.common.v1 import common_pb2
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.core import DecodeCore, DecodeRequest
-
-FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-          "cancelled": common_pb2.FINISH_REASON_CANCELLED}
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -20,25 +17,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _request(self, r) -> DecodeRequest:
         if r.model and r.model != self.model_id:
-            raise ValueError(f"model: this instance serves {self.model_id!r}, not {r.model!r}")
+            raise FieldError("model", f"this instance serves {self.model_id!r}, not {r.model!r}")
         if not r.request_id:
-            raise ValueError("request_id: must be set")
+            raise FieldError("request_id", "must be set")
         if r.kv.namespace != self.namespace:
-            raise ValueError(f"kv.namespace: {r.kv.namespace!r} is not this instance's {self.namespace!r}")
+            raise FieldError("kv.namespace", f"{r.kv.namespace!r} is not this instance's {self.namespace!r}")
         if r.kv.num_tokens != len(r.prompt_token_ids) or not r.kv.block_keys:
-            raise ValueError(f"kv: {r.kv.num_tokens} tokens in {len(r.kv.block_keys)} blocks does not match "
+            raise FieldError("kv", f"{r.kv.num_tokens} tokens in {len(r.kv.block_keys)} blocks does not match "
                              f"the {len(r.prompt_token_ids)}-token prompt")
         lease = Lease(dict(r.kv.lease_ids), (), 0.0) if r.kv.lease_ids else None
         return DecodeRequest(r.request_id, list(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
-                             sampling_from_proto(r.sampling), frozenset(r.sampling.stop_token_ids),
-                             r.sampling.ignore_eos, lease)
+                             sampling_from_proto(r.sampling), lease)
 
     @map_errors
     async def Decode(self, request, context):
         async for event in self.core.decode(self._request(request)):
             yield decode_pb2.DecodeChunk(
                 token_ids=event.token_ids, finished=event.finish_reason is not None,
-                finish_reason=FINISH.get(event.finish_reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+                finish_reason=finish_to_proto(event.finish_reason),
                 timing=timing_proto(event.measured, event.modeled, measured_s=sum(event.measured.values()),
                                     modeled_s=sum(event.modeled.values())))
 

@@ -1,8 +1,8 @@
 """The gateway's outbound calls to prefill and decode instances: one client per instance, every
 call with a deadline, protos converted to the core's dataclasses, and failed calls turned into
 the house exceptions (UNAVAILABLE -> PeerUnavailable, DEADLINE_EXCEEDED -> TimeoutError,
-RESOURCE_EXHAUSTED -> ResourceExhausted, INVALID_ARGUMENT -> ValueError, anything else ->
-InstanceFailed). Their messages carry the instance's own words, never an address or a gRPC class
+RESOURCE_EXHAUSTED -> ResourceExhausted, INVALID_ARGUMENT naming a field -> FieldError, anything
+else -> InstanceFailed, a 500). Their messages carry the instance's own words, never an address or a gRPC class
 name; the address goes to the log."""
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import re
 
 import grpc
 
-from cloudmatrix.clients.base import ClientOptions
 from cloudmatrix.clients.instances import DecodeClient, DecodeStream, PrefillClient
+from cloudmatrix.errors import FieldError
+from cloudmatrix.rpc.client import ClientOptions, field_of
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from services.gateway.schema import PrefillOutcome, Prepared
 
 log = logging.getLogger(__name__)
 _RAISED = {grpc.StatusCode.UNAVAILABLE: PeerUnavailable, grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
-           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted, grpc.StatusCode.INVALID_ARGUMENT: ValueError}
+           grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted}
 
 
 _ADDRESS = re.compile(r"(ipv[46]:)?(\[[0-9a-fA-F:.]+\]|[0-9]{1,3}(\.[0-9]{1,3}){3}|[\w.-]+\.[\w-]+):[0-9]+")
@@ -34,6 +35,9 @@ def converted(err: grpc.aio.AioRpcError, address: str) -> Exception:
                                                "details": err.details()})
     kind = _RAISED.get(err.code())
     details = _ADDRESS.sub("an instance", err.details() or "")  # gRPC's own connect errors name them
+    field = field_of(err)
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT and field:  # the request's fault: the instance says which field
+        return FieldError(field, details.removeprefix(f"{field}: "))
     if kind is None:
         return InstanceFailed(f"an instance failed ({err.code().name}): {details or 'no details'}")
     return kind(details or err.code().name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.model.tokenizer import BOS, EOS
 
 USER = "<｜User｜>"
@@ -19,7 +20,7 @@ ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newe
 def render(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """The prompt text for ``messages`` ({role, content} dicts); ValueError names the bad message."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages: must be a non-empty list of {role, content} objects")
+        raise FieldError("messages", "must be a non-empty list of {role, content} objects")
     parts = [BOS]
     for i, message in enumerate(messages):
         role, content = _role(message, i), _content(message, i)
@@ -36,10 +37,10 @@ def render(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -
 
 def _role(message: Any, i: int) -> str:
     if not isinstance(message, dict):
-        raise ValueError(f"messages[{i}]: must be an object with role and content")  # noqa: TRY004 - bad input: 400
+        raise FieldError(f"messages[{i}]", "must be an object with role and content")  # noqa: TRY004 - bad input: 400
     role = message.get("role")
     if role not in ROLES:
-        raise ValueError(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {role!r}")
+        raise FieldError(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}, got {role!r}")
     return role
 
 
@@ -51,4 +52,4 @@ def _content(message: dict[str, Any], i: int) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
-    raise ValueError(f"messages[{i}].content: must be a string or a list of text parts")
+    raise FieldError(f"messages[{i}].content", "must be a string or a list of text parts")

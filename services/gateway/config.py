@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.addresses import expand_addresses
 
 
@@ -26,18 +27,18 @@ class GatewayConfig:
         object.__setattr__(self, "prefill", expand_addresses(self.prefill, "prefill"))
         object.__setattr__(self, "decode", expand_addresses(self.decode, "decode"))
         if not self.checkpoint:
-            raise ValueError("checkpoint: must name the checkpoint directory (tokenizer, model limits)")
+            raise FieldError("checkpoint", "must name the checkpoint directory (tokenizer, model limits)")
         if not self.prefill:
-            raise ValueError("prefill: must list at least one prefill instance address")
+            raise FieldError("prefill", "must list at least one prefill instance address")
         if not self.decode:
-            raise ValueError("decode: must list at least one decode instance address")
+            raise FieldError("decode", "must list at least one decode instance address")
         if not 0 <= self.http_port <= 65535:
-            raise ValueError(f"http_port: must be in [0, 65535], got {self.http_port}")
+            raise FieldError("http_port", f"must be in [0, 65535], got {self.http_port}")
         if self.max_in_flight < 1:
-            raise ValueError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+            raise FieldError("max_in_flight", f"must be >= 1, got {self.max_in_flight}")
         if self.max_queue < 0:
-            raise ValueError(f"max_queue: must be >= 0, got {self.max_queue}")
+            raise FieldError("max_queue", f"must be >= 0, got {self.max_queue}")
         if not self.request_timeout_s > 0:
-            raise ValueError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+            raise FieldError("request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
         if any(not key for key in self.api_keys):
-            raise ValueError("api_keys: keys must be non-empty strings")
+            raise FieldError("api_keys", "keys must be non-empty strings")

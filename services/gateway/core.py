@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 
 from opentelemetry import trace
 
+from cloudmatrix.errors import FieldError, UnknownModel
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+from cloudmatrix.sampling_params import FinishReason, StopRule
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend
 from services.gateway.metrics import GatewayMetrics
@@ -35,10 +37,6 @@ from services.gateway.text import OutputText
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 CANCEL_TIMEOUT_S = 5.0
-
-
-class UnknownModel(ValueError):
-    """The request names a model this gateway does not serve."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +61,7 @@ class _Run:
     completion_tokens: int = 0
     cached_tokens: int = 0
     last_token_at: float = 0.0
-    reason: str | None = None
+    reason: FinishReason | None = None
     generated: list[int] = dataclasses.field(default_factory=list)  # accepted completion tokens
     migrations: int = 0
 
@@ -85,25 +83,24 @@ class GatewayCore:
     def prepare(self, req: GenerateRequest) -> Prepared:
         """Tokenize and validate; ValueError names the field to change."""
         if req.model and req.model != self.model.id:
-            raise UnknownModel(f"model: unknown model {req.model!r}; this gateway serves {self.model.id!r}")
-        req.sampling.validate()
+            raise UnknownModel(f"unknown model {req.model!r}; this gateway serves {self.model.id!r}")
         ids = self._token_ids(req.prompt)
         limit, wanted = self.model.context_limit, req.sampling.max_tokens
         if len(ids) >= limit:
-            raise ValueError(f"prompt: {len(ids)} tokens do not fit the model's context of {limit} tokens "
+            raise FieldError("prompt", f"{len(ids)} tokens do not fit the model's context of {limit} tokens "
                              f"(at least one completion token must fit)")
         if len(ids) + wanted > limit:
-            raise ValueError(f"max_tokens: the prompt's {len(ids)} tokens plus max_tokens {wanted} exceed the "
+            raise FieldError("max_tokens", f"the prompt's {len(ids)} tokens plus max_tokens {wanted} exceed the "
                              f"model's context of {limit} tokens; ask for at most {limit - len(ids)}")
         return Prepared(req.request_id or uuid.uuid4().hex, self.model.id, ids, req.sampling)
 
     def _token_ids(self, prompt: str | list[int]) -> list[int]:
         if not prompt:
-            raise ValueError("prompt: is empty")
+            raise FieldError("prompt", "is empty")
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.model.vocab_size for t in prompt):
-            raise ValueError(f"prompt: token ids must be integers in [0, {self.model.vocab_size})")
+            raise FieldError("prompt", f"token ids must be integers in [0, {self.model.vocab_size})")
         return list(prompt)
 
     async def generate(self, p: Prepared) -> AsyncIterator[Delta | Finish]:
@@ -122,7 +119,7 @@ class GatewayCore:
                 raise
             finally:  # a request whose client left ends here with no reason: "cancelled"
                 span.set_attributes({"completion_tokens": run.completion_tokens, "cached_tokens": run.cached_tokens})
-                self.metrics.observe_finish(run.reason or "cancelled", time.perf_counter() - start,
+                self.metrics.observe_finish(run.reason or FinishReason.CANCELLED, time.perf_counter() - start,
                                             run.completion_tokens)
 
     async def _serve(self, run: _Run) -> AsyncIterator[Delta | Finish]:
@@ -168,12 +165,13 @@ class GatewayCore:
         log.warning("instance unavailable; trying another", extra={"kind": picker.kind, "address": failed})
         return any(a not in tried for a in await picker.reachable())
 
-    def _first_token_reason(self, run: _Run, token: int, request: Prepared | None = None) -> str | None:
+    def _first_token_reason(self, run: _Run, token: int, request: Prepared | None = None) -> FinishReason | None:
         """Finished on a prefill's token (the request's, or a migration's): no decode call then."""
-        s = (request or run.prepared).sampling
-        if run.text.stopped or token == self.model.eos_token_id and not s.ignore_eos or token in s.stop_token_ids:
-            return "stop"
-        return "length" if s.max_tokens == 1 else None
+        request = request or run.prepared
+        if run.text.stopped:
+            return FinishReason.STOP
+        rule = StopRule.of(request.sampling, self.model.eos_token_id, self.model.context_limit)
+        return rule.reason(token, 1, len(request.token_ids) + 1)
 
     async def _decode(self, run: _Run, first: PrefillOutcome) -> AsyncIterator[Delta]:
         """Stream the decode to its end: after its finished chunk, or after the chunk that answers our
@@ -230,7 +228,7 @@ class GatewayCore:
                     if step.token_ids and not run.text.stopped:
                         yield self._accept(run, step.token_ids)
                     if run.reason is None and run.text.stopped:
-                        run.reason = "stop"
+                        run.reason = FinishReason.STOP
                         if step.finish_reason is None and not await self._cancel(address, request.request_id):
                             break
                     elif run.reason is None:

@@ -1,41 +1,30 @@
-"""Exceptions -> OpenAI's error JSON ``{"error": {message, type, param, code}}`` and HTTP statuses:
-400 bad input (the param named), 429 over capacity, 503 an instance unavailable (both with
-``Retry-After``), 504 deadline."""
+"""Exceptions -> OpenAI's error JSON ``{"error": {message, type, param, code}}``, HTTP statuses
+and ``Retry-After``, by the project's one table (cloudmatrix/rpc/errors.py): 400 bad input (the
+FieldError's field is the param), 429 over capacity, 503 an instance unavailable, 504 deadline,
+500 a bug (logged; its message says nothing of it)."""
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from aiohttp import web
 
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
-from services.gateway.core import UnknownModel
+from cloudmatrix.errors import FieldError
+from cloudmatrix.rpc.errors import INTERNAL, kind_of
 
 log = logging.getLogger(__name__)
-_PARAM = re.compile(r"^([A-Za-z_][\w.\[\]]*):\s")
-
-# (exception, HTTP status, type, code); the first match wins
-_KINDS = (
-    (UnknownModel, 400, "invalid_request_error", "model_not_found"),
-    (ValueError, 400, "invalid_request_error", "invalid_value"),
-    (ResourceExhausted, 429, "rate_limit_error", "rate_limit_exceeded"),
-    (PeerUnavailable, 503, "service_unavailable", "instance_unavailable"),
-    (TimeoutError, 504, "timeout_error", "deadline_exceeded"),
-)
 
 
 def classify(exc: BaseException) -> tuple[int, str, str]:
-    for kind, status, type_, code in _KINDS:
-        if isinstance(exc, kind):
-            return status, type_, code
-    log.error("request failed", exc_info=exc)
-    return 500, "internal_error", "internal_error"
+    """(HTTP status, OpenAI error type, code) from the one table (cloudmatrix/rpc/errors.py); an
+    error of none of its kinds is a bug: logged with its traceback."""
+    kind = kind_of(exc)
+    if kind is INTERNAL:
+        log.error("request failed", exc_info=exc)
+    return kind.http_status, kind.openai_type, kind.openai_code
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-# Seconds a client should wait before retrying: over capacity (429) or no instance reachable (503).
-RETRY_AFTER_S = {429: 1, 503: 2}
 
 
 def http_error_response(exc: web.HTTPException, method: str, path: str) -> web.Response:
@@ -56,13 +45,13 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 
 def error_response(exc: BaseException) -> web.Response:
     status, body = _described(exc)
-    retry = RETRY_AFTER_S.get(status)
+    retry = kind_of(exc).retry_after_s
     return web.json_response(body, status=status, headers={"Retry-After": str(retry)} if retry else None)
 
 
 def _described(exc: BaseException) -> tuple[int, dict[str, Any]]:
     status, type_, code = classify(exc)
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    match = _PARAM.match(message) if status == 400 else None
-    return status, {"error": {"message": message, "type": type_, "param": match.group(1) if match else None,
-                              "code": code}}
+    message = ("internal error (the gateway logged it)" if status == 500
+               else " ".join(str(exc).split()) or type(exc).__name__)
+    param = exc.field if isinstance(exc, FieldError) else None
+    return status, {"error": {"message": message, "type": type_, "param": param, "code": code}}

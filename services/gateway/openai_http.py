@@ -18,6 +18,7 @@ from typing import Any
 import prometheus_client
 from aiohttp import web
 
+from cloudmatrix.errors import FieldError
 from services.gateway import chat as chat_template
 from services.gateway import openai_schema as oai
 from services.gateway.core import GatewayCore
@@ -109,7 +110,7 @@ class OpenAIHttp:
             else:
                 req = oai.generate_request(body, uuid.uuid4().hex, False, oai.prompt(body))
             return body, _renamed(self.core.prepare, req, chat)
-        except (ValueError, web.HTTPRequestEntityTooLarge):
+        except (FieldError, web.HTTPRequestEntityTooLarge):
             self.core.metrics.observe_invalid()
             raise
 
@@ -128,9 +129,9 @@ def _renamed(prepare, req: GenerateRequest, chat: bool):
     """Chat prompts come from ``messages``: name that field in errors about the prompt."""
     try:
         return prepare(req)
-    except ValueError as err:
-        if chat and str(err).startswith("prompt:"):
-            raise ValueError("messages:" + str(err)[len("prompt:"):]) from err
+    except FieldError as err:
+        if chat and err.field == "prompt":
+            raise FieldError("messages", str(err).removeprefix("prompt: ")) from err
         raise
 
 
@@ -138,9 +139,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except json.JSONDecodeError as err:
-        raise ValueError(f"body: not valid JSON ({err.msg})") from err
+        raise FieldError("body", f"not valid JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise FieldError("body", f"not UTF-8 ({err.reason} at byte {err.start})") from err
     if not isinstance(body, dict):
-        raise ValueError("body: expected a JSON object")  # noqa: TRY004 - bad input: 400
+        raise FieldError("body", "expected a JSON object")  # noqa: TRY004 - bad input: 400
     return body
 
 
@@ -148,7 +151,8 @@ async def _whole(shape: oai.Shape, first: Delta, events: AsyncIterator[Delta | F
     text, event = first.text, first
     async for event in events:
         text += event.text
-    assert isinstance(event, Finish), "the core's last event is a Finish"
+    if not isinstance(event, Finish):
+        raise RuntimeError("the core's last event is not a Finish")
     return web.json_response(shape.completion(text, event))
 
 

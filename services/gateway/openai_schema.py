@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.gateway.schema import Finish, GenerateRequest, Sampling, Timing, Usage
+from cloudmatrix.errors import FieldError
+from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
+from services.gateway.schema import Finish, GenerateRequest, Timing, Usage
 
-DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions; used for chat too
+# max_tokens unset: DEFAULT_MAX_TOKENS, OpenAI's default for /v1/completions; chat takes it too
+# (OpenAI's chat runs to the context's end; here a request without a limit stays bounded).
 DEFAULT_TEMPERATURE = 1.0    # OpenAI's default; 0 = greedy
 _UNSET = object()
 
@@ -17,14 +20,14 @@ def _field(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: An
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         names = " or ".join("number" if k is float else k.__name__ for k in kinds)
-        raise ValueError(f"{name}: expected {names}, got {value!r}")
+        raise FieldError(name, f"expected {names}, got {value!r}")
     return value
 
 
 def model_name(body: dict[str, Any]) -> str:
     model = _field(body, "model", (str,), "")
     if not model:
-        raise ValueError("model: required")
+        raise FieldError("model", "required")
     return model
 
 
@@ -36,14 +39,14 @@ def prompt(body: dict[str, Any]) -> str | list[int]:
     if isinstance(value, str) or isinstance(value, list) and all(type(t) is int for t in value):
         return value
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise ValueError("prompt: one prompt per request is supported")
-    raise ValueError("prompt: expected a string or a list of token ids")
+        raise FieldError("prompt", "one prompt per request is supported")
+    raise FieldError("prompt", "expected a string or a list of token ids")
 
 
-def sampling(body: dict[str, Any], chat: bool) -> Sampling:
+def sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
     _unsupported(body, chat)
     top_k = _field(body, "top_k", (int,), 0)
-    return Sampling(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
+    return SamplingParams(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
                     top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
                     seed=_field(body, "seed", (int,)), max_tokens=_max_tokens(body, chat), stop=_stop(body),
                     stop_token_ids=_token_ids(body, "stop_token_ids"),
@@ -60,27 +63,27 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stop = _field(body, "stop", (str, list), ())
     stop = (stop,) if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop):
-        raise ValueError("stop: expected a string or a list of strings")
+        raise FieldError("stop", "expected a string or a list of strings")
     return tuple(stop)
 
 
 def _token_ids(body: dict[str, Any], name: str) -> tuple[int, ...]:
     ids = _field(body, name, (list,), [])
     if not all(type(t) is int for t in ids):
-        raise ValueError(f"{name}: expected a list of token ids")
+        raise FieldError(name, "expected a list of token ids")
     return tuple(ids)
 
 
 def _unsupported(body: dict[str, Any], chat: bool) -> None:
     if _field(body, "n", (int,), 1) != 1:
-        raise ValueError("n: only n = 1 is supported")
+        raise FieldError("n", "only n = 1 is supported")
     if _field(body, "logprobs", (bool,) if chat else (int,), None) not in (None, False):
-        raise ValueError("logprobs: not supported")
+        raise FieldError("logprobs", "not supported")
     if not chat and _field(body, "echo", (bool,), False):
-        raise ValueError("echo: not supported")
+        raise FieldError("echo", "not supported")
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, (int, float), 0):
-            raise ValueError(f"{name}: not supported (only 0)")
+            raise FieldError(name, "not supported (only 0)")
     _not_implemented(body, chat)
 
 
@@ -89,19 +92,19 @@ def _not_implemented(body: dict[str, Any], chat: bool) -> None:
     a 400 naming it, never a silently different answer. Their neutral values are accepted."""
     for name in ("tools", "functions", "logit_bias"):
         if _field(body, name, (list, dict), None):
-            raise ValueError(f"{name}: not supported (tool and function calling, logit bias)")
+            raise FieldError(name, "not supported (tool and function calling, logit bias)")
     for name in ("tool_choice", "function_call"):
         if _field(body, name, (str, dict), "none") not in ("none", "auto"):
-            raise ValueError(f"{name}: not supported (no tool or function calling)")
+            raise FieldError(name, "not supported (no tool or function calling)")
     response_format = _field(body, "response_format", (dict,), {"type": "text"})
     if response_format.get("type", "text") != "text":
-        raise ValueError(f"response_format: only {{\"type\": \"text\"}} is supported, got {response_format!r}")
+        raise FieldError("response_format", f"only {{\"type\": \"text\"}} is supported, got {response_format!r}")
     if chat and _field(body, "top_logprobs", (int,), 0):
-        raise ValueError("top_logprobs: not supported")
+        raise FieldError("top_logprobs", "not supported")
     if not chat and _field(body, "best_of", (int,), 1) != 1:
-        raise ValueError("best_of: only best_of = 1 is supported")
+        raise FieldError("best_of", "only best_of = 1 is supported")
     if not chat and _field(body, "suffix", (str,), ""):
-        raise ValueError("suffix: not supported (no insertion)")
+        raise FieldError("suffix", "not supported (no insertion)")
 
 
 def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from cloudmatrix.clients.types import DecodeStep, Sampling
+from cloudmatrix.clients.types import DecodeStep
+from cloudmatrix.sampling_params import FinishReason, SamplingParams
 
-__all__ = ["DecodeStep", "Delta", "Finish", "GenerateRequest", "PrefillOutcome", "Prepared", "Sampling", "Timing",
-           "Usage"]
+__all__ = ["DecodeStep", "Delta", "Finish", "GenerateRequest", "PrefillOutcome", "Prepared", "SamplingParams",
+           "Timing", "Usage"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,7 @@ class GenerateRequest:
     request_id: str
     model: str
     prompt: str | list[int]
-    sampling: Sampling = Sampling()
+    sampling: SamplingParams = SamplingParams()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Prepared:
     request_id: str
     model: str
     token_ids: list[int]
-    sampling: Sampling
+    sampling: SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +67,10 @@ class Timing:
 
 @dataclasses.dataclass(frozen=True)
 class Finish:
-    """The last event of a generation: why it stopped ("stop" or "length"), usage, timing, and any
+    """The last event of a generation: why it stopped (STOP or LENGTH), usage, timing, and any
     text held back until the end."""
 
-    reason: str
+    reason: FinishReason
     usage: Usage
     timing: Timing
     text: str = ""

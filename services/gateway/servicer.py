@@ -6,27 +6,18 @@ import hmac
 
 import grpc
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.errors import map_errors
+from cloudmatrix.rpc.sampling import finish_to_proto, sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
-from cmx.common.v1 import common_pb2
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.core import GatewayCore
-from services.gateway.schema import Finish, GenerateRequest, Sampling
-
-DEFAULT_MAX_TOKENS = 16  # when SamplingParams.max_tokens is 0 (unset)
-FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
-          "cancelled": common_pb2.FINISH_REASON_CANCELLED}
-
-
-def sampling(p: common_pb2.SamplingParams) -> Sampling:
-    return Sampling(temperature=p.temperature, top_p=p.top_p or 1.0, top_k=p.top_k,
-                    seed=p.seed if p.HasField("seed") else None, max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS,
-                    stop=tuple(p.stop), stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
+from services.gateway.schema import Finish, GenerateRequest
 
 
 def generate_request(r: gateway_pb2.GenerateRequest) -> GenerateRequest:
     prompt = r.text if r.WhichOneof("prompt") == "text" else list(r.token_ids.ids)
-    return GenerateRequest(r.request_id, r.model, prompt, sampling(r.sampling))
+    return GenerateRequest(r.request_id, r.model, prompt, sampling_from_proto(r.sampling))
 
 
 def final_chunk(request_id: str, finish: Finish, text: str = "",
@@ -34,7 +25,7 @@ def final_chunk(request_id: str, finish: Finish, text: str = "",
     u, t = finish.usage, finish.timing
     return gateway_pb2.GenerateChunk(
         request_id=request_id, text=text + finish.text, token_ids=token_ids or [],
-        finish_reason=FINISH.get(finish.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+        finish_reason=finish_to_proto(finish.reason),
         usage=gateway_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                 cached_tokens=u.cached_tokens),
         timing=timing_proto(t.measured, t.modeled, measured_s=t.measured_s, modeled_s=t.modeled_s,
@@ -50,7 +41,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await self._authenticate(context)
         try:
             prepared = self.core.prepare(generate_request(request))
-        except ValueError:
+        except FieldError:
             self.core.metrics.observe_invalid()
             raise
         text, token_ids = "", []

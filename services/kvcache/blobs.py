@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Self
 
+from cloudmatrix.errors import FieldError
 from services.kvcache.blobfile import (
     SUFFIX,
     BlobEntry,
@@ -63,9 +64,9 @@ class BlobWriter:
     def __init__(self, name: str, path: Path | None,
                  on_commit: Callable[[str, BlobEntry, Path | None], None]) -> None:
         if not name:
-            raise ValueError("name: a blob needs a non-empty name")
+            raise FieldError("name", "a blob needs a non-empty name")
         if len(name.encode()) > MAX_NAME_BYTES:
-            raise ValueError(f"name: must be at most {MAX_NAME_BYTES} bytes of UTF-8")
+            raise FieldError("name", f"must be at most {MAX_NAME_BYTES} bytes of UTF-8")
         self.name, self.path, self.on_commit = name, path, on_commit
         self.chunks = self.size = self.crc = 0
         self.total_bytes: int | None = None
@@ -80,13 +81,13 @@ class BlobWriter:
         """Raises ValueError naming the field for an out-of-order, damaged or extra chunk."""
         where = f"blob {self.name!r} chunk {chunk.chunk_index}"
         if self.ended:
-            raise ValueError(f"{where}: chunk_index: the chunk marked last was already received")
+            raise FieldError("chunk_index", f"{where}: the chunk marked last was already received")
         if chunk.name not in ("", self.name):
-            raise ValueError(f"{where}: name: {chunk.name!r} differs from the first chunk's")
+            raise FieldError("name", f"{where}: {chunk.name!r} differs from the first chunk's")
         if chunk.chunk_index != self.chunks:
-            raise ValueError(f"{where}: chunk_index: expected {self.chunks} (chunks go in order from 0)")
+            raise FieldError("chunk_index", f"{where}: expected {self.chunks} (chunks go in order from 0)")
         if zlib.crc32(chunk.data) != chunk.checksum:
-            raise ValueError(f"{where}: checksum: does not match the CRC-32 of data")
+            raise FieldError("checksum", f"{where}: does not match the CRC-32 of data")
         if self.chunks == 0 and chunk.total_bytes:
             self.total_bytes = chunk.total_bytes
         self._write(chunk.data)
@@ -94,11 +95,11 @@ class BlobWriter:
         self.ended = chunk.last
         over = self.total_bytes is not None and self.size > self.total_bytes
         if over or (self.ended and self.total_bytes not in (None, self.size)):
-            raise ValueError(f"{where}: total_bytes: chunk 0 announced {self.total_bytes} bytes, got {self.size}")
+            raise FieldError("total_bytes", f"{where}: chunk 0 announced {self.total_bytes} bytes, got {self.size}")
 
     def finish(self) -> BlobInfo:
         if not self.ended:
-            raise ValueError(f"blob {self.name!r}: incomplete: the stream ended after {self.chunks} chunks "
+            raise FieldError("last", f"blob {self.name!r} is incomplete: the stream ended after {self.chunks} chunks "
                              f"without one marked last")
         if self._file is None:
             entry = BlobEntry(self.size, self.crc, data=b"".join(self._parts))
@@ -157,7 +158,7 @@ class BlobStore:
         """The blob's chunks of at most ``chunk_bytes``, verified against the stored checksum
         before the first is returned; BlobNotFound if unknown or damaged (then deleted)."""
         if chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes: must be >= 1, got {chunk_bytes}")
+            raise FieldError("chunk_bytes", f"must be >= 1, got {chunk_bytes}")
         with self._lock:
             entry = self._blobs.get(name)
         if entry is None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.tensor_codec import validate_tensor
 from cmx.common.v1 import common_pb2
 
@@ -59,7 +60,7 @@ class PutOutcome(enum.Enum):
 
 def check_key(key: bytes, field: str = "key") -> None:
     if len(key) != KEY_BYTES:
-        raise ValueError(f"{field}: must be exactly {KEY_BYTES} bytes, got {len(key)}")
+        raise FieldError(field, f"must be exactly {KEY_BYTES} bytes, got {len(key)}")
 
 
 def check_keys(keys: Sequence[bytes]) -> None:
@@ -71,16 +72,16 @@ def validate_block(block: Block, max_block_bytes: int) -> None:
     """Raise ValueError naming the field when ``block`` may not be stored."""
     check_key(block.key)
     if block.kind not in KINDS:
-        raise ValueError(f"kind: must be BLOCK_KIND_FULL or BLOCK_KIND_TAIL, got {block.kind}")
+        raise FieldError("kind", f"must be BLOCK_KIND_FULL or BLOCK_KIND_TAIL, got {block.kind}")
     if not 1 <= block.num_tokens < 2**32:
-        raise ValueError(f"num_tokens: must be in [1, 2**32), got {block.num_tokens}")
+        raise FieldError("num_tokens", f"must be in [1, 2**32), got {block.num_tokens}")
     if len(block.namespace.encode()) > MAX_NAMESPACE_BYTES:
-        raise ValueError(f"namespace: must be at most {MAX_NAMESPACE_BYTES} bytes of UTF-8")
+        raise FieldError("namespace", f"must be at most {MAX_NAMESPACE_BYTES} bytes of UTF-8")
     if len(block.data) > max_block_bytes:
-        raise ValueError(f"data: {len(block.data)} bytes is over max_block_bytes ({max_block_bytes})")
+        raise FieldError("data", f"{len(block.data)} bytes is over max_block_bytes ({max_block_bytes})")
     actual = zlib.crc32(block.data)
     if actual != block.checksum:
-        raise ValueError(f"checksum: {block.checksum:#010x} does not match the CRC-32 of data ({actual:#010x})")
+        raise FieldError("checksum", f"{block.checksum:#010x} does not match the CRC-32 of data ({actual:#010x})")
     check_tensor(block.data)
 
 
@@ -89,5 +90,5 @@ def check_tensor(data: bytes) -> None:
     try:
         tensor = common_pb2.Tensor.FromString(data)
     except DecodeError as err:
-        raise ValueError(f"data: not a serialized cmx.common.v1.Tensor ({err})") from err
+        raise FieldError("data", f"not a serialized cmx.common.v1.Tensor ({err})") from err
     validate_tensor(tensor, name="data")  # raises TensorDecodeError (a ValueError) naming the mismatch

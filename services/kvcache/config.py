@@ -6,6 +6,7 @@ import math
 import os
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,19 +25,19 @@ class KvCacheConfig:
 
     def __post_init__(self) -> None:
         if self.capacity_bytes < 1:
-            raise ValueError(f"capacity_bytes: must be >= 1, got {self.capacity_bytes}")
+            raise FieldError("capacity_bytes", f"must be >= 1, got {self.capacity_bytes}")
         if self.max_block_bytes < 1:
-            raise ValueError(f"max_block_bytes: must be >= 1, got {self.max_block_bytes}")
+            raise FieldError("max_block_bytes", f"must be >= 1, got {self.max_block_bytes}")
         if self.max_block_bytes >= self.server.max_message_bytes:
-            raise ValueError(f"max_block_bytes: must be below server.max_message_bytes "
+            raise FieldError("max_block_bytes", "must be below server.max_message_bytes "
                              f"({self.server.max_message_bytes}), got {self.max_block_bytes}")
         if self.disk_capacity_bytes < 1:
-            raise ValueError(f"disk_capacity_bytes: must be >= 1, got {self.disk_capacity_bytes}")
+            raise FieldError("disk_capacity_bytes", f"must be >= 1, got {self.disk_capacity_bytes}")
         if not (self.max_lease_s > 0 and math.isfinite(self.max_lease_s)):
-            raise ValueError(f"max_lease_s: must be a finite number > 0, got {self.max_lease_s}")
+            raise FieldError("max_lease_s", f"must be a finite number > 0, got {self.max_lease_s}")
         for name in ("disk_dir", "blob_dir"):
             if getattr(self, name) == "":
-                raise ValueError(f"{name}: must be a directory path or none, got an empty string")
+                raise FieldError(name, "must be a directory path or none, got an empty string")
 
     @property
     def resolved_blob_dir(self) -> str | None:

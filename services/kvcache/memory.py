@@ -15,7 +15,8 @@ class MemoryTier:
         self.used_bytes = 0
 
     def add(self, block: Block) -> None:
-        assert block.key not in self.blocks, f"block {block.key.hex()} is already in memory"
+        if block.key in self.blocks:
+            raise RuntimeError(f"block {block.key.hex()} is already in memory")
         self.blocks[block.key] = block
         self.used_bytes += len(block.data)
 

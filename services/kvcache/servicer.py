@@ -12,6 +12,7 @@ import asyncio
 
 import grpc
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.protowire import field_header
 from cloudmatrix.rpc.server import with_raw_bytes
@@ -72,8 +73,9 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
             try:
                 outcome = self.store.put(block.key, block.namespace, block.kind, block.num_tokens, block.data,
                                          block.checksum)
-            except ValueError as err:
-                raise ValueError(f"block {i} (key {block.key.hex()}): {err}") from err
+            except FieldError as err:
+                raise FieldError(f"blocks[{i}].{err.field}", f"(key {block.key.hex()}) "
+                                 f"{str(err).removeprefix(err.field + ': ')}") from err
             status, message = _PUT_STATUS[outcome]
             statuses.append(kvcache_pb2.KeyStatus(key=block.key, status=status, message=message))
         return statuses
@@ -121,7 +123,7 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
     async def ListKeys(self, request, context):
         limit = request.limit or 1000
         if not 1 <= limit <= MAX_LIST_KEYS:
-            raise ValueError(f"limit: must be in 1..{MAX_LIST_KEYS}, got {request.limit}")
+            raise FieldError("limit", f"must be in 1..{MAX_LIST_KEYS}, got {request.limit}")
         keys, more = await asyncio.to_thread(self.store.keys_after, request.after, limit)
         return kvcache_pb2.ListKeysReply(keys=keys, more=more)
 
@@ -135,7 +137,7 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
                 await asyncio.to_thread(writer.add, BlobChunk(chunk.name, chunk.chunk_index, chunk.data,
                                                               chunk.checksum, chunk.last, chunk.total_bytes))
             if writer is None:
-                raise ValueError("name: the PutBlob stream carried no chunks")
+                raise FieldError("name", "the PutBlob stream carried no chunks")
             info = await asyncio.to_thread(writer.finish)
         finally:
             if writer is not None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from cloudmatrix.errors import FieldError
 from services.kvcache.blobs import BlobChunk, BlobInfo, BlobStore, BlobWriter
 from services.kvcache.blocks import Block, PutOutcome, check_keys, validate_block
 from services.kvcache.disk import CorruptBlock, DiskTier
@@ -107,7 +108,7 @@ class ShardStore:
         min(ttl_s, max_lease_s) seconds."""
         check_keys(keys)
         if not (ttl_s > 0 and math.isfinite(ttl_s)):
-            raise ValueError(f"ttl_s: must be a finite number > 0, got {ttl_s}")
+            raise FieldError("ttl_s", f"must be a finite number > 0, got {ttl_s}")
         granted = min(ttl_s, self.max_lease_s)
         with self._lock:
             held = {key for key in keys if key in self.memory.blocks}

@@ -5,6 +5,7 @@ import dataclasses
 
 from cloudmatrix.config import ServerConfig
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE
+from cloudmatrix.errors import FieldError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,17 +19,21 @@ class NpuEmulatorConfig:
     kv_pool_bytes: int = 64 * 2**20                  # KV pool size unless LoadModel says (real RAM here)
     round_timeout_s: float = 10.0                    # a dispatch/combine round fails after this
     fabric_connect_timeout_s: float = 60.0           # LoadModel waits this long for the EP group
+    fail_forwards: tuple[int, ...] = ()              # a fault hook for tests: these Forward calls of this
+                                                     # die (1 = its first) raise TypeError, as a bug would
 
     def __post_init__(self) -> None:
         if self.num_dies < 1:
-            raise ValueError(f"num_dies must be >= 1, got {self.num_dies}")
+            raise FieldError("num_dies", f"must be >= 1, got {self.num_dies}")
         if not 0 <= self.die_id < self.num_dies:
-            raise ValueError(f"die_id must be in [0, num_dies={self.num_dies}), got {self.die_id}")
+            raise FieldError("die_id", f"must be in [0, num_dies={self.num_dies}), got {self.die_id}")
         if self.hbm_bytes <= 0:
-            raise ValueError(f"hbm_bytes must be > 0, got {self.hbm_bytes}")
+            raise FieldError("hbm_bytes", f"must be > 0, got {self.hbm_bytes}")
         if self.kv_block_size < 1 or self.kv_pool_bytes < 1:
             raise ValueError("kv_block_size and kv_pool_bytes must be >= 1")
         if self.round_timeout_s <= 0 or self.fabric_connect_timeout_s <= 0:
             raise ValueError("round_timeout_s and fabric_connect_timeout_s must be > 0")
+        if any(n < 1 for n in self.fail_forwards):
+            raise FieldError("fail_forwards", f"call numbers start at 1, got {self.fail_forwards}")
         if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise FieldError("threads", f"must be >= 1, got {self.threads}")

@@ -1,6 +1,7 @@
 """Proto <-> dataclass conversions for the npu_emulator servicer."""
 from __future__ import annotations
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.sampling import sampling_from_proto
 from cmx.common.v1 import common_pb2
 from services.npu_emulator.engine import SequenceStep
@@ -20,9 +21,9 @@ def sequence_step(s) -> SequenceStep:
 
 def load_spec(request, config) -> LoadSpec:
     if not request.checkpoint_path:
-        raise ValueError("checkpoint_path: must name a checkpoint directory")
+        raise FieldError("checkpoint_path", "must name a checkpoint directory")
     if request.precision not in PRECISION_NAMES:
-        raise ValueError(f"precision: {common_pb2.Precision.Name(request.precision)} is not a serving precision")
+        raise FieldError("precision", f"{common_pb2.Precision.Name(request.precision)} is not a serving precision")
     placement = {(p.layer, p.expert): tuple(p.dies) for p in request.placement}
     return LoadSpec(
         checkpoint=request.checkpoint_path, precision=PRECISION_NAMES[request.precision],

@@ -8,6 +8,7 @@ import time
 import torch
 
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE
+from cloudmatrix.errors import FieldError
 from services.npu_emulator.engine import DieEngine
 from services.npu_emulator.kernels import KERNELS, kernel_modeled_s
 
@@ -54,7 +55,7 @@ class Die:
 
     def run_kernel(self, name: str, inputs: dict[str, torch.Tensor], params: dict[str, str]) -> KernelResult:
         if name not in KERNELS:
-            raise ValueError(f"kernel: unknown kernel {name!r}; available: {', '.join(sorted(KERNELS))}")
+            raise FieldError("kernel", f"unknown kernel {name!r}; available: {', '.join(sorted(KERNELS))}")
         start = time.perf_counter()
         outputs = KERNELS[name](inputs, params)
         measured = time.perf_counter() - start

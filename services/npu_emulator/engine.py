@@ -12,12 +12,14 @@ import time
 
 import torch
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
-from cloudmatrix.model.sampling import SamplingParams, sample_token
+from cloudmatrix.model.sampling import sample_token
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
 from cloudmatrix.rpc.errors import ResourceExhausted
+from cloudmatrix.sampling_params import SamplingParams
 from services.npu_emulator.modeled import forward_modeled_s
 
 # A die whose fabric stream broke re-attaches at its next Forward; it gives up (the Forward fails
@@ -77,10 +79,10 @@ class DieEngine:
         shape = self.pool.shape
         for block, kv in blocks:
             if not self.pool.allocator.is_allocated(block):
-                raise ValueError(f"block {block} is not allocated")
+                raise FieldError("blocks", f"block {block} is not allocated")
             if kv.dim() != 3 or kv.shape[0] != shape.num_layers or kv.shape[2] != shape.latent_dim + shape.rope_dim \
                     or not 0 < kv.shape[1] <= shape.block_size:
-                raise ValueError(f"block {block}: kv must be [{shape.num_layers}, 1..{shape.block_size}, "
+                raise FieldError("blocks", f"block {block}: kv must be [{shape.num_layers}, 1..{shape.block_size}, "
                                  f"{shape.latent_dim + shape.rope_dim}], got {list(kv.shape)}")
         for block, kv in blocks:
             slots = torch.arange(kv.shape[1]) + block * shape.block_size
@@ -94,7 +96,7 @@ class DieEngine:
         out = []
         for block, n in blocks:
             if not self.pool.allocator.is_allocated(block) or not 0 < n <= shape.block_size:
-                raise ValueError(f"block {block} with {n} tokens: not an allocated block or n not in 1..{shape.block_size}")
+                raise FieldError("blocks", f"block {block} with {n} tokens: not an allocated block or n not in 1..{shape.block_size}")
             slots = torch.arange(n) + block * shape.block_size
             out.append(torch.cat([self.pool.latent[:, slots], self.pool.k_rope[:, slots]], dim=-1))
         return out
@@ -126,15 +128,15 @@ class DieEngine:
     def _validate(self, s: SequenceStep) -> None:
         cfg = self.model.cfg
         if not s.token_ids:
-            raise ValueError(f"sequence {s.seq_id!r}: token_ids is empty")
+            raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: empty")
         if any(not 0 <= t < cfg.vocab_size for t in s.token_ids):
-            raise ValueError(f"sequence {s.seq_id!r}: token ids must be in [0, {cfg.vocab_size})")
+            raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: ids must be in [0, {cfg.vocab_size})")
         if s.start + len(s.token_ids) > cfg.max_position_embeddings:
-            raise ValueError(f"sequence {s.seq_id!r}: positions up to {s.start + len(s.token_ids)} exceed the "
+            raise FieldError("sequences.start_position", f"sequence {s.seq_id!r}: positions up to {s.start + len(s.token_ids)} exceed the "
                              f"context limit {cfg.max_position_embeddings}")
         unknown = [b for b in s.block_table if not self.pool.allocator.is_allocated(b)]
         if unknown:
-            raise ValueError(f"sequence {s.seq_id!r}: block_table holds unallocated blocks {unknown[:4]}")
+            raise FieldError("sequences.block_table", f"sequence {s.seq_id!r}: holds unallocated blocks {unknown[:4]}")
 
     def _run(self, seqs: list[SequenceStep], return_logits: bool, clock: PhaseClock) -> list[SequenceResult]:
         batch = PagedBatch([s.block_table for s in seqs], [s.start for s in seqs], [len(s.token_ids) for s in seqs])
@@ -174,5 +176,5 @@ def pool_shape(model: DeepseekV3, block_size: int, pool_bytes: int) -> PoolShape
     cfg = model.cfg
     per_block = PoolShape(cfg.num_hidden_layers, 1, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim).bytes_per_block
     if pool_bytes < per_block:
-        raise ValueError(f"kv_pool_bytes {pool_bytes} holds no block of {per_block} bytes")
+        raise FieldError("kv_pool_bytes", f"{pool_bytes} bytes hold no block of {per_block} bytes")
     return PoolShape(cfg.num_hidden_layers, pool_bytes // per_block, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from cloudmatrix.costmodel.ops import gemm_s, mla_attention_s
+from cloudmatrix.errors import FieldError
 from cloudmatrix.kernels.fp16 import cube_matmul
 from cloudmatrix.kernels.pasa import MODES, flash_attention
 from cloudmatrix.quant.primitives import int8_matmul
@@ -12,7 +13,7 @@ from cloudmatrix.quant.primitives import int8_matmul
 def _require(inputs: dict[str, torch.Tensor], kernel: str, names: tuple[str, ...], usage: str) -> list[torch.Tensor]:
     missing = sorted(set(names) - inputs.keys())
     if missing:
-        raise ValueError(f"{kernel}: missing inputs {missing} (needs {usage})")
+        raise FieldError("inputs", f"{kernel}: missing inputs {missing} (needs {usage})")
     return [inputs[n] for n in names]
 
 
@@ -20,15 +21,15 @@ def run_gemm(inputs: dict[str, torch.Tensor], params: dict[str, str]) -> dict[st
     """a: [M, K], b: [K, N]; params.precision 'fp16' (the cube unit, emulated; default) or 'fp32'."""
     a, b = _require(inputs, "gemm", ("a", "b"), "a: [M, K], b: [K, N]")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"gemm: inputs a {list(a.shape)} and b {list(b.shape)} must be [M, K] and [K, N]")
+        raise FieldError("inputs", f"gemm: a {list(a.shape)} and b {list(b.shape)} must be [M, K] and [K, N]")
     if not (a.is_floating_point() and b.is_floating_point()):
-        raise ValueError(f"gemm: inputs must be floating point, got a {a.dtype} and b {b.dtype}")
+        raise FieldError("inputs", f"gemm: must be floating point, got a {a.dtype} and b {b.dtype}")
     precision = params.get("precision", "fp16")
     if precision == "fp16":
         return {"out": cube_matmul(a.float(), b.float()).to(torch.float16)}
     if precision == "fp32":
         return {"out": a.float() @ b.float()}
-    raise ValueError(f"gemm: params.precision must be 'fp16' or 'fp32', got {precision!r}")
+    raise FieldError("params.precision", f"gemm: must be 'fp16' or 'fp32', got {precision!r}")
 
 
 def run_int8_gemm(inputs: dict[str, torch.Tensor], params: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -42,11 +43,11 @@ def run_pasa_attention(inputs: dict[str, torch.Tensor], params: dict[str, str]) 
     q, k, v = _require(inputs, "pasa_attention", ("q", "k", "v"), "q, k, v as [B, H, S, D]")
     mode = params.get("mode", "pasa")
     if mode not in MODES:
-        raise ValueError(f"pasa_attention: params.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise FieldError("params.mode", f"pasa_attention: must be one of {', '.join(MODES)}, got {mode!r}")
     try:
         scale = float(params.get("scale", q.shape[-1] ** -0.5))
     except ValueError as exc:
-        raise ValueError(f"pasa_attention: params.scale is not a number: {params['scale']!r}") from exc
+        raise FieldError("params.scale", f"pasa_attention: not a number: {params['scale']!r}") from exc
     causal = params.get("causal", "false").lower() in ("1", "true", "yes")
     return {"out": flash_attention(q.float(), k.float(), v.float(), scale=scale, mode=mode, causal=causal).float()}
 

@@ -6,6 +6,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.fabric.link import FabricLink
 from cloudmatrix.kv.block_pool import PagedLatentPool
 from cloudmatrix.kvcache.client import KvPoolClient
@@ -48,7 +49,7 @@ def _placement(spec: LoadSpec) -> ExpertPlacement:
     replicas = {layer: list(experts) for layer, experts in default.replicas.items()}
     for (layer, expert), dies in spec.placement.items():
         if layer not in replicas or not 0 <= expert < cfg.n_routed_experts:
-            raise ValueError(f"placement: layer {layer} expert {expert} is not a routed expert of the model")
+            raise FieldError("placement", f"layer {layer} expert {expert} is not a routed expert of the model")
         replicas[layer][expert] = dies
     return ExpertPlacement(spec.num_dies, cfg.n_routed_experts, {k: tuple(v) for k, v in replicas.items()})
 
@@ -56,7 +57,7 @@ def _placement(spec: LoadSpec) -> ExpertPlacement:
 def _exchange(spec: LoadSpec, round_timeout_s: float, connect_timeout_s: float, max_message_bytes: int):
     if not spec.fabric_address:
         if spec.num_dies != 1:
-            raise ValueError(f"fabric_address: needed for {spec.num_dies} dies (expert parallelism)")
+            raise FieldError("fabric_address", f"needed for {spec.num_dies} dies (expert parallelism)")
         return SingleDieExchange()
     link = FabricLink(spec.fabric_address, spec.die_id, spec.num_dies, spec.fabric_group or "default",
                       round_timeout_s, max_message_bytes)
@@ -70,7 +71,7 @@ def load_engine(spec: LoadSpec, hbm_bytes: int, round_timeout_s: float, connect_
     cache. Blocks until the fabric group assembles."""
     start = time.perf_counter()
     if not 0 <= spec.die_id < spec.num_dies:
-        raise ValueError(f"die_id {spec.die_id} must be in [0, num_dies={spec.num_dies})")
+        raise FieldError("die_id", f"{spec.die_id} must be in [0, num_dies={spec.num_dies})")
     precision = parse_precision(spec.precision)
     placement = _placement(spec)
     exchange = _exchange(spec, round_timeout_s, connect_timeout_s, max_message_bytes)
@@ -88,7 +89,7 @@ def load_engine(spec: LoadSpec, hbm_bytes: int, round_timeout_s: float, connect_
 def _cached_state(spec: LoadSpec, precision, placement: ExpertPlacement):
     """This die's weights through the model cache (the first loader publishes them)."""
     if needs_in_memory_quantization(spec.checkpoint, precision):
-        raise ValueError("model_cache: serving a float checkpoint in INT8 quantizes it in memory; "
+        raise FieldError("model_cache", "serving a float checkpoint in INT8 quantizes it in memory; "
                          "quantize it first (cmx quantize) to load it from the model cache")
     cfg = load_config(spec.checkpoint)
     units = units_for(die_expert_filter(placement, spec.die_id), cfg)

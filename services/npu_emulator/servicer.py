@@ -5,6 +5,7 @@ import asyncio
 
 import grpc
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.tensor_codec import (
     decode_tensor,
@@ -27,6 +28,7 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
         self.counters = counters or DieCounters()
         self.die, self.config = die, config
         self.max_tensor_bytes = config.server.max_message_bytes
+        self.forward_calls = 0
 
     async def _engine(self, context):
         if self.die.engine is None:
@@ -85,7 +87,7 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
         engine = await self._engine(context)
         counts = list(request.num_tokens) or [engine.pool.shape.block_size] * len(request.block_ids)
         if len(counts) != len(request.block_ids):
-            raise ValueError("num_tokens: must be empty or one entry per block id")
+            raise FieldError("num_tokens", "must be empty or one entry per block id")
         kvs = await asyncio.to_thread(engine.read_blocks, list(zip(request.block_ids, counts)))
         return npu_pb2.ReadBlocksReply(blocks=[
             npu_pb2.KvBlockData(block_id=b, num_tokens=n, kv=encode_tensor(kv))
@@ -94,6 +96,9 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
     @map_errors
     async def Forward(self, request, context):
         engine = await self._engine(context)
+        self.forward_calls += 1
+        if self.forward_calls in self.config.fail_forwards:  # the fault hook (config.py)
+            raise TypeError(f"fault hook: Forward call {self.forward_calls} fails as a bug would")
         seqs = [sequence_step(s) for s in request.sequences]
         results, measured, modeled = await asyncio.to_thread(engine.forward, request.step, request.microbatch, seqs,
                                                              request.return_logits)
@@ -114,8 +119,8 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
     @map_errors
     async def RunKernel(self, request, context):
         if not request.kernel:
-            raise ValueError("kernel: must name a kernel")
-        inputs = decode_tensors(request.inputs, max_bytes=self.max_tensor_bytes)
+            raise FieldError("kernel", "must name a kernel")
+        inputs = decode_tensors(request.inputs, self.max_tensor_bytes, field="inputs")
         # Kernels are CPU-bound: run them off the event loop so health checks stay answered.
         result = await asyncio.to_thread(self.die.run_kernel, request.kernel, inputs, dict(request.params))
         return npu_pb2.RunKernelReply(

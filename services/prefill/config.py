@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.settings import InstanceSettings
 
 
@@ -23,4 +24,4 @@ class PrefillConfig(InstanceSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kv_lease_ttl_s <= 0:
-            raise ValueError(f"kv_lease_ttl_s: must be > 0, got {self.kv_lease_ttl_s}")
+            raise FieldError("kv_lease_ttl_s", f"must be > 0, got {self.kv_lease_ttl_s}")

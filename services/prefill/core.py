@@ -14,13 +14,14 @@ import time
 from opentelemetry import trace
 
 from cloudmatrix.costmodel import ub
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
-from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.request import Request
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
 from cloudmatrix.kvcache import Block, Lease
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
@@ -56,11 +57,11 @@ class PrefillCore:
     def validate(self, token_ids: list[int]) -> None:
         s = self.settings
         if not token_ids:
-            raise ValueError("token_ids: the prompt is empty")
+            raise FieldError("token_ids", "the prompt is empty")
         if len(token_ids) >= s.context_limit:
-            raise ValueError(f"token_ids: {len(token_ids)} tokens leave no room in the context of {s.context_limit}")
+            raise FieldError("token_ids", f"{len(token_ids)} tokens leave no room in the context of {s.context_limit}")
         if any(not 0 <= t < s.vocab_size for t in token_ids):
-            raise ValueError(f"token_ids: ids must be in [0, {s.vocab_size})")
+            raise FieldError("token_ids", f"ids must be in [0, {s.vocab_size})")
 
     async def prefill(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
                       use_cache: bool) -> PrefillResult:
@@ -116,7 +117,7 @@ class PrefillCore:
                 modeled["compute"] += event.step_modeled_s
         finally:
             if not request.finished:  # the caller left (cancelled, deadline): end it between steps
-                self.loop.abort(request_id, "cancelled")
+                self.loop.abort(request_id)
         measured["queue"], measured["compute"] = queued, time.perf_counter() - start - queued
         return event.token_id, event.kv or []
 
@@ -137,7 +138,7 @@ class PrefillCore:
                             encode_tensor(kv).SerializeToString())
                       for k, kv, there in zip(new_keys, kvs, present) if not there]
             results = await self.pool.put_blocks(blocks)
-            failed = [r for r in results if not r.acknowledged and not _only_conflicts(r)]
+            failed = [r for r in results if not r.acknowledged and not r.only_conflicts]
             if failed:
                 raise PeerUnavailable(f"kvcache: {len(failed)} of {len(blocks)} blocks were not acknowledged "
                                       f"({next(iter(failed[0].errors.values()), 'no replica')})")
@@ -145,6 +146,3 @@ class PrefillCore:
         measured["kv_write"] = time.perf_counter() - start
         return lease
 
-
-def _only_conflicts(result) -> bool:
-    return bool(result.errors) and all("CONFLICT" in e for e in result.errors.values())

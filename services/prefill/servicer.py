@@ -1,6 +1,7 @@
 """gRPC servicer of a prefill instance: protos in, the core, protos out."""
 from __future__ import annotations
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.rpc.errors import map_errors
 from cloudmatrix.rpc.sampling import sampling_from_proto
@@ -19,9 +20,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     @map_errors
     async def Prefill(self, request, context):
         if request.model and request.model != self.model_id:
-            raise ValueError(f"model: this instance serves {self.model_id!r}, not {request.model!r}")
+            raise FieldError("model", f"this instance serves {self.model_id!r}, not {request.model!r}")
         if not request.request_id:
-            raise ValueError("request_id: must be set")
+            raise FieldError("request_id", "must be set")
         result = await self.core.prefill(request.request_id, list(request.token_ids),
                                          sampling_from_proto(request.sampling), not request.disable_context_cache)
         keys = result.keys

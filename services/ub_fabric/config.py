@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.errors import FieldError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,4 +14,4 @@ class UbFabricConfig:
 
     def __post_init__(self) -> None:
         if self.hello_timeout_s <= 0:
-            raise ValueError(f"hello_timeout_s must be > 0, got {self.hello_timeout_s}")
+            raise FieldError("hello_timeout_s", f"must be > 0, got {self.hello_timeout_s}")

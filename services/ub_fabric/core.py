@@ -12,6 +12,8 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Hashable
 
+from cloudmatrix.errors import FieldError
+
 # (src, dst, bytes) -> modeled seconds on the real UB fabric
 TransferModel = Callable[[int, int, int], float]
 
@@ -63,10 +65,10 @@ class FabricCore:
         """Register a die; returns its outbound queue and the members to greet now (all of them,
         once the group is complete). Bad or conflicting hellos raise ValueError."""
         if world_size < 1 or not 0 <= die_id < world_size:
-            raise ValueError(f"hello: die_id {die_id} must be in [0, world_size={world_size})")
+            raise FieldError("hello", f"die_id {die_id} must be in [0, world_size={world_size})")
         g = self.groups.setdefault(group, Group(group, world_size))
         if g.world_size != world_size:
-            raise ValueError(f"hello: group {group!r} has world_size {g.world_size}, not {world_size}")
+            raise FieldError("hello", f"group {group!r} has world_size {g.world_size}, not {world_size}")
         old = g.members.get(die_id)
         if old is not None:  # the die re-attached (restarted or reloaded): its old stream ends
             old.queue.put_nowait(None)
@@ -102,11 +104,11 @@ class FabricCore:
         peers = set(range(g.world_size)) - {src}
         if set(parcels) != peers:
             wrong = sorted(set(parcels) - peers) or sorted(peers - set(parcels))
-            raise ValueError(f"bundle: die {src} must send one parcel to each of dies {sorted(peers)}; "
+            raise FieldError("bundle", f"die {src} must send one parcel to each of dies {sorted(peers)}; "
                              f"peer_die {wrong} is wrong or missing")
         senders = g.senders.setdefault(round_key, set())
         if src in senders:
-            raise ValueError(f"bundle: die {src} sent twice in the same round")
+            raise FieldError("bundle", f"die {src} sent twice in the same round")
         senders.add(src)
         gathering = g.gathering.setdefault(round_key, {})
         for dst, (parcel, nbytes) in parcels.items():

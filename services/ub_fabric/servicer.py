@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 from prometheus_client.core import CounterMetricFamily
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.fabric.codec import round_key
 from cloudmatrix.fabric.wire import read_bundle, write_bundle
 from cloudmatrix.rpc.server import with_raw_bytes
@@ -141,11 +142,11 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
     def _route(self, raw: bytes, group: str, die: int) -> None:
         bundle = read_bundle(raw)
         if bundle is None:
-            raise ValueError(f"frame from die {die}: after the Hello every frame must be a Bundle")
+            raise FieldError("frame", f"from die {die}: after the Hello every frame must be a Bundle")
         at = time.perf_counter()
         parcels = {peer: (_Deposited(payload, at), len(payload)) for peer, payload in bundle.parcels}
         if len(parcels) != len(bundle.parcels):
-            raise ValueError(f"bundle: die {die} sent two parcels to the same peer")
+            raise FieldError("bundle", f"die {die} sent two parcels to the same peer")
         kind = _KIND_NAMES.get(bundle.round.kind, "ROUND_KIND_UNSPECIFIED")
         deliveries = self.core.deposit(group, die, round_key(bundle.round), parcels, kind)
         if bundle.traceparent:

@@ -18,9 +18,9 @@ import yaml
 from cloudmatrix.bench.compare_systems import hf_generate, in_process, suite
 from cloudmatrix.bench.serve import workload
 from cloudmatrix.bench.timing import apply_quick, write_report
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.topology import parse_topology
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.presets import create_checkpoint
 
 QUICK = {"requests": 8, "input_len": 64, "output_len": 16, "repeats": 2}

@@ -15,10 +15,10 @@ from cloudmatrix.bench.serve.stats import percentile, step_breakdown, step_snaps
 from cloudmatrix.bench.serve.workload import BenchRequest
 from cloudmatrix.demo import gateway_url, get_json
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
-from cloudmatrix.instance.request import Request, StopRule
+from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import SchedulerLimits
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.transformer import DeepseekV3
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
 def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float) -> dict:

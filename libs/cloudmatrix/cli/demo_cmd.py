@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 
 from cloudmatrix.demo import (
+    code_block,
     demo_prompts,
     gateway_url,
     get_json,
-    code_block,
     printable,
     stream_completion,
 )

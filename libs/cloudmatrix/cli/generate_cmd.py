@@ -10,16 +10,17 @@ from pathlib import Path
 
 import torch
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.instance.generate import StepTimes, generate_on_instance
 from cloudmatrix.instance.sequences import SequenceTable
 from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.launcher.waves import entry_of
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.precision import PRECISIONS, load_for_precision, parse_precision
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.model.precision import PRECISIONS, parse_precision
 from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer
 from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint
+from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                         help="weights and attention core (docs/model.md#precisions)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="completion tokens (the default is the OpenAI API's and the gateway's)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cloudmatrix.model.checkpoint import load_model
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.model.config import load_config
 from cloudmatrix.quant.calibrate import checkpoint_calibration_prompts
 from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint, save_int8_checkpoint

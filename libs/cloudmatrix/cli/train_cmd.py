@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-every-minutes", type=float, default=d.save_every_minutes)
     parser.add_argument("--export-dtype", choices=("bfloat16", "float32"), default=d.export_dtype,
                         help="dtype of the exported model.safetensors (training itself is fp32)")
+    parser.add_argument("--init-from", type=Path,
+                        help="continue from a trained checkpoint of the same preset (its weights and tokenizer; "
+                             "a new optimizer and schedule)")
     parser.add_argument("--corpus-root", type=Path, help="a directory of .py files instead of this Python's stdlib")
     parser.set_defaults(handler=_train)
 
@@ -37,6 +40,7 @@ def _train(args: argparse.Namespace) -> int:
         preset=args.preset, minutes=args.minutes, tokens=args.tokens, threads=args.threads, seq_len=args.seq_len,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed,
         eval_every=args.eval_every, save_every_minutes=args.save_every_minutes, export_dtype=args.export_dtype,
+        init_from=str(args.init_from) if args.init_from else None,
     )
     trainer = Trainer(settings, Path(args.out), corpus_root=args.corpus_root, say=default_say)
     report = trainer.run()

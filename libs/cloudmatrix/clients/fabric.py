@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from cloudmatrix.clients.base import ServiceClient
 from cloudmatrix.fabric.codec import round_id
 from cloudmatrix.fabric.link import FabricLink
+from cloudmatrix.rpc.client import ServiceClient
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cloudmatrix.clients.base import ServerStream, ServiceClient
-from cloudmatrix.clients.types import FINISH_NAMES, DecodeStep, InstanceLoad, PrefillResult, Sampling, Timing
+from cloudmatrix.clients.types import DecodeStep, InstanceLoad, PrefillResult, Timing
+from cloudmatrix.rpc.client import ServerStream, ServiceClient
+from cloudmatrix.rpc.sampling import finish_from_proto, sampling_to_proto
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
 
@@ -21,11 +23,11 @@ class PrefillClient(ServiceClient):
     SERVICE = "cmx.prefill.v1.Prefill"
     STUB = prefill_pb2_grpc.PrefillStub
 
-    async def prefill(self, request_id: str, model: str, token_ids: list[int], sampling: Sampling = Sampling(),
+    async def prefill(self, request_id: str, model: str, token_ids: list[int], sampling: SamplingParams = SamplingParams(),
                       *, disable_context_cache: bool = False, deadline_s: float | None = None) -> PrefillResult:
         """The prompt's KV into the pool and its first token; not retried (it writes KV)."""
         request = prefill_pb2.PrefillRequest(request_id=request_id, model=model, token_ids=token_ids,
-                                             sampling=sampling.to_proto(),
+                                             sampling=sampling_to_proto(sampling),
                                              disable_context_cache=disable_context_cache)
         r = await self.unary("Prefill", request, idempotent=False, deadline_s=deadline_s)
         return PrefillResult(r.first_token, r.first_token_logprob, r.kv, r.cached_tokens, r.computed_tokens,
@@ -45,7 +47,7 @@ class DecodeStream:
 
     async def __aiter__(self) -> AsyncIterator[DecodeStep]:
         async for chunk in self._stream:
-            yield DecodeStep(list(chunk.token_ids), FINISH_NAMES.get(chunk.finish_reason) if chunk.finished
+            yield DecodeStep(list(chunk.token_ids), finish_from_proto(chunk.finish_reason) if chunk.finished
                              else None, chunk.timing.modeled_s)
 
     async def cancel(self) -> None:
@@ -57,11 +59,11 @@ class DecodeClient(ServiceClient):
     STUB = decode_pb2_grpc.DecodeStub
 
     def decode(self, request_id: str, model: str, prompt_token_ids: list[int], first_token: int, kv: Any,
-               sampling: Sampling = Sampling(), deadline_s: float | None = None) -> DecodeStream:
+               sampling: SamplingParams = SamplingParams(), deadline_s: float | None = None) -> DecodeStream:
         """Continue a prefilled request (its first token and KV handle, as prefill answered);
         not retried."""
         request = decode_pb2.DecodeRequest(request_id=request_id, model=model, prompt_token_ids=prompt_token_ids,
-                                           first_token=first_token, kv=kv, sampling=sampling.to_proto())
+                                           first_token=first_token, kv=kv, sampling=sampling_to_proto(sampling))
         return DecodeStream(self.stream("Decode", request, deadline_s))
 
     async def cancel(self, request_id: str, deadline_s: float | None = None) -> bool:

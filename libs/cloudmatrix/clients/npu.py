@@ -14,8 +14,8 @@ import dataclasses
 
 import torch
 
-from cloudmatrix.clients.base import ServiceClient
 from cloudmatrix.clients.types import PRECISION_NAMES, PRECISIONS, DieInfo, Timing
+from cloudmatrix.rpc.client import ServiceClient
 from cloudmatrix.rpc.tensor_codec import decode_tensor, decode_tensors, encode_tensor, encode_tensors
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 
@@ -110,7 +110,7 @@ class NpuClient(ServiceClient):
         request = npu_pb2.RunKernelRequest(kernel=kernel, inputs=encode_tensors(inputs),
                                            params={k: str(v) for k, v in (params or {}).items()})
         reply = await self.unary("RunKernel", request, idempotent=True, deadline_s=deadline_s)
-        return decode_tensors(reply.outputs), Timing.from_proto(reply.timing)
+        return decode_tensors(reply.outputs, field="outputs"), Timing.from_proto(reply.timing)
 
     async def expert_load(self, reset: bool = False, deadline_s: float | None = None) -> ExpertLoad:
         """Tokens this die computed per expert: int64 [MoE layers, routed experts], with the layer ids."""

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from cloudmatrix.clients.base import ClientOptions, ServiceClient
+from cloudmatrix.rpc.client import ClientOptions, ServiceClient
 
 
 class SyncClient:

@@ -4,47 +4,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from cloudmatrix.sampling_params import FinishReason, SamplingParams
 from cmx.common.v1 import common_pb2
 
-FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
-                common_pb2.FINISH_REASON_CANCELLED: "cancelled", common_pb2.FINISH_REASON_ERROR: "error"}
+# The clients take the request vocabulary's SamplingParams (one definition, one validation);
+# ``Sampling`` is its name in the clients' API.
+Sampling = SamplingParams
 PRECISION_NAMES = {common_pb2.PRECISION_FP32: "fp32", common_pb2.PRECISION_INT8: "int8",
                    common_pb2.PRECISION_PASA: "pasa", common_pb2.PRECISION_INT8_PASA: "int8-pasa"}
 PRECISIONS = {name: value for value, name in PRECISION_NAMES.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How to pick tokens; ``max_tokens`` counts the first token (sampled by prefill)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    max_tokens: int = 16
-    stop: tuple[str, ...] = ()           # stop strings, matched on the detokenized text
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field when a value is out of range."""
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens: must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
-        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
-            raise ValueError(f"seed: must be in [0, 2^64), got {self.seed}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop: stop strings must be non-empty")
-
-    def to_proto(self) -> common_pb2.SamplingParams:
-        return common_pb2.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                         seed=self.seed, max_tokens=self.max_tokens, stop=list(self.stop),
-                                         stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +66,7 @@ class GenerateChunk:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     usage: dict[str, int] | None
     timing: Timing | None
 
@@ -116,7 +84,7 @@ class PrefillResult:
 @dataclasses.dataclass(frozen=True)
 class DecodeStep:
     token_ids: list[int]
-    finish_reason: str | None            # "stop", "length", "cancelled", or None while running
+    finish_reason: FinishReason | None   # None while running
     modeled_s: float
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from cloudmatrix.checkpoints import load_model
 from cloudmatrix.evaluation.expert_load import ExpertCounter
 from cloudmatrix.evaluation.lm import TokenScores, score_windows, summarize
 from cloudmatrix.evaluation.mtp import greedy_acceptance
 from cloudmatrix.evaluation.ngram import KneserNeyTrigram, Unigram
 from cloudmatrix.evaluation.tokens import EvalData, load_eval_data
-from cloudmatrix.model.checkpoint import load_model
 from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import PRECISIONS
 from cloudmatrix.quant.calibrate import checkpoint_calibration_prompts
@@ -61,6 +61,7 @@ def evaluate(checkpoint: Path, settings: EvalSettings, corpus_root: Path | None 
     say(f"test split: {len(data.test)} tokens; scoring {data.windows.shape[0]} windows of {settings.seq_len}")
     report = {"checkpoint": str(checkpoint), "model": cfg.model_id, "split": "test",
               "seq_len": settings.seq_len, "windows": int(data.windows.shape[0]),
+              "split_windows": (len(data.test) - 1) // settings.seq_len,
               "corpus": {**corpus.metadata(), "differences_from_training": _differences(checkpoint, corpus)},
               "baselines": _baselines(data, cfg.vocab_size) if settings.baselines else {}}
     scores, expert_load = _score_precisions(checkpoint, data, settings, say)

@@ -9,6 +9,11 @@ from __future__ import annotations
 from collections import deque
 
 
+class BlockAccountingError(RuntimeError):
+    """An invariant of the block accounting broke (a bug): more blocks asked than free, or freed
+    twice."""
+
+
 class BlockManager:
     """Free lists of block ids, one per die; "not now" answers are booleans or None."""
 
@@ -48,12 +53,14 @@ class BlockManager:
         return count <= len(self._free[die])
 
     def allocate(self, die: int, count: int) -> list[int]:
-        assert self.can_allocate(die, count), f"die {die}: {count} blocks asked, {self.num_free(die)} free"
+        if not self.can_allocate(die, count):
+            raise BlockAccountingError(f"die {die}: {count} blocks asked, {self.num_free(die)} free")
         return [self._free[die].popleft() for _ in range(count)]
 
     def free(self, die: int, blocks: list[int]) -> None:
+        if len(self._free[die]) + len(blocks) > self.total[die]:
+            raise BlockAccountingError(f"die {die}: more blocks freed than it has (double free)")
         self._free[die].extend(blocks)
-        assert len(self._free[die]) <= self.total[die], f"die {die}: more blocks freed than it has (double free)"
 
     def roomiest_die(self, count: int) -> int | None:
         """The die with the most free blocks, if it can take ``count`` more; else None."""

@@ -14,10 +14,10 @@ import logging
 import grpc
 import torch
 
-from cloudmatrix.clients.base import ClientOptions
 from cloudmatrix.clients.npu import LoadedModel, NpuClient
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.moe.placement import ExpertPlacement
+from cloudmatrix.rpc.client import ClientOptions
 from cmx.npu.v1 import npu_pb2
 
 log = logging.getLogger(__name__)
@@ -49,19 +49,23 @@ class ForwardResult:
         return {k: v / max(len(self.replies), 1) for k, v in sums.items()}
 
 
+DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # the die did not answer
+
+
 @dataclasses.dataclass(frozen=True)
 class DieProbe:
     die: int
     answered: bool
-    loaded: bool                # holds the model this driver loaded (False after a restart)
-    code: str = ""              # the failed probe's status code
+    loaded: bool                          # holds the model this driver loaded (False after a restart)
+    code: grpc.StatusCode | None = None   # the failed probe's status code
 
     @property
     def healthy(self) -> bool:
         return self.answered and self.loaded
 
     def describe(self) -> str:
-        return f"die {self.die} " + ("lost its model (restarted)" if self.answered else f"is down ({self.code})")
+        code = self.code.name if self.code is not None else "no answer"
+        return f"die {self.die} " + ("lost its model (restarted)" if self.answered else f"is down ({code})")
 
 
 class InstanceDriver:
@@ -128,7 +132,8 @@ class InstanceDriver:
         try:
             return await self.dies[die].read_blocks(blocks)
         except grpc.aio.AioRpcError as err:
-            raise StepFailed([(die, err)]) from err
+            _raise_for({die: err})
+            raise
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
         """GetDieInfo on every die: does it answer, and does it still hold this instance's model?"""
@@ -136,7 +141,7 @@ class InstanceDriver:
         probes = []
         for die, reply in enumerate(replies):
             if isinstance(reply, grpc.aio.AioRpcError):
-                probes.append(DieProbe(die, False, False, reply.code().name))
+                probes.append(DieProbe(die, False, False, reply.code()))
             elif isinstance(reply, BaseException):
                 raise reply
             else:
@@ -149,14 +154,18 @@ class InstanceDriver:
 
 
 def _raise_for(results) -> None:
-    """StepFailed naming every die whose call failed (results: a list by die, or a die -> result dict)."""
+    """When calls failed (results: a list by die, or a die -> result dict): StepFailed if a die
+    did not answer (UNAVAILABLE, DEADLINE_EXCEEDED: it is down, or a peer's round never came),
+    else StepError (the dies answered with an error: a bug, theirs or ours)."""
     items = results.items() if isinstance(results, dict) else enumerate(results)
     errors = [(die, r) for die, r in items if isinstance(r, BaseException)]
-    if errors:
+    if any(isinstance(e, grpc.aio.AioRpcError) and e.code() in DOWN_CODES for _, e in errors):
         raise StepFailed(errors)
+    if errors:
+        raise StepError(errors)
 
 
-class StepFailed(RuntimeError):
+class DieCallsFailed(RuntimeError):
     """Calls failed on some dies: errors = [(die, exception)]. ``str()`` has the full details
     (for logs); ``summary`` names only the dies and status codes (for clients)."""
 
@@ -172,6 +181,14 @@ class StepFailed(RuntimeError):
     @property
     def codes(self) -> set:
         return {e.code() for _, e in self.errors if isinstance(e, grpc.aio.AioRpcError)}
+
+
+class StepFailed(DieCallsFailed):
+    """A die did not answer: the instance fails its requests and recovers (reloads the dies)."""
+
+
+class StepError(DieCallsFailed):
+    """Every die answered, some with an error (a bug): the step's requests fail, the dies stay."""
 
 
 def _code(e: BaseException) -> str:

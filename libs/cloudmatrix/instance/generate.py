@@ -3,10 +3,11 @@ without the serving services): prefill the prompt, then one token per step."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 
 from cloudmatrix.instance.sequences import SequenceTable, StepInput
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
 @dataclasses.dataclass
@@ -25,14 +26,15 @@ class StepTimes:
 
 async def generate_on_instance(table: SequenceTable, prompt: list[int], params: SamplingParams, eos: int,
                                times: StepTimes, seq_id: str = "cli") -> AsyncIterator[int]:
-    """Yield tokens until EOS (yielded) or max_tokens; frees the sequence's blocks at the end."""
-    tokens = list(prompt)
+    """Yield tokens until the params' StopRule ends the request (EOS is yielded); frees the
+    sequence's blocks at the end."""
+    rule, tokens = StopRule.of(params, eos), list(prompt)
     try:
-        for _ in range(params.max_tokens):
+        for new_tokens in itertools.count(1):
             out = (await table.step([StepInput(seq_id, tokens, params)]))[seq_id]
             times.add(table.driver.last_replies)
             yield out.token_id
-            if out.token_id == eos:
+            if rule.reason(out.token_id, new_tokens, len(prompt) + new_tokens) is not None:
                 return
             tokens = [out.token_id]
     finally:

@@ -24,12 +24,14 @@ import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from cloudmatrix.errors import FieldError, InternalError
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import InstanceDriver, StepFailed
+from cloudmatrix.instance.driver import DieCallsFailed, InstanceDriver, StepFailed
 from cloudmatrix.instance.request import Request, StepEvent
 from cloudmatrix.instance.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, StepPlan, StepTiming
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
-from cloudmatrix.rpc.sampling import sampling_proto
+from cloudmatrix.rpc.sampling import sampling_to_proto
+from cloudmatrix.sampling_params import FinishReason
 from cloudmatrix.telemetry.context import span_link
 from cmx.npu.v1 import npu_pb2
 
@@ -60,11 +62,11 @@ class LoopSettings:
 
     def __post_init__(self) -> None:
         if self.microbatches not in (1, 2):
-            raise ValueError(f"microbatches: must be 1 or 2, got {self.microbatches}")
+            raise FieldError("microbatches", f"must be 1 or 2, got {self.microbatches}")
         if self.probe_interval_s <= 0 or self.probe_timeout_s <= 0:
             raise ValueError("probe_interval_s and probe_timeout_s must be > 0")
         if self.batch_wait_s < 0:
-            raise ValueError(f"batch_wait_s: must be >= 0, got {self.batch_wait_s}")
+            raise FieldError("batch_wait_s", f"must be >= 0, got {self.batch_wait_s}")
 
 
 SLOW_PROBES_DOWN = 3
@@ -134,7 +136,7 @@ class StepLoop:
         self.scheduler.add(request)
         self._wake.set()
 
-    def abort(self, request_id: str, reason: str) -> bool:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """End a request before the next step (cancel, client gone); False if unknown."""
         if self.scheduler is None or not self.scheduler.abort(request_id, reason):
             return False
@@ -200,6 +202,12 @@ class StepLoop:
             log.warning("step failed", extra={"instance": self.settings.name, "error": str(failure)})
             self._down = failure.summary
             return
+        except Exception as err:  # the dies answered with an error (StepError), or a bug in this loop
+            log.error("a step failed on an error; its requests fail, the instance keeps serving",
+                      extra={"instance": self.settings.name}, exc_info=err)
+            for chunk in plan.chunks:
+                self.scheduler.fail(chunk.request, InternalError(f"{self.settings.name}: its step failed"))
+            return
         self.steps, self.recent = self.steps + 1, (measured, modeled)
         if self.on_step is not None:
             phases: dict[str, float] = {}
@@ -219,7 +227,7 @@ class StepLoop:
         for c in chunks:
             per_die[c.request.die].append(npu_pb2.SequenceInput(
                 seq_id=c.request.request_id, token_ids=c.token_ids, start_position=c.start,
-                block_table=c.request.blocks, sampling=sampling_proto(c.request.sampling), skip_sampling=not c.sample))
+                block_table=c.request.blocks, sampling=sampling_to_proto(c.request.sampling), skip_sampling=not c.sample))
         links = [link for c in chunks[1:] if (link := span_link(c.request.trace_context)) is not None]
         attributes = {"sequences": len(chunks), "tokens": sum(len(c.token_ids) for c in chunks),
                       "request_ids": [c.request.request_id for c in chunks], "microbatch": microbatch}
@@ -259,7 +267,7 @@ class StepLoop:
             return None
         try:
             return await self._load()
-        except (grpc.aio.AioRpcError, StepFailed) as err:
+        except (grpc.aio.AioRpcError, DieCallsFailed) as err:
             log.warning("reloading the dies failed; retrying", extra={"instance": self.settings.name,
                                                                       "error": str(err)})
             return None
@@ -278,9 +286,9 @@ class StepLoop:
             except Exception:  # a probe must never end the watch
                 log.exception("die probe failed", extra={"instance": self.settings.name})
                 continue
-            slow = [n + 1 if p.code == "DEADLINE_EXCEEDED" else 0 for n, p in zip(slow, probes)]
-            bad = [p for p, n in zip(probes, slow) if not p.healthy and (p.code != "DEADLINE_EXCEEDED"
-                                                                        or n >= SLOW_PROBES_DOWN)]
+            deadline = grpc.StatusCode.DEADLINE_EXCEEDED
+            slow = [n + 1 if p.code == deadline else 0 for n, p in zip(slow, probes)]
+            bad = [p for p, n in zip(probes, slow) if not p.healthy and (p.code != deadline or n >= SLOW_PROBES_DOWN)]
             if bad and self.serving and self._down is None:
                 self._down = ", ".join(p.describe() for p in bad)
                 self._wake.set()

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from cloudmatrix.model.sampling import SamplingParams
+from cloudmatrix.errors import FieldError
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
 
 
 class RequestState(enum.Enum):
@@ -23,32 +24,13 @@ class RequestState(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
-class StopRule:
-    """When a request finishes: after ``max_new_tokens`` sampled tokens, at EOS (unless
-    ignored), at a stop token, or when its tokens reach the context limit."""
-
-    max_new_tokens: int
-    eos_token_id: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    context_limit: int = 2**31
-
-    def reason(self, token: int, new_tokens: int, total_tokens: int) -> str | None:
-        if token == self.eos_token_id and not self.ignore_eos or token in self.stop_token_ids:
-            return "stop"
-        if new_tokens >= self.max_new_tokens or total_tokens >= self.context_limit:
-            return "length"
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
 class StepEvent:
     """What one step gave a request: its sampled token (None for a chunk that only wrote KV), the
     finish reason when it ended, seconds it waited for the step, and the step's measured and
     modeled seconds. ``kv`` carries the exported blocks of a finished request that asked for them."""
 
     token_id: int | None
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     queued_s: float
     step_measured_s: float
     step_modeled_s: float
@@ -83,9 +65,9 @@ class Request:
 
     def __post_init__(self) -> None:
         if not self.token_ids:
-            raise ValueError("token_ids: the request has no tokens")
+            raise FieldError("token_ids", "the request has no tokens")
         if self.prefix_tokens >= len(self.token_ids):
-            raise ValueError(f"prefix_kv: {self.prefix_tokens} tokens of KV leave none of the "
+            raise FieldError("prefix_kv", f"{self.prefix_tokens} tokens of KV leave none of the "
                              f"{len(self.token_ids)} tokens to compute")
 
     @property

@@ -17,9 +17,11 @@ from collections.abc import Callable
 
 import torch
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.instance.request import Request, RequestState, StepEvent
 from cloudmatrix.rpc.errors import ResourceExhausted
+from cloudmatrix.sampling_params import FinishReason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,29 +69,30 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self._aborts: dict[str, str] = {}
+        self._aborts: dict[str, FinishReason] = {}
         self.preemptions = 0
         # How an event reaches a request's consumer; the step loop defers it (see StepLoop.start).
         self.deliver: Callable[[Request, StepEvent | Exception], None] = _put
 
     def reset(self, blocks: BlockManager) -> None:
         """Start over on freshly loaded dies (every request must have been failed first)."""
-        assert not self.requests, f"{len(self.requests)} requests still live at reset"
+        if self.requests:
+            raise RuntimeError(f"{len(self.requests)} requests still live at reset")
         self.blocks = blocks
 
     def add(self, request: Request) -> None:
         """Queue a new request. ValueError when it can never fit a die; ResourceExhausted when
         the queue is full."""
         if request.request_id in self.requests:
-            raise ValueError(f"request_id: {request.request_id!r} is already in this instance")
+            raise FieldError("request_id", f"{request.request_id!r} is already in this instance")
         tokens, stop = len(request.token_ids), request.stop
         most = self.blocks.blocks_for(min(tokens + stop.max_new_tokens - request.new_tokens, stop.context_limit))
         biggest = max(self.blocks.total, default=0)
         if self.blocks.blocks_for(tokens) > biggest:
-            raise ValueError(f"token_ids: {tokens} tokens need more KV blocks than a die of this instance holds "
+            raise FieldError("token_ids", f"{tokens} tokens need more KV blocks than a die of this instance holds "
                              f"({biggest} of {self.blocks.block_size} tokens)")
         if most > biggest:
-            raise ValueError(f"max_tokens: {tokens} tokens plus up to {stop.max_new_tokens - request.new_tokens} "
+            raise FieldError("max_tokens", f"{tokens} tokens plus up to {stop.max_new_tokens - request.new_tokens} "
                              f"more need {most} KV blocks; a die of this instance holds {biggest} of "
                              f"{self.blocks.block_size} tokens")
         if len(self.waiting) >= self.limits.max_waiting:
@@ -97,7 +100,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str, reason: str) -> bool:
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """Ask for a request to end with ``reason`` before the next step; False if it is unknown
         or already finished."""
         if request_id not in self.requests:
@@ -182,7 +185,7 @@ class Scheduler:
                 self.deliver(request, event)
         return to_export
 
-    def _append(self, request: Request, token: int) -> str | None:
+    def _append(self, request: Request, token: int) -> FinishReason | None:
         request.token_ids.append(token)
         request.new_tokens += 1
         return request.stop.reason(token, request.new_tokens, len(request.token_ids))

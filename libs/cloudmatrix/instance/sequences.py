@@ -7,8 +7,8 @@ import dataclasses
 
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.instance.driver import InstanceDriver
-from cloudmatrix.model.sampling import SamplingParams
-from cloudmatrix.rpc.sampling import sampling_proto
+from cloudmatrix.rpc.sampling import sampling_to_proto
+from cloudmatrix.sampling_params import SamplingParams
 from cmx.npu.v1 import npu_pb2
 
 
@@ -45,7 +45,7 @@ class SequenceTable:
             seq.blocks += self.blocks.allocate(seq.die, needed)
             per_die[seq.die].append(npu_pb2.SequenceInput(
                 seq_id=item.seq_id, token_ids=item.token_ids, start_position=seq.cached, block_table=seq.blocks,
-                sampling=sampling_proto(item.sampling), skip_sampling=item.skip_sampling))
+                sampling=sampling_to_proto(item.sampling), skip_sampling=item.skip_sampling))
         result = await self.driver.forward(per_die, return_logits=return_logits)
         for item in inputs:
             self.sequences[item.seq_id].cached += len(item.token_ids)

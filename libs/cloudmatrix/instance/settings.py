@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.model.precision import PRECISIONS
 from cloudmatrix.rpc.addresses import expand_addresses
 
@@ -38,20 +39,23 @@ class InstanceSettings:
         object.__setattr__(self, "dies", expand_addresses(self.dies, "dies"))
         object.__setattr__(self, "kvcache", expand_addresses(self.kvcache, "kvcache"))
         if not self.checkpoint:
-            raise ValueError("checkpoint: must name the checkpoint directory the dies load")
+            raise FieldError("checkpoint", "must name the checkpoint directory the dies load")
         if not self.dies:
-            raise ValueError("dies: must list at least one npu_emulator address")
+            raise FieldError("dies", "must list at least one npu_emulator address")
         if len(self.dies) > 1 and not self.fabric:
-            raise ValueError("fabric: needed when the instance has more than one die")
+            raise FieldError("fabric", "needed when the instance has more than one die")
         if self.model_cache and not self.kvcache:
-            raise ValueError("model_cache: needs the kvcache shards (kvcache) that hold the model's weights")
+            raise FieldError("model_cache", "needs the kvcache shards (kvcache) that hold the model's weights")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if min(self.block_size, self.replication) < 1 or self.rpc_timeout_s <= 0:
-            raise ValueError("block_size and replication must be >= 1, rpc_timeout_s > 0")
-        if min(self.max_running, self.chunk_tokens, self.max_step_tokens) < 1 or self.max_waiting < 0:
-            raise ValueError("max_running, chunk_tokens and max_step_tokens must be >= 1, max_waiting >= 0")
-        if self.kv_blocks_per_die < 0 or min(self.probe_interval_s, self.probe_timeout_s) <= 0:
-            raise ValueError("kv_blocks_per_die must be >= 0, probe_interval_s and probe_timeout_s > 0")
+            raise FieldError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("block_size", "replication", "max_running", "chunk_tokens", "max_step_tokens"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("max_waiting", "kv_blocks_per_die"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("rpc_timeout_s", "probe_interval_s", "probe_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
         if not 0 <= self.batch_wait_s <= 1:
-            raise ValueError(f"batch_wait_s: must be in [0, 1] seconds, got {self.batch_wait_s}")
+            raise FieldError("batch_wait_s", f"must be in [0, 1] seconds, got {self.batch_wait_s}")

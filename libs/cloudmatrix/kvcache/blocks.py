@@ -90,6 +90,23 @@ class PutResult:
     replicas: tuple[str, ...]
     stored_on: tuple[str, ...]
     errors: dict[str, str]
+    conflicts: tuple[str, ...] = ()   # shards among ``errors`` that hold another version of the key
+
+    @property
+    def only_conflicts(self) -> bool:
+        """Refused, and only because shards already hold another version of the key."""
+        return bool(self.errors) and set(self.errors) <= set(self.conflicts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """Why one shard did not store a block: its message, and whether it was a CONFLICT."""
+
+    message: str
+    conflict: bool = False
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +137,10 @@ class DeleteResult:
     missing: int
     refused_leased: int
     errors: dict[str, str]
+
+
+def refusal(status: kvcache_pb2.KeyStatus) -> Refusal:
+    return Refusal(status_message(status), status.status == kvcache_pb2.PUT_STATUS_REJECTED_CONFLICT)
 
 
 def status_message(status: kvcache_pb2.KeyStatus) -> str:

@@ -30,6 +30,7 @@ from cloudmatrix.kvcache.blocks import (
 )
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.ring import HashRing
+from cloudmatrix.kvcache.shard_client import KvShardClient
 from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
 from cmx.kvcache.v1 import kvcache_pb2
 
@@ -59,7 +60,7 @@ class KvPoolClient:
         self.replication = replication
         self.write_quorum = write_quorum
         self.blob_deadline_s = blob_deadline_s
-        self._conns = ShardConnections(deadline_s=deadline_s, retries=retries, backoff_s=backoff_s,
+        self._conns = ShardConnections(make_client=KvShardClient, deadline_s=deadline_s, retries=retries, backoff_s=backoff_s,
                                        max_message_bytes=max_message_bytes, down_after=down_after,
                                        probe_interval_s=probe_interval_s)
         self._repairs = reads.Repairs(self._conns)

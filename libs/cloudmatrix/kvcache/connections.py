@@ -1,5 +1,6 @@
-"""One client per shard (``cloudmatrix.clients.KvShardClient``), and ``call``: an RPC with a
-deadline, retries and liveness accounting."""
+"""One client per shard (made by the factory the pool passes in: ``KvShardClient``, in
+shard_client.py, which imports this module), and ``call``: an RPC with a deadline, retries and
+liveness accounting."""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +10,11 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from cloudmatrix.kvcache.health import ShardHealth
+from cloudmatrix.rpc.client import ClientOptions
 from cloudmatrix.rpc.errors import PeerUnavailable
 
 if TYPE_CHECKING:
-    from cloudmatrix.clients.kvcache import KvShardClient
+    from cloudmatrix.kvcache.shard_client import KvShardClient
 
 T = TypeVar("T")
 Attempt = Callable[["KvShardClient", float], Awaitable[T]]  # (shard client, timeout_s) -> result; one RPC
@@ -37,11 +39,13 @@ class ShardConnections:
     A call to a shard already marked down raises ``PeerUnavailable`` without touching the wire.
     """
 
-    def __init__(self, *, deadline_s: float, retries: int, backoff_s: float, max_message_bytes: int,
-                 down_after: int, probe_interval_s: float) -> None:
+    def __init__(self, *, make_client: Callable[[str, ClientOptions], KvShardClient], deadline_s: float,
+                 retries: int, backoff_s: float, max_message_bytes: int, down_after: int,
+                 probe_interval_s: float) -> None:
         if deadline_s <= 0 or retries < 0 or backoff_s < 0:
             raise ValueError(f"need deadline_s > 0, retries >= 0, backoff_s >= 0; got {deadline_s}, "
                              f"{retries}, {backoff_s}")
+        self.make_client = make_client
         self.deadline_s = deadline_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -56,11 +60,8 @@ class ShardConnections:
         """The shard's client (retries are this class's business, so the client makes none)."""
         client = self._clients.get(shard)
         if client is None:
-            from cloudmatrix.clients.base import ClientOptions  # here: cloudmatrix.clients imports this package
-            from cloudmatrix.clients.kvcache import KvShardClient
-
             options = ClientOptions(deadline_s=self.deadline_s, retries=0, max_message_bytes=self.max_message_bytes)
-            client = self._clients[shard] = KvShardClient(shard, options)
+            client = self._clients[shard] = self.make_client(shard, options)
         return client
 
     def _back_up(self, shard: str) -> None:

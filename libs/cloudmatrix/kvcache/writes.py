@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from cloudmatrix.kvcache.blocks import ACK_STATUSES, Block, PutResult, status_message
+from cloudmatrix.kvcache.blocks import ACK_STATUSES, Block, PutResult, Refusal, refusal
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 
 DOWN = "shard marked down"
@@ -23,6 +23,7 @@ async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], l
     owners = [preference[:replication] for preference in preferences]
     errors = [{s: DOWN for s in replicas if not conns.health.is_up(s)} for replicas in owners]
     stored: list[list[str]] = [[] for _ in blocks]
+    conflicts: list[list[str]] = [[] for _ in blocks]
     tried: list[set[str]] = [set() for _ in blocks]
     while plan := _plan(conns, preferences, replication, stored, tried):
         outcomes = await asyncio.gather(*(put_on(conns, s, [blocks[i] for i in idx]) for s, idx in plan.items()))
@@ -31,10 +32,12 @@ async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], l
                 if error is None:
                     stored[i].append(shard)
                 else:
-                    errors[i][shard] = error
-    rows = zip(blocks, preferences, owners, stored, errors)
+                    errors[i][shard] = str(error)
+                    if error.conflict:
+                        conflicts[i].append(shard)
+    rows = zip(blocks, preferences, owners, stored, errors, conflicts)
     return [PutResult(block.key, len(on) >= write_quorum, tuple(replicas), tuple(sorted(on, key=preference.index)),
-                      errs) for block, preference, replicas, on, errs in rows]
+                      errs, tuple(conflict)) for block, preference, replicas, on, errs, conflict in rows]
 
 
 def _plan(conns: ShardConnections, preferences: list[list[str]], replication: int, stored: list[list[str]],
@@ -51,7 +54,7 @@ def _plan(conns: ShardConnections, preferences: list[list[str]], replication: in
     return plan
 
 
-async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> list[str | None]:
+async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> list[Refusal | None]:
     """Put ``blocks`` on ``shard`` in one stream: per block None (STORED or DUPLICATE) or why not.
 
     A rejection (checksum, capacity, invalid, conflict) is the shard's answer and is not retried;
@@ -62,13 +65,13 @@ async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> li
     try:
         reply = await conns.call(shard, lambda client, t: client.put_wire(messages, t))
     except CALL_ERRORS as err:
-        return [describe(err)] * len(blocks)
+        return [Refusal(describe(err))] * len(blocks)
     if len(reply.statuses) != len(blocks):
-        return [f"shard answered {len(reply.statuses)} statuses for {len(blocks)} blocks"] * len(blocks)
+        return [Refusal(f"shard answered {len(reply.statuses)} statuses for {len(blocks)} blocks")] * len(blocks)
     return [_outcome(block, status) for block, status in zip(blocks, reply.statuses)]
 
 
-def _outcome(block: Block, status) -> str | None:
+def _outcome(block: Block, status) -> Refusal | None:
     if status.key != block.key:
-        return f"shard answered for key {status.key.hex()} where {block.key.hex()} was sent"
-    return None if status.status in ACK_STATUSES else status_message(status)
+        return Refusal(f"shard answered for key {status.key.hex()} where {block.key.hex()} was sent")
+    return None if status.status in ACK_STATUSES else refusal(status)

@@ -67,20 +67,11 @@ def read_state_dict(checkpoint_dir: str | Path, cfg: ModelConfig, keep=lambda ke
     return state
 
 
-def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, mtp: bool = False) -> DeepseekV3:
-    """Build the model from a checkpoint directory; every weight must be present.
-
-    Weights stored in another float dtype (the shipped checkpoint is bf16) are cast to ``dtype``.
-    With ``mtp`` the MTP module is loaded too. An INT8 (W8A8) checkpoint, marked by its
-    config.json quantization_config, loads through ``cloudmatrix.quant``; its float parts are fp32,
-    so it takes no other dtype.
-    """
-    # Imported here: cloudmatrix.quant builds on this module.
-    from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint, load_int8_model
-    if is_int8_checkpoint(checkpoint_dir):
-        if dtype != torch.float32:
-            raise ValueError(f"{checkpoint_dir} is an INT8 checkpoint; it loads with dtype float32 only, not {dtype}")
-        return load_int8_model(checkpoint_dir, mtp=mtp)
+def load_float_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, mtp: bool = False) -> DeepseekV3:
+    """Build the model from a float checkpoint directory; every weight must be present. Weights
+    stored in another float dtype (the shipped checkpoint is bf16) are cast to ``dtype``; with
+    ``mtp`` the MTP module is loaded too. ``cloudmatrix.checkpoints.load_model`` takes INT8
+    checkpoints as well."""
     cfg = load_config(checkpoint_dir)
     model = DeepseekV3(cfg, mtp=mtp)
     state = {k: v.to(dtype) for k, v in read_state_dict(checkpoint_dir, cfg, mtp=mtp).items()}

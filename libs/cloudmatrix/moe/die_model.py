@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.model.checkpoint import read_state_dict
 from cloudmatrix.model.config import load_config
-from cloudmatrix.model.precision import Precision, load_for_precision
+from cloudmatrix.model.precision import Precision
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.moe.expert_parallel import Exchange, ExpertParallelMoE
 from cloudmatrix.moe.placement import ExpertPlacement

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from cloudmatrix.errors import FieldError
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertPlacement:
@@ -24,10 +26,10 @@ class ExpertPlacement:
     def __post_init__(self) -> None:
         for layer, experts in self.replicas.items():
             if len(experts) != self.num_experts:
-                raise ValueError(f"placement layer {layer}: {len(experts)} experts listed, expected {self.num_experts}")
+                raise FieldError("placement", f"layer {layer}: {len(experts)} experts listed, expected {self.num_experts}")
             for expert, dies in enumerate(experts):
                 if not dies or len(set(dies)) != len(dies) or not all(0 <= d < self.num_dies for d in dies):
-                    raise ValueError(f"placement layer {layer} expert {expert}: dies {list(dies)} must be "
+                    raise FieldError("placement", f"layer {layer} expert {expert}: dies {list(dies)} must be "
                                      f"distinct ids in [0, {self.num_dies})")
 
     @classmethod
@@ -69,7 +71,7 @@ class ExpertPlacement:
                         for layer, experts in raw["layers"].items()}
             return cls(int(raw["num_dies"]), int(raw["num_experts"]), replicas)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"placement: malformed ({exc})") from exc
+            raise FieldError("placement", f"malformed ({exc})") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertPlacement":

@@ -21,6 +21,7 @@ from torch import nn
 
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.model.transformer import DeepseekV3
+from cloudmatrix.train.corpus import load_corpus
 
 # Token ids below this are BOS / EOS / PAD: random calibration prompts avoid them.
 _FIRST_ORDINARY_ID = 3
@@ -83,7 +84,6 @@ def calibration_texts(checkpoint_dir: str | Path) -> list[str] | None:
     a train.json): the first files of this machine's standard library train split. Else None."""
     if not (Path(checkpoint_dir) / "train.json").is_file():
         return None
-    from cloudmatrix.train.corpus import load_corpus
     root = json.loads((Path(checkpoint_dir) / "train.json").read_text()).get("corpus", {}).get("root")
     corpus = load_corpus(root if root and Path(root).is_dir() else None)
     names = corpus.files["train"][:TRAINED_CALIBRATION_FILES]

@@ -9,9 +9,9 @@ import dataclasses
 import torch
 
 from cloudmatrix.model.generate import generate
-from cloudmatrix.model.sampling import SamplingParams
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.model.transformer import DeepseekV3
+from cloudmatrix.sampling_params import SamplingParams
 
 # Held-out text (not in the calibration corpus) for the agreement prompts.
 HELD_OUT_TEXT = (

@@ -91,7 +91,8 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 def int8_matmul_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] int8 x b [N, K] int8 -> int32 [M, N] via torch._int_mm (requires int_mm_applies)."""
-    assert int_mm_applies(a, b), f"_int_mm path called with a {list(a.shape)}, b {list(b.shape)}"
+    if not int_mm_applies(a, b):
+        raise RuntimeError(f"_int_mm path called with a {list(a.shape)}, b {list(b.shape)}")
     return torch._int_mm(_row_major(a), _row_major(b).t())
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cloudmatrix.errors import FieldError
 from cmx.common.v1 import common_pb2
 
 __all__ = [
@@ -24,8 +25,8 @@ __all__ = [
 ]
 
 
-class TensorDecodeError(ValueError):
-    """A wire tensor is malformed: the message says which field and what is wrong."""
+class TensorDecodeError(FieldError):
+    """A wire tensor is malformed: ``field`` is the tensor's name, the message what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def decode_array(
 ) -> np.ndarray:
     """Like decode_tensor, as a numpy array. bfloat16 has no numpy dtype and is rejected."""
     if msg.dtype == common_pb2.DTYPE_BFLOAT16:
-        raise TensorDecodeError(f"tensor {name!r}: bfloat16 has no numpy dtype; use decode_tensor")
+        raise TensorDecodeError(name, "bfloat16 has no numpy dtype; use decode_tensor")
     return decode_tensor(msg, name, max_bytes).numpy()
 
 
@@ -92,10 +93,14 @@ def encode_tensors(
 
 
 def decode_tensors(
-    msgs: Mapping[str, common_pb2.Tensor], max_bytes: int | None = None
+    msgs: Mapping[str, common_pb2.Tensor], max_bytes: int | None = None, field: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Decode a name -> Tensor mapping; errors name the offending key. max_bytes is per tensor."""
-    return {key: decode_tensor(m, key, max_bytes) for key, m in sorted(msgs.items())}
+    """Decode a name -> Tensor mapping; errors name the offending key (as ``field['key']`` when
+    the mapping is the request field ``field``). max_bytes is per tensor."""
+    return {
+        key: decode_tensor(m, f"{field}[{key!r}]" if field else key, max_bytes)
+        for key, m in sorted(msgs.items())
+    }
 
 
 def validate_tensor(msg: common_pb2.Tensor, name: str = "tensor", max_bytes: int | None = None) -> None:
@@ -114,22 +119,19 @@ def _check(msg: common_pb2.Tensor, name: str, max_bytes: int | None) -> _WireTyp
     shape = list(msg.shape)
     for i, dim in enumerate(shape):
         if dim < 0:
-            raise TensorDecodeError(
-                f"tensor {name!r}: shape {shape} has negative dim {dim} at index {i}"
+            raise TensorDecodeError(name, f"shape {shape} has negative dim {dim} at index {i}"
             )
     need = math.prod(shape) * wire.storage.itemsize
     if max_bytes is not None and need > max_bytes:
-        raise TensorDecodeError(
-            f"tensor {name!r}: shape {shape} with dtype {wire.name} needs {need} bytes,"
+        raise TensorDecodeError(name, f"shape {shape} with dtype {wire.name} needs {need} bytes,"
             f" over the limit of {max_bytes}"
         )
     if len(msg.data) != need:
-        raise TensorDecodeError(
-            f"tensor {name!r}: shape {shape} with dtype {wire.name} needs {need} bytes,"
+        raise TensorDecodeError(name, f"shape {shape} with dtype {wire.name} needs {need} bytes,"
             f" got {len(msg.data)}"
         )
     if wire.torch_dtype == torch.bool and msg.data.translate(None, b"\x00\x01"):
-        raise TensorDecodeError(f"tensor {name!r}: bool data must hold only bytes 0 and 1")
+        raise TensorDecodeError(name, "bool data must hold only bytes 0 and 1")
     return wire
 
 
@@ -139,4 +141,4 @@ def _wire_type(msg: common_pb2.Tensor, name: str) -> _WireType:
         return wire
     known = msg.dtype in common_pb2.DType.values()
     label = common_pb2.DType.Name(msg.dtype) if known else f"enum value {msg.dtype}"
-    raise TensorDecodeError(f"tensor {name!r}: dtype {label} is not one of {_SUPPORTED}")
+    raise TensorDecodeError(name, f"dtype {label} is not one of {_SUPPORTED}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -54,9 +55,24 @@ def write_report(out: Path, settings, corpus: Corpus, tokenizer, progress: dict)
                   "validation": curve.validation[-1] if curve.validation else None},
         "curve": curve.to_dict(),
     }
+    if settings.init_from:
+        report["init_from"] = init_from_record(Path(settings.init_from))
     (out / "train.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_curve(curve, out / "loss.png")
     return report
+
+
+def init_from_record(checkpoint: Path) -> dict:
+    """Where a continued run started: the checkpoint's weights hash and, from its own train.json,
+    the steps, tokens and wall time already spent on it."""
+    digest = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    record = {"path": str(checkpoint), "model_sha256": digest}
+    earlier = checkpoint / "train.json"
+    if earlier.is_file():
+        prior = json.loads(earlier.read_text())
+        record.update({k: prior[k] for k in ("steps", "tokens", "wall_time_s") if k in prior})
+        record["settings"] = prior.get("settings")
+    return record
 
 
 def plot_curve(curve: Curve, path: Path) -> None:

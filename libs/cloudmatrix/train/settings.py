@@ -38,6 +38,7 @@ class TrainSettings:
     eval_windows: int = 16
     save_every_minutes: float = 5.0
     export_dtype: str = "bfloat16"
+    init_from: str | None = None  # a trained checkpoint to continue from (weights and tokenizer)
 
     def __post_init__(self) -> None:
         if self.minutes is None and self.tokens is None:

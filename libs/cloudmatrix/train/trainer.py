@@ -5,6 +5,7 @@ Shape legend: B = batch, L = window length.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cloudmatrix.model.checkpoint import save_checkpoint
+from cloudmatrix.model.checkpoint import load_float_model, save_checkpoint
 from cloudmatrix.model.presets import PRESETS
-from cloudmatrix.model.tokenizer import EOS, BOS, save_tokenizer, train_bpe
+from cloudmatrix.model.tokenizer import BOS, EOS, save_tokenizer, train_bpe
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.train.corpus import Corpus, load_corpus
 from cloudmatrix.train.data import eval_windows, token_stream, training_batch
@@ -34,11 +35,15 @@ class TrainData:
 
 
 def prepare_data(settings: TrainSettings, out: Path, corpus_root: Path | None, say: Callable[[str], None]) -> TrainData:
-    """Corpus, tokenizer (trained on the train split, or reloaded when resuming) and token streams."""
+    """Corpus, tokenizer (trained on the train split, reloaded when resuming, or the --init-from
+    checkpoint's) and token streams."""
     from tokenizers import Tokenizer
     corpus = load_corpus(corpus_root)
     cfg = PRESETS[settings.preset]
     tok_path = out / "tokenizer.json"
+    if settings.init_from and not tok_path.is_file():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(Path(settings.init_from) / name, out / name)
     if tok_path.is_file():
         tokenizer = Tokenizer.from_file(str(tok_path))
     else:
@@ -58,6 +63,18 @@ def _optimizer(model: DeepseekV3, settings: TrainSettings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2))
 
 
+def _initial_model(settings: TrainSettings) -> DeepseekV3:
+    """Fresh weights from (init_std, seed), or a trained checkpoint's (a continued run: the
+    optimizer and the schedule start anew)."""
+    cfg = PRESETS[settings.preset]
+    if settings.init_from is None:
+        return new_model(cfg, settings.init_std, settings.seed)
+    model = load_float_model(settings.init_from, mtp=bool(cfg.num_nextn_predict_layers))
+    if model.cfg != cfg:
+        raise ValueError(f"--init-from {settings.init_from} is not a {settings.preset} model; pass its preset")
+    return model.train()
+
+
 def max_violation(load: torch.Tensor) -> float:
     """DeepSeek's MaxVio averaged over MoE layers: max load / mean load - 1. load: [M, E]."""
     load = load.float()
@@ -75,7 +92,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.set_num_threads(settings.threads)
         self.data = prepare_data(settings, self.out, corpus_root, say)
-        self.model = new_model(PRESETS[settings.preset], settings.init_std, settings.seed)
+        self.model = _initial_model(settings)
         self.tap = RouterTap(self.model)
         self.optimizer = _optimizer(self.model, settings)
         self.curve = Curve()

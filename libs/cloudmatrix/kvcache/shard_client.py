@@ -15,10 +15,10 @@ import dataclasses
 
 from google.protobuf import json_format
 
-from cloudmatrix.clients.base import ServiceClient
 from cloudmatrix.kvcache.blobs import BytesSink, chunks_from_bytes, read_blob
 from cloudmatrix.kvcache.blocks import Block, FetchedBlock
 from cloudmatrix.kvcache.reads import WireReply, decode_reply
+from cloudmatrix.rpc.client import ServiceClient
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 
 PUT_METHOD = "/cmx.kvcache.v1.KvCacheShard/Put"

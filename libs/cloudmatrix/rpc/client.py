@@ -3,8 +3,8 @@ idempotent calls, W3C trace context in the metadata, and failed calls raised as 
 
 A ``CallError`` is a ``grpc.aio.AioRpcError`` (code, details and all, so code that handles gRPC
 errors keeps working) that is also the house exception of its kind: ``PeerUnavailable`` for
-UNAVAILABLE, ``ResourceExhausted``, ``ValueError`` for INVALID_ARGUMENT, ``TimeoutError`` for
-DEADLINE_EXCEEDED. It names the method and the address it failed on.
+UNAVAILABLE, ``ResourceExhausted``, ``FieldError`` (a ValueError naming the field) for
+INVALID_ARGUMENT, ``TimeoutError`` for DEADLINE_EXCEEDED. It names the method and the address it failed on.
 """
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import grpc
 from opentelemetry import propagate
 
+from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES, make_channel
-from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
+from cloudmatrix.rpc.errors import FIELD_KEY, PeerUnavailable, ResourceExhausted
 
 RETRIED_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})  # the call never ran: safe to repeat
 
@@ -60,8 +61,12 @@ class Exhausted(CallError, ResourceExhausted):
     pass
 
 
-class InvalidArgument(CallError, ValueError):
-    pass
+class InvalidArgument(FieldError, CallError):
+    """INVALID_ARGUMENT; ``field`` is the one the service named ("request" if it named none)."""
+
+    def __init__(self, err: grpc.aio.AioRpcError, method: str, address: str) -> None:
+        CallError.__init__(self, err, method, address)
+        self.field = field_of(err) or "request"
 
 
 class DeadlineExceeded(CallError, TimeoutError):
@@ -70,6 +75,11 @@ class DeadlineExceeded(CallError, TimeoutError):
 
 _KINDS = {grpc.StatusCode.UNAVAILABLE: Unavailable, grpc.StatusCode.RESOURCE_EXHAUSTED: Exhausted,
           grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument, grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded}
+
+
+def field_of(err: grpc.aio.AioRpcError) -> str | None:
+    """The field an INVALID_ARGUMENT names (its trailing metadata, set by rpc/errors.py)."""
+    return next((v for k, v in (err.trailing_metadata() or ()) if k == FIELD_KEY), None)
 
 
 def call_error(err: grpc.aio.AioRpcError, method: str, address: str) -> CallError:

@@ -10,8 +10,9 @@ import grpc
 import torch
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import DieProbe, ForwardResult, StepFailed
-from cmx.npu.v1 import npu_pb2
+from cloudmatrix.instance.driver import DieProbe, StepFailed
+from cloudmatrix.instance.request import KvPrefix
+from cloudmatrix.instance.step import SequenceOutput, StepOutput
 
 
 def next_token(history: list[int]) -> int:
@@ -31,6 +32,20 @@ def prefix_kv(tokens: list[int], block_size: int) -> list[torch.Tensor]:
             for i in range(0, len(tokens), block_size)]
 
 
+def pooled_prefix(tokens: list[int], block_size: int, keep_blocks: int | None = None) -> KvPrefix:
+    """A KvPrefix whose fetch returns the fake KV of ``tokens`` (only the first ``keep_blocks``
+    blocks: the pool evicted the rest); ``fetches`` counts its calls."""
+    blocks = prefix_kv(tokens, block_size)[:keep_blocks]
+
+    async def fetch():
+        prefix.fetches.append(len(blocks))
+        return blocks
+
+    prefix = KvPrefix(len(tokens), fetch)
+    object.__setattr__(prefix, "fetches", [])
+    return prefix
+
+
 class FakeDriver:
     def __init__(self, num_dies: int, blocks_per_die: int, block_size: int) -> None:
         self.block_size, self.blocks_per_die = block_size, blocks_per_die
@@ -44,6 +59,7 @@ class FakeDriver:
         self.entered = asyncio.Event()
         self.loads = self.forwards = 0
         self.step_sizes: list[int] = []                   # sequences in each forward
+        self.released: list[tuple[int, str]] = []         # sequences the dies were told to forget
         self.model_id = "fake"
 
     async def load(self) -> BlockManager:
@@ -64,9 +80,10 @@ class FakeDriver:
         return [torch.tensor([self.slots[die][b * self.block_size + i] for i in range(n)],
                              dtype=torch.float32)[None, :, None] for b, n in blocks]
 
-    async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0) -> ForwardResult:
+    async def forward(self, chunks, released=(), microbatch: int = 0) -> StepOutput:
         self.forwards += 1
-        self.step_sizes.append(sum(len(seqs) for seqs in per_die))
+        self.step_sizes.append(len(chunks))
+        self.released += list(released)
         self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
@@ -74,15 +91,13 @@ class FakeDriver:
             error, self.fail_next = self.fail_next, None
             raise error
         outputs = {}
-        for die, seqs in enumerate(per_die):
-            for s in seqs:
-                for i, t in enumerate(s.token_ids):
-                    self.slots[die][self._slot(list(s.block_table), s.start_position + i)] = t
-                history = [self.slots[die][self._slot(list(s.block_table), p)]
-                           for p in range(s.start_position + len(s.token_ids))]
-                outputs[s.seq_id] = npu_pb2.SequenceOutput(seq_id=s.seq_id, token_id=next_token(history),
-                                                           has_token=not s.skip_sampling)
-        return ForwardResult(outputs, [npu_pb2.ForwardReply()])
+        for c in chunks:
+            die, table = c.request.die, list(c.request.blocks)
+            for i, t in enumerate(c.token_ids):
+                self.slots[die][self._slot(table, c.start + i)] = t
+            history = [self.slots[die][self._slot(table, p)] for p in range(c.start + len(c.token_ids))]
+            outputs[c.request.request_id] = SequenceOutput(next_token(history) if c.sample else None)
+        return StepOutput(outputs)
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
         self.probes += 1

@@ -183,6 +183,42 @@ def test_npu_client_calls_every_die_rpc(stack, tiny_checkpoint):
     assert load.layers == (1, 2, 3) and load.token_counts.shape == (3, 16)  # tiny: MoE layers 1-3, 16 experts
 
 
+def test_a_die_holds_a_sequence_between_steps_and_forgets_it_when_told(stack, tiny_checkpoint):
+    """The block table and sampling go once; the next step sends only new tokens and new blocks
+    (cached). Prompt log-probabilities across the two chunks equal the in-process model's."""
+    prompt = TextTokenizer.load(tiny_checkpoint).encode("Two chunks, one sequence, the die keeps it")[:10]
+    sampling = common_pb2.SamplingParams(max_tokens=1, prompt_logprobs=2, logprobs=2)
+
+    async def scenario():
+        async with NpuClient(stack["spare-0"]) as die:
+            await die.load_model(str(tiny_checkpoint), precision="fp32", model_id="tiny-held", block_size=4)
+            blocks = await die.allocate_blocks(3)
+            first = await die.forward(1, [npu_pb2.SequenceInput(
+                seq_id="s", token_ids=prompt[:4], block_table=blocks[:1], sampling=sampling, skip_sampling=True,
+                following_token=prompt[4])])
+            second = await die.forward(2, [npu_pb2.SequenceInput(
+                seq_id="s", token_ids=prompt[4:], start_position=4, block_table=blocks[1:], cached=True)])
+            errors = []
+            for finished, seq_id in ((["s"], "s"), ([], "never-sent")):
+                with pytest.raises(InvalidArgument) as err:
+                    await die.forward(3, [npu_pb2.SequenceInput(seq_id=seq_id, token_ids=[5], start_position=10,
+                                                                cached=True)], finished_seq_ids=finished)
+                errors.append(err.value)
+            await die.free_blocks(blocks)
+            return first.outputs[0], second.outputs[0], errors
+
+    first, second, errors = run(scenario())
+    model = load_for_precision(tiny_checkpoint, parse_precision("fp32"))
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(torch.tensor([prompt]), torch.arange(len(prompt))[None], model.new_cache())[0], -1)
+    got = [*first.prompt_logprobs, *second.prompt_logprobs, second.sampled_logprobs]
+    assert [t.token_id for t in got] == prompt[1:] + [int(ref[-1].argmax())] and second.has_token
+    for position, t in enumerate(got):
+        assert abs(t.logprob - ref[position, t.token_id].item()) < 1e-4
+        assert torch.allclose(torch.tensor(list(t.top_logprobs)), ref[position].topk(2).values, atol=1e-4)
+    assert all(e.field == "sequences.cached" and "does not hold it" in e.details() for e in errors)
+
+
 def test_fabric_client_stats_waiting_and_attach(stack):
     async def scenario():
         async with FabricClient(stack["fabric-0"]) as fabric:

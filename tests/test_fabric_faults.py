@@ -12,10 +12,13 @@ import grpc
 import pytest
 
 from cloudmatrix.instance.driver import InstanceDriver, StepFailed
-from cloudmatrix.instance.sequences import SequenceTable, StepInput
+from cloudmatrix.instance.request import Request
+from cloudmatrix.instance.step import ScheduledChunk
 from cloudmatrix.rpc.channel import health_check_sync
+from cloudmatrix.sampling_params import SamplingParams, StopRule
 from cmx.fabric.v1 import fabric_pb2, fabric_pb2_grpc
 from cmx.npu.v1 import npu_pb2
+from tests.instance_steps import position_logprobs
 from tests.services import running_services
 from tests.test_kvcache_client import free_port
 
@@ -75,12 +78,12 @@ def test_killed_die_fails_its_peers_fast_and_the_fabric_serves_on(instance, tiny
     async def survivors():  # the remaining dies form a new EP3 instance and step normally
         driver = InstanceDriver([d.address for d in dies[:3]], fabric, group="ep3")
         try:
-            table = SequenceTable(driver, await driver.load(str(tiny_checkpoint), "fp32", block_size=4))
-            return await table.step([StepInput(f"t{i}", [3, 4, 5]) for i in range(3)])
+            blocks = await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+            return await position_logprobs(driver, blocks, [[3, 4, 5]] * 3)
         finally:
             await driver.close()
 
-    assert all(out.has_token for out in asyncio.run(survivors()).values())
+    assert all(len(logprobs) == 3 for logprobs in asyncio.run(survivors()))  # each got its sampled token
 
 
 def test_stalled_die_fails_its_peers_at_the_round_deadline(instance, tiny_checkpoint):
@@ -103,10 +106,12 @@ def test_driver_reports_which_dies_failed(instance, tiny_checkpoint):
 
     async def scenario():
         driver = InstanceDriver([d.address for d in dies], fabric, group="ep2-bad")
-        table = SequenceTable(driver, await driver.load(str(tiny_checkpoint), "fp32", block_size=4))
+        blocks = await driver.load(str(tiny_checkpoint), "fp32", block_size=4)
+        request = Request("bad", [5000], SamplingParams(), StopRule(1))  # token id beyond the vocab
+        request.die, request.blocks = 0, blocks.allocate(0, 1)
         try:
             with pytest.raises(StepFailed, match="INVALID_ARGUMENT") as err:
-                await table.step([StepInput("bad", [5000])])  # token id beyond the vocab
+                await driver.forward([ScheduledChunk(request, [5000], 0, True)])
             return err.value
         finally:
             await driver.close()

@@ -30,13 +30,12 @@ def test_continuous_batching_with_preemption_equals_the_local_engine(tiny_checkp
         await loop.start()
         requests = [Request(f"r{i}", list(p), SamplingParams(max_tokens=new), StopRule(new, ignore_eos=True),
                             chunk_tokens=16) for i, p in enumerate(prompts)]
-        for r in requests:
-            loop.submit(r)
+        streams = [loop.submit(r) for r in requests]
 
-        async def tokens(r):
-            return [e.token_id async for e in loop.events(r) if e.token_id is not None]
+        async def tokens(events):
+            return [e.token_id async for e in events if e.token_id is not None]
 
-        out = await asyncio.gather(*(tokens(r) for r in requests))
+        out = await asyncio.gather(*(tokens(events) for events in streams))
         preemptions = loop.scheduler.preemptions
         await loop.stop()
         return out, preemptions

@@ -8,15 +8,15 @@ import pytest
 
 from cloudmatrix.errors import InternalError
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import ForwardResult
+from cloudmatrix.instance.driver import die_phases
 from cloudmatrix.instance.loop import SLOW_PROBES_DOWN, InstanceUnavailable, LoopSettings, LoopState, StepLoop
 from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
 from cloudmatrix.rpc.errors import ResourceExhausted
 from cloudmatrix.rpc.timing import timing_proto
-from cloudmatrix.sampling_params import SamplingParams, StopRule
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
 from cmx.npu.v1 import npu_pb2
-from tests.fake_dies import FakeDriver, die_failure, prefix_kv, reference
+from tests.fake_dies import FakeDriver, die_failure, pooled_prefix, reference
 
 BS = 4
 
@@ -25,8 +25,12 @@ def _request(rid: str, prompt: list[int], new: int, cached: int = 0, export: boo
     """A decode-style request: ``new`` tokens to sample; the first ``cached`` prompt tokens come
     with their KV (whole blocks)."""
     return Request(rid, list(prompt), SamplingParams(max_tokens=new), StopRule(new),
-                   prefix_kv=prefix_kv(prompt[:cached], BS), chunk_tokens=6,
+                   prefix=pooled_prefix(prompt[:cached], BS) if cached else None, chunk_tokens=6,
                    export_from_block=cached // BS if export else None)
+
+
+def _ignore(request, item) -> None:
+    """A Scheduler's deliver where no consumer reads the events."""
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -40,15 +44,19 @@ class Harness:
                  batch_wait_s=0.0):
         self.driver = FakeDriver(dies, blocks, BS)
         self.health: list[bool] = []
+        self.events = {}  # request id -> its events (StepLoop.submit)
         settings = LoopSettings("test-0", probe_interval_s=0.01, batch_wait_s=batch_wait_s)
         self.loop = StepLoop(self.driver, self.driver.load, limits, settings, on_health=self._on_health)
 
     async def _on_health(self, serving: bool) -> None:
         self.health.append(serving)
 
+    def submit(self, request: Request) -> None:
+        self.events[request.request_id] = self.loop.submit(request)
+
     async def collect(self, request: Request) -> tuple[list[int], str]:
         tokens, reason = [], None
-        async for event in self.loop.events(request):
+        async for event in self.events.pop(request.request_id):
             tokens += [event.token_id] if event.token_id is not None else []
             reason = event.finish_reason
         return tokens, reason
@@ -62,7 +70,7 @@ def run(coro):
 
 
 def test_admission_takes_whole_requests_by_blocks_on_the_roomiest_die():
-    s = Scheduler(BlockManager([[0, 1, 2, 3], [10, 11, 12, 13]], BS), SchedulerLimits(max_step_tokens=64))
+    s = Scheduler(BlockManager([[0, 1, 2, 3], [10, 11, 12, 13]], BS), SchedulerLimits(max_step_tokens=64), _ignore)
     for i in range(3):
         s.add(_request(f"r{i}", _prompt(i, 10), 2))  # 10 tokens = 3 blocks
     plan = s.schedule()
@@ -73,7 +81,7 @@ def test_admission_takes_whole_requests_by_blocks_on_the_roomiest_die():
 
 
 def test_requests_that_can_never_fit_or_overflow_the_queue_are_refused():
-    s = Scheduler(BlockManager([[0, 1]], BS), SchedulerLimits(max_waiting=1))
+    s = Scheduler(BlockManager([[0, 1]], BS), SchedulerLimits(max_waiting=1), _ignore)
     with pytest.raises(ValueError, match="token_ids"):
         s.add(_request("long", _prompt(0, 9), 1))
     with pytest.raises(ValueError, match="max_tokens"):
@@ -98,7 +106,7 @@ def test_start_waits_until_every_die_answers_then_loads_them():
         h.driver.down = set()
         await starting
         request = _request("r", _prompt(1, 5), 4)
-        h.loop.submit(request)
+        h.submit(request)
         tokens, _ = await h.collect(request)
         await h.loop.stop()
         return waited, h.driver.loads, tokens
@@ -114,7 +122,7 @@ def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
         await h.loop.start()
         requests = [_request(f"r{i}", _prompt(i, 5), 14, cached=4) for i in range(6)]
         for r in requests:
-            h.loop.submit(r)
+            h.submit(r)
         results = await asyncio.gather(*(h.collect(r) for r in requests))
         free, preemptions = h.free(), h.loop.scheduler.preemptions
         await h.loop.stop()
@@ -135,7 +143,7 @@ def test_an_idle_instance_waits_for_a_burst_to_arrive_when_asked_to(batch_wait_s
         requests = [_request(f"r{i}", _prompt(i, 4), 3) for i in range(3)]
         tasks = []
         for r in requests:  # a burst: arrivals a few milliseconds apart
-            h.loop.submit(r)
+            h.submit(r)
             tasks.append(asyncio.create_task(h.collect(r)))
             if batch_wait_s:
                 await asyncio.sleep(0.01)
@@ -159,15 +167,15 @@ def test_a_request_leaving_mid_step_ends_between_steps_and_the_others_keep_their
         await h.loop.start()
         requests = [_request(f"r{i}", _prompt(i, 7), 6) for i in range(4)]
         for r in requests:
-            h.loop.submit(r)
+            h.submit(r)
         tasks = [asyncio.ensure_future(h.collect(r)) for r in requests]
         while h.driver.forwards < 3:  # a few steps in, hold the next one open
             await asyncio.sleep(0)
         h.driver.gate, h.driver.entered = asyncio.Event(), asyncio.Event()
         await h.driver.entered.wait()
-        assert h.loop.abort("r1", "cancelled")  # lands while the step runs
+        assert h.loop.abort("r1", FinishReason.CANCELLED)  # lands while the step runs
         tasks[2].cancel()  # a consumer that leaves
-        assert h.loop.abort("r2", "disconnected")
+        assert h.loop.abort("r2")
         h.driver.gate.set()
         results = await asyncio.gather(tasks[0], tasks[1], tasks[3])
         await asyncio.sleep(0.05)
@@ -187,8 +195,8 @@ def test_exported_kv_holds_the_computed_blocks():
         await h.loop.start()
         prompt = _prompt(3, 11)
         request = _request("p", prompt, 1, cached=4, export=True)
-        h.loop.submit(request)
-        events = [e async for e in h.loop.events(request)]
+        h.submit(request)
+        events = [e async for e in h.events.pop(request.request_id)]
         await h.loop.stop()
         return prompt, events
 
@@ -204,17 +212,17 @@ def test_a_failing_step_fails_its_requests_turns_not_serving_and_recovers():
         h.driver.fail_next = die_failure()
         h.driver.down = {1}
         failed = _request("f", _prompt(0, 5), 3)
-        h.loop.submit(failed)
+        h.submit(failed)
         with pytest.raises(InstanceUnavailable, match="die 1") as err:
             await h.collect(failed)
         assert not h.loop.serving
         with pytest.raises(InstanceUnavailable, match="recovering"):
-            h.loop.submit(_request("g", _prompt(1, 5), 3))
+            h.submit(_request("g", _prompt(1, 5), 3))
         h.driver.down = set()
         while not h.loop.serving:
             await asyncio.sleep(0.01)
         again = _request("g", _prompt(1, 5), 3)
-        h.loop.submit(again)
+        h.submit(again)
         result = await h.collect(again)
         await h.loop.stop()
         return str(err.value), h.health, h.driver.loads, result
@@ -270,10 +278,11 @@ def test_a_bug_in_a_step_fails_its_requests_and_the_instance_keeps_serving(caplo
 
         h.loop.scheduler.complete = broken
         request = _request("x", _prompt(0, 5), 3)
-        h.loop.submit(request)
+        h.submit(request)
         with pytest.raises(InternalError, match="its step failed"):
             await h.collect(request)
-        after = await h.collect(_submitted(h, _request("y", _prompt(1, 5), 3)))
+        h.submit(y := _request("y", _prompt(1, 5), 3))
+        after = await h.collect(y)
         state, free = h.loop.state, h.free()
         await h.loop.stop()
         return after, state, free, h
@@ -283,11 +292,6 @@ def test_a_bug_in_a_step_fails_its_requests_and_the_instance_keeps_serving(caplo
     assert state is LoopState.SERVING and h.health == [] and h.driver.loads == 1  # no reload
     assert free == [8, 8]  # x's blocks came back
     assert any(r.exc_info and isinstance(r.exc_info[1], TypeError) for r in caplog.records)
-
-
-def _submitted(h: Harness, request: Request) -> Request:
-    h.loop.submit(request)
-    return request
 
 
 def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():
@@ -300,11 +304,11 @@ def test_a_crashing_loop_fails_every_request_and_stops_serving_for_good():
 
         h.loop.scheduler.schedule = broken  # the loop itself, outside any step
         request = _request("x", _prompt(0, 5), 3)
-        h.loop.submit(request)
+        h.submit(request)
         with pytest.raises(InstanceUnavailable, match="scheduling loop crashed"):
             await h.collect(request)
         with pytest.raises(InstanceUnavailable):
-            h.loop.submit(_request("y", _prompt(1, 5), 3))
+            h.submit(_request("y", _prompt(1, 5), 3))
         state = h.loop.state
         await h.loop.stop()
         return state, h.health
@@ -318,6 +322,68 @@ def test_die_phases_are_means_over_the_dies_with_compute_the_rest():
         return npu_pb2.ForwardReply(timing=timing_proto({"dispatch": dispatch, "combine": combine, "sample": sample},
                                                         {}, measured_s=total, modeled_s=0.0))
 
-    result = ForwardResult({}, [reply(1.0, 0.2, 0.1, 0.05), reply(3.0, 0.4, 0.3, 0.15)])
-    assert result.die_phases() == pytest.approx({"forward": 2.0, "dispatch": 0.3, "combine": 0.2, "sample": 0.1,
+    phases = die_phases([reply(1.0, 0.2, 0.1, 0.05), reply(3.0, 0.4, 0.3, 0.15)])
+    assert phases == pytest.approx({"forward": 2.0, "dispatch": 0.3, "combine": 0.2, "sample": 0.1,
                                                  "compute": 1.4})
+
+
+def test_a_pooled_prefix_is_fetched_when_blocks_are_free_not_while_waiting():
+    async def scenario():
+        h = Harness(dies=1, blocks=4, limits=SchedulerLimits(max_running=8, max_waiting=8, max_step_tokens=16))
+        await h.loop.start()
+        h.driver.gate, h.driver.entered = asyncio.Event(), asyncio.Event()
+        big = _request("big", _prompt(0, 9), 6)  # 15 tokens: every block of the die
+        h.submit(big)
+        await h.driver.entered.wait()            # big runs; the next request cannot fit yet
+        waiter = _request("w", _prompt(1, 9), 3, cached=8)
+        h.submit(waiter)
+        await asyncio.sleep(0)
+        fetched_while_waiting = list(waiter.prefix.fetches)
+        h.driver.gate.set()
+        results = await asyncio.gather(h.collect(big), h.collect(waiter))
+        await h.loop.stop()
+        return fetched_while_waiting, waiter.prefix.fetches, results
+
+    fetched_while_waiting, fetches, (big, waiter) = run(scenario())
+    assert fetched_while_waiting == [] and fetches == [2]  # once, on admission, both blocks
+    assert big == (reference(_prompt(0, 9), 6), "length") and waiter == (reference(_prompt(1, 9), 3), "length")
+
+
+@pytest.mark.parametrize("keep_blocks", [None, 1, 0])
+def test_a_preempted_request_fetches_its_prefix_again_and_recomputes_what_the_pool_lost(keep_blocks):
+    async def scenario():
+        h = Harness(dies=2, blocks=6)
+        await h.loop.start()
+        requests = [_request(f"r{i}", _prompt(i, 9), 14, cached=8) for i in range(6)]
+        for r in requests:
+            r.prefix = pooled_prefix(r.token_ids[:8], BS, keep_blocks)
+            h.submit(r)
+        results = await asyncio.gather(*(h.collect(r) for r in requests))
+        await h.loop.stop()
+        return requests, results, h.free()
+
+    requests, results, free = run(scenario())
+    assert [tokens for tokens, _ in results] == [reference(_prompt(i, 9), 14) for i in range(6)]
+    preempted = [r for r in requests if r.preemptions]
+    assert preempted and all(len(r.prefix.fetches) == r.preemptions + 1 for r in preempted)
+    assert free == [6, 6]
+
+
+def test_the_dies_are_told_which_sequences_ended_at_the_next_step():
+    async def scenario():
+        h = Harness()
+        await h.loop.start()
+        first = [_request(f"a{i}", _prompt(i, 5), 2) for i in range(3)]
+        for r in first:
+            h.submit(r)
+        await asyncio.gather(*(h.collect(r) for r in first))
+        released_before = list(h.driver.released)
+        h.submit(later := _request("b", _prompt(7, 5), 2))
+        await h.collect(later)
+        await h.loop.stop()
+        return released_before, h.driver.released, first
+
+    before, released, first = run(scenario())
+    assert before == []  # no step ran since they ended
+    assert sorted(rid for _, rid in released) == ["a0", "a1", "a2"]
+    assert all(die == r.die for (die, rid), r in zip(sorted(released, key=lambda x: x[1]), first))

@@ -16,6 +16,7 @@ from cloudmatrix.errors import FieldError
 # An unset max_tokens, on every path: OpenAI's default for /v1/completions (and this server's for
 # chat), the gateway's and the instances' gRPC APIs (max_tokens 0 = unset) and `cmx generate`.
 DEFAULT_MAX_TOKENS = 16
+MAX_LOGPROBS = 20  # alternatives per token, at most (OpenAI's chat top_logprobs limit)
 _SEED_LIMIT = 2**64
 
 
@@ -46,6 +47,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None          # each sampled token's log-probability and this many top
+                                         # alternatives (None: none)
+    prompt_logprobs: int | None = None   # the same for every prompt token after the first (echo)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -64,6 +68,10 @@ class SamplingParams:
             raise FieldError("stop", "stop strings must be non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise FieldError("stop_token_ids", "must be token ids (integers >= 0)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise FieldError(name, f"must be in [0, {MAX_LOGPROBS}], got {value}")
 
     @property
     def greedy(self) -> bool:
@@ -102,3 +110,15 @@ class StopRule:
         if new_tokens >= self.max_new_tokens or total_tokens >= self.context_limit:
             return FinishReason.LENGTH
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model (log-softmax of the served precision's logits,
+    before temperature and filters) and the ``top`` most likely (token id, log-probability)
+    pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+

@@ -1,7 +1,8 @@
-"""Decode, free of gRPC: take a request with its KV handle, pull the prompt's blocks from the
-pool (then release the prefill's lease on them), and hand the request to the instance's scheduler,
-which admits it when its blocks fit, steps it with every other running request (continuous
-batching), preempts it when the dies run out of blocks, and ends it at EOS, max_tokens, a stop
+"""Decode, free of gRPC: hand a request with its KV handle to the instance's scheduler, which
+admits it when its blocks fit (only then are the prompt's blocks pulled from the pool, and the
+prefill's lease on them released), steps it with every other running request (continuous
+batching), preempts it when the dies run out of blocks (it fetches the prompt's blocks again when
+readmitted, recomputing what the pool no longer holds), and ends it at EOS, max_tokens, a stop
 token or the context limit. Cancels and disconnects end it between steps.
 """
 from __future__ import annotations
@@ -10,15 +11,15 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
-from cloudmatrix.instance.request import Request
+from cloudmatrix.instance.request import KvPrefix, Request
 from cloudmatrix.kvcache import Lease
-from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor
-from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule, TokenLogprobs
 from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
@@ -46,6 +47,7 @@ class DecodeEvent:
     finish_reason: FinishReason | None
     measured: dict[str, float]
     modeled: dict[str, float]
+    logprobs: TokenLogprobs | None = None   # of the token, when the request asked for them
 
 
 class DecodeCore:
@@ -73,47 +75,56 @@ class DecodeCore:
         rule = StopRule.of(req.sampling, self.eos, self.context_limit)
         reason = rule.reason(req.first_token, 1, req.prompt_len + 1)
         if reason is not None:  # finished on the prefill's token: nothing to step
-            await self._release_lease(req)
+            await self._release(req.lease)
             yield DecodeEvent([], reason, {}, {})
             return
-        self.loop.check_admission()  # refuse before any pool traffic
-        with _TRACER.start_as_current_span("decode.kv_load", attributes={
-                "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
-            start = time.perf_counter()
-            prefix = await self._fetch(req)
-            measured = {"kv_load": time.perf_counter() - start}
-        # Read: the pool may evict the blocks now. A failed read keeps the lease (until its ttl)
-        # for a retry on another decode instance.
-        await self._release_lease(req)
+        measured: dict[str, float] = {}
         request = Request(req.request_id, [*req.prompt_token_ids, req.first_token], req.sampling, rule,
-                          prefix_kv=prefix, chunk_tokens=self.chunk_tokens, new_tokens=1)
-        async for event in self._run(request, measured):
-            yield event
-
-    async def _run(self, request: Request, measured: dict[str, float]) -> AsyncIterator[DecodeEvent]:
-        self.loop.submit(request)
+                          prefix=KvPrefix(req.prompt_len, self._fetcher(req, measured)),
+                          chunk_tokens=self.chunk_tokens, new_tokens=1)
+        events = self.loop.submit(request)
         try:
-            async for event in self.loop.events(request):
+            async for event in events:
                 step = {**measured, "step": event.step_measured_s, "queue": event.queued_s}
+                measured.clear()
                 tokens = [event.token_id] if event.token_id is not None else []
                 modeled = {"step": event.step_modeled_s} if tokens else {}
-                yield DecodeEvent(tokens, event.finish_reason, step, modeled)
-                measured = {}
+                yield DecodeEvent(tokens, event.finish_reason, step, modeled, event.logprobs)
         finally:
             if not request.finished:  # the client left: end it before the next step
                 self.loop.abort(request.request_id, FinishReason.CANCELLED)
 
+    def _fetcher(self, req: DecodeRequest, measured: dict[str, float]):
+        """The prompt's KV as the scheduler admits the request: the leading run of its blocks the
+        pool still holds. The first read releases the prefill's lease (the pool may evict them
+        from then on); a failed read keeps it (until its ttl) for a retry on another instance."""
+        lease, parent = [req.lease], otel_context.get_current()  # the fetch runs in the loop's task
+
+        async def fetch() -> list:
+            with _TRACER.start_as_current_span("decode.kv_load", context=parent, attributes={
+                    "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
+                start = time.perf_counter()
+                blocks = await self._fetch(req)
+                measured["kv_load"] = measured.get("kv_load", 0.0) + time.perf_counter() - start
+            if lease[0] is not None:
+                held, lease[0] = lease[0], None
+                await self._release(held)
+            return blocks
+
+        return fetch
+
     async def _fetch(self, req: DecodeRequest) -> list:
         fetched = await self.pool.get_blocks(req.block_keys)
-        missing = [k.hex() for k in req.block_keys if fetched.get(k) is None]
-        if missing:
-            raise PeerUnavailable(f"kvcache: {len(missing)} of the prompt's blocks are gone, e.g. {missing[0]}")
-        blocks = [decode_tensor(common_pb2.Tensor.FromString(fetched[k].data), "kv") for k in req.block_keys]
+        blocks = []
+        for key in req.block_keys:  # an evicted block ends the usable prefix: the rest is recomputed
+            if fetched.get(key) is None:
+                break
+            blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
         held = sum(kv.shape[1] for kv in blocks)
-        if held != req.prompt_len:
+        if len(blocks) == len(req.block_keys) and held != req.prompt_len:
             raise FieldError("kv", f"the blocks hold {held} tokens, the prompt has {req.prompt_len}")
         return blocks
 
-    async def _release_lease(self, req: DecodeRequest) -> None:
-        if req.lease is not None and req.lease.lease_ids:
-            await self.pool.release(req.lease)
+    async def _release(self, lease: Lease | None) -> None:
+        if lease is not None and lease.lease_ids:
+            await self.pool.release(lease)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from cloudmatrix.errors import FieldError
-from cloudmatrix.rpc.sampling import sampling_from_proto
+from cloudmatrix.rpc.sampling import logprobs_to_proto, sampling_from_proto
+from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cmx.common.v1 import common_pb2
-from services.npu_emulator.engine import SequenceStep
+from cmx.npu.v1 import npu_pb2
+from services.npu_emulator.engine import SequenceResult
 from services.npu_emulator.loader import LoadSpec
+from services.npu_emulator.sequences import SequenceStep
 
 PRECISION_NAMES = {
     common_pb2.PRECISION_FP32: "fp32", common_pb2.PRECISION_INT8: "int8",
@@ -16,7 +19,16 @@ PRECISION_ENUMS = {name: enum for enum, name in PRECISION_NAMES.items()}
 
 def sequence_step(s) -> SequenceStep:
     return SequenceStep(s.seq_id, list(s.token_ids), s.start_position, list(s.block_table),
-                        sampling_from_proto(s.sampling), s.skip_sampling)
+                        sampling_from_proto(s.sampling), s.skip_sampling, s.cached,
+                        s.following_token if s.HasField("following_token") else None)
+
+
+def sequence_output(r: SequenceResult) -> npu_pb2.SequenceOutput:
+    return npu_pb2.SequenceOutput(
+        seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
+        logits=encode_tensor(r.logits) if r.logits is not None else None,
+        sampled_logprobs=logprobs_to_proto(r.sampled_logprobs) if r.sampled_logprobs is not None else None,
+        prompt_logprobs=[logprobs_to_proto(t) for t in r.prompt_logprobs])
 
 
 def load_spec(request, config) -> LoadSpec:

@@ -15,12 +15,13 @@ import torch
 from cloudmatrix.errors import FieldError
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
-from cloudmatrix.model.sampling import sample_token
+from cloudmatrix.model.sampling import sample_token, token_logprobs
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
 from cloudmatrix.rpc.errors import ResourceExhausted
-from cloudmatrix.sampling_params import SamplingParams
+from cloudmatrix.sampling_params import TokenLogprobs
 from services.npu_emulator.modeled import forward_modeled_s
+from services.npu_emulator.sequences import SequenceRegistry, SequenceStep
 
 # A die whose fabric stream broke re-attaches at its next Forward; it gives up (the Forward fails
 # with UNAVAILABLE) when the group has not re-formed within this long.
@@ -28,22 +29,12 @@ RECONNECT_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
-class SequenceStep:
-    """One sequence's work in a Forward: new tokens at [start, start + len(token_ids))."""
-
-    seq_id: str
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    sampling: SamplingParams
-    skip_sampling: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
 class SequenceResult:
     seq_id: str
     token_id: int | None
-    logits: torch.Tensor | None  # [V] at the last new position, when asked for
+    logits: torch.Tensor | None                 # [V] at the last new position, when asked for
+    sampled_logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -67,6 +58,7 @@ class DieEngine:
         self._locks = collections.defaultdict(threading.Lock)
         self.first_step: int | None = None
         self.last_step: int | None = None
+        self.sequences = SequenceRegistry(pool.shape.num_blocks)
 
     def allocate(self, count: int) -> list[int]:
         blocks = self.pool.allocator.allocate(count)
@@ -101,9 +93,13 @@ class DieEngine:
             out.append(torch.cat([self.pool.latent[:, slots], self.pool.k_rope[:, slots]], dim=-1))
         return out
 
-    def forward(self, step: int, microbatch: int, seqs: list[SequenceStep], return_logits: bool):
-        """Run one step of this die's sequences (possibly none: the die still serves its experts).
-        Returns (results, measured seconds per phase, modeled 910C seconds per phase)."""
+    def forward(self, step: int, microbatch: int, seqs: list[SequenceStep], return_logits: bool,
+                finished: list[str] = ()):
+        """Run one step of this die's sequences (possibly none: the die still serves its experts),
+        after forgetting the ``finished`` ones. Returns (results, measured seconds per phase,
+        modeled 910C seconds per phase)."""
+        self.sequences.finish(list(finished))
+        seqs = [self.sequences.resolve(s) for s in seqs]
         for s in seqs:
             self._validate(s)
         with self._locks[microbatch], torch.inference_mode():
@@ -131,6 +127,8 @@ class DieEngine:
             raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: empty")
         if any(not 0 <= t < cfg.vocab_size for t in s.token_ids):
             raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: ids must be in [0, {cfg.vocab_size})")
+        if s.following_token is not None and not 0 <= s.following_token < cfg.vocab_size:
+            raise FieldError("sequences.following_token", f"sequence {s.seq_id!r}: must be in [0, {cfg.vocab_size})")
         if s.start + len(s.token_ids) > cfg.max_position_embeddings:
             raise FieldError("sequences.start_position", f"sequence {s.seq_id!r}: positions up to {s.start + len(s.token_ids)} exceed the "
                              f"context limit {cfg.max_position_embeddings}")
@@ -142,19 +140,33 @@ class DieEngine:
         batch = PagedBatch([s.block_table for s in seqs], [s.start for s in seqs], [len(s.token_ids) for s in seqs])
         ids = torch.tensor([t for s in seqs for t in s.token_ids])[None]  # [1, N] packed
         logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
-        last = logits[0, batch.last_token_index()]  # [B, V]
         start = time.perf_counter()
-        results = [self._result(s, row, return_logits) for s, row in zip(seqs, last)]
+        ends = torch.tensor([len(s.token_ids) for s in seqs]).cumsum(0).tolist()
+        results = [self._result(s, logits[0, end - len(s.token_ids):end], return_logits)
+                   for s, end in zip(seqs, ends)]
         clock.add("sample", time.perf_counter() - start)
         return results
 
     def _result(self, s: SequenceStep, logits: torch.Tensor, return_logits: bool) -> SequenceResult:
+        """logits: [n, V] at the sequence's new positions."""
+        prompt = self._prompt_logprobs(s, logits)
         if return_logits:
-            return SequenceResult(s.seq_id, None, logits.clone())
+            return SequenceResult(s.seq_id, None, logits[-1].clone(), None, prompt)
         if s.skip_sampling:
-            return SequenceResult(s.seq_id, None, None)
+            return SequenceResult(s.seq_id, None, None, None, prompt)
         position = s.start + len(s.token_ids)
-        return SequenceResult(s.seq_id, sample_token(logits, s.sampling, s.sampling.generator(position)), None)
+        token = sample_token(logits[-1], s.sampling, s.sampling.generator(position))
+        top = s.sampling.logprobs
+        sampled = token_logprobs(logits[-1:], [token], top)[0] if top is not None else None
+        return SequenceResult(s.seq_id, token, None, sampled, prompt)
+
+    @staticmethod
+    def _prompt_logprobs(s: SequenceStep, logits: torch.Tensor) -> list[TokenLogprobs]:
+        """Log-probabilities of token_ids[1:] (and of the following token), from logits [n, V]."""
+        if s.sampling.prompt_logprobs is None:
+            return []
+        targets = s.token_ids[1:] + ([s.following_token] if s.following_token is not None else [])
+        return token_logprobs(logits[:len(targets)], targets, s.sampling.prompt_logprobs) if targets else []
 
     def _idle(self) -> list[SequenceResult]:
         """No sequences this step: take part in every MoE layer's rounds with zero tokens."""

@@ -17,7 +17,7 @@ from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.npu.v1 import npu_pb2, npu_pb2_grpc
 from services.npu_emulator.config import NpuEmulatorConfig
-from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_step
+from services.npu_emulator.convert import PRECISION_ENUMS, load_spec, sequence_output, sequence_step
 from services.npu_emulator.core import Die
 from services.npu_emulator.loader import load_engine
 from services.npu_emulator.metrics import DieCounters
@@ -101,11 +101,9 @@ class NpuEmulatorServicer(npu_pb2_grpc.NpuEmulatorServicer):
             raise TypeError(f"fault hook: Forward call {self.forward_calls} fails as a bug would")
         seqs = [sequence_step(s) for s in request.sequences]
         results, measured, modeled = await asyncio.to_thread(engine.forward, request.step, request.microbatch, seqs,
-                                                             request.return_logits)
+                                                             request.return_logits, list(request.finished_seq_ids))
         self.counters.record(len(seqs), sum(len(s.token_ids) for s in seqs), measured, modeled.get("total", 0.0))
-        outputs = [npu_pb2.SequenceOutput(seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
-                                          logits=encode_tensor(r.logits) if r.logits is not None else None)
-                   for r in results]
+        outputs = [sequence_output(r) for r in results]
         return npu_pb2.ForwardReply(outputs=outputs, timing=timing_proto(
             measured, modeled, measured_s=measured.get("total", 0.0), modeled_s=modeled.get("total", 0.0)))
 

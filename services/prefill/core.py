@@ -1,6 +1,8 @@
 """Prefill, free of gRPC: context-cache lookup, the prompt submitted to the instance's scheduler
-(cached prefix written to the die, the rest computed in chunks packed with other requests'), the
-new KV read back and written to the pool, the prompt's blocks leased for the decode, first token.
+(the cached prefix fetched from the pool and written to the die when the request is admitted, the
+rest computed in chunks packed with other requests'), the new KV read back and written to the
+pool, the prompt's blocks leased for the decode, the first token. A request that asks for prompt
+log-probabilities (echo) computes its whole prompt: a cached prefix has none.
 
 Timing phases (measured wall seconds here; modeled CloudMatrix384 seconds for cache_load, the
 cached blocks' KV read from the pool over UB, and compute): queue, cache_lookup, cache_load,
@@ -16,12 +18,12 @@ from opentelemetry import trace
 from cloudmatrix.costmodel import ub
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
-from cloudmatrix.instance.request import Request
+from cloudmatrix.instance.request import KvPrefix, Request
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
 from cloudmatrix.kvcache import Block, Lease
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
-from cloudmatrix.sampling_params import SamplingParams, StopRule
+from cloudmatrix.sampling_params import SamplingParams, StopRule, TokenLogprobs
 from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
@@ -36,6 +38,8 @@ class PrefillResult:
     measured: dict[str, float]
     modeled: dict[str, float]
     lease: Lease | None = None    # pins the prompt's blocks in the pool until the decode adopts them
+    logprobs: TokenLogprobs | None = None                # of first_token, when asked for
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of token_ids[1:]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,15 @@ class PrefillSettings:
     vocab_size: int
     context_limit: int
     lease_ttl_s: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Computed:
+    first_token: int
+    kv: list                          # the exported blocks' KV, from block ``cached_blocks`` on
+    cached_blocks: int                # blocks of the prefix that came from the pool
+    logprobs: TokenLogprobs | None
+    prompt_logprobs: list[TokenLogprobs]
 
 
 class PrefillCore:
@@ -67,59 +80,75 @@ class PrefillCore:
                       use_cache: bool) -> PrefillResult:
         self.validate(token_ids)
         self.loop.check_admission()  # refuse before any pool traffic
+        use_cache = use_cache and sampling.prompt_logprobs is None  # a cached prefix has no logprobs
         measured, modeled = {}, {"compute": 0.0, "cache_load": 0.0}
         keys = prefix_keys(token_ids, self.block_size, self.namespace)
         ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
         with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
-            cached = await self._fetch_cached(keys, len(token_ids), use_cache, measured, modeled)
-            span.set_attribute("cached_tokens", len(cached) * self.block_size)
+            hit = await self._lookup(keys, len(token_ids), use_cache, measured)
+            span.set_attribute("cached_tokens", hit * self.block_size)
         with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
-            first, kv = await self._compute(request_id, token_ids, sampling, cached, measured, modeled)
+            out = await self._compute(request_id, token_ids, sampling, keys, hit, measured, modeled)
         with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
-            lease = await self._write_back(keys, len(cached), kv, measured)
-        cached_tokens = len(cached) * self.block_size
+            lease = await self._write_back(keys, out.cached_blocks, out.kv, measured)
+        cached_tokens = out.cached_blocks * self.block_size
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
             self.cache_hits += cached_tokens
         modeled["total"] = modeled["compute"] + modeled["cache_load"]
-        return PrefillResult(first, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled, lease)
+        return PrefillResult(out.first_token, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled,
+                             lease, out.logprobs, out.prompt_logprobs)
 
-    async def _fetch_cached(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured, modeled) -> list:
-        """KV of the longest cached prefix ([layers, block, C+R] per block); at least one token is
-        left to compute (its logits give the first token). Modeled: those bytes over UB."""
+    async def _lookup(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> int:
+        """Blocks of the longest cached prefix; at least one token is left to compute (its logits
+        give the first token)."""
         start = time.perf_counter()
         limit = min(len(keys.full), (num_tokens - 1) // self.block_size)
         hit = await self.pool.lookup(list(keys.full[:limit])) if self.pool and use_cache and limit else 0
         measured["cache_lookup"] = time.perf_counter() - start
-        start = time.perf_counter()
-        blocks = []
-        if hit:
+        return hit
+
+    def _fetcher(self, keys: PrefixKeys, hit: int, measured, modeled):
+        """The cached prefix's KV as the scheduler admits the request ([layers, block, C+R] per
+        block): the leading run of the ``hit`` blocks still in the pool (one evicted since the
+        lookup ends it). Modeled: those bytes over UB."""
+        async def fetch() -> list:
+            start = time.perf_counter()
             fetched = await self.pool.get_blocks(list(keys.full[:hit]))
-            for key in keys.full[:hit]:  # a block evicted since the lookup ends the usable prefix
+            blocks = []
+            for key in keys.full[:hit]:
                 if fetched.get(key) is None:
                     break
                 blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
-        measured["cache_load"] = time.perf_counter() - start
-        modeled["cache_load"] = ub.pool_transfer_s(sum(b.numel() * b.element_size() for b in blocks))
-        return blocks
+            measured["cache_load"] = time.perf_counter() - start
+            modeled["cache_load"] = ub.pool_transfer_s(sum(b.numel() * b.element_size() for b in blocks))
+            return blocks
 
-    async def _compute(self, request_id, token_ids, sampling, cached: list, measured, modeled):
-        """The prompt through the scheduler: the cached prefix is written to the die on admission,
-        the rest computed in chunks; returns the first token and the new blocks' KV."""
+        return fetch
+
+    async def _compute(self, request_id, token_ids, sampling, keys: PrefixKeys, hit: int, measured,
+                       modeled) -> _Computed:
+        """The prompt through the scheduler: the cached prefix is fetched and written to the die
+        on admission, the rest computed in chunks; returns the first token and the new blocks' KV."""
         start, queued = time.perf_counter(), 0.0
-        request = Request(request_id, list(token_ids), sampling, StopRule(max_new_tokens=1), prefix_kv=cached,
-                          chunk_tokens=self.settings.chunk_tokens,
-                          export_from_block=len(cached) if self.pool else None)
-        self.loop.submit(request)
+        prefix = KvPrefix(hit * self.block_size, self._fetcher(keys, hit, measured, modeled)) if hit else None
+        request = Request(request_id, list(token_ids), sampling, StopRule(max_new_tokens=1), prefix=prefix,
+                          chunk_tokens=self.settings.chunk_tokens, export_from_block=hit if self.pool else None)
+        prompt_logprobs: dict[int, TokenLogprobs] = {}  # by position (a preempted request recomputes)
+        events = self.loop.submit(request)
         try:
-            async for event in self.loop.events(request):
+            async for event in events:
                 queued += event.queued_s
                 modeled["compute"] += event.step_modeled_s
+                prompt_logprobs.update(enumerate(event.prompt_logprobs, event.prompt_start))
         finally:
             if not request.finished:  # the caller left (cancelled, deadline): end it between steps
                 self.loop.abort(request_id)
         measured["queue"], measured["compute"] = queued, time.perf_counter() - start - queued
-        return event.token_id, event.kv or []
+        cached = request.export_from_block if request.export_from_block is not None else hit
+        measured.setdefault("cache_load", 0.0)
+        return _Computed(event.token_id, event.kv or [], cached, event.logprobs,
+                         [prompt_logprobs[i] for i in sorted(prompt_logprobs)])
 
     async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured) -> Lease | None:
         """Store the newly computed blocks (full ones and the tail) the pool does not hold yet, then

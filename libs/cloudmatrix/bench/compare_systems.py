@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from cloudmatrix.bench.serve.stats import percentile, step_breakdown, step_snaps
 from cloudmatrix.bench.serve.workload import BenchRequest
 from cloudmatrix.demo import gateway_url, get_json
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
-from cloudmatrix.instance.request import Request
+from cloudmatrix.instance.request import Request, StepEvent
 from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.sampling_params import SamplingParams, StopRule
@@ -67,17 +68,15 @@ async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
     start = time.perf_counter()
     requests = [Request(f"r{i}", list(p.prompt), SamplingParams(max_tokens=p.output_len),
                         StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
-    for r in requests:
-        loop.submit(r)
-    stamps = await asyncio.gather(*(_token_times(loop, r) for r in requests))
+    stamps = await asyncio.gather(*(_token_times(loop.submit(r)) for r in requests))
     elapsed = time.perf_counter() - start
     await loop.stop()
     return _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
                     sum(len(s) for s in stamps), elapsed)
 
 
-async def _token_times(loop: StepLoop, request: Request) -> list[float]:
-    return [time.perf_counter() async for event in loop.events(request) if event.token_id is not None]
+async def _token_times(events: AsyncIterator[StepEvent]) -> list[float]:
+    return [time.perf_counter() async for event in events if event.token_id is not None]
 
 
 def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> dict:

@@ -9,18 +9,17 @@ from __future__ import annotations
 import torch
 
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import DieProbe, ForwardResult
+from cloudmatrix.instance.driver import DieProbe
+from cloudmatrix.instance.step import ScheduledChunk, SequenceOutput, StepOutput
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
 from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
 from cloudmatrix.model.sampling import sample_token
 from cloudmatrix.model.transformer import DeepseekV3
-from cloudmatrix.rpc.sampling import sampling_from_proto
-from cmx.npu.v1 import npu_pb2
 
 
 class LocalDriver:
-    """The driver interface of InstanceDriver (load, forward, write/read blocks, probe) on a model
-    in this process."""
+    """The Driver protocol (instance/step.py: forward, write/read blocks, probe) and a load, on a
+    model in this process. Prompt log-probabilities are not computed here."""
 
     def __init__(self, model: DeepseekV3, num_blocks: int, block_size: int = 16) -> None:
         cfg = model.cfg
@@ -32,24 +31,21 @@ class LocalDriver:
     async def load(self) -> BlockManager:
         return BlockManager([list(range(self.pool.shape.num_blocks))], self.block_size)
 
-    async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0) -> ForwardResult:
-        seqs = per_die[0]
-        batch = PagedBatch([list(s.block_table) for s in seqs], [s.start_position for s in seqs],
-                           [len(s.token_ids) for s in seqs])
+    async def forward(self, chunks: list[ScheduledChunk], released=(), microbatch: int = 0) -> StepOutput:
+        batch = PagedBatch([list(c.request.blocks) for c in chunks], [c.start for c in chunks],
+                           [len(c.token_ids) for c in chunks])
         with torch.inference_mode():
-            ids = torch.tensor([t for s in seqs for t in s.token_ids])[None]  # [1, N]
+            ids = torch.tensor([t for c in chunks for t in c.token_ids])[None]  # [1, N]
             logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
             last = logits[0, batch.last_token_index()]  # [B, V]
-        outputs = {s.seq_id: self._output(s, row) for s, row in zip(seqs, last)}
-        return ForwardResult(outputs, [npu_pb2.ForwardReply()])
+        return StepOutput({c.request.request_id: self._output(c, row) for c, row in zip(chunks, last)})
 
-    def _output(self, s: npu_pb2.SequenceInput, logits: torch.Tensor) -> npu_pb2.SequenceOutput:
-        if s.skip_sampling:
-            return npu_pb2.SequenceOutput(seq_id=s.seq_id)
-        params = sampling_from_proto(s.sampling)
-        position = s.start_position + len(s.token_ids)
-        token = sample_token(logits, params, params.generator(position))
-        return npu_pb2.SequenceOutput(seq_id=s.seq_id, token_id=token, has_token=True)
+    @staticmethod
+    def _output(c: ScheduledChunk, logits: torch.Tensor) -> SequenceOutput:
+        if not c.sample:
+            return SequenceOutput(None)
+        params, position = c.request.sampling, c.start + len(c.token_ids)
+        return SequenceOutput(sample_token(logits, params, params.generator(position)))
 
     async def write_blocks(self, writes: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         shape = self.pool.shape

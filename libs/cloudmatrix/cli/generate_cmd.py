@@ -12,8 +12,7 @@ import torch
 
 from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.instance.driver import InstanceDriver
-from cloudmatrix.instance.generate import StepTimes, generate_on_instance
-from cloudmatrix.instance.sequences import SequenceTable
+from cloudmatrix.instance.generate import StepTimes, generate_on_instance, serving
 from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.launcher.waves import entry_of
 from cloudmatrix.model.generate import generate
@@ -91,10 +90,11 @@ async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder
     try:
         blocks = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None)
         loaded, count = driver.loaded, 0
-        async for token in generate_on_instance(SequenceTable(driver, blocks), prompt_ids, params, eos, times):
-            sys.stdout.write(stream.push(token))
-            sys.stdout.flush()
-            count += 1
+        async with serving(driver, blocks) as loop:
+            async for token in generate_on_instance(loop, prompt_ids, params, eos, times):
+                sys.stdout.write(stream.push(token))
+                sys.stdout.flush()
+                count += 1
     finally:
         await driver.close()
     source = ("weights from the model cache" if all(r.from_model_cache for r in loaded)

@@ -98,10 +98,12 @@ class NpuClient(ServiceClient):
         return reply.kv_blocks_free
 
     async def forward(self, step: int, sequences: list[npu_pb2.SequenceInput], *, microbatch: int = 0,
-                      return_logits: bool = False, deadline_s: float | None = None) -> npu_pb2.ForwardReply:
-        """One model step of this die's sequences (joining the instance's MoE rounds); not retried."""
+                      return_logits: bool = False, finished_seq_ids: list[str] = (),
+                      deadline_s: float | None = None) -> npu_pb2.ForwardReply:
+        """One model step of this die's sequences (joining the instance's MoE rounds), after it
+        forgets ``finished_seq_ids``; not retried."""
         request = npu_pb2.ForwardRequest(step=step, microbatch=microbatch, sequences=sequences,
-                                         return_logits=return_logits)
+                                         return_logits=return_logits, finished_seq_ids=finished_seq_ids)
         return await self.unary("Forward", request, idempotent=False, deadline_s=deadline_s)
 
     async def run_kernel(self, kernel: str, inputs: dict[str, torch.Tensor], params: dict[str, str] | None = None,

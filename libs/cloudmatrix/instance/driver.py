@@ -1,8 +1,13 @@
 """An instance = N dies sharing their experts over the fabric. The driver is the dies' client and
-nothing more: it loads them (claiming every KV block of each die for the instance's scheduler),
-runs one Forward per die per step with the block tables the plan carries (dies with nothing to do
-still take part in the MoE rounds), writes and reads KV blocks, and probes the dies. Which block
-holds what is the scheduler's business (scheduler.py), not the driver's.
+nothing more (the ``Driver`` of step.py, and the only module of the engine core that speaks
+protobuf): it loads them (claiming every KV block of each die for the instance's scheduler),
+runs one Forward per die per step (dies with nothing to do still take part in the MoE rounds),
+writes and reads KV blocks, and probes the dies. Which block holds what is the scheduler's
+business (scheduler.py), not the driver's.
+
+A sequence's block table and sampling parameters go to its die once; later steps send only its
+new tokens and new block ids (``cached``), and the plan's released sequences are named in the
+next Forward (``finished_seq_ids``), as vLLM's scheduler output does.
 """
 from __future__ import annotations
 
@@ -16,37 +21,33 @@ import torch
 
 from cloudmatrix.clients.npu import LoadedModel, NpuClient
 from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.step import ScheduledChunk, SequenceOutput, StepOutput
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.client import ClientOptions
+from cloudmatrix.rpc.sampling import logprobs_from_proto, sampling_to_proto
 from cmx.npu.v1 import npu_pb2
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class ForwardResult:
-    """One step of one microbatch: outputs by sequence id, and the slowest die's measured and
-    modeled seconds."""
+def die_phases(replies: list[npu_pb2.ForwardReply]) -> dict[str, float]:
+    """Measured seconds per phase, mean over the dies: forward (a die's whole Forward),
+    dispatch / combine (waiting for the fabric rounds), sample, and compute (the rest)."""
+    sums: dict[str, float] = {}
+    for reply in replies:
+        phases = {p.phase: p.measured_s for p in reply.timing.phases}
+        waits = {k: phases.get(k, 0.0) for k in ("dispatch", "combine", "sample")}
+        parts = {"forward": reply.timing.measured_s, **waits,
+                 "compute": max(0.0, reply.timing.measured_s - sum(waits.values()))}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / max(len(replies), 1) for k, v in sums.items()}
 
-    outputs: dict[str, npu_pb2.SequenceOutput]
-    replies: list[npu_pb2.ForwardReply]
 
-    @property
-    def modeled_s(self) -> float:
-        return max((r.timing.modeled_s for r in self.replies), default=0.0)
-
-    def die_phases(self) -> dict[str, float]:
-        """Measured seconds per phase, mean over the dies: forward (a die's whole Forward),
-        dispatch / combine (waiting for the fabric rounds), sample, and compute (the rest)."""
-        sums: dict[str, float] = {}
-        for reply in self.replies:
-            phases = {p.phase: p.measured_s for p in reply.timing.phases}
-            waits = {k: phases.get(k, 0.0) for k in ("dispatch", "combine", "sample")}
-            parts = {"forward": reply.timing.measured_s, **waits,
-                     "compute": max(0.0, reply.timing.measured_s - sum(waits.values()))}
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        return {k: v / max(len(self.replies), 1) for k, v in sums.items()}
+def _output(out: npu_pb2.SequenceOutput) -> SequenceOutput:
+    return SequenceOutput(out.token_id if out.has_token else None,
+                          logprobs_from_proto(out.sampled_logprobs) if out.HasField("sampled_logprobs") else None,
+                          tuple(logprobs_from_proto(t) for t in out.prompt_logprobs))
 
 
 DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # the die did not answer
@@ -82,6 +83,7 @@ class InstanceDriver:
         self.replies_by_microbatch: dict[int, list[npu_pb2.ForwardReply]] = {}
         self.model_id = ""
         self.loaded: list[LoadedModel] = []  # the dies' answers to the last load
+        self._sent: list[dict[str, int]] = [{} for _ in self.dies]  # die -> request id -> blocks sent
 
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self.dies))
@@ -100,27 +102,61 @@ class InstanceDriver:
             dispatch_dtype=dispatch_dtype, model_cache=model_cache, cache_prefix=cache_prefix)
             for i, d in enumerate(self.dies)))
         self.model_id, self.loaded = loaded[0].model_id, loaded
+        self._sent = [{} for _ in self.dies]  # the reloaded dies hold no sequence
         counts = [min(r.kv_blocks_total, max_blocks) if max_blocks > 0 else r.kv_blocks_total for r in loaded]
         claimed = await asyncio.gather(*(d.allocate_blocks(n) for d, n in zip(self.dies, counts)))
         return BlockManager(claimed, block_size)
 
-    async def forward(self, per_die: list[list[npu_pb2.SequenceInput]], microbatch: int = 0,
-                      return_logits: bool = False) -> ForwardResult:
-        """One Forward per die for one microbatch (``per_die[i]``: die i's sequences, maybe none).
-        Steps of different microbatches may run at once (two-microbatch pipelining)."""
+    async def forward(self, chunks: list[ScheduledChunk], released: list[tuple[int, str]] = (),
+                      microbatch: int = 0) -> StepOutput:
+        """One Forward per die for one microbatch: each die's chunks (maybe none) and the
+        sequences it may forget. Steps of different microbatches may run at once (two-microbatch
+        pipelining)."""
+        finished = self._forget(released)
+        per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.dies]
+        for chunk in chunks:
+            per_die[chunk.request.die].append(self._sequence_input(chunk))
         async with self._step_locks[microbatch]:
             self.step_no += 1
-            calls = [d.forward(self.step_no, seqs, microbatch=microbatch, return_logits=return_logits)
-                     for d, seqs in zip(self.dies, per_die)]
+            calls = [d.forward(self.step_no, seqs, microbatch=microbatch, finished_seq_ids=done)
+                     for d, seqs, done in zip(self.dies, per_die, finished)]
             results = await asyncio.gather(*calls, return_exceptions=True)
-        _raise_for(results)
+        try:
+            _raise_for(results)
+        except DieCallsFailed:  # what the dies hold is unknown now: send these in full next time
+            self._forget([(c.request.die, c.request.request_id) for c in chunks])
+            raise
         self.replies_by_microbatch[microbatch] = results
-        return ForwardResult({out.seq_id: out for reply in results for out in reply.outputs}, results)
+        return StepOutput({out.seq_id: _output(out) for reply in results for out in reply.outputs},
+                          max((r.timing.modeled_s for r in results), default=0.0), die_phases(results))
 
     @property
     def last_replies(self) -> list[npu_pb2.ForwardReply]:
         """The dies' replies to the last step of microbatch 0."""
         return self.replies_by_microbatch[0]
+
+    def _sequence_input(self, chunk: ScheduledChunk) -> npu_pb2.SequenceInput:
+        request, sent = chunk.request, self._sent[chunk.request.die]
+        known = sent.get(request.request_id)
+        sent[request.request_id] = len(request.blocks)
+        message = npu_pb2.SequenceInput(seq_id=request.request_id, token_ids=chunk.token_ids,
+                                        start_position=chunk.start, skip_sampling=not chunk.sample,
+                                        following_token=chunk.following)
+        if known is None:
+            message.block_table.extend(request.blocks)
+            message.sampling.CopyFrom(sampling_to_proto(request.sampling))
+        else:
+            message.cached = True
+            message.block_table.extend(request.blocks[known:])
+        return message
+
+    def _forget(self, released) -> list[list[str]]:
+        """Drop released sequences from what each die holds; per die, the ids to tell it."""
+        finished: list[list[str]] = [[] for _ in self.dies]
+        for die, request_id in released:
+            if self._sent[die].pop(request_id, None) is not None:
+                finished[die].append(request_id)
+        return finished
 
     async def write_blocks(self, writes: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         """Fill blocks with KV: die -> [(block id, kv [layers, n, C+R])]; one WriteBlocks per die."""

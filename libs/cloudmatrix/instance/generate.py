@@ -1,41 +1,55 @@
-"""Generation on an expert-parallel instance through the driver (for studying one instance
-without the serving services): prefill the prompt, then one token per step."""
+"""Generation on an expert-parallel instance without the serving services (``cmx generate
+--instance``, the instance tests): the same step loop and scheduler the services run, over a
+driver the caller loaded. Requests go through ``submit`` like any service's."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
 from collections.abc import AsyncIterator
 
-from cloudmatrix.instance.sequences import SequenceTable, StepInput
+from cloudmatrix.instance.blocks import BlockManager
+from cloudmatrix.instance.loop import LoopSettings, StepLoop
+from cloudmatrix.instance.request import Request, StepEvent
+from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.instance.step import Driver
 from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
 @dataclasses.dataclass
 class StepTimes:
-    """Summed over steps: wall seconds here, and modeled CloudMatrix384 seconds (slowest die)."""
+    """Summed over a request's steps: wall seconds here, and modeled CloudMatrix384 seconds
+    (slowest die)."""
 
     measured_s: float = 0.0
     modeled_s: float = 0.0
     steps: int = 0
 
-    def add(self, replies) -> None:
-        self.measured_s += max(r.timing.measured_s for r in replies)
-        self.modeled_s += max(r.timing.modeled_s for r in replies)
+    def add(self, event: StepEvent) -> None:
+        self.measured_s += event.step_measured_s
+        self.modeled_s += event.step_modeled_s
         self.steps += 1
 
 
-async def generate_on_instance(table: SequenceTable, prompt: list[int], params: SamplingParams, eos: int,
-                               times: StepTimes, seq_id: str = "cli") -> AsyncIterator[int]:
-    """Yield tokens until the params' StopRule ends the request (EOS is yielded); frees the
-    sequence's blocks at the end."""
-    rule, tokens = StopRule.of(params, eos), list(prompt)
+@contextlib.asynccontextmanager
+async def serving(driver: Driver, blocks: BlockManager, limits: SchedulerLimits = SchedulerLimits(),
+                  name: str = "cli") -> AsyncIterator[StepLoop]:
+    """A step loop over dies already loaded (``blocks``: what their load claimed), stopped on exit."""
+    async def load() -> BlockManager:
+        return blocks
+
+    loop = StepLoop(driver, load, limits, LoopSettings(name))
+    await loop.start()
     try:
-        for new_tokens in itertools.count(1):
-            out = (await table.step([StepInput(seq_id, tokens, params)]))[seq_id]
-            times.add(table.driver.last_replies)
-            yield out.token_id
-            if rule.reason(out.token_id, new_tokens, len(prompt) + new_tokens) is not None:
-                return
-            tokens = [out.token_id]
+        yield loop
     finally:
-        table.release(seq_id)
+        await loop.stop()
+
+
+async def generate_on_instance(loop: StepLoop, prompt: list[int], params: SamplingParams, eos: int,
+                               times: StepTimes, request_id: str = "cli") -> AsyncIterator[int]:
+    """Yield tokens until the params' StopRule ends the request (EOS is yielded)."""
+    request = Request(request_id, list(prompt), params, StopRule.of(params, eos))
+    async for event in loop.submit(request):
+        times.add(event)
+        if event.token_id is not None:
+            yield event.token_id

@@ -1,10 +1,12 @@
 """The step loop of an instance: the only task that changes request state or touches the dies.
 
     while serving:
-        apply aborts; plan = scheduler.schedule(); run plan on the dies; scheduler.complete(...)
+        apply aborts and fetched prefixes (writing them to the dies); plan = scheduler.schedule();
+        start the plan's prefix fetches; run the plan on the dies; scheduler.complete(...)
 
-Requests reach it through ``submit`` / ``abort`` and read their outputs from their outbox; the
-loop applies everything between steps. A step whose dies fail ends every request of the instance
+Requests reach it through ``submit`` (which returns the request's events) and ``abort``; the
+loop keeps each request's outbox by request id and applies everything between steps. Prefix
+fetches run beside the steps and join at the next iteration. A step whose dies fail ends every request of the instance
 with ``InstanceUnavailable`` and turns the instance NOT_SERVING; the loop then probes the dies
 until all answer, reloads them, and serves again. A monitor probes the dies between steps too, so
 a die that dies while the instance is idle is noticed. If the loop itself crashes, the instance
@@ -26,14 +28,13 @@ from opentelemetry import trace
 
 from cloudmatrix.errors import FieldError, InternalError
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import DieCallsFailed, InstanceDriver, StepFailed
+from cloudmatrix.instance.driver import DieCallsFailed, StepFailed
 from cloudmatrix.instance.request import Request, StepEvent
-from cloudmatrix.instance.scheduler import ScheduledChunk, Scheduler, SchedulerLimits, StepPlan, StepTiming
+from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
+from cloudmatrix.instance.step import Driver, ScheduledChunk, StepOutput, StepPlan, StepTiming
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
-from cloudmatrix.rpc.sampling import sampling_to_proto
 from cloudmatrix.sampling_params import FinishReason
 from cloudmatrix.telemetry.context import span_link
-from cmx.npu.v1 import npu_pb2
 
 log = logging.getLogger(__name__)
 _TRACER = trace.get_tracer(__name__)
@@ -73,20 +74,13 @@ SLOW_PROBES_DOWN = 3
 DIES_WAIT_LOG_EVERY = 10  # probes between two "waiting for the dies" log lines at start
 
 
-def _deliver_soon(request: Request, item) -> None:
-    """Hand a step's event to its consumer on the event loop's next turn: the loop issues the next
-    step's Forward calls first, and the request streams (one gRPC write each) run while the dies
-    compute instead of delaying the step."""
-    asyncio.get_running_loop().call_soon(request.outbox.put_nowait, item)
-
-
 Loader = Callable[[], Awaitable[BlockManager]]
 HealthHook = Callable[[bool], Awaitable[None]]
 StepHook = Callable[[float, float, int, dict], None]  # measured s, modeled s, sequences, die phases
 
 
 class StepLoop:
-    def __init__(self, driver: InstanceDriver, load: Loader, limits: SchedulerLimits, settings: LoopSettings,
+    def __init__(self, driver: Driver, load: Loader, limits: SchedulerLimits, settings: LoopSettings,
                  on_health: HealthHook | None = None, on_step: StepHook | None = None) -> None:
         self.driver, self._load, self.limits, self.settings = driver, load, limits, settings
         self.on_health, self.on_step = on_health, on_step
@@ -97,21 +91,22 @@ class StepLoop:
         self._down: str | None = None       # set when a die is found down; the loop recovers
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._outboxes: dict[str, asyncio.Queue] = {}   # request id -> its events, until the last
+        self._fetches: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Wait until every die answers (an instance's processes may start in any order, as the
         containers of one Kubernetes pod do), load them and start stepping; raises when that first
         load fails."""
         await self._wait_for_dies()
-        self.scheduler = Scheduler(await self._load(), self.limits)
-        self.scheduler.deliver = _deliver_soon
+        self.scheduler = Scheduler(await self._load(), self.limits, self._deliver)
         self.state, self.why = LoopState.SERVING, ""
         self._tasks = [asyncio.create_task(self._guarded()), asyncio.create_task(self._watch())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._fetches):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._fetches, return_exceptions=True)
         self.state, self.why = LoopState.STOPPED, "stopped"
         if self.scheduler is not None:
             self.scheduler.fail_all(InstanceUnavailable(f"{self.settings.name}: the instance is stopping"))
@@ -128,13 +123,17 @@ class StepLoop:
         if len(self.scheduler.waiting) >= self.limits.max_waiting:
             raise ResourceExhausted(f"{self.settings.name}: queue full ({len(self.scheduler.waiting)} waiting)")
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (ValueError / ResourceExhausted from the scheduler; InstanceUnavailable
-        while the instance is not serving); read its outputs with ``events``."""
+    def submit(self, request: Request) -> AsyncIterator[StepEvent]:
+        """Queue a request (FieldError / ResourceExhausted from the scheduler; InstanceUnavailable
+        while the instance is not serving); returns its step events up to its finish, which raise
+        the error that ended it, if any."""
         self.check_admission()
         request.trace_context = otel_context.get_current()
+        outbox = asyncio.Queue()
         self.scheduler.add(request)
+        self._outboxes[request.request_id] = outbox
         self._wake.set()
+        return _events(outbox)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> bool:
         """End a request before the next step (cancel, client gone); False if unknown."""
@@ -143,16 +142,14 @@ class StepLoop:
         self._wake.set()
         return True
 
-    @staticmethod
-    async def events(request: Request) -> AsyncIterator[StepEvent]:
-        """The request's step events up to its finish; raises the error that ended it, if any."""
-        while True:
-            item = await request.outbox.get()
-            if isinstance(item, Exception):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+    def _deliver(self, request: Request, item: StepEvent | Exception) -> None:
+        """Hand a step's event to its consumer on the event loop's next turn: the loop issues the
+        next step's Forward calls first, and the request streams (one gRPC write each) run while
+        the dies compute instead of delaying the step."""
+        last = isinstance(item, Exception) or item.finish_reason is not None
+        outbox = self._outboxes.pop(request.request_id, None) if last else self._outboxes.get(request.request_id)
+        if outbox is not None:
+            asyncio.get_running_loop().call_soon(outbox.put_nowait, item)
 
     async def _guarded(self) -> None:
         try:
@@ -173,12 +170,53 @@ class StepLoop:
             if self.settings.batch_wait_s and self.scheduler.waiting and not self.scheduler.running:
                 await self._gather_burst()  # idle until now: let the rest of a burst arrive
             self.scheduler.apply_aborts()
+            if not await self._write_arrived_prefixes():
+                continue
             plan = self.scheduler.schedule()
+            for request in plan.fetches:
+                self._start_fetch(request)
             if plan.empty:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             await self._step(plan)
+
+    def _start_fetch(self, request: Request) -> None:
+        async def fetch(admission: int) -> None:
+            try:
+                outcome = await request.prefix.fetch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the request fails with it; the instance keeps serving
+                outcome = err
+            self.scheduler.prefix_arrived(request, admission, outcome)
+            self._wake.set()
+
+        task = asyncio.create_task(fetch(request.admissions))
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _write_arrived_prefixes(self) -> bool:
+        """Apply fetched prefixes and write them to the dies; False when that failed (their
+        requests fail, or the loop recovers when a die did not answer)."""
+        arrived = self.scheduler.apply_arrivals()
+        writes: dict[int, list] = {}
+        for request, kv in arrived:
+            writes.setdefault(request.die, []).extend(zip(request.blocks, kv))
+        if not writes:
+            return True
+        try:
+            await self.driver.write_blocks(writes)
+        except StepFailed as failure:
+            self._down = failure.summary
+            return False
+        except Exception as err:  # the dies answered with an error, or a bug here
+            log.error("writing fetched prefixes failed; their requests fail", extra={"instance": self.settings.name},
+                      exc_info=err)
+            for request, _ in arrived:
+                self.scheduler.fail(request, InternalError(f"{self.settings.name}: writing its KV failed"))
+            return False
+        return True
 
     async def _gather_burst(self) -> None:
         """Wait while requests keep arriving (gaps under batch_wait_s), for at most 10 gaps."""
@@ -191,11 +229,11 @@ class StepLoop:
     async def _step(self, plan: StepPlan) -> None:
         started = time.perf_counter()
         try:
-            await self.driver.write_blocks(plan.writes)
-            results = await asyncio.gather(*(self._forward(chunks, mb) for mb, chunks in self._microbatches(plan)))
-            tokens = {seq: (out.token_id if out.has_token else None) for r in results for seq, out in r.outputs.items()}
+            results = await asyncio.gather(*(self._forward(chunks, plan.released if mb == 0 else [], mb)
+                                             for mb, chunks in self._microbatches(plan)))
+            outputs = {k: v for r in results for k, v in r.outputs.items()}
             measured, modeled = time.perf_counter() - started, max(r.modeled_s for r in results)
-            for request, event in self.scheduler.complete(plan, tokens, StepTiming(started, measured, modeled)):
+            for request, event in self.scheduler.complete(plan, outputs, StepTiming(started, measured, modeled)):
                 kv = await self.driver.read_blocks(request.die, self.scheduler.export_ranges(request))
                 self.scheduler.finish_exported(request, event, kv)
         except StepFailed as failure:
@@ -212,7 +250,7 @@ class StepLoop:
         if self.on_step is not None:
             phases: dict[str, float] = {}
             for result in results:  # microbatches add up (they may overlap in time)
-                for k, v in result.die_phases().items():
+                for k, v in result.phases.items():
                     phases[k] = phases.get(k, 0.0) + v
             self.on_step(measured, modeled, len(plan.chunks), phases)
 
@@ -221,19 +259,15 @@ class StepLoop:
             return [(0, plan.chunks[0::2]), (1, plan.chunks[1::2])]
         return [(0, plan.chunks)]
 
-    async def _forward(self, chunks: list[ScheduledChunk], microbatch: int):
+    async def _forward(self, chunks: list[ScheduledChunk], released: list[tuple[int, str]],
+                       microbatch: int) -> StepOutput:
         """One microbatch on every die, in the trace of its oldest request, linking the others."""
-        per_die: list[list[npu_pb2.SequenceInput]] = [[] for _ in self.driver.dies]
-        for c in chunks:
-            per_die[c.request.die].append(npu_pb2.SequenceInput(
-                seq_id=c.request.request_id, token_ids=c.token_ids, start_position=c.start,
-                block_table=c.request.blocks, sampling=sampling_to_proto(c.request.sampling), skip_sampling=not c.sample))
         links = [link for c in chunks[1:] if (link := span_link(c.request.trace_context)) is not None]
         attributes = {"sequences": len(chunks), "tokens": sum(len(c.token_ids) for c in chunks),
                       "request_ids": [c.request.request_id for c in chunks], "microbatch": microbatch}
         with _TRACER.start_as_current_span("engine.step", context=chunks[0].request.trace_context, links=links,
                                            attributes=attributes):
-            return await self.driver.forward(per_die, microbatch)
+            return await self.driver.forward(chunks, released, microbatch)
 
     async def _recover(self, reason: str) -> None:
         """Fail every request, wait until every die answers, reload them all, serve again."""
@@ -298,3 +332,14 @@ class StepLoop:
         self.state, self.why = state, why
         if self.on_health is not None and was_serving != self.serving:
             await self.on_health(self.serving)
+
+
+async def _events(outbox: asyncio.Queue) -> AsyncIterator[StepEvent]:
+    while True:
+        item = await outbox.get()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
+

@@ -1,24 +1,23 @@
 """One request as an instance's scheduler sees it: its tokens, how many of them have KV on its
-die, its blocks, its state, and the queue its outputs go to.
-
-The scheduler is the only writer of a request's state; the service core that submitted it only
-reads its outbox (``StepEvent`` items, or the exception that ended it).
+die, its blocks and its state. The scheduler is its only writer; the service core that
+submitted it reads its ``StepEvent`` items (or the exception that ended it) from the step loop.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import time
+from collections.abc import Awaitable, Callable
 
 import torch
 
 from cloudmatrix.errors import FieldError
-from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule, TokenLogprobs
 
 
 class RequestState(enum.Enum):
     WAITING = "waiting"        # queued, no blocks (new, or preempted: its KV was dropped)
+    FETCHING = "fetching"      # holds blocks; its prefix KV is on its way from the pool
     RUNNING = "running"        # holds blocks on its die and steps
     FINISHED = "finished"
 
@@ -27,7 +26,9 @@ class RequestState(enum.Enum):
 class StepEvent:
     """What one step gave a request: its sampled token (None for a chunk that only wrote KV), the
     finish reason when it ended, seconds it waited for the step, and the step's measured and
-    modeled seconds. ``kv`` carries the exported blocks of a finished request that asked for them."""
+    modeled seconds. ``kv`` carries the exported blocks of a finished request that asked for them.
+    ``logprobs``: of the sampled token; ``prompt_logprobs``: of the prompt tokens at positions
+    ``prompt_start``, ``prompt_start + 1``, ... (when the request asked for them)."""
 
     token_id: int | None
     finish_reason: FinishReason | None
@@ -35,21 +36,35 @@ class StepEvent:
     step_measured_s: float
     step_modeled_s: float
     kv: list[torch.Tensor] | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    prompt_start: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KvPrefix:
+    """KV of the first ``tokens`` tokens, held by the pool: ``fetch`` reads it when the request is
+    admitted to blocks (not while it waits), again after a preemption. It returns [layers, n, C+R]
+    per block, all full but maybe the last, for a leading run of at most ``tokens`` tokens (fewer
+    when blocks were evicted: the rest is recomputed)."""
+
+    tokens: int
+    fetch: Callable[[], Awaitable[list[torch.Tensor]]]
 
 
 @dataclasses.dataclass(eq=False)
 class Request:
-    """``token_ids`` are every token known so far; the first ``prefix_tokens`` of them arrive with
-    their KV (``prefix_kv``: [layers, n, C+R] per block, all full but maybe the last), written to
-    the die on admission. The rest are computed in chunks of at most ``chunk_tokens``; the step
-    that reaches the last known token samples the next one. ``export_from_block``: on finishing,
-    the KV of the blocks from there on is read back and handed out in the final event."""
+    """``token_ids`` are every token known so far; the KV of the first ``prefix.tokens`` of them
+    comes from the pool (``prefix``), written to the die once fetched. The rest are computed in
+    chunks of at most ``chunk_tokens``; the step that reaches the last known token samples the
+    next one. ``export_from_block``: on finishing, the KV of the blocks from there on is read back
+    and handed out in the final event."""
 
     request_id: str
     token_ids: list[int]
     sampling: SamplingParams
     stop: StopRule
-    prefix_kv: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    prefix: KvPrefix | None = None
     chunk_tokens: int = 2**31
     export_from_block: int | None = None
     # Scheduler-owned from here on.
@@ -59,20 +74,20 @@ class Request:
     num_computed: int = 0
     new_tokens: int = 0
     preemptions: int = 0
+    admissions: int = 0              # times admitted to blocks (a fetched prefix belongs to one)
     waiting_since: float = dataclasses.field(default_factory=time.perf_counter)
-    outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     trace_context: object = None     # the submitter's OpenTelemetry context (engine.step spans join it)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             raise FieldError("token_ids", "the request has no tokens")
         if self.prefix_tokens >= len(self.token_ids):
-            raise FieldError("prefix_kv", f"{self.prefix_tokens} tokens of KV leave none of the "
+            raise FieldError("kv", f"{self.prefix_tokens} tokens of KV leave none of the "
                              f"{len(self.token_ids)} tokens to compute")
 
     @property
     def prefix_tokens(self) -> int:
-        return sum(kv.shape[1] for kv in self.prefix_kv)
+        return self.prefix.tokens if self.prefix is not None else 0
 
     @property
     def finished(self) -> bool:

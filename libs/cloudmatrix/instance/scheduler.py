@@ -1,13 +1,17 @@
 """The instance's scheduler: the one owner of every request's state and of the dies' blocks.
 
-Pure Python, no I/O: the step loop (loop.py) asks it for a ``StepPlan``, runs the plan on the
-dies, and hands the outputs back with ``complete``. Aborts (cancel, disconnect) are queued by
-``abort`` and applied by ``apply_aborts`` between steps, never while a step runs.
+Pure Python, no I/O: the step loop (loop.py) asks it for a ``StepPlan`` (step.py), runs the plan
+on the dies, and hands the outputs back with ``complete``. Aborts (cancel, disconnect) and
+fetched prefixes are queued (``abort``, ``prefix_arrived``) and applied between steps
+(``apply_aborts``, ``apply_arrivals``), never while a step runs. Each event for a request's
+consumer goes through ``deliver``.
 
 Each step: running requests (oldest first) take their next chunk within the token budget,
 allocating blocks as they grow; when a die is out of blocks the newest running request on it is
 preempted (its blocks freed, its KV recomputed when it runs again). Then waiting requests are
-admitted, oldest (and preempted) first, while their blocks fit on a die.
+admitted, oldest (and preempted) first, while their blocks fit on a die; one whose prefix KV is
+in the pool (``Request.prefix``) holds its blocks while the loop fetches it (FETCHING), and steps
+once it has arrived.
 """
 from __future__ import annotations
 
@@ -20,8 +24,11 @@ import torch
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.instance.request import Request, RequestState, StepEvent
+from cloudmatrix.instance.step import ScheduledChunk, SequenceOutput, StepPlan, StepTiming
 from cloudmatrix.rpc.errors import ResourceExhausted
 from cloudmatrix.sampling_params import FinishReason
+
+Deliver = Callable[[Request, "StepEvent | Exception"], None]  # hands an event to the request's consumer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,50 +42,22 @@ class SchedulerLimits:
             raise ValueError("max_running and max_step_tokens must be >= 1, max_waiting >= 0")
 
 
-@dataclasses.dataclass(frozen=True)
-class ScheduledChunk:
-    """One request's tokens in a step: positions [start, start + len(token_ids))."""
-
-    request: Request
-    token_ids: list[int]
-    start: int
-    sample: bool                   # the chunk reaches the request's last token: sample the next
-
-
-@dataclasses.dataclass
-class StepPlan:
-    chunks: list[ScheduledChunk] = dataclasses.field(default_factory=list)
-    # die -> (block id, kv [layers, n, C+R]) to write before the step: admitted requests' prefixes
-    writes: dict[int, list[tuple[int, torch.Tensor]]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def empty(self) -> bool:
-        return not self.chunks
-
-
-@dataclasses.dataclass(frozen=True)
-class StepTiming:
-    started: float
-    measured_s: float
-    modeled_s: float
-
-
 class Scheduler:
-    def __init__(self, blocks: BlockManager, limits: SchedulerLimits) -> None:
-        self.blocks, self.limits = blocks, limits
+    def __init__(self, blocks: BlockManager, limits: SchedulerLimits, deliver: Deliver) -> None:
+        self.blocks, self.limits, self.deliver = blocks, limits, deliver
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []       # RUNNING and FETCHING: holding blocks
         self.requests: dict[str, Request] = {}
         self._aborts: dict[str, FinishReason] = {}
+        self._arrivals: list[tuple[Request, int, list[torch.Tensor] | Exception]] = []
+        self._released: list[tuple[int, str]] = []
         self.preemptions = 0
-        # How an event reaches a request's consumer; the step loop defers it (see StepLoop.start).
-        self.deliver: Callable[[Request, StepEvent | Exception], None] = _put
 
     def reset(self, blocks: BlockManager) -> None:
         """Start over on freshly loaded dies (every request must have been failed first)."""
         if self.requests:
             raise RuntimeError(f"{len(self.requests)} requests still live at reset")
-        self.blocks = blocks
+        self.blocks, self._released = blocks, []  # reloaded dies hold no sequence
 
     def add(self, request: Request) -> None:
         """Queue a new request. ValueError when it can never fit a die; ResourceExhausted when
@@ -115,15 +94,47 @@ class Scheduler:
             if request is not None:
                 self._finish(request, StepEvent(None, reason, 0.0, 0.0, 0.0))
 
+    def prefix_arrived(self, request: Request, admission: int, outcome: list[torch.Tensor] | Exception) -> None:
+        """Queue the outcome of a prefix fetch started at the request's ``admission``-th admission."""
+        self._arrivals.append((request, admission, outcome))
+
+    def apply_arrivals(self) -> list[tuple[Request, list[torch.Tensor]]]:
+        """Fetched prefixes join their requests, which step from the next plan on; returns each
+        such request with the KV to write into its first blocks before that step. A failed fetch
+        fails its request; one for a request preempted or ended since is dropped."""
+        arrivals, self._arrivals = self._arrivals, []
+        arrived = []
+        for request, admission, outcome in arrivals:
+            if request.state is not RequestState.FETCHING or request.admissions != admission:
+                continue
+            if isinstance(outcome, Exception):
+                self._finish(request, outcome)
+                continue
+            tokens = sum(kv.shape[1] for kv in outcome)
+            if tokens > request.prefix_tokens or len(outcome) > len(request.blocks):
+                self._finish(request, FieldError("kv", f"{tokens} tokens of KV in {len(outcome)} blocks arrived "
+                                                 f"for a prefix of {request.prefix_tokens}"))
+                continue
+            arrived.append((request, outcome))
+            request.num_computed, request.state = tokens, RequestState.RUNNING
+            if request.export_from_block is not None:
+                request.export_from_block = min(request.export_from_block, len(outcome))
+        return arrived
+
     def schedule(self) -> StepPlan:
         plan, budget = StepPlan(), self.limits.max_step_tokens
         for request in list(self.running):
             if budget and request.state is RequestState.RUNNING:
                 budget -= self._schedule_running(request, budget, plan)
         while self.waiting and budget and len(self.running) < self.limits.max_running:
-            if not self._admit(self.waiting[0], plan):
+            request = self.waiting[0]
+            if not self._admit(request, plan):
                 break
-            budget -= self._schedule_running(self.waiting.popleft(), budget, plan)
+            self.waiting.popleft()
+            if request.state is RequestState.RUNNING:
+                budget -= self._schedule_running(request, budget, plan)
+        if plan.chunks:  # told with the next Forward; an empty plan runs none
+            plan.released, self._released = self._released, []
         return plan
 
     def _schedule_running(self, request: Request, budget: int, plan: StepPlan) -> int:
@@ -135,20 +146,27 @@ class Scheduler:
             if victim is request:
                 return 0
         request.blocks += self.blocks.allocate(request.die, needed)
-        plan.chunks.append(ScheduledChunk(request, chunk, request.num_computed,
-                                          request.num_computed + len(chunk) == len(request.token_ids)))
+        end = request.num_computed + len(chunk)
+        following = None
+        if request.sampling.prompt_logprobs is not None and end < len(request.token_ids):
+            following = request.token_ids[end]
+        plan.chunks.append(ScheduledChunk(request, chunk, request.num_computed, end == len(request.token_ids),
+                                          following))
         return len(chunk)
 
     def _admit(self, request: Request, plan: StepPlan) -> bool:
-        """Give a waiting request blocks for all its known tokens on the roomiest die and queue
-        its prefix KV for writing; False (it keeps waiting) when no die has room now."""
+        """Give a waiting request blocks for all its known tokens on the roomiest die; one with a
+        prefix in the pool waits for it (FETCHING, in ``plan.fetches``). False (it keeps waiting)
+        when no die has room now."""
         needed = self.blocks.blocks_for(len(request.token_ids))
         die = self.blocks.roomiest_die(needed)
         if die is None:
             return False
         request.die, request.blocks = die, self.blocks.allocate(die, needed)
-        plan.writes.setdefault(die, []).extend(zip(request.blocks, request.prefix_kv))
-        request.num_computed, request.state = request.prefix_tokens, RequestState.RUNNING
+        request.num_computed, request.admissions = 0, request.admissions + 1
+        request.state = RequestState.FETCHING if request.prefix is not None else RequestState.RUNNING
+        if request.prefix is not None:
+            plan.fetches.append(request)
         self.running.append(request)
         return True
 
@@ -156,26 +174,29 @@ class Scheduler:
         return next(r for r in reversed(self.running) if r.die == die)
 
     def _preempt(self, request: Request) -> None:
-        """Drop a running request's KV and put it first in line; it recomputes when readmitted."""
-        self.blocks.free(request.die, request.blocks)
-        self.running.remove(request)
+        """Drop a running request's KV and put it first in line; when readmitted it fetches its
+        prefix again (if any) and recomputes the rest."""
+        self._release(request)
         request.blocks, request.die, request.num_computed = [], None, 0
         request.state, request.preemptions = RequestState.WAITING, request.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(request)
 
-    def complete(self, plan: StepPlan, tokens: dict[str, int | None], timing: StepTiming) -> list[tuple[Request, str]]:
+    def complete(self, plan: StepPlan, outputs: dict[str, SequenceOutput],
+                 timing: StepTiming) -> list[tuple[Request, StepEvent]]:
         """Apply a step's outputs: the new tokens, events to every request, finished ones freed.
-        Returns the finished requests that want their KV exported first (with their reason); the
-        caller reads it and calls ``finish_exported``."""
+        Returns the finished requests that want their KV exported first (with their last event);
+        the caller reads it and calls ``finish_exported``."""
         to_export = []
         for chunk in plan.chunks:
             request = chunk.request
             request.num_computed += len(chunk.token_ids)
-            token = tokens.get(request.request_id) if chunk.sample else None
+            out = outputs.get(request.request_id, _NO_OUTPUT)
+            token = out.token_id if chunk.sample else None
             reason = self._append(request, token) if token is not None else None
             event = StepEvent(token, reason, timing.started - request.waiting_since, timing.measured_s,
-                              timing.modeled_s)
+                              timing.modeled_s, logprobs=out.logprobs if token is not None else None,
+                              prompt_logprobs=out.prompt_logprobs, prompt_start=chunk.start + 1)
             request.waiting_since = timing.started + timing.measured_s
             if reason is not None and request.export_from_block is not None:
                 to_export.append((request, event))
@@ -202,14 +223,19 @@ class Scheduler:
 
     def _finish(self, request: Request, outcome: StepEvent | Exception) -> None:
         """Free the request's blocks, forget it, and give its consumer the last item."""
-        if request.state is RequestState.RUNNING:
-            self.blocks.free(request.die, request.blocks)
-            self.running.remove(request)
+        if request.state in (RequestState.RUNNING, RequestState.FETCHING):
+            self._release(request)
         elif request.state is RequestState.WAITING:
             self.waiting.remove(request)
         request.blocks, request.state = [], RequestState.FINISHED
         self.requests.pop(request.request_id, None)
         self.deliver(request, outcome)
+
+    def _release(self, request: Request) -> None:
+        """Free a request's blocks; its die forgets the sequence at the next step."""
+        self.blocks.free(request.die, request.blocks)
+        self.running.remove(request)
+        self._released.append((request.die, request.request_id))
 
     def fail(self, request: Request, error: Exception) -> None:
         """End one request with ``error`` (its consumer raises it)."""
@@ -220,7 +246,7 @@ class Scheduler:
         for request in list(self.requests.values()):
             self.fail(request, error)
         self._aborts.clear()
+        self._arrivals.clear()
 
 
-def _put(request: Request, item: StepEvent | Exception) -> None:
-    request.outbox.put_nowait(item)
+_NO_OUTPUT = SequenceOutput(None)

@@ -166,46 +166,68 @@ class FreeBlocksReply(_message.Message):
     def __init__(self, kv_blocks_free: _Optional[int] = ...) -> None: ...
 
 class SequenceInput(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_position", "block_table", "sampling", "skip_sampling")
+    __slots__ = ("seq_id", "token_ids", "start_position", "block_table", "sampling", "skip_sampling", "cached", "following_token")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SKIP_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    FOLLOWING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
     block_table: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     skip_sampling: bool
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_sampling: _Optional[bool] = ...) -> None: ...
+    cached: bool
+    following_token: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_sampling: _Optional[bool] = ..., cached: _Optional[bool] = ..., following_token: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("step", "microbatch", "sequences", "return_logits")
+    __slots__ = ("step", "microbatch", "sequences", "return_logits", "finished_seq_ids")
     STEP_FIELD_NUMBER: _ClassVar[int]
     MICROBATCH_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     microbatch: int
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceInput]
     return_logits: bool
-    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., return_logits: _Optional[bool] = ...) -> None: ...
+    finished_seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., return_logits: _Optional[bool] = ..., finished_seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TokenLogprobs(_message.Message):
+    __slots__ = ("token_id", "logprob", "top_token_ids", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SequenceOutput(_message.Message):
-    __slots__ = ("seq_id", "token_id", "has_token", "logprob", "logits")
+    __slots__ = ("seq_id", "token_id", "has_token", "logprob", "logits", "sampled_logprobs", "prompt_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_id: int
     has_token: bool
     logprob: float
     logits: _common_pb2.Tensor
-    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    sampled_logprobs: TokenLogprobs
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampled_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("outputs", "timing")

@@ -27,3 +27,10 @@ def test_quick_compare_reports_every_row_and_ratio(tmp_path):
     assert rows["hf_static"]["ratio_to_hf"] == 1.0
     assert all(rows[s]["decode_seqs_per_step"] >= 1 for s in ("suite_fp32", "suite_int8_pasa"))
     assert all(len(report["samples"][s]) == 2 for s in rows)  # --quick: 2 interleaved repeats
+    asked = report["config"]["requests"] * report["config"]["output_len"]
+    for name, runs in report["samples"].items():
+        for run in runs:  # every system generated exactly what was asked, and its rate is that over its time
+            assert run["output_tokens"] == asked, (name, run["output_tokens"], asked)
+            assert run["output_tok_s"] == pytest.approx(run["output_tokens"] / run["elapsed_s"])
+        for metric in ("output_tok_s", "ttft_p50_ms", "tpot_p99_ms"):  # the median of two runs: their mean
+            assert rows[name][metric] == pytest.approx((runs[0][metric] + runs[1][metric]) / 2)

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-from cloudmatrix.costmodel import ub
-
 
 def test_quick_fabric_bench_reports_measured_and_modeled(tmp_path):
     cmd = [sys.executable, "-m", "cloudmatrix.cli.main", "bench", "fabric", "--quick", "--out", str(tmp_path)]
@@ -18,10 +16,11 @@ def test_quick_fabric_bench_reports_measured_and_modeled(tmp_path):
     assert report["grpc_pingpong_rtt_s"] > 0
     assert {(r["ep"], r["tokens_per_die"]) for r in report["rounds"]} == {(2, 1), (2, 32), (4, 1), (4, 32)}
     assert all(r["round_pair_s"] > 0 and r["bytes_per_round_pair"] > 0 for r in report["rounds"])
-    # the modeled rows are the cost model's (held-out checks of the model: test_simulator.py)
-    modeled = {(m["op"], m["ep"]): m["latency_us"] for m in report["modeled_910c"]}
-    paper = {(p["op"], p["ep"]): p["latency_us"] for p in report["paper"]}
-    assert modeled.keys() == paper.keys()
-    for (op, ep), latency_us in modeled.items():
-        expected = ub.modeled_dispatch_combine(ep)[0 if op == "dispatch" else 1].latency_us
-        assert latency_us == pytest.approx(expected)
+    # Modeled 910C rows next to the paper's table (PAPERS.md): the latency column is what the UB
+    # model is calibrated on, so it is reproduced; the bandwidth column is held out (within 15%).
+    modeled = {(m["op"], m["ep"]): m for m in report["modeled_910c"]}
+    paper = {(p["op"], p["ep"]): p for p in report["paper"]}
+    assert modeled.keys() == paper.keys() == {("dispatch", 8), ("dispatch", 256), ("combine", 8), ("combine", 256)}
+    for key, row in modeled.items():
+        assert row["latency_us"] == pytest.approx(paper[key]["latency_us"], rel=0.01)
+        assert row["bandwidth_gbps"] == pytest.approx(paper[key]["bandwidth_gbps"], rel=0.15)

@@ -52,10 +52,13 @@ def test_int8_gemv_halves_weight_traffic_when_memory_bound():
     assert bf16 / int8 == pytest.approx(2.0, rel=0.01)
 
 
-def test_gemm_efficiency_is_the_paper_midpoint():
-    assert EFF.int8_gemm == pytest.approx((0.774 + 0.827) / 2)
-    ideal = ops.gemm_s(16384, H, H, dtype="int8", eff=IDEAL_EFFICIENCY)
-    assert ops.gemm_s(16384, H, H, dtype="int8") == pytest.approx(ideal / EFF.int8_gemm + EFF.launch_s)
+@pytest.mark.parametrize("rows", [4096, 16384, 65536])
+def test_large_int8_gemms_run_at_the_utilization_the_paper_measured(rows):
+    """PAPERS.md: the 910C's INT8 GEMMs reach 77.4-82.7% of peak; a compute-bound modeled GEMM's
+    ideal time over its modeled time (launch excluded) lands in that range."""
+    ideal = ops.gemm_s(rows, H, H, dtype="int8", eff=IDEAL_EFFICIENCY)
+    modeled = ops.gemm_s(rows, H, H, dtype="int8") - EFF.launch_s
+    assert 0.774 <= ideal / modeled <= 0.827
 
 
 def test_large_mla_is_slower_than_ideal_by_the_paper_efficiencies():

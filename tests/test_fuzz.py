@@ -110,7 +110,8 @@ def test_random_bytes_get_a_clear_answer_from_every_rpc(stack, process, service,
         assert code in CLEAR, f"{path} answered {code.name} to {payloads!r}"
 
     fuzz()
-    assert is_alive(records[process]) and health_check_sync(records[process].address, timeout=5.0) == "SERVING"
+    assert TRIED["grpc"] > 0
+    _every_process_serves_and_stays_lean(stack)
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
@@ -149,12 +150,15 @@ def test_random_json_and_bytes_get_a_clear_answer_from_every_http_endpoint(stack
             assert error["message"] and error["type"]
 
     fuzz()
-    assert is_alive(records["gateway-0"])
+    assert TRIED["http"] > 0
+    _every_process_serves_and_stays_lean(stack)
 
 
-def test_no_process_died_or_bloated_after_the_fuzzing(stack):
+def _every_process_serves_and_stays_lean(stack) -> None:
+    """After a fuzz round: every process of the stack is alive, SERVING, and has not grown by
+    300 MB since the stack started."""
     run_dir, _, rss = stack
-    print(f"fuzz cases tried: {TRIED['grpc']} gRPC calls over {len(METHODS)} methods, {TRIED['http']} HTTP requests")
+    print(f"fuzz cases so far: {TRIED['grpc']} gRPC calls over {len(METHODS)} methods, {TRIED['http']} HTTP requests")
     for record in load_state(run_dir):
         assert is_alive(record), record.name
         assert health_check_sync(record.address, timeout=5.0) == "SERVING", record.name

@@ -230,8 +230,8 @@ async def dead_shard_scenario(a: str, b: str, kill_a, restart_a) -> None:
         assert not refused.acknowledged and refused.stored_on == (b,) and "down" in refused.errors[a]
         [accepted] = await w1.put_blocks(make_blocks(1, seed=8))  # w1 finds a dead by itself
         assert accepted.acknowledged and accepted.stored_on == (b,) and a in accepted.errors
-        await asyncio.sleep(0.5)
-        assert a in pool.down_shards  # its probes fail while it is dead
+        await wait_until(lambda: pool.failed_probes(a) >= 2, 10)
+        assert a in pool.down_shards  # its probes failed while it is dead: still down
         await restart_a()
         await wait_until(lambda: pool.is_up(a), 10)
         await used_again(pool, w1, blocks, a, b)
@@ -277,8 +277,8 @@ def test_a_hanging_shard_times_out_is_marked_down_and_nothing_hangs(cluster):
                 assert all("DEADLINE_EXCEEDED" in r.errors[hung] for r in results)
                 assert hung in pool.down_shards  # two timed-out attempts; the third is not made
                 assert await pool.lookup([b.key for b in blocks]) == 3  # answered by the live replica alone
-                await asyncio.sleep(0.5)
-                assert hung in pool.down_shards  # its health service is not even registered
+                await wait_until(lambda: pool.failed_probes(hung) >= 2, 10)
+                assert hung in pool.down_shards  # probed: its health service is not even registered
         finally:
             await server.stop(None)
 

@@ -112,3 +112,13 @@ def test_scheduler_metrics_are_exported(tmp_path, tiny_checkpoint):
     assert samples(text, "cmx_kv_cache_usage_ratio", **labels)
     assert types(text)["cmx_engine_step_seconds"] == "histogram" and types(text)["cmx_prefix_cache_hits"] == "counter"
     assert not any("instance" in labels for labels, _ in samples(text, "cmx_num_requests_running"))
+
+
+def test_the_prompt_is_leased_for_a_decode_only_when_one_follows(instance):
+    """max_tokens 1: the first token ends the request (no decode reads the blocks), so nothing is
+    pinned in the pool; otherwise every block of the prompt is leased."""
+    address, _ = instance
+    prompt = torch.randint(3, 1024, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    alone = _prefill(address, "alone", prompt, sampling={"max_tokens": 1})
+    handed = _prefill(address, "handed", prompt[:39] + [7], sampling={"max_tokens": 8})
+    assert not alone.kv.lease_ids and handed.kv.lease_ids

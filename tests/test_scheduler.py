@@ -41,12 +41,12 @@ class Harness:
     """A StepLoop over a FakeDriver, with health changes recorded."""
 
     def __init__(self, dies=2, blocks=8, limits=SchedulerLimits(max_running=8, max_waiting=8, max_step_tokens=16),
-                 batch_wait_s=0.0):
+                 batch_wait_s=0.0, sleep=asyncio.sleep):
         self.driver = FakeDriver(dies, blocks, BS)
         self.health: list[bool] = []
         self.events = {}  # request id -> its events (StepLoop.submit)
         settings = LoopSettings("test-0", probe_interval_s=0.01, batch_wait_s=batch_wait_s)
-        self.loop = StepLoop(self.driver, self.driver.load, limits, settings, on_health=self._on_health)
+        self.loop = StepLoop(self.driver, self.driver.load, limits, settings, on_health=self._on_health, sleep=sleep)
 
     async def _on_health(self, serving: bool) -> None:
         self.health.append(serving)
@@ -135,28 +135,40 @@ def test_preemption_recomputes_and_every_request_gets_its_reference_tokens():
     assert free == [6, 6]
 
 
-@pytest.mark.parametrize("batch_wait_s", [0.0, 1.0])
+@pytest.mark.parametrize("batch_wait_s", [0.0, 0.5])
 def test_an_idle_instance_waits_for_a_burst_to_arrive_when_asked_to(batch_wait_s):
     async def scenario():
-        h = Harness(batch_wait_s=batch_wait_s)
+        gaps: list[float] = []
+        gap_ends: asyncio.Queue = asyncio.Queue()
+
+        async def gap(seconds: float) -> None:  # the loop's wait for more arrivals, on the test's clock
+            gaps.append(seconds)
+            await gap_ends.get()
+
+        h = Harness(batch_wait_s=batch_wait_s, sleep=gap)
         await h.loop.start()
         requests = [_request(f"r{i}", _prompt(i, 4), 3) for i in range(3)]
         tasks = []
-        for r in requests:  # a burst: arrivals a few milliseconds apart
+        for i, r in enumerate(requests):  # a burst: each request arrives during the loop's wait
             h.submit(r)
             tasks.append(asyncio.create_task(h.collect(r)))
             if batch_wait_s:
-                await asyncio.sleep(0.01)
+                if i:
+                    gap_ends.put_nowait(None)  # the gap the request arrived in ends
+                while len(gaps) <= i:  # the loop waits for more
+                    await asyncio.sleep(0)
             else:
                 await h.driver.entered.wait()
+        if batch_wait_s:
+            gap_ends.put_nowait(None)  # a gap with no arrival: the burst is over
         results = await asyncio.gather(*tasks)
         await h.loop.stop()
-        return h.driver.step_sizes, results
+        return h.driver.step_sizes, results, gaps
 
-    step_sizes, results = run(scenario())
+    step_sizes, results, gaps = run(scenario())
     assert [tokens for tokens, _ in results] == [reference(_prompt(i, 4), 3) for i in range(3)]
     if batch_wait_s:
-        assert step_sizes[0] == 3  # the whole burst in the first step
+        assert step_sizes[0] == 3 and gaps == [batch_wait_s] * 3  # the whole burst in the first step
     else:
         assert step_sizes[0] == 1  # the first request stepped as soon as it came
 
@@ -178,7 +190,8 @@ def test_a_request_leaving_mid_step_ends_between_steps_and_the_others_keep_their
         assert h.loop.abort("r2")
         h.driver.gate.set()
         results = await asyncio.gather(tasks[0], tasks[1], tasks[3])
-        await asyncio.sleep(0.05)
+        while h.loop.scheduler.requests:  # r2, whose consumer left, ends between steps too
+            await asyncio.sleep(0)
         free = h.free()
         await h.loop.stop()
         return results, free

@@ -11,7 +11,6 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from cloudmatrix.errors import FieldError
@@ -98,10 +97,10 @@ class DecodeCore:
         """The prompt's KV as the scheduler admits the request: the leading run of its blocks the
         pool still holds. The first read releases the prefill's lease (the pool may evict them
         from then on); a failed read keeps it (until its ttl) for a retry on another instance."""
-        lease, parent = [req.lease], otel_context.get_current()  # the fetch runs in the loop's task
+        lease = [req.lease]
 
-        async def fetch() -> list:
-            with _TRACER.start_as_current_span("decode.kv_load", context=parent, attributes={
+        async def fetch() -> list:  # in the step loop's task, in the request's trace
+            with _TRACER.start_as_current_span("decode.kv_load", attributes={
                     "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
                 start = time.perf_counter()
                 blocks = await self._fetch(req)

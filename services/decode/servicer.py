@@ -5,7 +5,7 @@ from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.kvcache import Lease
 from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.sampling import finish_to_proto, sampling_from_proto
+from cloudmatrix.rpc.sampling import finish_to_proto, logprobs_to_proto, sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from services.decode.core import DecodeCore, DecodeRequest
@@ -36,7 +36,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 token_ids=event.token_ids, finished=event.finish_reason is not None,
                 finish_reason=finish_to_proto(event.finish_reason),
                 timing=timing_proto(event.measured, event.modeled, measured_s=sum(event.measured.values()),
-                                    modeled_s=sum(event.modeled.values())))
+                                    modeled_s=sum(event.modeled.values())),
+                logprobs=[logprobs_to_proto(event.logprobs)] if event.logprobs is not None else [])
 
     @map_errors
     async def Cancel(self, request, context):

@@ -6,6 +6,7 @@ else -> InstanceFailed, a 500). Their messages carry the instance's own words, n
 name; the address goes to the log."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 
@@ -77,11 +78,12 @@ class GrpcBackend:
         except grpc.aio.AioRpcError as err:
             raise converted(err, address) from err
         return PrefillOutcome(r.first_token, r.kv, r.cached_tokens, r.timing.measured, r.timing.modeled,
-                              r.timing.modeled_s)
+                              r.timing.modeled_s, r.logprobs, r.prompt_logprobs)
 
     def decode(self, address: str, p: Prepared, first: PrefillOutcome, timeout_s: float) -> GatewayDecodeStream:
+        sampling = dataclasses.replace(p.sampling, prompt_logprobs=None)  # the prefill had the prompt's
         stream = self.decodes[address].decode(p.request_id, p.model, p.token_ids, first.first_token, first.kv,
-                                              p.sampling, deadline_s=timeout_s)
+                                              sampling, deadline_s=timeout_s)
         return GatewayDecodeStream(stream, address)
 
     async def cancel(self, address: str, request_id: str, timeout_s: float) -> bool:

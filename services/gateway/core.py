@@ -18,7 +18,7 @@ from opentelemetry import trace
 from cloudmatrix.errors import FieldError, UnknownModel
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
-from cloudmatrix.sampling_params import FinishReason, StopRule
+from cloudmatrix.sampling_params import FinishReason, StopRule, TokenLogprobs
 from services.gateway.admission import Admission
 from services.gateway.backend import GrpcBackend
 from services.gateway.metrics import GatewayMetrics
@@ -92,7 +92,7 @@ class GatewayCore:
         if len(ids) + wanted > limit:
             raise FieldError("max_tokens", f"the prompt's {len(ids)} tokens plus max_tokens {wanted} exceed the "
                              f"model's context of {limit} tokens; ask for at most {limit - len(ids)}")
-        return Prepared(req.request_id or uuid.uuid4().hex, self.model.id, ids, req.sampling)
+        return Prepared(req.request_id or uuid.uuid4().hex, self.model.id, ids, req.sampling, req.prompt_only)
 
     def _token_ids(self, prompt: str | list[int]) -> list[int]:
         if not prompt:
@@ -124,7 +124,13 @@ class GatewayCore:
 
     async def _serve(self, run: _Run) -> AsyncIterator[Delta | Finish]:
         first = await self._prefill(run)
-        yield self._accept(run, [first.first_token])
+        if run.prepared.prompt_only:  # echo with max_tokens 0: the prompt's log-probabilities alone
+            run.reason = FinishReason.LENGTH
+            yield Delta("", [], prompt_logprobs=first.prompt_logprobs)
+            yield self._finish(run)
+            return
+        yield dataclasses.replace(self._accept(run, [first.first_token], _listed(first.logprobs)),
+                                  prompt_logprobs=first.prompt_logprobs)
         run.reason = self._first_token_reason(run, first.first_token)
         if run.reason is None:
             async for delta in self._decode(run, first):
@@ -197,7 +203,7 @@ class GatewayCore:
                     raise
                 if run.completion_tokens != progress:
                     backend_request, backend_first = await self._migrate(run)
-                    yield self._accept(run, [backend_first.first_token])
+                    yield self._accept(run, [backend_first.first_token], _listed(backend_first.logprobs))
                     run.reason = self._first_token_reason(run, backend_first.first_token, backend_request)
                     if run.reason is not None:
                         break
@@ -211,7 +217,8 @@ class GatewayCore:
         run.migrations += 1
         p, s = run.prepared, run.prepared.sampling
         continuation = Prepared(f"{p.request_id}-m{run.migrations}", p.model, p.token_ids + run.generated,
-                                dataclasses.replace(s, max_tokens=s.max_tokens - len(run.generated)))
+                                dataclasses.replace(s, max_tokens=s.max_tokens - len(run.generated),
+                                                    prompt_logprobs=None))
         log.warning("decode instance lost mid-stream; migrating the request",
                     extra={"request_id": p.request_id, "streamed_tokens": len(run.generated)})
         trace.get_current_span().add_event("migrated", {"streamed_tokens": len(run.generated)})
@@ -226,7 +233,7 @@ class GatewayCore:
                 async for step in stream:
                     run.modeled["decode"] += step.modeled_s
                     if step.token_ids and not run.text.stopped:
-                        yield self._accept(run, step.token_ids)
+                        yield self._accept(run, step.token_ids, step.logprobs)
                     if run.reason is None and run.text.stopped:
                         run.reason = FinishReason.STOP
                         if step.finish_reason is None and not await self._cancel(address, request.request_id):
@@ -246,7 +253,7 @@ class GatewayCore:
                         extra={"request_id": request_id, "address": address, "error": str(err)})
             return False
 
-    def _accept(self, run: _Run, token_ids: list[int]) -> Delta:
+    def _accept(self, run: _Run, token_ids: list[int], logprobs: list[TokenLogprobs]) -> Delta:
         now = time.perf_counter()
         if run.completion_tokens:  # tokens of one chunk share its gap evenly
             for _ in token_ids:
@@ -261,12 +268,16 @@ class GatewayCore:
         run.completion_tokens += len(accepted)
         run.generated += accepted
         self.metrics.observe_tokens(len(accepted))
-        return Delta(text, accepted)
+        return Delta(text, accepted, list(logprobs[:len(accepted)]))
 
     def _finish(self, run: _Run) -> Finish:
         usage = Usage(len(run.prepared.token_ids), run.completion_tokens, run.cached_tokens)
         timing = Timing(dict(run.measured), dict(run.modeled))
         return Finish(run.reason, usage, timing, run.text.flush())
+
+
+def _listed(logprobs: TokenLogprobs | None) -> list[TokenLogprobs]:
+    return [logprobs] if logprobs is not None else []
 
 
 def _error_kind(exc: Exception) -> str:

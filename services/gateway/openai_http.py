@@ -6,6 +6,7 @@ error is sent as one ``data: {"error": ...}`` event and the stream ends.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -23,7 +24,8 @@ from services.gateway import chat as chat_template
 from services.gateway import openai_schema as oai
 from services.gateway.core import GatewayCore
 from services.gateway.errors import error_body, error_response, http_error_response
-from services.gateway.schema import Delta, Finish, GenerateRequest, Prepared
+from services.gateway.openai_choices import Choice, LogprobsJson
+from services.gateway.schema import Delta, Finish, GenerateRequest, Timing, Usage
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +102,94 @@ class OpenAIHttp:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)
 
-    async def _parse(self, request: web.Request, chat: bool) -> tuple[dict[str, Any], Prepared]:
-        """The body and the prepared request; a malformed one (400, 413) is counted as "invalid"."""
+    async def _parse(self, request: web.Request,
+                     chat: bool) -> tuple[dict[str, Any], str, oai.Options, list[Choice]]:
+        """The body, the response's id, its options, and a choice per prepared request; a malformed
+        one (400, 413) is counted as "invalid"."""
         try:
             body = await _json_body(request)
+            opts = oai.options(body, chat)
             if chat:
-                ids = self.core.tokenizer.encode(chat_template.render(body.get("messages")), add_bos=False)
-                req = oai.generate_request(body, uuid.uuid4().hex, True, ids)
+                prompts = [self.core.tokenizer.encode(chat_template.render(body.get("messages")), add_bos=False)]
             else:
-                req = oai.generate_request(body, uuid.uuid4().hex, False, oai.prompt(body))
-            return body, _renamed(self.core.prepare, req, chat)
+                prompts = oai.prompts(body)
+            response_id = uuid.uuid4().hex
+            requests = oai.generate_requests(body, response_id, chat, prompts, opts)
+            prepared = [_renamed(self.core.prepare, r, chat) for r in requests]
         except (FieldError, web.HTTPRequestEntityTooLarge):
             self.core.metrics.observe_invalid()
             raise
+        echoes = [self._echo_text(value) if opts.echo else None for value in prompts for _ in range(opts.n)]
+        return body, response_id, opts, [Choice(i, i // opts.n, p, echo) for i, (p, echo) in enumerate(zip(prepared, echoes))]
+
+    def _echo_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.core.tokenizer.decode(prompt)
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        body, prepared = await self._parse(request, chat)
+        body, response_id, opts, choices = await self._parse(request, chat)
         stream, include_usage = oai.stream_flags(body)
-        shape = oai.Shape(chat, prepared.request_id, prepared.model, int(time.time()))
-        async with contextlib.aclosing(self.core.generate(prepared)) as events:
-            first = await anext(events)  # admission, prefill: failures so far are plain HTTP errors
+        shape = oai.Shape(chat, response_id, choices[0].prepared.model, int(time.time()))
+        logprobs = LogprobsJson(self.core.tokenizer, chat) if opts.top is not None else None
+        async with _Choices(self.core, choices) as events:
+            await events.started()  # admission, prefill: failures so far are plain HTTP errors
             if not stream:
-                return await _whole(shape, first, events)
-            return await _stream(request, shape, first, events, include_usage)
+                return await _whole(shape, events, logprobs)
+            return await _stream(request, shape, events, include_usage, logprobs)
+
+
+class _Choices:
+    """Each choice's generation in a task of its own (the core's generator, with its trace span,
+    lives in one task from start to end), their events merged in arrival order."""
+
+    def __init__(self, core: GatewayCore, choices: list[Choice]) -> None:
+        self.core, self.choices = core, choices
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._early: list[tuple[int, Delta | Finish]] = []
+        self._open = len(choices)
+
+    async def __aenter__(self) -> _Choices:
+        self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pump(self, choice: Choice) -> None:
+        try:
+            event = None
+            async with contextlib.aclosing(self.core.generate(choice.prepared)) as events:
+                async for event in events:
+                    await self._queue.put((choice.index, event))
+            if not isinstance(event, Finish):
+                raise RuntimeError("the core's last event is not a Finish")
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await self._queue.put((choice.index, exc))
+
+    async def _next(self) -> tuple[int, Delta | Finish]:
+        index, item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        self._open -= isinstance(item, Finish)
+        return index, item
+
+    async def started(self) -> None:
+        """Wait until every choice has its first event (raising the first failure)."""
+        seen: set[int] = set()
+        while len(seen) < len(self.choices):
+            index, event = await self._next()
+            seen.add(index)
+            self._early.append((index, event))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[Choice, Delta | Finish]]:
+        """(choice, event) until every choice has finished."""
+        for index, event in self._early:
+            yield self.choices[index], event
+        self._early = []
+        while self._open:
+            index, event = await self._next()
+            yield self.choices[index], event
 
 
 def _renamed(prepare, req: GenerateRequest, chat: bool):
@@ -147,23 +214,35 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _whole(shape: oai.Shape, first: Delta, events: AsyncIterator[Delta | Finish]) -> web.Response:
-    text, event = first.text, first
-    async for event in events:
-        text += event.text
-    if not isinstance(event, Finish):
-        raise RuntimeError("the core's last event is not a Finish")
-    return web.json_response(shape.completion(text, event))
+async def _whole(shape: oai.Shape, events: _Choices, logprobs: LogprobsJson | None) -> web.Response:
+    async for choice, event in events:
+        choice.add(event)
+    choices = events.choices
+    rows = [(c.text, logprobs.of(c.entries) if logprobs else None, c.finish) for c in choices]
+    return web.json_response(shape.completion(rows, *_totals(choices)))
 
 
-async def _stream(request: web.Request, shape: oai.Shape, first: Delta, events: AsyncIterator[Delta | Finish],
-                  include_usage: bool) -> web.StreamResponse:
+def _totals(choices: list[Choice]) -> tuple[Usage, Timing]:
+    """Usage of all choices (a prompt counted once however many choices it has: they share its
+    prompt_index) and the first choice's timing."""
+    prompts = {c.prompt_index: c.finish.usage for c in choices}.values()
+    usage = Usage(sum(u.prompt_tokens for u in prompts), sum(c.finish.usage.completion_tokens for c in choices),
+                  sum(u.cached_tokens for u in prompts))
+    return usage, choices[0].finish.timing
+
+
+async def _stream(request: web.Request, shape: oai.Shape, events: _Choices, include_usage: bool,
+                  logprobs: LogprobsJson | None) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     if shape.chat:
-        await _send(response, shape.chunk("", role=True))
+        for choice in events.choices:
+            await _send(response, shape.chunk("", role=True, index=choice.index))
     try:
-        await _send_events(response, shape, first, events, include_usage)
+        async for choice, event in events:  # every choice's events as they come, each chunk naming its choice
+            await _send_event(response, shape, choice, event, logprobs)
+        if include_usage:
+            await _send(response, shape.usage_chunk(*_totals(events.choices)))
     except ConnectionResetError:
         raise  # the client left: nothing to tell it
     except Exception as exc:  # noqa: BLE001 - the status line is gone: the error travels as an event
@@ -174,17 +253,15 @@ async def _stream(request: web.Request, shape: oai.Shape, first: Delta, events: 
     return response
 
 
-async def _send_events(response: web.StreamResponse, shape: oai.Shape, first: Delta,
-                       events: AsyncIterator[Delta | Finish], include_usage: bool) -> None:
-    if first.text:
-        await _send(response, shape.chunk(first.text))
-    async for event in events:
-        if event.text:
-            await _send(response, shape.chunk(event.text))
-        if isinstance(event, Finish):
-            await _send(response, shape.chunk(None, event.reason))
-            if include_usage:
-                await _send(response, shape.usage_chunk(event))
+async def _send_event(response: web.StreamResponse, shape: oai.Shape, choice: Choice, event: Delta | Finish,
+                      logprobs: LogprobsJson | None) -> None:
+    offset = len(choice.text)
+    text, entries = choice.add(event)
+    if text or entries:
+        await _send(response, shape.chunk(text, index=choice.index,
+                                          logprobs=logprobs.of(entries, offset) if logprobs and entries else None))
+    if isinstance(event, Finish):
+        await _send(response, shape.chunk(None, event.reason, index=choice.index))
 
 
 async def _send(response: web.StreamResponse, data: dict[str, Any]) -> None:

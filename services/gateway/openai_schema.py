@@ -2,15 +2,17 @@
 /v1/chat/completions in, completion objects and stream chunks out. ValueError names the field."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from cloudmatrix.errors import FieldError
-from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, SamplingParams
+from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, MAX_LOGPROBS, SamplingParams
 from services.gateway.schema import Finish, GenerateRequest, Timing, Usage
 
 # max_tokens unset: DEFAULT_MAX_TOKENS, OpenAI's default for /v1/completions; chat takes it too
 # (OpenAI's chat runs to the context's end; here a request without a limit stays bounded).
 DEFAULT_TEMPERATURE = 1.0    # OpenAI's default; 0 = greedy
+MAX_CHOICES = 64             # choices of one request: prompts x n
 _UNSET = object()
 
 
@@ -31,26 +33,62 @@ def model_name(body: dict[str, Any]) -> str:
     return model
 
 
-def prompt(body: dict[str, Any]) -> str | list[int]:
-    """A string, a list of token ids, or a one-element list of either."""
+def prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """A string, a list of token ids, or a list of either (one choice each, in order)."""
     value = body.get("prompt")
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]
-    if isinstance(value, str) or isinstance(value, list) and all(type(t) is int for t in value):
-        return value
-    if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
-        raise FieldError("prompt", "one prompt per request is supported")
-    raise FieldError("prompt", "expected a string or a list of token ids")
+    if _one_prompt(value):
+        return [value]
+    if isinstance(value, list) and value and all(_one_prompt(p) for p in value):
+        return list(value)
+    raise FieldError("prompt", "expected a string, a list of token ids, or a list of those")
 
 
-def sampling(body: dict[str, Any], chat: bool) -> SamplingParams:
+def _one_prompt(value: Any) -> bool:
+    return isinstance(value, str) or isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a request asks of its response beyond sampling: ``n`` choices per prompt, the prompt
+    echoed (completions), and log-probabilities with ``top`` alternatives per token (None: none)."""
+
+    n: int = 1
+    echo: bool = False
+    top: int | None = None
+    prompt_only: bool = False      # echo with max_tokens 0: the prompt's log-probabilities alone
+
+
+def options(body: dict[str, Any], chat: bool) -> Options:
+    n = _field(body, "n", (int,), 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise FieldError("n", f"must be in [1, {MAX_CHOICES}], got {n}")
+    echo = not chat and _field(body, "echo", (bool,), False)
+    if chat:
+        top = _field(body, "top_logprobs", (int,), None)
+        if _field(body, "logprobs", (bool,), False):
+            top = top or 0
+        elif top:
+            raise FieldError("top_logprobs", "needs logprobs: true")
+    else:
+        top = _field(body, "logprobs", (int,), None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise FieldError("top_logprobs" if chat else "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
+    zero = _field(body, "max_tokens", (int,), None) == 0
+    if zero and not echo:
+        raise FieldError("max_tokens", "must be >= 1 (0 only with echo: the prompt's log-probabilities alone)")
+    return Options(n, echo, top, echo and zero)
+
+
+def sampling(body: dict[str, Any], chat: bool, opts: Options) -> SamplingParams:
     _unsupported(body, chat)
     top_k = _field(body, "top_k", (int,), 0)
     return SamplingParams(temperature=float(_field(body, "temperature", (int, float), DEFAULT_TEMPERATURE)),
-                    top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
-                    seed=_field(body, "seed", (int,)), max_tokens=_max_tokens(body, chat), stop=_stop(body),
-                    stop_token_ids=_token_ids(body, "stop_token_ids"),
-                    ignore_eos=_field(body, "ignore_eos", (bool,), False))
+                          top_p=float(_field(body, "top_p", (int, float), 1.0)), top_k=0 if top_k == -1 else top_k,
+                          seed=_field(body, "seed", (int,)),
+                          max_tokens=1 if opts.prompt_only else _max_tokens(body, chat), stop=_stop(body),
+                          stop_token_ids=_token_ids(body, "stop_token_ids"),
+                          ignore_eos=_field(body, "ignore_eos", (bool,), False), logprobs=opts.top,
+                          prompt_logprobs=opts.top if opts.echo else None)
 
 
 def _max_tokens(body: dict[str, Any], chat: bool) -> int:
@@ -75,12 +113,6 @@ def _token_ids(body: dict[str, Any], name: str) -> tuple[int, ...]:
 
 
 def _unsupported(body: dict[str, Any], chat: bool) -> None:
-    if _field(body, "n", (int,), 1) != 1:
-        raise FieldError("n", "only n = 1 is supported")
-    if _field(body, "logprobs", (bool,) if chat else (int,), None) not in (None, False):
-        raise FieldError("logprobs", "not supported")
-    if not chat and _field(body, "echo", (bool,), False):
-        raise FieldError("echo", "not supported")
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, (int, float), 0):
             raise FieldError(name, "not supported (only 0)")
@@ -99,8 +131,6 @@ def _not_implemented(body: dict[str, Any], chat: bool) -> None:
     response_format = _field(body, "response_format", (dict,), {"type": "text"})
     if response_format.get("type", "text") != "text":
         raise FieldError("response_format", f"only {{\"type\": \"text\"}} is supported, got {response_format!r}")
-    if chat and _field(body, "top_logprobs", (int,), 0):
-        raise FieldError("top_logprobs", "not supported")
     if not chat and _field(body, "best_of", (int,), 1) != 1:
         raise FieldError("best_of", "only best_of = 1 is supported")
     if not chat and _field(body, "suffix", (str,), ""):
@@ -113,9 +143,18 @@ def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     return _field(body, "stream", (bool,), False), bool(options.get("include_usage", False))
 
 
-def generate_request(body: dict[str, Any], request_id: str, chat: bool,
-                     prompt_value: str | list[int]) -> GenerateRequest:
-    return GenerateRequest(request_id, model_name(body), prompt_value, sampling(body, chat))
+def generate_requests(body: dict[str, Any], request_id: str, chat: bool, prompt_values: list[str | list[int]],
+                      opts: Options) -> list[GenerateRequest]:
+    """One request per choice: each prompt ``n`` times (choice i of a prompt samples from seed + i
+    when a seed is given, so that the choices differ and repeat)."""
+    base = sampling(body, chat, opts)
+    if len(prompt_values) * opts.n > MAX_CHOICES:
+        raise FieldError("n", f"{len(prompt_values)} prompts x n {opts.n} is over {MAX_CHOICES} choices")
+    model, many = model_name(body), len(prompt_values) * opts.n > 1
+    return [GenerateRequest(f"{request_id}-{k * opts.n + i}" if many else request_id, model, value,
+                            dataclasses.replace(base, seed=None if base.seed is None else (base.seed + i) % 2**64),
+                            prompt_only=opts.prompt_only)
+            for k, value in enumerate(prompt_values) for i in range(opts.n)]
 
 
 def timing_json(timing: Timing) -> dict[str, Any]:
@@ -143,14 +182,19 @@ class Shape:
     def _head(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def completion(self, text: str, finish: Finish) -> dict[str, Any]:
-        choice = {"index": 0, "logprobs": None, "finish_reason": finish.reason}
-        choice |= {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+    def completion(self, choices: list[tuple[str, Any, Finish]], usage: Usage, timing: Timing) -> dict[str, Any]:
+        """choices: (text, logprobs object or None, finish) each, in index order."""
+        out = []
+        for index, (text, logprobs, finish) in enumerate(choices):
+            choice = {"index": index, "logprobs": logprobs, "finish_reason": finish.reason}
+            choice |= {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            out.append(choice)
         return self._head("chat.completion" if self.chat else "text_completion") | {
-            "choices": [choice], "usage": usage_json(finish.usage), "timing": timing_json(finish.timing)}
+            "choices": out, "usage": usage_json(usage), "timing": timing_json(timing)}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False, index: int = 0,
+              logprobs: Any = None) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.chat:
             delta = {"role": "assistant"} if role else {}
             choice["delta"] = delta | ({"content": text} if text is not None else {})
@@ -158,9 +202,9 @@ class Shape:
             choice["text"] = text or ""
         return self._head(self._chunk_object) | {"choices": [choice]}
 
-    def usage_chunk(self, finish: Finish) -> dict[str, Any]:
-        return self._head(self._chunk_object) | {"choices": [], "usage": usage_json(finish.usage),
-                                                 "timing": timing_json(finish.timing)}
+    def usage_chunk(self, usage: Usage, timing: Timing) -> dict[str, Any]:
+        return self._head(self._chunk_object) | {"choices": [], "usage": usage_json(usage),
+                                                 "timing": timing_json(timing)}
 
     @property
     def _chunk_object(self) -> str:

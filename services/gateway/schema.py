@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from cloudmatrix.clients.types import DecodeStep
-from cloudmatrix.sampling_params import FinishReason, SamplingParams
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, TokenLogprobs
 
 __all__ = ["DecodeStep", "Delta", "Finish", "GenerateRequest", "PrefillOutcome", "Prepared", "SamplingParams",
            "Timing", "Usage"]
@@ -20,6 +20,7 @@ class GenerateRequest:
     model: str
     prompt: str | list[int]
     sampling: SamplingParams = SamplingParams()
+    prompt_only: bool = False       # max_tokens 0 with echo: the prompt's log-probabilities, no completion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +31,19 @@ class Prepared:
     model: str
     token_ids: list[int]
     sampling: SamplingParams
+    prompt_only: bool = False       # max_tokens 0 with echo: the prompt's log-probabilities, no completion
 
 
 @dataclasses.dataclass(frozen=True)
 class Delta:
-    """New completion tokens and their text (text may lag the ids: incomplete UTF-8, stop prefixes)."""
+    """New completion tokens and their text (text may lag the ids: incomplete UTF-8, stop prefixes),
+    with their log-probabilities when the request asked for them (one per token). The first Delta
+    also carries the prompt's (of its tokens after the first), when asked for."""
 
     text: str
     token_ids: list[int]
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +90,5 @@ class PrefillOutcome:
     measured: dict[str, float]           # the prefill instance's phases
     modeled: dict[str, float]
     modeled_s: float
+    logprobs: TokenLogprobs | None = None                 # of first_token, when asked for
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)

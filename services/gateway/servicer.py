@@ -8,11 +8,11 @@ import grpc
 
 from cloudmatrix.errors import FieldError
 from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.sampling import finish_to_proto, sampling_from_proto
+from cloudmatrix.rpc.sampling import finish_to_proto, logprobs_to_proto, sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.core import GatewayCore
-from services.gateway.schema import Finish, GenerateRequest
+from services.gateway.schema import Delta, Finish, GenerateRequest
 
 
 def generate_request(r: gateway_pb2.GenerateRequest) -> GenerateRequest:
@@ -20,11 +20,14 @@ def generate_request(r: gateway_pb2.GenerateRequest) -> GenerateRequest:
     return GenerateRequest(r.request_id, r.model, prompt, sampling_from_proto(r.sampling))
 
 
-def final_chunk(request_id: str, finish: Finish, text: str = "",
-                token_ids: list[int] | None = None) -> gateway_pb2.GenerateChunk:
+def final_chunk(request_id: str, finish: Finish, so_far: Delta | None = None) -> gateway_pb2.GenerateChunk:
+    """The last chunk: the finish, after ``so_far`` (the whole completion of a unary answer)."""
     u, t = finish.usage, finish.timing
+    so_far = so_far or Delta("", [])
     return gateway_pb2.GenerateChunk(
-        request_id=request_id, text=text + finish.text, token_ids=token_ids or [],
+        request_id=request_id, text=so_far.text + finish.text, token_ids=so_far.token_ids,
+        logprobs=[logprobs_to_proto(lp) for lp in so_far.logprobs],
+        prompt_logprobs=[logprobs_to_proto(lp) for lp in so_far.prompt_logprobs],
         finish_reason=finish_to_proto(finish.reason),
         usage=gateway_pb2.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                                 cached_tokens=u.cached_tokens),
@@ -44,16 +47,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except FieldError:
             self.core.metrics.observe_invalid()
             raise
-        text, token_ids = "", []
+        whole = Delta("", [])
         async with contextlib.aclosing(self.core.generate(prepared)) as events:
             async for event in events:
                 if isinstance(event, Finish):
-                    yield final_chunk(prepared.request_id, event, text, token_ids)
+                    yield final_chunk(prepared.request_id, event, None if request.stream else whole)
                 elif request.stream:
-                    yield gateway_pb2.GenerateChunk(request_id=prepared.request_id, text=event.text,
-                                                    token_ids=event.token_ids)
+                    yield gateway_pb2.GenerateChunk(
+                        request_id=prepared.request_id, text=event.text, token_ids=event.token_ids,
+                        logprobs=[logprobs_to_proto(lp) for lp in event.logprobs],
+                        prompt_logprobs=[logprobs_to_proto(lp) for lp in event.prompt_logprobs])
                 else:
-                    text, token_ids = text + event.text, token_ids + event.token_ids
+                    whole = Delta(whole.text + event.text, whole.token_ids + event.token_ids,
+                                  whole.logprobs + event.logprobs, whole.prompt_logprobs + event.prompt_logprobs)
 
     @map_errors
     async def ListModels(self, request, context):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from cloudmatrix.moe.local_exchange import SingleDieExchange
 from cloudmatrix.moe.placement import ExpertPlacement
 from cloudmatrix.rpc.errors import ResourceExhausted
 from services.npu_emulator.engine import DieEngine, pool_shape
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,10 @@ def _exchange(spec: LoadSpec, round_timeout_s: float, connect_timeout_s: float, 
         return SingleDieExchange()
     link = FabricLink(spec.fabric_address, spec.die_id, spec.num_dies, spec.fabric_group or "default",
                       round_timeout_s, max_message_bytes)
+    log.info("joining the fabric group", extra={"fabric": spec.fabric_address, "group": spec.fabric_group,
+                                                "die_id": spec.die_id, "num_dies": spec.num_dies})
     link.connect(connect_timeout_s, wait_for_fabric=True)
+    log.info("joined the fabric group", extra={"group": spec.fabric_group})
     return link
 
 

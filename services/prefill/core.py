@@ -90,7 +90,8 @@ class PrefillCore:
         with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
             out = await self._compute(request_id, token_ids, sampling, keys, hit, measured, modeled)
         with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
-            lease = await self._write_back(keys, out.cached_blocks, out.kv, measured)
+            # max_tokens 1: the first token ends the request, no decode reads the blocks: no lease
+            lease = await self._write_back(keys, out.cached_blocks, out.kv, measured, sampling.max_tokens > 1)
         cached_tokens = out.cached_blocks * self.block_size
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
@@ -150,7 +151,8 @@ class PrefillCore:
         return _Computed(event.token_id, event.kv or [], cached, event.logprobs,
                          [prompt_logprobs[i] for i in sorted(prompt_logprobs)])
 
-    async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured) -> Lease | None:
+    async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured,
+                          lease_for_decode: bool = True) -> Lease | None:
         """Store the newly computed blocks (full ones and the tail) the pool does not hold yet, then
         lease every block of the prompt so that none is evicted before the decode has read it.
 
@@ -171,7 +173,8 @@ class PrefillCore:
             if failed:
                 raise PeerUnavailable(f"kvcache: {len(failed)} of {len(blocks)} blocks were not acknowledged "
                                       f"({next(iter(failed[0].errors.values()), 'no replica')})")
-            lease = await self.pool.lease(list(keys.all), self.settings.lease_ttl_s)
+            if lease_for_decode:
+                lease = await self.pool.lease(list(keys.all), self.settings.lease_ttl_s)
         measured["kv_write"] = time.perf_counter() - start
         return lease
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.build import instance_load
 from cloudmatrix.rpc.errors import map_errors
-from cloudmatrix.rpc.sampling import sampling_from_proto
+from cloudmatrix.rpc.sampling import logprobs_to_proto, sampling_from_proto
 from cloudmatrix.rpc.timing import timing_proto
 from cmx.common.v1 import common_pb2
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
@@ -33,7 +33,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             kv=common_pb2.KvHandle(namespace=self.core.namespace, block_keys=list(keys.all),
                                    num_tokens=keys.num_tokens, block_size=keys.block_size,
                                    lease_ids=result.lease.lease_ids if result.lease else {}),
-            cached_tokens=result.cached_tokens, computed_tokens=result.computed_tokens, timing=timing)
+            cached_tokens=result.cached_tokens, computed_tokens=result.computed_tokens, timing=timing,
+            first_token_logprob=result.logprobs.logprob if result.logprobs else 0.0,
+            first_token_logprobs=logprobs_to_proto(result.logprobs) if result.logprobs else None,
+            prompt_logprobs=[logprobs_to_proto(t) for t in result.prompt_logprobs])
 
     @map_errors
     async def GetLoad(self, request, context):

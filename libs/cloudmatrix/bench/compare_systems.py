@@ -23,7 +23,8 @@ from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
 def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float) -> dict:
-    return {"output_tok_s": output_tokens / elapsed, "ttft_p50_ms": percentile(ttft, 50) * 1e3,
+    return {"output_tokens": output_tokens, "elapsed_s": elapsed, "output_tok_s": output_tokens / elapsed,
+            "ttft_p50_ms": percentile(ttft, 50) * 1e3,
             "ttft_p99_ms": percentile(ttft, 99) * 1e3, "tpot_p50_ms": percentile(tpot, 50) * 1e3,
             "tpot_p99_ms": percentile(tpot, 99) * 1e3}
 
@@ -45,7 +46,7 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> di
             self.stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    start = time.perf_counter()
+    start, generated = time.perf_counter(), 0
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         ids = torch.tensor([p.prompt for p in chunk])  # [B, S]
@@ -55,7 +56,8 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> di
                            min_new_tokens=out_len, do_sample=False, stopping_criteria=[clock], pad_token_id=0)
         ttft += [clock.stamps[0] - start] * len(chunk)
         tpot += [(clock.stamps[-1] - clock.stamps[0]) / max(out_len - 1, 1)] * len(chunk)
-    return _summary(ttft, tpot, out_len * len(prompts), time.perf_counter() - start)
+        generated += len(clock.stamps) * len(chunk)  # one stamp per generated position of the batch
+    return _summary(ttft, tpot, generated, time.perf_counter() - start)
 
 
 async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:

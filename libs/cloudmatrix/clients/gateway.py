@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from cloudmatrix.clients.types import PRECISION_NAMES, GenerateChunk, ModelCard, Timing
 from cloudmatrix.rpc.client import ServiceClient
-from cloudmatrix.rpc.sampling import finish_from_proto, sampling_to_proto
+from cloudmatrix.rpc.sampling import finish_from_proto, logprobs_from_proto, sampling_to_proto
 from cloudmatrix.sampling_params import SamplingParams
 from cmx.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -38,4 +38,6 @@ class GatewayClient(ServiceClient):
             yield GenerateChunk(c.request_id, c.text, list(c.token_ids), finish_from_proto(c.finish_reason),
                                 {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
                                  "cached_tokens": c.usage.cached_tokens} if c.HasField("usage") else None,
-                                Timing.from_proto(c.timing) if c.HasField("timing") else None)
+                                Timing.from_proto(c.timing) if c.HasField("timing") else None,
+                                [logprobs_from_proto(t) for t in c.logprobs],
+                                [logprobs_from_proto(t) for t in c.prompt_logprobs])

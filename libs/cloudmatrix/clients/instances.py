@@ -13,7 +13,7 @@ from typing import Any
 
 from cloudmatrix.clients.types import DecodeStep, InstanceLoad, PrefillResult, Timing
 from cloudmatrix.rpc.client import ServerStream, ServiceClient
-from cloudmatrix.rpc.sampling import finish_from_proto, sampling_to_proto
+from cloudmatrix.rpc.sampling import finish_from_proto, logprobs_from_proto, sampling_to_proto
 from cloudmatrix.sampling_params import SamplingParams
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
@@ -31,7 +31,9 @@ class PrefillClient(ServiceClient):
                                              disable_context_cache=disable_context_cache)
         r = await self.unary("Prefill", request, idempotent=False, deadline_s=deadline_s)
         return PrefillResult(r.first_token, r.first_token_logprob, r.kv, r.cached_tokens, r.computed_tokens,
-                             Timing.from_proto(r.timing))
+                             Timing.from_proto(r.timing),
+                             logprobs_from_proto(r.first_token_logprobs) if r.HasField("first_token_logprobs") else None,
+                             [logprobs_from_proto(t) for t in r.prompt_logprobs])
 
     async def load(self, deadline_s: float | None = None) -> InstanceLoad:
         reply = await self.unary("GetLoad", prefill_pb2.GetLoadRequest(), idempotent=True, deadline_s=deadline_s)
@@ -48,7 +50,7 @@ class DecodeStream:
     async def __aiter__(self) -> AsyncIterator[DecodeStep]:
         async for chunk in self._stream:
             yield DecodeStep(list(chunk.token_ids), finish_from_proto(chunk.finish_reason) if chunk.finished
-                             else None, chunk.timing.modeled_s)
+                             else None, chunk.timing.modeled_s, [logprobs_from_proto(t) for t in chunk.logprobs])
 
     async def cancel(self) -> None:
         await self._stream.cancel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from cloudmatrix.sampling_params import FinishReason, SamplingParams
+from cloudmatrix.sampling_params import FinishReason, SamplingParams, TokenLogprobs
 from cmx.common.v1 import common_pb2
 
 # The clients take the request vocabulary's SamplingParams (one definition, one validation);
@@ -69,6 +69,8 @@ class GenerateChunk:
     finish_reason: FinishReason | None
     usage: dict[str, int] | None
     timing: Timing | None
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)         # one per token_ids
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # first chunk, if asked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,8 @@ class PrefillResult:
     cached_tokens: int
     computed_tokens: int
     timing: Timing
+    logprobs: TokenLogprobs | None = None         # of first_token, with sampling.logprobs set
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of the prompt after its first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +90,7 @@ class DecodeStep:
     token_ids: list[int]
     finish_reason: FinishReason | None   # None while running
     modeled_s: float
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # one per token, when asked for
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloudmatrix.instance.driver import InstanceDriver
-from cloudmatrix.instance.loop import InstanceUnavailable, LoopSettings, StepLoop
+from cloudmatrix.instance.loop import InstanceUnavailable, StepLoop
 from cloudmatrix.instance.metrics import register_scheduler_metrics
-from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.instance.settings import InstanceSettings
 from cloudmatrix.kv.hashing import namespace
 from cmx.common.v1 import common_pb2
@@ -37,9 +36,7 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
                                        "from_model_cache": sum(m.from_model_cache for m in driver.loaded)})
         return blocks
 
-    limits = SchedulerLimits(settings.max_running, settings.max_waiting, settings.max_step_tokens)
-    return StepLoop(driver, load, limits, LoopSettings(instance_id, microbatches, settings.probe_interval_s,
-                                                       settings.probe_timeout_s, settings.batch_wait_s))
+    return StepLoop(driver, load, settings.scheduler_limits(), settings.loop_settings(instance_id, microbatches))
 
 
 async def start_loop(loop: StepLoop, host, settings: InstanceSettings, instance_id: str,

@@ -33,13 +33,11 @@ Deliver = Callable[[Request, "StepEvent | Exception"], None]  # hands an event t
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerLimits:
+    """The scheduler's part of the instance settings (validated there: InstanceSettings)."""
+
     max_running: int = 64          # requests holding blocks and stepping
     max_waiting: int = 256         # beyond this, add() answers ResourceExhausted
     max_step_tokens: int = 1024    # tokens of all requests in one step
-
-    def __post_init__(self) -> None:
-        if min(self.max_running, self.max_step_tokens) < 1 or self.max_waiting < 0:
-            raise ValueError("max_running and max_step_tokens must be >= 1, max_waiting >= 0")
 
 
 class Scheduler:

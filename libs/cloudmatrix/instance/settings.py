@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.errors import FieldError
+from cloudmatrix.instance.loop import LoopSettings
+from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.precision import PRECISIONS
 from cloudmatrix.rpc.addresses import expand_addresses
 
@@ -59,3 +61,11 @@ class InstanceSettings:
                 raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
         if not 0 <= self.batch_wait_s <= 1:
             raise FieldError("batch_wait_s", f"must be in [0, 1] seconds, got {self.batch_wait_s}")
+
+    def scheduler_limits(self) -> SchedulerLimits:
+        return SchedulerLimits(max_running=self.max_running, max_waiting=self.max_waiting,
+                               max_step_tokens=self.max_step_tokens)
+
+    def loop_settings(self, instance_id: str, microbatches: int = 1) -> LoopSettings:
+        return LoopSettings(name=instance_id, microbatches=microbatches, probe_interval_s=self.probe_interval_s,
+                            probe_timeout_s=self.probe_timeout_s, batch_wait_s=self.batch_wait_s)

@@ -99,6 +99,10 @@ class KvPoolClient:
     def down_shards(self) -> set[str]:
         return self._conns.health.down
 
+    def failed_probes(self, shard: str) -> int:
+        """Health probes that found ``shard`` still down (since it was first marked down)."""
+        return self._conns.health.failed_probes[shard]
+
     def add_shard(self, shard: str) -> None:
         """Put a shard on the ring; keys now placed on it are misses there until written or repaired."""
         self.ring.add(shard)

@@ -9,6 +9,7 @@ again with a clean count. Probe tasks end with ``close()``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -36,6 +37,7 @@ class ShardHealth:
         self._on_up = on_up
         self._failures: dict[str, int] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
+        self.failed_probes: collections.Counter[str] = collections.Counter()  # probes that found a shard still down
 
     def is_up(self, shard: str) -> bool:
         return shard not in self._probes
@@ -81,6 +83,7 @@ class ShardHealth:
             status = await self._check(shard, self.probe_timeout_s)
             if status == "SERVING":
                 break
+            self.failed_probes[shard] += 1
             log.debug("kvcache shard %s still down: health %s", shard, status)
         self._failures[shard] = 0
         del self._probes[shard]

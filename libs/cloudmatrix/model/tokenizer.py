@@ -114,6 +114,19 @@ class TextTokenizer:
             raise ValueError(f"token id {token_id} is not in the tokenizer's vocabulary")
         return bytes(BYTE_OF_CHAR[c] for c in piece)
 
+    def token_text(self, token_id: int) -> tuple[str, bytes]:
+        """How an API names one token (OpenAI's logprobs ``token`` and ``bytes``): its bytes and
+        their text; a special token by its name; bytes that are not whole UTF-8 characters as
+        ``bytes:\\xNN...`` (OpenAI's convention)."""
+        if token_id in self.special or not self.byte_level:
+            text = self.tok.id_to_token(token_id) if token_id in self.special else self.tok.decode([token_id])
+            return text, text.encode()
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
     def decode(self, ids: list[int]) -> str:
         if not self.byte_level:
             return self.tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")

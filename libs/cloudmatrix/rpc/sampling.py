@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from cloudmatrix.sampling_params import DEFAULT_MAX_TOKENS, FinishReason, SamplingParams, TokenLogprobs
 from cmx.common.v1 import common_pb2
-from cmx.npu.v1 import npu_pb2
 
 _FINISH_PROTO = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
                  FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
@@ -38,11 +37,11 @@ def finish_from_proto(value: int) -> FinishReason | None:
     return _FINISH_OF_PROTO.get(value)
 
 
-def logprobs_to_proto(t: TokenLogprobs) -> npu_pb2.TokenLogprobs:
-    return npu_pb2.TokenLogprobs(token_id=t.token_id, logprob=t.logprob, top_token_ids=[i for i, _ in t.top],
+def logprobs_to_proto(t: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(token_id=t.token_id, logprob=t.logprob, top_token_ids=[i for i, _ in t.top],
                                  top_logprobs=[lp for _, lp in t.top])
 
 
-def logprobs_from_proto(p: npu_pb2.TokenLogprobs) -> TokenLogprobs:
+def logprobs_from_proto(p: common_pb2.TokenLogprobs) -> TokenLogprobs:
     return TokenLogprobs(p.token_id, p.logprob, tuple(zip(p.top_token_ids, p.top_logprobs)))
 

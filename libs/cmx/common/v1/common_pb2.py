@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/common/v1/common.proto\x12\rcmx.common.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.cmx.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"C\n\x0bPhaseTiming\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\nmeasured_s\x18\x02 \x01(\x01\x12\x11\n\tmodeled_s\x18\x03 \x01(\x01\"[\n\x06Timing\x12\x12\n\nmeasured_s\x18\x01 \x01(\x01\x12\x11\n\tmodeled_s\x18\x02 \x01(\x01\x12*\n\x06phases\x18\x03 \x03(\x0b\x32\x1a.cmx.common.v1.PhaseTiming\"b\n\x07RoundId\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nmicrobatch\x18\x03 \x01(\r\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.cmx.common.v1.RoundKind\"\x83\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"-\n\x08\x42lockKey\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"\xc4\x01\n\x08KvHandle\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_keys\x18\x02 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x38\n\tlease_ids\x18\x05 \x03(\x0b\x32%.cmx.common.v1.KvHandle.LeaseIdsEntry\x1a/\n\rLeaseIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x02\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x04\x12\x1e\n\x16recent_step_measured_s\x18\x07 \x01(\x01\x12\x1d\n\x15recent_step_modeled_s\x18\x08 \x01(\x01\x12\x1a\n\x12\x64ie_kv_blocks_free\x18\t \x03(\x04\x12\x13\n\x0bpreemptions\x18\n \x01(\x04*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*X\n\tRoundKind\x12\x1a\n\x16ROUND_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_KIND_DISPATCH\x10\x01\x12\x16\n\x12ROUND_KIND_COMBINE\x10\x02*{\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02\x12\x17\n\x13PRECISION_INT8_PASA\x10\x03\x12\x12\n\x0ePRECISION_PASA\x10\x04*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*Q\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_FULL\x10\x01\x12\x13\n\x0f\x42LOCK_KIND_TAIL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/common/v1/common.proto\x12\rcmx.common.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.cmx.common.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"C\n\x0bPhaseTiming\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x12\n\nmeasured_s\x18\x02 \x01(\x01\x12\x11\n\tmodeled_s\x18\x03 \x01(\x01\"[\n\x06Timing\x12\x12\n\nmeasured_s\x18\x01 \x01(\x01\x12\x11\n\tmodeled_s\x18\x02 \x01(\x01\x12*\n\x06phases\x18\x03 \x03(\x0b\x32\x1a.cmx.common.v1.PhaseTiming\"b\n\x07RoundId\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x12\n\nmicrobatch\x18\x03 \x01(\r\x12&\n\x04kind\x18\x04 \x01(\x0e\x32\x18.cmx.common.v1.RoundKind\"\x83\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x15\n\x08logprobs\x18\t \x01(\rH\x01\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\rH\x02\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"_\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"-\n\x08\x42lockKey\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\"\xc4\x01\n\x08KvHandle\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x12\n\nblock_keys\x18\x02 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x38\n\tlease_ids\x18\x05 \x03(\x0b\x32%.cmx.common.v1.KvHandle.LeaseIdsEntry\x1a/\n\rLeaseIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x90\x02\n\x0cInstanceLoad\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x16\n\x0ekv_blocks_used\x18\x05 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x04\x12\x1e\n\x16recent_step_measured_s\x18\x07 \x01(\x01\x12\x1d\n\x15recent_step_modeled_s\x18\x08 \x01(\x01\x12\x1a\n\x12\x64ie_kv_blocks_free\x18\t \x03(\x04\x12\x13\n\x0bpreemptions\x18\n \x01(\x04*\xbe\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0e\n\nDTYPE_INT8\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06\x12\x0f\n\x0b\x44TYPE_INT32\x10\x07\x12\x0f\n\x0b\x44TYPE_INT64\x10\x08\x12\x0e\n\nDTYPE_BOOL\x10\t*X\n\tRoundKind\x12\x1a\n\x16ROUND_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_KIND_DISPATCH\x10\x01\x12\x16\n\x12ROUND_KIND_COMBINE\x10\x02*{\n\tPrecision\x12\x19\n\x15PRECISION_UNSPECIFIED\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02\x12\x17\n\x13PRECISION_INT8_PASA\x10\x03\x12\x12\n\x0ePRECISION_PASA\x10\x04*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*Q\n\tBlockKind\x12\x1a\n\x16\x42LOCK_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x42LOCK_KIND_FULL\x10\x01\x12\x13\n\x0f\x42LOCK_KIND_TAIL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVHANDLE_LEASEIDSENTRY']._loaded_options = None
   _globals['_KVHANDLE_LEASEIDSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1167
-  _globals['_DTYPE']._serialized_end=1357
-  _globals['_ROUNDKIND']._serialized_start=1359
-  _globals['_ROUNDKIND']._serialized_end=1447
-  _globals['_PRECISION']._serialized_start=1449
-  _globals['_PRECISION']._serialized_end=1572
-  _globals['_FINISHREASON']._serialized_start=1575
-  _globals['_FINISHREASON']._serialized_end=1724
-  _globals['_BLOCKKIND']._serialized_start=1726
-  _globals['_BLOCKKIND']._serialized_end=1807
+  _globals['_DTYPE']._serialized_start=1264
+  _globals['_DTYPE']._serialized_end=1454
+  _globals['_ROUNDKIND']._serialized_start=1456
+  _globals['_ROUNDKIND']._serialized_end=1544
+  _globals['_PRECISION']._serialized_start=1546
+  _globals['_PRECISION']._serialized_end=1669
+  _globals['_FINISHREASON']._serialized_start=1672
+  _globals['_FINISHREASON']._serialized_end=1821
+  _globals['_BLOCKKIND']._serialized_start=1823
+  _globals['_BLOCKKIND']._serialized_end=1904
   _globals['_TENSOR']._serialized_start=45
   _globals['_TENSOR']._serialized_end=119
   _globals['_PHASETIMING']._serialized_start=121
@@ -53,12 +53,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUNDID']._serialized_end=381
   _globals['_SAMPLINGPARAMS']._serialized_start=384
   _globals['_SAMPLINGPARAMS']._serialized_end=643
-  _globals['_BLOCKKEY']._serialized_start=645
-  _globals['_BLOCKKEY']._serialized_end=690
-  _globals['_KVHANDLE']._serialized_start=693
-  _globals['_KVHANDLE']._serialized_end=889
-  _globals['_KVHANDLE_LEASEIDSENTRY']._serialized_start=842
-  _globals['_KVHANDLE_LEASEIDSENTRY']._serialized_end=889
-  _globals['_INSTANCELOAD']._serialized_start=892
-  _globals['_INSTANCELOAD']._serialized_end=1164
+  _globals['_TOKENLOGPROBS']._serialized_start=645
+  _globals['_TOKENLOGPROBS']._serialized_end=740
+  _globals['_BLOCKKEY']._serialized_start=742
+  _globals['_BLOCKKEY']._serialized_end=787
+  _globals['_KVHANDLE']._serialized_start=790
+  _globals['_KVHANDLE']._serialized_end=986
+  _globals['_KVHANDLE_LEASEIDSENTRY']._serialized_start=939
+  _globals['_KVHANDLE_LEASEIDSENTRY']._serialized_end=986
+  _globals['_INSTANCELOAD']._serialized_start=989
+  _globals['_INSTANCELOAD']._serialized_end=1261
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cmx.common.v1 import common_pb2 as cmx_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/decode/v1/decode.proto\x12\rcmx.decode.v1\x1a\x1a\x63mx/common/v1/common.proto\"\xb7\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12#\n\x02kv\x18\x05 \x01(\x0b\x32\x17.cmx.common.v1.KvHandle\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\"\x8d\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.cmx.common.v1.FinishReason\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.cmx.common.v1.Timing\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"9\n\x0cGetLoadReply\x12)\n\x04load\x18\x01 \x01(\x0b\x32\x1b.cmx.common.v1.InstanceLoad2\xd9\x01\n\x06\x44\x65\x63ode\x12\x44\n\x06\x44\x65\x63ode\x12\x1c.cmx.decode.v1.DecodeRequest\x1a\x1a.cmx.decode.v1.DecodeChunk0\x01\x12\x42\n\x06\x43\x61ncel\x12\x1c.cmx.decode.v1.CancelRequest\x1a\x1a.cmx.decode.v1.CancelReply\x12\x45\n\x07GetLoad\x12\x1d.cmx.decode.v1.GetLoadRequest\x1a\x1b.cmx.decode.v1.GetLoadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63mx/decode/v1/decode.proto\x12\rcmx.decode.v1\x1a\x1a\x63mx/common/v1/common.proto\"\xb7\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x13\n\x0b\x66irst_token\x18\x04 \x01(\x05\x12#\n\x02kv\x18\x05 \x01(\x0b\x32\x17.cmx.common.v1.KvHandle\x12/\n\x08sampling\x18\x06 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\"\xbd\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.cmx.common.v1.FinishReason\x12%\n\x06timing\x18\x04 \x01(\x0b\x32\x15.cmx.common.v1.Timing\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.cmx.common.v1.TokenLogprobs\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0b\x43\x61ncelReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"9\n\x0cGetLoadReply\x12)\n\x04load\x18\x01 \x01(\x0b\x32\x1b.cmx.common.v1.InstanceLoad2\xd9\x01\n\x06\x44\x65\x63ode\x12\x44\n\x06\x44\x65\x63ode\x12\x1c.cmx.decode.v1.DecodeRequest\x1a\x1a.cmx.decode.v1.DecodeChunk0\x01\x12\x42\n\x06\x43\x61ncel\x12\x1c.cmx.decode.v1.CancelRequest\x1a\x1a.cmx.decode.v1.CancelReply\x12\x45\n\x07GetLoad\x12\x1d.cmx.decode.v1.GetLoadRequest\x1a\x1b.cmx.decode.v1.GetLoadReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=74
   _globals['_DECODEREQUEST']._serialized_end=257
   _globals['_DECODECHUNK']._serialized_start=260
-  _globals['_DECODECHUNK']._serialized_end=401
-  _globals['_CANCELREQUEST']._serialized_start=403
-  _globals['_CANCELREQUEST']._serialized_end=438
-  _globals['_CANCELREPLY']._serialized_start=440
-  _globals['_CANCELREPLY']._serialized_end=472
-  _globals['_GETLOADREQUEST']._serialized_start=474
-  _globals['_GETLOADREQUEST']._serialized_end=490
-  _globals['_GETLOADREPLY']._serialized_start=492
-  _globals['_GETLOADREPLY']._serialized_end=549
-  _globals['_DECODE']._serialized_start=552
-  _globals['_DECODE']._serialized_end=769
+  _globals['_DECODECHUNK']._serialized_end=449
+  _globals['_CANCELREQUEST']._serialized_start=451
+  _globals['_CANCELREQUEST']._serialized_end=486
+  _globals['_CANCELREPLY']._serialized_start=488
+  _globals['_CANCELREPLY']._serialized_end=520
+  _globals['_GETLOADREQUEST']._serialized_start=522
+  _globals['_GETLOADREQUEST']._serialized_end=538
+  _globals['_GETLOADREPLY']._serialized_start=540
+  _globals['_GETLOADREPLY']._serialized_end=597
+  _globals['_DECODE']._serialized_start=600
+  _globals['_DECODE']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

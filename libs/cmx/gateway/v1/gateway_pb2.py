@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cmx.common.v1 import common_pb2 as cmx_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/gateway/v1/gateway.proto\x12\x0e\x63mx.gateway.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.cmx.gateway.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc5\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.cmx.common.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.cmx.gateway.v1.Usage\x12%\n\x06timing\x18\x06 \x01(\x0b\x32\x15.cmx.common.v1.Timing\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\tprecision\x18\x02 \x01(\x0e\x32\x18.cmx.common.v1.Precision\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\"<\n\x0fListModelsReply\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.cmx.gateway.v1.ModelInfo2\xa9\x01\n\x07Gateway\x12L\n\x08Generate\x12\x1f.cmx.gateway.v1.GenerateRequest\x1a\x1d.cmx.gateway.v1.GenerateChunk0\x01\x12P\n\nListModels\x12!.cmx.gateway.v1.ListModelsRequest\x1a\x1f.cmx.gateway.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/gateway/v1/gateway.proto\x12\x0e\x63mx.gateway.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xbe\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.cmx.gateway.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\x12\x0e\n\x06stream\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xac\x02\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.cmx.common.v1.FinishReason\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.cmx.gateway.v1.Usage\x12%\n\x06timing\x18\x06 \x01(\x0b\x32\x15.cmx.common.v1.Timing\x12.\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1c.cmx.common.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1c.cmx.common.v1.TokenLogprobs\"\x13\n\x11ListModelsRequest\"`\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\tprecision\x18\x02 \x01(\x0e\x32\x18.cmx.common.v1.Precision\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\"<\n\x0fListModelsReply\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.cmx.gateway.v1.ModelInfo2\xa9\x01\n\x07Gateway\x12L\n\x08Generate\x12\x1f.cmx.gateway.v1.GenerateRequest\x1a\x1d.cmx.gateway.v1.GenerateChunk0\x01\x12P\n\nListModels\x12!.cmx.gateway.v1.ListModelsRequest\x1a\x1f.cmx.gateway.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=294
   _globals['_USAGE']._serialized_end=374
   _globals['_GENERATECHUNK']._serialized_start=377
-  _globals['_GENERATECHUNK']._serialized_end=574
-  _globals['_LISTMODELSREQUEST']._serialized_start=576
-  _globals['_LISTMODELSREQUEST']._serialized_end=595
-  _globals['_MODELINFO']._serialized_start=597
-  _globals['_MODELINFO']._serialized_end=693
-  _globals['_LISTMODELSREPLY']._serialized_start=695
-  _globals['_LISTMODELSREPLY']._serialized_end=755
-  _globals['_GATEWAY']._serialized_start=758
-  _globals['_GATEWAY']._serialized_end=927
+  _globals['_GENERATECHUNK']._serialized_end=677
+  _globals['_LISTMODELSREQUEST']._serialized_start=679
+  _globals['_LISTMODELSREQUEST']._serialized_end=698
+  _globals['_MODELINFO']._serialized_start=700
+  _globals['_MODELINFO']._serialized_end=796
+  _globals['_LISTMODELSREPLY']._serialized_start=798
+  _globals['_LISTMODELSREPLY']._serialized_end=858
+  _globals['_GATEWAY']._serialized_start=861
+  _globals['_GATEWAY']._serialized_end=1030
 # @@protoc_insertion_point(module_scope)

@@ -199,18 +199,6 @@ class ForwardRequest(_message.Message):
     finished_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., return_logits: _Optional[bool] = ..., finished_seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
-class TokenLogprobs(_message.Message):
-    __slots__ = ("token_id", "logprob", "top_token_ids", "top_logprobs")
-    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-    LOGPROB_FIELD_NUMBER: _ClassVar[int]
-    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    token_id: int
-    logprob: float
-    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
-
 class SequenceOutput(_message.Message):
     __slots__ = ("seq_id", "token_id", "has_token", "logprob", "logits", "sampled_logprobs", "prompt_logprobs")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
@@ -225,9 +213,9 @@ class SequenceOutput(_message.Message):
     has_token: bool
     logprob: float
     logits: _common_pb2.Tensor
-    sampled_logprobs: TokenLogprobs
-    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampled_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    sampled_logprobs: _common_pb2.TokenLogprobs
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampled_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("outputs", "timing")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cmx.common.v1 import common_pb2 as cmx_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/prefill/v1/prefill.proto\x12\x0e\x63mx.prefill.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x96\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\x12\x1d\n\x15\x64isable_context_cache\x18\x05 \x01(\x08\"\xd0\x01\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12#\n\x02kv\x18\x04 \x01(\x0b\x32\x17.cmx.common.v1.KvHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x06 \x01(\r\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.cmx.common.v1.Timing\"\x10\n\x0eGetLoadRequest\"9\n\x0cGetLoadReply\x12)\n\x04load\x18\x01 \x01(\x0b\x32\x1b.cmx.common.v1.InstanceLoad2\x9b\x01\n\x07Prefill\x12G\n\x07Prefill\x12\x1e.cmx.prefill.v1.PrefillRequest\x1a\x1c.cmx.prefill.v1.PrefillReply\x12G\n\x07GetLoad\x12\x1e.cmx.prefill.v1.GetLoadRequest\x1a\x1c.cmx.prefill.v1.GetLoadReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/prefill/v1/prefill.proto\x12\x0e\x63mx.prefill.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x96\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.cmx.common.v1.SamplingParams\x12\x1d\n\x15\x64isable_context_cache\x18\x05 \x01(\x08\"\xc3\x02\n\x0cPrefillReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x02 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x03 \x01(\x02\x12#\n\x02kv\x18\x04 \x01(\x0b\x32\x17.cmx.common.v1.KvHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x17\n\x0f\x63omputed_tokens\x18\x06 \x01(\r\x12%\n\x06timing\x18\x07 \x01(\x0b\x32\x15.cmx.common.v1.Timing\x12:\n\x14\x66irst_token_logprobs\x18\x08 \x01(\x0b\x32\x1c.cmx.common.v1.TokenLogprobs\x12\x35\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1c.cmx.common.v1.TokenLogprobs\"\x10\n\x0eGetLoadRequest\"9\n\x0cGetLoadReply\x12)\n\x04load\x18\x01 \x01(\x0b\x32\x1b.cmx.common.v1.InstanceLoad2\x9b\x01\n\x07Prefill\x12G\n\x07Prefill\x12\x1e.cmx.prefill.v1.PrefillRequest\x1a\x1c.cmx.prefill.v1.PrefillReply\x12G\n\x07GetLoad\x12\x1e.cmx.prefill.v1.GetLoadRequest\x1a\x1c.cmx.prefill.v1.GetLoadReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_start=77
   _globals['_PREFILLREQUEST']._serialized_end=227
   _globals['_PREFILLREPLY']._serialized_start=230
-  _globals['_PREFILLREPLY']._serialized_end=438
-  _globals['_GETLOADREQUEST']._serialized_start=440
-  _globals['_GETLOADREQUEST']._serialized_end=456
-  _globals['_GETLOADREPLY']._serialized_start=458
-  _globals['_GETLOADREPLY']._serialized_end=515
-  _globals['_PREFILL']._serialized_start=518
-  _globals['_PREFILL']._serialized_end=673
+  _globals['_PREFILLREPLY']._serialized_end=553
+  _globals['_GETLOADREQUEST']._serialized_start=555
+  _globals['_GETLOADREQUEST']._serialized_end=571
+  _globals['_GETLOADREPLY']._serialized_start=573
+  _globals['_GETLOADREPLY']._serialized_end=630
+  _globals['_PREFILL']._serialized_start=633
+  _globals['_PREFILL']._serialized_end=788
 # @@protoc_insertion_point(module_scope)

@@ -135,7 +135,8 @@ def test_a_stream_of_several_choices_names_each_and_adds_up_to_the_whole(served)
             if choice.logprobs:
                 logprobs[choice.index] += choice.logprobs.token_logprobs
     assert [texts[0], texts[1]] == [c.text for c in whole.choices]
-    assert [logprobs[0], logprobs[1]] == [c.logprobs.token_logprobs for c in whole.choices]
+    for streamed, c in zip((logprobs[0], logprobs[1]), whole.choices):  # steps batch differently: last bits
+        assert streamed == pytest.approx(c.logprobs.token_logprobs, abs=1e-4)
 
 
 def test_echo_returns_the_prompt_and_max_tokens_zero_needs_it(served):

@@ -8,10 +8,11 @@ import pytest
 
 from cloudmatrix.errors import InternalError
 from cloudmatrix.instance.blocks import BlockManager
-from cloudmatrix.instance.driver import die_phases
+from cloudmatrix.instance.driver import InstanceDriver, die_phases
 from cloudmatrix.instance.loop import SLOW_PROBES_DOWN, InstanceUnavailable, LoopSettings, LoopState, StepLoop
 from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
+from cloudmatrix.instance.step import ScheduledChunk
 from cloudmatrix.rpc.errors import ResourceExhausted
 from cloudmatrix.rpc.timing import timing_proto
 from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
@@ -400,3 +401,22 @@ def test_the_dies_are_told_which_sequences_ended_at_the_next_step():
     assert before == []  # no step ran since they ended
     assert sorted(rid for _, rid in released) == ["a0", "a1", "a2"]
     assert all(die == r.die for (die, rid), r in zip(sorted(released, key=lambda x: x[1]), first))
+
+
+def test_the_driver_sends_a_sequence_in_full_once_per_admission_then_only_what_is_new():
+    async def scenario():
+        driver = InstanceDriver(["127.0.0.1:1"])  # no call is made: only the messages are built
+        request = _request("r", _prompt(0, 6), 3)
+        request.die, request.blocks, request.admissions = 0, [4, 5], 1
+        first = driver._sequence_input(ScheduledChunk(request, request.token_ids, 0, True))
+        request.blocks.append(9)
+        second = driver._sequence_input(ScheduledChunk(request, [7], 6, True))
+        request.admissions, request.blocks = 2, [1, 2]  # preempted and readmitted
+        again = driver._sequence_input(ScheduledChunk(request, request.token_ids, 0, True))
+        await driver.close()
+        return first, second, again
+
+    first, second, again = run(scenario())
+    assert (first.cached, list(first.block_table), first.sampling.max_tokens) == (False, [4, 5], 3)
+    assert (second.cached, list(second.block_table), second.HasField("sampling")) == (True, [9], False)
+    assert (again.cached, list(again.block_table)) == (False, [1, 2])

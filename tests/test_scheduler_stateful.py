@@ -116,6 +116,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.fetching = [(r, r.admissions) for r in plan.fetches]
         if plan.empty:
             return
+        # the dies are never told to forget a sequence that this very step sends them
+        assert not {(c.request.die, c.request.request_id) for c in plan.chunks} & set(plan.released)
         for request, event in s.complete(plan, self.dies.forward(plan.chunks), StepTiming(0.0, 0.0, 0.0)):
             s.finish_exported(request, event, [])
 

@@ -83,7 +83,8 @@ class InstanceDriver:
         self.replies_by_microbatch: dict[int, list[npu_pb2.ForwardReply]] = {}
         self.model_id = ""
         self.loaded: list[LoadedModel] = []  # the dies' answers to the last load
-        self._sent: list[dict[str, int]] = [{} for _ in self.dies]  # die -> request id -> blocks sent
+        # die -> request id -> (the request's admission, blocks sent): a readmitted request goes in full
+        self._sent: list[dict[str, tuple[int, int]]] = [{} for _ in self.dies]
 
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self.dies))
@@ -137,12 +138,12 @@ class InstanceDriver:
 
     def _sequence_input(self, chunk: ScheduledChunk) -> npu_pb2.SequenceInput:
         request, sent = chunk.request, self._sent[chunk.request.die]
-        known = sent.get(request.request_id)
-        sent[request.request_id] = len(request.blocks)
+        admission, known = sent.get(request.request_id, (None, 0))
+        sent[request.request_id] = (request.admissions, len(request.blocks))
         message = npu_pb2.SequenceInput(seq_id=request.request_id, token_ids=chunk.token_ids,
                                         start_position=chunk.start, skip_sampling=not chunk.sample,
                                         following_token=chunk.following)
-        if known is None:
+        if admission != request.admissions:  # new to the die, or readmitted since: in full
             message.block_table.extend(request.blocks)
             message.sampling.CopyFrom(sampling_to_proto(request.sampling))
         else:

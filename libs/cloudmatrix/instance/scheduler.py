@@ -132,7 +132,11 @@ class Scheduler:
             if request.state is RequestState.RUNNING:
                 budget -= self._schedule_running(request, budget, plan)
         if plan.chunks:  # told with the next Forward; an empty plan runs none
-            plan.released, self._released = self._released, []
+            # A request readmitted to the same die in this plan goes to it in full (which replaces
+            # what the die held): telling the die to forget it could reach it after that input,
+            # from the other microbatch's Forward.
+            stepped = {(c.request.die, c.request.request_id) for c in plan.chunks}
+            plan.released, self._released = [r for r in self._released if r not in stepped], []
         return plan
 
     def _schedule_running(self, request: Request, budget: int, plan: StepPlan) -> int:

@@ -16,10 +16,9 @@ from opentelemetry import trace
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
 from cloudmatrix.instance.request import KvPrefix, Request
+from cloudmatrix.kv.pooled import leading_blocks
 from cloudmatrix.kvcache import Lease
-from cloudmatrix.rpc.tensor_codec import decode_tensor
 from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule, TokenLogprobs
-from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
 
@@ -113,12 +112,7 @@ class DecodeCore:
         return fetch
 
     async def _fetch(self, req: DecodeRequest) -> list:
-        fetched = await self.pool.get_blocks(req.block_keys)
-        blocks = []
-        for key in req.block_keys:  # an evicted block ends the usable prefix: the rest is recomputed
-            if fetched.get(key) is None:
-                break
-            blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
+        blocks = await leading_blocks(self.pool, req.block_keys)
         held = sum(kv.shape[1] for kv in blocks)
         if len(blocks) == len(req.block_keys) and held != req.prompt_len:
             raise FieldError("kv", f"the blocks hold {held} tokens, the prompt has {req.prompt_len}")

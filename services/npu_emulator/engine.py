@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import threading
 import time
 
@@ -141,7 +142,7 @@ class DieEngine:
         ids = torch.tensor([t for s in seqs for t in s.token_ids])[None]  # [1, N] packed
         logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
         start = time.perf_counter()
-        ends = torch.tensor([len(s.token_ids) for s in seqs]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(len(s.token_ids) for s in seqs))
         results = [self._result(s, logits[0, end - len(s.token_ids):end], return_logits)
                    for s, end in zip(seqs, ends)]
         clock.add("sample", time.perf_counter() - start)

@@ -63,6 +63,6 @@ class SequenceRegistry:
             if held is None:
                 raise FieldError("sequences.cached", f"sequence {step.seq_id!r}: this die does not hold it "
                                  "(never sent in full, finished, or the die restarted)")
-            held.block_table = held.block_table + list(step.block_table)
+            held.block_table.extend(step.block_table)
             self._held.move_to_end(step.seq_id)
             return dataclasses.replace(step, block_table=held.block_table, sampling=held.sampling, cached=False)

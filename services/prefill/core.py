@@ -20,11 +20,11 @@ from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import StepLoop
 from cloudmatrix.instance.request import KvPrefix, Request
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
+from cloudmatrix.kv.pooled import leading_blocks
 from cloudmatrix.kvcache import Block, Lease
 from cloudmatrix.rpc.errors import PeerUnavailable
-from cloudmatrix.rpc.tensor_codec import decode_tensor, encode_tensor
+from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cloudmatrix.sampling_params import SamplingParams, StopRule, TokenLogprobs
-from cmx.common.v1 import common_pb2
 
 _TRACER = trace.get_tracer(__name__)
 
@@ -115,12 +115,7 @@ class PrefillCore:
         lookup ends it). Modeled: those bytes over UB."""
         async def fetch() -> list:
             start = time.perf_counter()
-            fetched = await self.pool.get_blocks(list(keys.full[:hit]))
-            blocks = []
-            for key in keys.full[:hit]:
-                if fetched.get(key) is None:
-                    break
-                blocks.append(decode_tensor(common_pb2.Tensor.FromString(fetched[key].data), "kv"))
+            blocks = await leading_blocks(self.pool, list(keys.full[:hit]))
             measured["cache_load"] = time.perf_counter() - start
             modeled["cache_load"] = ub.pool_transfer_s(sum(b.numel() * b.element_size() for b in blocks))
             return blocks

@@ -1,7 +1,9 @@
 """A fake instance driver for the scheduler tests: dies that store token ids as their "KV" and
 whose next token is a fixed function of a sequence's whole history, read back through its block
 table. So a wrong block table, a lost prefix or a bad recompute changes the tokens, and the
-expected tokens come from ``reference`` without any scheduler."""
+expected tokens come from ``reference`` without any scheduler. Their "MTP module" drafts the
+right next token two times in three (``fake_draft``); a draft they verify is written to the KV
+like a token, so a scheduler that mishandles an accepted or rejected draft gets other tokens."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +19,33 @@ from cloudmatrix.instance.step import SequenceOutput, StepOutput
 
 def next_token(history: list[int]) -> int:
     return (sum((i + 1) * t for i, t in enumerate(history)) * 31 + len(history)) % 97 + 3
+
+
+def fake_draft(history: list[int]) -> int:
+    """The fake MTP module's guess of the token after ``history``: right unless the history's
+    length is a multiple of 3."""
+    right = next_token(history)
+    return right if len(history) % 3 else right % 97 + 4
+
+
+def fake_step(slots: dict[int, int], chunk, block_size: int) -> SequenceOutput:
+    """One chunk on a fake die whose KV ``slots`` (slot -> token) the chunk writes, its draft
+    too: the sampled tokens (two when the draft was right), then the next draft."""
+    table = chunk.request.blocks
+
+    def slot(position: int) -> int:
+        return table[position // block_size] * block_size + position % block_size
+
+    fed = chunk.token_ids + ([chunk.draft] if chunk.draft is not None else [])
+    for i, t in enumerate(fed):
+        slots[slot(chunk.start + i)] = t
+    if not chunk.sample:
+        return SequenceOutput()
+    history = [slots[slot(p)] for p in range(chunk.start + len(chunk.token_ids))]
+    tokens = [next_token(history)]
+    if chunk.draft is not None and chunk.draft == tokens[0]:
+        tokens.append(next_token(history + tokens))
+    return SequenceOutput(tuple(tokens), draft=fake_draft(history + tokens))
 
 
 def reference(prompt: list[int], new_tokens: int) -> list[int]:
@@ -90,14 +119,8 @@ class FakeDriver:
         if self.fail_next is not None:
             error, self.fail_next = self.fail_next, None
             raise error
-        outputs = {}
-        for c in chunks:
-            die, table = c.request.die, list(c.request.blocks)
-            for i, t in enumerate(c.token_ids):
-                self.slots[die][self._slot(table, c.start + i)] = t
-            history = [self.slots[die][self._slot(table, p)] for p in range(c.start + len(c.token_ids))]
-            outputs[c.request.request_id] = SequenceOutput(next_token(history) if c.sample else None)
-        return StepOutput(outputs)
+        return StepOutput({c.request.request_id: fake_step(self.slots[c.request.die], c, self.block_size)
+                           for c in chunks})
 
     async def probe(self, timeout_s: float) -> list[DieProbe]:
         self.probes += 1

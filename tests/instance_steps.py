@@ -26,8 +26,8 @@ async def position_logprobs(driver, blocks: BlockManager, sequences: list[list[i
             by_position: dict[int, TokenLogprobs] = {}
             async for event in loop.submit(request):
                 by_position.update(enumerate(event.prompt_logprobs, event.prompt_start - 1))
-                if event.logprobs is not None:
-                    by_position[len(tokens) - 1] = event.logprobs
+                if event.logprobs:
+                    by_position[len(tokens) - 1] = event.logprobs[0]
             return [by_position[p] for p in range(len(tokens))]
 
         return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(sequences))))

@@ -28,6 +28,18 @@ def test_golden_vectors_pin_the_scheme():
     assert keys.tail.hex() == GOLDEN["tail"]
 
 
+def test_golden_vectors_of_blocks_with_the_mtp_layer():
+    # Blocks of a speculating instance carry the MTP module's KV as one more layer: other bytes,
+    # another namespace, so a block of either kind is never read as the other.
+    ns = namespace("cmx-tiny", "float32", 4, "fp32", mtp=True)
+    assert ns == "cmx-tiny|fp32|float32|bs4|mtp1"
+    keys = prefix_keys([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 4, ns)
+    assert root_key(ns).hex() == "1412d4297a67d1426354961e421bc74a"
+    assert [k.hex() for k in keys.full] == ["1c704cc89adce29ba04bcb11047ce546", "de0f7df2977491f31ea0104a21f8104a"]
+    assert keys.tail.hex() == "bd0dd2374011c24d787f68d87e15179c"
+    assert not set(keys.all) & set(prefix_keys([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 4, NS).all)
+
+
 GOLDEN = {
     "root": "9fe711dffcd2d5db5efc938ceef5d6ef",
     "full": ["22ea78631c86c4227aac4ccb2ecf8197", "df908dfb795cd14bb37e37622cfeee49"],

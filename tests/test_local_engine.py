@@ -6,8 +6,8 @@ import asyncio
 
 import torch
 
-from cloudmatrix.bench.local_driver import LocalDriver
 from cloudmatrix.checkpoints import load_model
+from cloudmatrix.instance.local_driver import LocalDriver
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
 from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import SchedulerLimits
@@ -33,7 +33,7 @@ def test_continuous_batching_with_preemption_equals_the_local_engine(tiny_checkp
         streams = [loop.submit(r) for r in requests]
 
         async def tokens(events):
-            return [e.token_id async for e in events if e.token_id is not None]
+            return [t async for e in events for t in e.token_ids]
 
         out = await asyncio.gather(*(tokens(events) for events in streams))
         preemptions = loop.scheduler.preemptions

@@ -57,7 +57,7 @@ class Harness:
     async def collect(self, request: Request) -> tuple[list[int], str]:
         tokens, reason = [], None
         async for event in self.events.pop(request.request_id):
-            tokens += [event.token_id] if event.token_id is not None else []
+            tokens += event.token_ids
             reason = event.finish_reason
         return tokens, reason
 

@@ -6,6 +6,7 @@ tokens a scheduler-free reference gives."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 from hypothesis import settings
@@ -20,7 +21,7 @@ from cloudmatrix.instance.scheduler import Scheduler, SchedulerLimits
 from cloudmatrix.instance.step import SequenceOutput, StepTiming
 from cloudmatrix.rpc.errors import PeerUnavailable, ResourceExhausted
 from cloudmatrix.sampling_params import FinishReason, SamplingParams, StopRule
-from tests.fake_dies import next_token, prefix_kv, reference
+from tests.fake_dies import fake_step, prefix_kv, reference
 
 BS, DIES, BLOCKS = 4, 2, 6
 LIMITS = SchedulerLimits(max_running=4, max_waiting=6, max_step_tokens=12)
@@ -38,15 +39,7 @@ class Dies:
                 self.slots[request.die][block * BS + i] = int(value)
 
     def forward(self, chunks) -> dict[str, SequenceOutput]:
-        outputs = {}
-        for c in chunks:
-            slots, table = self.slots[c.request.die], c.request.blocks
-            for i, t in enumerate(c.token_ids):
-                p = c.start + i
-                slots[table[p // BS] * BS + p % BS] = t
-            history = [slots[table[p // BS] * BS + p % BS] for p in range(c.start + len(c.token_ids))]
-            outputs[c.request.request_id] = SequenceOutput(next_token(history) if c.sample else None)
-        return outputs
+        return {c.request.request_id: fake_step(self.slots[c.request.die], c, BS) for c in chunks}
 
 
 def _no_fetch():
@@ -54,9 +47,11 @@ def _no_fetch():
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    limits = LIMITS
+
     def __init__(self) -> None:
         super().__init__()
-        self.scheduler = Scheduler(self._fresh_blocks(), LIMITS, self._deliver)
+        self.scheduler = Scheduler(self._fresh_blocks(), self.limits, self._deliver)
         self.dies = Dies()
         self.added: dict[str, tuple[list[int], int]] = {}   # id -> (prompt, max tokens)
         self.tokens: dict[str, list[int]] = collections.defaultdict(list)
@@ -75,8 +70,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if isinstance(item, Exception):
             self.ends[rid].append(item)
             return
-        if item.token_id is not None:
-            self.tokens[rid].append(item.token_id)
+        self.tokens[rid] += item.token_ids
         if item.finish_reason is not None:
             self.ends[rid].append(item.finish_reason)
 
@@ -154,5 +148,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert isinstance(end, (PeerUnavailable, InstanceUnavailable)), end
 
 
+class SpeculativeMachine(SchedulerMachine):
+    """The same with MTP drafts: a draft takes a KV slot and a token of the budget, an accepted one
+    gives two tokens in a step (never beyond max_tokens), a rejected one's slot is rewritten."""
+
+    limits = dataclasses.replace(LIMITS, speculative_tokens=1)
+
+
 SchedulerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+SpeculativeMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 test_scheduler_state_machine = SchedulerMachine.TestCase
+test_speculative_scheduler_state_machine = SpeculativeMachine.TestCase

@@ -33,13 +33,13 @@ def is_int8(model: DeepseekV3) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def load_for_precision(checkpoint_dir: str | Path, precision: Precision) -> DeepseekV3:
+def load_for_precision(checkpoint_dir: str | Path, precision: Precision, mtp: bool = False) -> DeepseekV3:
     """Load a checkpoint to run at ``precision``.
 
     An fp32 checkpoint asked to run in INT8 is quantized in memory with the default settings
     (as `cmx quantize` would); an INT8 checkpoint cannot run as fp32.
     """
-    model = load_model(checkpoint_dir)
+    model = load_model(checkpoint_dir, mtp=mtp)
     if precision.int8_weights and not is_int8(model):
         settings = QuantSettings()
         prompts = checkpoint_calibration_prompts(checkpoint_dir, model.cfg.vocab_size, settings.calib_samples,

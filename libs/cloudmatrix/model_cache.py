@@ -2,9 +2,9 @@
 die loads its weights from the pooled memory instead of the checkpoint's disk; the first loader
 publishes what it read.
 
-A checkpoint is cut into units that dies need whole: ``shared`` (every non-expert tensor: every
-die holds them) and one unit per routed expert per layer (``layers.<l>.experts.<e>``: only the
-dies hosting it). Each unit is one blob, ``<prefix>/<unit>``, holding the unit's tensors in the
+A checkpoint is cut into units that dies need whole: ``shared`` (every non-expert tensor of the
+main model: every die holds them), ``mtp`` (the MTP module's, for dies that run it) and one unit
+per routed expert per layer (``layers.<l>.experts.<e>``: only the dies hosting it). Each unit is one blob, ``<prefix>/<unit>``, holding the unit's tensors in the
 safetensors format.
 """
 from __future__ import annotations
@@ -23,11 +23,15 @@ from cloudmatrix.model.config import load_config
 
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 SHARED = "shared"
+MTP = "mtp"
 
 
-def unit_of(key: str) -> str:
+def unit_of(key: str, cfg) -> str:
+    """The unit of a checkpoint key."""
     match = _EXPERT_KEY.match(key)
-    return f"layers.{match.group(1)}.experts.{match.group(2)}" if match else SHARED
+    if match:
+        return f"layers.{match.group(1)}.experts.{match.group(2)}"
+    return MTP if key.startswith(f"model.layers.{cfg.num_hidden_layers}.") else SHARED
 
 
 def blob_name(prefix: str, unit: str) -> str:
@@ -47,7 +51,7 @@ class CacheReport:
 
 
 async def load_units(client, prefix: str, checkpoint_dir: str | Path, units: list[str],
-                     report: CacheReport) -> dict[str, torch.Tensor]:
+                     report: CacheReport, mtp: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of ``units``: from the pool when their blob is there, otherwise from the
     checkpoint on disk, publishing the blob for the next loader."""
     state: dict[str, torch.Tensor] = {}
@@ -58,7 +62,7 @@ async def load_units(client, prefix: str, checkpoint_dir: str | Path, units: lis
             state.update(load_safetensors(blob))
             report.from_pool.append(unit)
             continue
-        tensors = read_state_dict(checkpoint_dir, cfg, keep=lambda k, u=unit: unit_of(k) == u)
+        tensors = read_state_dict(checkpoint_dir, cfg, keep=lambda k, u=unit: unit_of(k, cfg) == u, mtp=mtp)
         if not tensors:
             raise ValueError(f"model cache: unit {unit!r} has no tensors in {checkpoint_dir}")
         await client.put_blob(blob_name(prefix, unit), save_safetensors({k: v.contiguous() for k, v in tensors.items()}))
@@ -67,11 +71,11 @@ async def load_units(client, prefix: str, checkpoint_dir: str | Path, units: lis
     return state
 
 
-def units_for(keep: Callable[[str], bool], cfg) -> list[str]:
-    """The units a die with expert filter ``keep`` needs: shared + its experts."""
-    units = [SHARED]
-    for layer in range(cfg.num_hidden_layers):
-        if cfg.is_moe_layer(layer):
-            units += [f"layers.{layer}.experts.{e}" for e in range(cfg.n_routed_experts)
-                      if keep(f"model.layers.{layer}.mlp.experts.{e}.")]
+def units_for(keep: Callable[[str], bool], cfg, mtp: bool = False) -> list[str]:
+    """The units a die with expert filter ``keep`` needs: shared + its experts (with ``mtp``, the
+    MTP module's non-expert tensors and its experts too)."""
+    units = [SHARED, MTP] if mtp else [SHARED]
+    for layer in cfg.moe_layers(mtp):
+        units += [f"layers.{layer}.experts.{e}" for e in range(cfg.n_routed_experts)
+                  if keep(f"model.layers.{layer}.mlp.experts.{e}.")]
     return units

@@ -31,6 +31,7 @@ class DecodeRequest:
     block_keys: list[bytes]
     sampling: SamplingParams        # its stop_token_ids and ignore_eos apply here; stop strings at the gateway
     lease: Lease | None = None      # the prefill's lease on the blocks; released once they are read
+    draft: int | None = None        # the prefill's MTP draft of the token after first_token
 
     @property
     def prompt_len(self) -> int:
@@ -45,7 +46,7 @@ class DecodeEvent:
     finish_reason: FinishReason | None
     measured: dict[str, float]
     modeled: dict[str, float]
-    logprobs: TokenLogprobs | None = None   # of the token, when the request asked for them
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of the tokens, when asked for
 
 
 class DecodeCore:
@@ -64,6 +65,8 @@ class DecodeCore:
             raise FieldError("prompt_token_ids", "the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in (*req.prompt_token_ids, req.first_token)):
             raise FieldError("prompt_token_ids", f"ids (and first_token) must be in [0, {self.vocab_size})")
+        if req.draft is not None and not 0 <= req.draft < self.vocab_size:
+            raise FieldError("kv.draft_token", f"must be in [0, {self.vocab_size})")
         if req.prompt_len >= self.context_limit:
             raise FieldError("prompt_token_ids", f"{req.prompt_len} tokens leave no room in the context of "
                              f"{self.context_limit}")
@@ -79,15 +82,15 @@ class DecodeCore:
         measured: dict[str, float] = {}
         request = Request(req.request_id, [*req.prompt_token_ids, req.first_token], req.sampling, rule,
                           prefix=KvPrefix(req.prompt_len, self._fetcher(req, measured)),
-                          chunk_tokens=self.chunk_tokens, new_tokens=1)
+                          chunk_tokens=self.chunk_tokens, new_tokens=1, draft=req.draft)
         events = self.loop.submit(request)
         try:
             async for event in events:
                 step = {**measured, "step": event.step_measured_s, "queue": event.queued_s}
                 measured.clear()
-                tokens = [event.token_id] if event.token_id is not None else []
+                tokens = list(event.token_ids)
                 modeled = {"step": event.step_modeled_s} if tokens else {}
-                yield DecodeEvent(tokens, event.finish_reason, step, modeled, event.logprobs)
+                yield DecodeEvent(tokens, event.finish_reason, step, modeled, list(event.logprobs))
         finally:
             if not request.finished:  # the client left: end it before the next step
                 self.loop.abort(request.request_id, FinishReason.CANCELLED)

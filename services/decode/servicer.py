@@ -27,7 +27,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                              f"the {len(r.prompt_token_ids)}-token prompt")
         lease = Lease(dict(r.kv.lease_ids), (), 0.0) if r.kv.lease_ids else None
         return DecodeRequest(r.request_id, list(r.prompt_token_ids), r.first_token, list(r.kv.block_keys),
-                             sampling_from_proto(r.sampling), lease)
+                             sampling_from_proto(r.sampling), lease,
+                             r.kv.draft_token if r.kv.HasField("draft_token") else None)
 
     @map_errors
     async def Decode(self, request, context):
@@ -37,7 +38,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 finish_reason=finish_to_proto(event.finish_reason),
                 timing=timing_proto(event.measured, event.modeled, measured_s=sum(event.measured.values()),
                                     modeled_s=sum(event.modeled.values())),
-                logprobs=[logprobs_to_proto(event.logprobs)] if event.logprobs is not None else [])
+                logprobs=[logprobs_to_proto(lp) for lp in event.logprobs])
 
     @map_errors
     async def Cancel(self, request, context):

@@ -20,15 +20,22 @@ PRECISION_ENUMS = {name: enum for enum, name in PRECISION_NAMES.items()}
 def sequence_step(s) -> SequenceStep:
     return SequenceStep(s.seq_id, list(s.token_ids), s.start_position, list(s.block_table),
                         sampling_from_proto(s.sampling), s.skip_sampling, s.cached,
-                        s.following_token if s.HasField("following_token") else None)
+                        s.following_token if s.HasField("following_token") else None,
+                        s.draft_token if s.HasField("draft_token") else None)
 
 
 def sequence_output(r: SequenceResult) -> npu_pb2.SequenceOutput:
-    return npu_pb2.SequenceOutput(
-        seq_id=r.seq_id, token_id=r.token_id or 0, has_token=r.token_id is not None,
+    logprobs = [logprobs_to_proto(t) for t in r.sampled_logprobs]
+    out = npu_pb2.SequenceOutput(
+        seq_id=r.seq_id, token_id=r.tokens[0] if r.tokens else 0, has_token=bool(r.tokens),
         logits=encode_tensor(r.logits) if r.logits is not None else None,
-        sampled_logprobs=logprobs_to_proto(r.sampled_logprobs) if r.sampled_logprobs is not None else None,
-        prompt_logprobs=[logprobs_to_proto(t) for t in r.prompt_logprobs])
+        sampled_logprobs=logprobs[0] if logprobs else None,
+        prompt_logprobs=[logprobs_to_proto(t) for t in r.prompt_logprobs], draft_token=r.draft)
+    if len(r.tokens) > 1:
+        out.bonus_token = r.tokens[1]
+        if len(logprobs) > 1:
+            out.bonus_logprobs.CopyFrom(logprobs[1])
+    return out
 
 
 def load_spec(request, config) -> LoadSpec:
@@ -46,4 +53,5 @@ def load_spec(request, config) -> LoadSpec:
         dispatch_dtype=request.dispatch_dtype,
         cache_shards=tuple(request.model_cache.kvcache_addresses) if request.HasField("model_cache") else (),
         cache_prefix=request.model_cache.blob_prefix if request.HasField("model_cache") else "",
+        speculative_tokens=request.speculative_tokens,
     )

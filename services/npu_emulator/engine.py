@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import threading
 import time
 
@@ -15,8 +14,8 @@ import torch
 
 from cloudmatrix.errors import FieldError
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
-from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
-from cloudmatrix.model.sampling import sample_token, token_logprobs
+from cloudmatrix.model.paged_step import RowResult, StepRow, paged_step
+from cloudmatrix.model.sampling import token_logprobs
 from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.moe.expert_parallel import ExpertParallelMoE
 from cloudmatrix.rpc.errors import ResourceExhausted
@@ -32,10 +31,12 @@ RECONNECT_TIMEOUT_S = 10.0
 @dataclasses.dataclass(frozen=True)
 class SequenceResult:
     seq_id: str
-    token_id: int | None
+    tokens: list[int]                           # sampled: 1, or 2 with an accepted draft; [] if none
     logits: torch.Tensor | None                 # [V] at the last new position, when asked for
-    sampled_logprobs: TokenLogprobs | None = None
+    sampled_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of tokens
     prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    draft: int | None = None                    # the MTP module's draft of the next token
+    mtp_positions: int = 0                      # positions the MTP module ran at
 
 
 @dataclasses.dataclass
@@ -52,7 +53,7 @@ class DieEngine:
     def __init__(self, model: DeepseekV3, pool: PagedLatentPool, link, weight_bytes: int, precision: str) -> None:
         self.model, self.pool, self.link, self.weight_bytes = model, pool, link, weight_bytes
         self.precision = precision
-        self.moe_layers = {layer.layer: layer.mlp for layer in model.model.layers
+        self.moe_layers = {layer.layer: layer.mlp for layer in (*model.model.layers, *model.mtp)
                            if isinstance(layer.mlp, ExpertParallelMoE)}
         # One Forward per microbatch at a time: the two microbatches of a pipelined step run
         # concurrently (their fabric rounds are keyed apart), each in its own thread.
@@ -119,7 +120,8 @@ class DieEngine:
                 clock.add(rnd.kind, rnd.wait_s)
             expert_tokens = {layer: [int(moe.token_counts[int(e)] - before[layer][int(e)]) for e in moe.experts]
                              for layer, moe in self.moe_layers.items()}
-            modeled = forward_modeled_s(self.model, self.precision, seqs, self.link, expert_tokens)
+            mtp = [r.mtp_positions for r in results] if len(self.model.mtp) else None
+            modeled = forward_modeled_s(self.model, self.precision, seqs, self.link, expert_tokens, mtp)
             return results, clock.seconds, modeled
 
     def _validate(self, s: SequenceStep) -> None:
@@ -128,38 +130,41 @@ class DieEngine:
             raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: empty")
         if any(not 0 <= t < cfg.vocab_size for t in s.token_ids):
             raise FieldError("sequences.token_ids", f"sequence {s.seq_id!r}: ids must be in [0, {cfg.vocab_size})")
-        if s.following_token is not None and not 0 <= s.following_token < cfg.vocab_size:
-            raise FieldError("sequences.following_token", f"sequence {s.seq_id!r}: must be in [0, {cfg.vocab_size})")
-        if s.start + len(s.token_ids) > cfg.max_position_embeddings:
-            raise FieldError("sequences.start_position", f"sequence {s.seq_id!r}: positions up to {s.start + len(s.token_ids)} exceed the "
+        for name, token in (("following_token", s.following_token), ("draft_token", s.draft)):
+            if token is not None and not 0 <= token < cfg.vocab_size:
+                raise FieldError(f"sequences.{name}", f"sequence {s.seq_id!r}: must be in [0, {cfg.vocab_size})")
+        if s.draft is not None and (not len(self.model.mtp) or s.skip_sampling):
+            raise FieldError("sequences.draft_token", f"sequence {s.seq_id!r}: a draft needs speculative_tokens 1 "
+                             "and a sampled step")
+        if len(self.model.mtp) and s.skip_sampling and s.following_token is None:
+            raise FieldError("sequences.following_token", f"sequence {s.seq_id!r}: with MTP a chunk that is not "
+                             "sampled needs the token after it (the MTP module reads it)")
+        end = s.start + len(s.token_ids) + (s.draft is not None)
+        if end > cfg.max_position_embeddings:
+            raise FieldError("sequences.start_position", f"sequence {s.seq_id!r}: positions up to {end} exceed the "
                              f"context limit {cfg.max_position_embeddings}")
         unknown = [b for b in s.block_table if not self.pool.allocator.is_allocated(b)]
         if unknown:
             raise FieldError("sequences.block_table", f"sequence {s.seq_id!r}: holds unallocated blocks {unknown[:4]}")
 
     def _run(self, seqs: list[SequenceStep], return_logits: bool, clock: PhaseClock) -> list[SequenceResult]:
-        batch = PagedBatch([s.block_table for s in seqs], [s.start for s in seqs], [len(s.token_ids) for s in seqs])
-        ids = torch.tensor([t for s in seqs for t in s.token_ids])[None]  # [1, N] packed
-        logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
+        rows = [StepRow(s.token_ids, s.start, s.block_table, s.sampling, not (s.skip_sampling or return_logits),
+                        s.draft, s.following_token, s.sampling.prompt_logprobs is not None) for s in seqs]
+        stepped = paged_step(self.model, self.pool, rows)
         start = time.perf_counter()
-        ends = list(itertools.accumulate(len(s.token_ids) for s in seqs))
-        results = [self._result(s, logits[0, end - len(s.token_ids):end], return_logits)
-                   for s, end in zip(seqs, ends)]
+        results = [self._result(s, r, return_logits) for s, r in zip(seqs, stepped)]
         clock.add("sample", time.perf_counter() - start)
         return results
 
-    def _result(self, s: SequenceStep, logits: torch.Tensor, return_logits: bool) -> SequenceResult:
-        """logits: [n, V] at the sequence's new positions."""
-        prompt = self._prompt_logprobs(s, logits)
+    def _result(self, s: SequenceStep, r: RowResult, return_logits: bool) -> SequenceResult:
+        """r.logits: at the sequence's last fed positions (every one with prompt log-probabilities)."""
+        last = r.logits[-1 - (s.draft is not None):]  # [1 (+1 with a draft), V]: the last token's and the draft's
+        prompt = self._prompt_logprobs(s, r.logits[:len(s.token_ids)])
         if return_logits:
-            return SequenceResult(s.seq_id, None, logits[-1].clone(), None, prompt)
-        if s.skip_sampling:
-            return SequenceResult(s.seq_id, None, None, None, prompt)
-        position = s.start + len(s.token_ids)
-        token = sample_token(logits[-1], s.sampling, s.sampling.generator(position))
+            return SequenceResult(s.seq_id, [], last[0].clone(), [], prompt, None, r.mtp_positions)
         top = s.sampling.logprobs
-        sampled = token_logprobs(logits[-1:], [token], top)[0] if top is not None else None
-        return SequenceResult(s.seq_id, token, None, sampled, prompt)
+        sampled = token_logprobs(last[:len(r.tokens)], r.tokens, top) if top is not None else []
+        return SequenceResult(s.seq_id, r.tokens, None, sampled, prompt, r.draft, r.mtp_positions)
 
     @staticmethod
     def _prompt_logprobs(s: SequenceStep, logits: torch.Tensor) -> list[TokenLogprobs]:
@@ -187,7 +192,8 @@ class DieEngine:
 
 def pool_shape(model: DeepseekV3, block_size: int, pool_bytes: int) -> PoolShape:
     cfg = model.cfg
-    per_block = PoolShape(cfg.num_hidden_layers, 1, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim).bytes_per_block
+    layers = cfg.num_hidden_layers + len(model.mtp)  # the MTP module's KV is one more layer
+    per_block = PoolShape(layers, 1, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim).bytes_per_block
     if pool_bytes < per_block:
         raise FieldError("kv_pool_bytes", f"{pool_bytes} bytes hold no block of {per_block} bytes")
-    return PoolShape(cfg.num_hidden_layers, pool_bytes // per_block, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    return PoolShape(layers, pool_bytes // per_block, block_size, cfg.kv_lora_rank, cfg.qk_rope_head_dim)

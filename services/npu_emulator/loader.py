@@ -42,10 +42,11 @@ class LoadSpec:
     dispatch_dtype: str
     cache_shards: tuple[str, ...] = ()   # kvcache shards holding the model cache; () = read the disk
     cache_prefix: str = ""
+    speculative_tokens: int = 0          # 1: the MTP module too (one draft token per step)
 
 def _placement(spec: LoadSpec) -> ExpertPlacement:
     cfg = load_config(spec.checkpoint)
-    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    layers = cfg.moe_layers(mtp=bool(spec.speculative_tokens))
     default = ExpertPlacement.round_robin(layers, cfg.n_routed_experts, spec.num_dies)
     if not spec.placement:
         return default
@@ -78,12 +79,17 @@ def load_engine(spec: LoadSpec, hbm_bytes: int, round_timeout_s: float, connect_
     start = time.perf_counter()
     if not 0 <= spec.die_id < spec.num_dies:
         raise FieldError("die_id", f"{spec.die_id} must be in [0, num_dies={spec.num_dies})")
+    if spec.speculative_tokens not in (0, 1):
+        raise FieldError("speculative_tokens", f"must be 0 or 1 (one MTP draft token), got {spec.speculative_tokens}")
+    if spec.speculative_tokens and not load_config(spec.checkpoint).num_nextn_predict_layers:
+        raise FieldError("speculative_tokens", f"{spec.checkpoint} has no MTP module (num_nextn_predict_layers 0)")
     precision = parse_precision(spec.precision)
     placement = _placement(spec)
     exchange = _exchange(spec, round_timeout_s, connect_timeout_s, max_message_bytes)
     state, report = _cached_state(spec, precision, placement) if spec.cache_shards else (None, None)
     model = build_die_model(spec.checkpoint, precision, placement, exchange,
-                            spec.dispatch_dtype or default_dispatch_dtype(precision), state)
+                            spec.dispatch_dtype or default_dispatch_dtype(precision), state,
+                            mtp=bool(spec.speculative_tokens))
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weight_bytes + spec.pool_bytes > hbm_bytes:
         raise ResourceExhausted(f"HBM: weights {weight_bytes} B + KV pool {spec.pool_bytes} B exceed {hbm_bytes} B")
@@ -98,13 +104,13 @@ def _cached_state(spec: LoadSpec, precision, placement: ExpertPlacement):
         raise FieldError("model_cache", "serving a float checkpoint in INT8 quantizes it in memory; "
                          "quantize it first (cmx quantize) to load it from the model cache")
     cfg = load_config(spec.checkpoint)
-    units = units_for(die_expert_filter(placement, spec.die_id), cfg)
+    units = units_for(die_expert_filter(placement, spec.die_id), cfg, mtp=bool(spec.speculative_tokens))
     report = CacheReport()
 
     async def fetch():
         async with KvPoolClient(list(spec.cache_shards), replication=min(2, len(spec.cache_shards))) as client:
             return await load_units(client, spec.cache_prefix or _default_prefix(spec.checkpoint), spec.checkpoint,
-                                    units, report)
+                                    units, report, mtp=bool(spec.speculative_tokens))
 
     return asyncio.run(fetch()), report
 

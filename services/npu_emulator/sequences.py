@@ -26,7 +26,8 @@ class SequenceStep:
     sampling: SamplingParams
     skip_sampling: bool = False
     cached: bool = False
-    following_token: int | None = None   # the token after token_ids, for prompt log-probabilities
+    following_token: int | None = None   # the token after token_ids (prompt log-probabilities, MTP)
+    draft: int | None = None             # the MTP module's draft of the next token, to verify
 
 
 @dataclasses.dataclass

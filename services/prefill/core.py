@@ -40,6 +40,7 @@ class PrefillResult:
     lease: Lease | None = None    # pins the prompt's blocks in the pool until the decode adopts them
     logprobs: TokenLogprobs | None = None                # of first_token, when asked for
     prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of token_ids[1:]
+    draft: int | None = None      # with MTP: its guess of the token after first_token, for the decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class PrefillSettings:
 @dataclasses.dataclass(frozen=True)
 class _Computed:
     first_token: int
+    draft: int | None                 # the MTP module's guess of the token after first_token
     kv: list                          # the exported blocks' KV, from block ``cached_blocks`` on
     cached_blocks: int                # blocks of the prefix that came from the pool
     logprobs: TokenLogprobs | None
@@ -98,7 +100,7 @@ class PrefillCore:
             self.cache_hits += cached_tokens
         modeled["total"] = modeled["compute"] + modeled["cache_load"]
         return PrefillResult(out.first_token, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled,
-                             lease, out.logprobs, out.prompt_logprobs)
+                             lease, out.logprobs, out.prompt_logprobs, out.draft)
 
     async def _lookup(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> int:
         """Blocks of the longest cached prefix; at least one token is left to compute (its logits
@@ -143,7 +145,8 @@ class PrefillCore:
         measured["queue"], measured["compute"] = queued, time.perf_counter() - start - queued
         cached = request.export_from_block if request.export_from_block is not None else hit
         measured.setdefault("cache_load", 0.0)
-        return _Computed(event.token_id, event.kv or [], cached, event.logprobs,
+        first = event.token_ids[0] if event.token_ids else None  # none when it was aborted
+        return _Computed(first, event.draft, event.kv or [], cached, event.logprobs[0] if event.logprobs else None,
                          [prompt_logprobs[i] for i in sorted(prompt_logprobs)])
 
     async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from cloudmatrix.bench.local_driver import LocalDriver
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
-from cloudmatrix.bench.serve.stats import percentile, step_breakdown, step_snapshot
+from cloudmatrix.bench.serve.stats import percentile, speculation, step_breakdown, step_snapshot
 from cloudmatrix.bench.serve.workload import BenchRequest
 from cloudmatrix.demo import gateway_url, get_json
+from cloudmatrix.instance.local_driver import LocalDriver
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
 from cloudmatrix.instance.request import Request, StepEvent
 from cloudmatrix.instance.scheduler import SchedulerLimits
@@ -61,10 +61,12 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> di
 
 
 async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
-    """The instance scheduler and step loop over the model in this process (continuous batching)."""
-    blocks = sum(-(-(len(p.prompt) + p.output_len) // 16) for p in prompts) + 8
+    """The instance scheduler and step loop over the model in this process (continuous batching);
+    a model with its MTP module speculates (one draft token per step)."""
+    blocks = sum(-(-(len(p.prompt) + p.output_len + 1) // 16) for p in prompts) + 8
     driver = LocalDriver(model, blocks)
-    limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), max_step_tokens=1024)
+    limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), max_step_tokens=1024,
+                             speculative_tokens=min(1, len(model.mtp)))
     loop = StepLoop(driver, driver.load, limits, LoopSettings("in-process", probe_interval_s=3600.0))
     await loop.start()
     start = time.perf_counter()
@@ -72,13 +74,18 @@ async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
                         StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
     stamps = await asyncio.gather(*(_token_times(loop.submit(r)) for r in requests))
     elapsed = time.perf_counter() - start
+    counts = loop.scheduler.speculation
     await loop.stop()
-    return _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
-                    sum(len(s) for s in stamps), elapsed)
+    summary = _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
+                       sum(len(s) for s in stamps), elapsed)
+    return summary | {"tokens_per_step": speculation(counts.drafts, counts.accepted)["mean_acceptance_length"]}
 
 
 async def _token_times(events: AsyncIterator[StepEvent]) -> list[float]:
-    return [time.perf_counter() async for event in events if event.token_id is not None]
+    stamps = []
+    async for event in events:
+        stamps += [time.perf_counter()] * len(event.token_ids)
+    return stamps
 
 
 def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> dict:
@@ -94,4 +101,5 @@ def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> di
         raise RuntimeError(f"{len(failed)} requests failed on the suite, e.g. {failed[0]}")
     summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results],
                        sum(r.output_tokens for r in results), elapsed)
-    return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0)}
+    tokens = steps.get("speculation", {}).get("mean_acceptance_length", 1.0)
+    return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0), "tokens_per_step": tokens}

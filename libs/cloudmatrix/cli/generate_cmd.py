@@ -1,4 +1,7 @@
-"""`cmx generate --local`: run the in-process reference engine and stream text to stdout."""
+"""`cmx generate`: stream text to stdout from the model in this process (``--local``: the
+instance scheduler over an in-process paged KV pool, the dies' own step code) or from the dies of
+a running topology (``--instance``). Both speculate with the MTP module when the checkpoint has
+one (``--speculative-tokens``, docs/mtp.md)."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +16,11 @@ import torch
 from cloudmatrix.checkpoints import load_for_precision
 from cloudmatrix.instance.driver import InstanceDriver
 from cloudmatrix.instance.generate import StepTimes, generate_on_instance, serving
+from cloudmatrix.instance.local_driver import LocalDriver
+from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.launcher.waves import entry_of
-from cloudmatrix.model.generate import generate
+from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import PRECISIONS, parse_precision
 from cloudmatrix.model.tokenizer import StreamDecoder, TextTokenizer
 from cloudmatrix.quant.int8_checkpoint import is_int8_checkpoint
@@ -41,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--speculative-tokens", type=int, choices=(0, 1), default=None,
+                        help="MTP draft tokens verified per step (default: 1 when the checkpoint has an MTP module)")
     parser.set_defaults(handler=_generate)
 
 
@@ -53,11 +60,13 @@ def _generate(args: argparse.Namespace) -> int:
     stream = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
     start = time.perf_counter()
+    speculative = args.speculative_tokens
+    if speculative is None:
+        speculative = min(1, load_config(args.checkpoint).num_nextn_predict_layers)
     if args.local:
-        model = load_for_precision(args.checkpoint, parse_precision(args.precision))
-        count, note = _emit(generate(model, prompt_ids, params), stream), f"{args.threads} thread(s)"
+        count, note = asyncio.run(_in_process(args, prompt_ids, params, tokenizer.eos_id, stream, speculative))
     else:
-        count, note = asyncio.run(_on_instance(args, prompt_ids, params, tokenizer.eos_id, stream))
+        count, note = asyncio.run(_on_instance(args, prompt_ids, params, tokenizer.eos_id, stream, speculative))
     elapsed = time.perf_counter() - start
     sys.stdout.write(stream.flush() + "\n")
     print(f"[{count} tokens in {elapsed:.2f} s, {count / elapsed:.1f} tokens/s, prompt {len(prompt_ids)} tokens, "
@@ -65,16 +74,34 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(tokens, stream: StreamDecoder) -> int:
+async def _emit(loop, prompt_ids, params, eos: int, stream: StreamDecoder, times: StepTimes) -> int:
     count = 0
-    for token in tokens:
+    async for token in generate_on_instance(loop, prompt_ids, params, eos, times):
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()
         count += 1
     return count
 
 
-async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder) -> tuple[int, str]:
+def _speculation_note(loop, speculative: int) -> str:
+    if not speculative:
+        return "no speculation"
+    counts = loop.scheduler.speculation
+    return f"MTP drafts accepted {counts.accepted}/{counts.drafts} ({counts.accepted / max(counts.drafts, 1):.2f})"
+
+
+async def _in_process(args, prompt_ids, params, eos: int, stream: StreamDecoder, speculative: int) -> tuple[int, str]:
+    model = load_for_precision(args.checkpoint, parse_precision(args.precision), mtp=bool(speculative))
+    limit = min(len(prompt_ids) + params.max_tokens + 1, model.cfg.max_position_embeddings)
+    driver, times = LocalDriver(model, -(-limit // 16) + 1), StepTimes()
+    limits = SchedulerLimits(max_running=1, max_waiting=1, speculative_tokens=speculative)
+    async with serving(driver, await driver.load(), limits) as loop:
+        count = await _emit(loop, prompt_ids, params, eos, stream, times)
+        note = _speculation_note(loop, speculative)
+    return count, f"{args.threads} thread(s), {times.steps} steps, {note}"
+
+
+async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder, speculative: int) -> tuple[int, str]:
     records = load_state(Path(args.instance).resolve())
     fabric = [r.address for r in records if r.service == "ub_fabric"]
     dies = [r.address for r in records if r.service == "npu_emulator" and entry_of(r.name) == args.dies]
@@ -88,16 +115,15 @@ async def _on_instance(args, prompt_ids, params, eos: int, stream: StreamDecoder
     driver = InstanceDriver(dies, fabric[0] if fabric else "", group=f"cli-{os.getpid()}")
     times = StepTimes()
     try:
-        blocks = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None)
-        loaded, count = driver.loaded, 0
-        async with serving(driver, blocks) as loop:
-            async for token in generate_on_instance(loop, prompt_ids, params, eos, times):
-                sys.stdout.write(stream.push(token))
-                sys.stdout.flush()
-                count += 1
+        blocks = await driver.load(checkpoint, args.precision, model_cache=shards if use_cache else None,
+                                   speculative_tokens=speculative)
+        loaded = driver.loaded
+        async with serving(driver, blocks, SchedulerLimits(speculative_tokens=speculative)) as loop:
+            count = await _emit(loop, prompt_ids, params, eos, stream, times)
+            note = _speculation_note(loop, speculative)
     finally:
         await driver.close()
     source = ("weights from the model cache" if all(r.from_model_cache for r in loaded)
               else "weights from disk, published to the model cache" if use_cache else "weights from disk")
     return count, (f"EP{len(dies)} over the fabric, {source}; modeled CloudMatrix384 {times.modeled_s * 1e3:.2f} ms "
-                   f"for {times.steps} steps ({times.modeled_s / max(times.steps, 1) * 1e6:.0f} us/step)")
+                   f"for {times.steps} steps ({times.modeled_s / max(times.steps, 1) * 1e6:.0f} us/step), {note}")

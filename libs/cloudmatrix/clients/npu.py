@@ -52,10 +52,12 @@ class NpuClient(ServiceClient):
                          placement: dict[int, list[list[int]]] | None = None, block_size: int = 0,
                          pool_bytes: int = 0, fabric_address: str = "", fabric_group: str = "",
                          dispatch_dtype: str = "", model_cache: list[str] | None = None, cache_prefix: str = "",
-                         model_id: str = "", deadline_s: float | None = None) -> LoadedModel:
+                         model_id: str = "", speculative_tokens: int = 0,
+                         deadline_s: float | None = None) -> LoadedModel:
         """Load a checkpoint onto this die as rank ``die_id`` of ``num_dies`` (``placement``:
         MoE layer -> expert -> the dies hosting it; ``model_cache``: kvcache shard addresses to
-        read the weights from). A multi-die load waits for the whole fabric group."""
+        read the weights from; ``speculative_tokens`` 1: the MTP module too). A multi-die load
+        waits for the whole fabric group."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         entries = [npu_pb2.ExpertPlacement(layer=layer, expert=e, dies=list(dies))
@@ -66,7 +68,7 @@ class NpuClient(ServiceClient):
             checkpoint_path=checkpoint, model_id=model_id, precision=PRECISIONS[precision], die_id=die_id,
             num_dies=num_dies, placement=entries, kv_block_size=block_size, kv_pool_bytes=pool_bytes,
             fabric_address=fabric_address, fabric_group=fabric_group, dispatch_dtype=dispatch_dtype,
-            model_cache=cache)
+            model_cache=cache, speculative_tokens=speculative_tokens)
         r = await self.unary("LoadModel", request, idempotent=False, deadline_s=deadline_s)
         return LoadedModel(r.model_id, r.weight_bytes, r.kv_blocks_total, r.num_local_experts, r.from_model_cache,
                            Timing.from_proto(r.timing))

@@ -22,7 +22,8 @@ def model_id_of(settings: InstanceSettings) -> str:
 
 def kv_namespace(settings: InstanceSettings) -> str:
     """The pool namespace of this instance's blocks (KV is stored as float32 in every precision)."""
-    return namespace(model_id_of(settings), "float32", settings.block_size, settings.precision)
+    return namespace(model_id_of(settings), "float32", settings.block_size, settings.precision,
+                     mtp=bool(settings.speculative))
 
 
 def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int = 1) -> StepLoop:
@@ -31,7 +32,8 @@ def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int =
     async def load():
         blocks = await driver.load(str(Path(settings.checkpoint).resolve()), settings.precision,
                                    block_size=settings.block_size, max_blocks=settings.kv_blocks_per_die,
-                                   model_cache=list(settings.kvcache) if settings.model_cache else None)
+                                   model_cache=list(settings.kvcache) if settings.model_cache else None,
+                                   speculative_tokens=settings.speculative)
         log.info("dies loaded", extra={"instance": instance_id, "dies": len(driver.loaded),
                                        "from_model_cache": sum(m.from_model_cache for m in driver.loaded)})
         return blocks
@@ -52,8 +54,12 @@ async def start_loop(loop: StepLoop, host, settings: InstanceSettings, instance_
 
 def scheduler_gauges(loop: StepLoop) -> dict[str, float]:
     s = loop.scheduler
-    return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
-            "kv_cache_usage_ratio": s.blocks.usage, "num_preemptions": s.preemptions}
+    values = {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
+              "kv_cache_usage_ratio": s.blocks.usage, "num_preemptions": s.preemptions}
+    if s.limits.speculative_tokens:  # one draft position: a draft is one draft token
+        values |= {"spec_decode_num_drafts": s.speculation.drafts, "spec_decode_num_draft_tokens": s.speculation.drafts,
+                   "spec_decode_num_accepted_tokens": s.speculation.accepted}
+    return values
 
 
 def instance_load(loop: StepLoop, instance_id: str) -> common_pb2.InstanceLoad:

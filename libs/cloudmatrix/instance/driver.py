@@ -45,9 +45,11 @@ def die_phases(replies: list[npu_pb2.ForwardReply]) -> dict[str, float]:
 
 
 def _output(out: npu_pb2.SequenceOutput) -> SequenceOutput:
-    return SequenceOutput(out.token_id if out.has_token else None,
-                          logprobs_from_proto(out.sampled_logprobs) if out.HasField("sampled_logprobs") else None,
-                          tuple(logprobs_from_proto(t) for t in out.prompt_logprobs))
+    tokens = ((out.token_id,) if out.has_token else ()) + ((out.bonus_token,) if out.HasField("bonus_token") else ())
+    logprobs = tuple(logprobs_from_proto(lp) for field in ("sampled_logprobs", "bonus_logprobs")
+                     if out.HasField(field) for lp in (getattr(out, field),))
+    return SequenceOutput(tokens, logprobs, tuple(logprobs_from_proto(t) for t in out.prompt_logprobs),
+                          out.draft_token if out.HasField("draft_token") else None)
 
 
 DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})  # the die did not answer
@@ -91,16 +93,19 @@ class InstanceDriver:
 
     async def load(self, checkpoint: str, precision: str = "fp32", placement: ExpertPlacement | None = None,
                    block_size: int = 16, pool_bytes: int = 0, dispatch_dtype: str = "",
-                   model_cache: list[str] | None = None, cache_prefix: str = "", max_blocks: int = 0) -> BlockManager:
+                   model_cache: list[str] | None = None, cache_prefix: str = "", max_blocks: int = 0,
+                   speculative_tokens: int = 0) -> BlockManager:
         """LoadModel on every die at once (each waits for the whole fabric group; with
-        ``model_cache``, kvcache shard addresses, the dies read their weights from the pool), then
-        claim each die's KV blocks (at most ``max_blocks`` per die when > 0) for the instance."""
+        ``model_cache``, kvcache shard addresses, the dies read their weights from the pool;
+        ``speculative_tokens`` 1: with the MTP module), then claim each die's KV blocks (at most
+        ``max_blocks`` per die when > 0) for the instance."""
         replicas = placement.replicas if placement else None
         fabric = self.fabric_address if len(self.dies) > 1 else ""
         loaded = await asyncio.gather(*(d.load_model(
             checkpoint, precision=precision, die_id=i, num_dies=len(self.dies), placement=replicas,
             block_size=block_size, pool_bytes=pool_bytes, fabric_address=fabric, fabric_group=self.group,
-            dispatch_dtype=dispatch_dtype, model_cache=model_cache, cache_prefix=cache_prefix)
+            dispatch_dtype=dispatch_dtype, model_cache=model_cache, cache_prefix=cache_prefix,
+            speculative_tokens=speculative_tokens)
             for i, d in enumerate(self.dies)))
         self.model_id, self.loaded = loaded[0].model_id, loaded
         self._sent = [{} for _ in self.dies]  # the reloaded dies hold no sequence
@@ -142,7 +147,7 @@ class InstanceDriver:
         sent[request.request_id] = (request.admissions, len(request.blocks))
         message = npu_pb2.SequenceInput(seq_id=request.request_id, token_ids=chunk.token_ids,
                                         start_position=chunk.start, skip_sampling=not chunk.sample,
-                                        following_token=chunk.following)
+                                        following_token=chunk.following, draft_token=chunk.draft)
         if admission != request.admissions:  # new to the die, or readmitted since: in full
             message.block_table.extend(request.blocks)
             message.sampling.CopyFrom(sampling_to_proto(request.sampling))

@@ -51,5 +51,5 @@ async def generate_on_instance(loop: StepLoop, prompt: list[int], params: Sampli
     request = Request(request_id, list(prompt), params, StopRule.of(params, eos))
     async for event in loop.submit(request):
         times.add(event)
-        if event.token_id is not None:
-            yield event.token_id
+        for token in event.token_ids:
+            yield token

@@ -261,13 +261,19 @@ class StepLoop:
 
     async def _forward(self, chunks: list[ScheduledChunk], released: list[tuple[int, str]],
                        microbatch: int) -> StepOutput:
-        """One microbatch on every die, in the trace of its oldest request, linking the others."""
+        """One microbatch on every die, in the trace of its oldest request, linking the others; the
+        span counts the MTP draft tokens the step verified and accepted."""
         links = [link for c in chunks[1:] if (link := span_link(c.request.trace_context)) is not None]
+        drafted = [c.request.request_id for c in chunks if c.draft is not None]
         attributes = {"sequences": len(chunks), "tokens": sum(len(c.token_ids) for c in chunks),
-                      "request_ids": [c.request.request_id for c in chunks], "microbatch": microbatch}
+                      "request_ids": [c.request.request_id for c in chunks], "microbatch": microbatch,
+                      "draft_tokens": len(drafted)}
         with _TRACER.start_as_current_span("engine.step", context=chunks[0].request.trace_context, links=links,
-                                           attributes=attributes):
-            return await self.driver.forward(chunks, released, microbatch)
+                                           attributes=attributes) as span:
+            output = await self.driver.forward(chunks, released, microbatch)
+            span.set_attribute("accepted_tokens", sum(len(output.outputs[r].token_ids) == 2 for r in drafted
+                                                      if r in output.outputs))
+            return output
 
     async def _recover(self, reason: str) -> None:
         """Fail every request, wait until every die answers, reload them all, serve again."""

@@ -19,9 +19,18 @@ _MODELED_SECONDS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.
 LABELS = ["model_name", "engine"]
 
 
+SPEC_DECODE = (("spec_decode_num_drafts", "Drafts the MTP module proposed and the main model verified"),
+               ("spec_decode_num_draft_tokens", "Draft tokens verified"),
+               ("spec_decode_num_accepted_tokens", "Draft tokens accepted"))
+
+
 class SchedulerCollector:
     """cmx_num_requests_running / waiting, cmx_kv_cache_usage_ratio, cmx_num_preemptions_total,
-    and (prefill) the context cache's cmx_prefix_cache_queries_total / hits_total."""
+    (prefill) the context cache's cmx_prefix_cache_queries_total / hits_total, and (an instance
+    that speculates) vLLM's speculative-decoding counters: cmx_spec_decode_num_drafts_total,
+    _num_draft_tokens_total, _num_accepted_tokens_total and _num_accepted_tokens_per_pos_total
+    {position}. Acceptance rate = accepted / draft tokens; mean acceptance length (tokens per
+    verifying step) = 1 + accepted / drafts."""
 
     def __init__(self, model_name: str, engine: str, read: Callable[[], dict[str, float]]) -> None:
         self.labels, self.read = [model_name, engine], read
@@ -41,6 +50,18 @@ class SchedulerCollector:
                 counter = CounterMetricFamily(f"cmx_{name}", doc, labels=LABELS)
                 counter.add_metric(self.labels, values[name])
                 yield counter
+        if "spec_decode_num_drafts" in values:
+            yield from self._spec_decode(values)
+
+    def _spec_decode(self, values: dict[str, float]):
+        for name, doc in SPEC_DECODE:
+            counter = CounterMetricFamily(f"cmx_{name}", doc, labels=LABELS)
+            counter.add_metric(self.labels, values[name])
+            yield counter
+        per_position = CounterMetricFamily("cmx_spec_decode_num_accepted_tokens_per_pos",
+                                           "Draft tokens accepted, by draft position", labels=LABELS + ["position"])
+        per_position.add_metric([*self.labels, "0"], values["spec_decode_num_accepted_tokens"])
+        yield per_position
 
 
 def register_scheduler_metrics(model_name: str, engine: str, read: Callable[[], dict[str, float]]):

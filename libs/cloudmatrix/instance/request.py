@@ -24,21 +24,25 @@ class RequestState(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class StepEvent:
-    """What one step gave a request: its sampled token (None for a chunk that only wrote KV), the
-    finish reason when it ended, seconds it waited for the step, and the step's measured and
-    modeled seconds. ``kv`` carries the exported blocks of a finished request that asked for them.
-    ``logprobs``: of the sampled token; ``prompt_logprobs``: of the prompt tokens at positions
-    ``prompt_start``, ``prompt_start + 1``, ... (when the request asked for them)."""
+    """What one step gave a request: its new tokens (none for a chunk that only wrote KV; two
+    when the step accepted the MTP draft), the finish reason when it ended, seconds it waited for
+    the step, and the step's measured and modeled seconds. ``kv`` carries the exported blocks of a
+    finished request that asked for them. ``logprobs``: of the new tokens; ``prompt_logprobs``:
+    of the prompt tokens at positions ``prompt_start``, ``prompt_start + 1``, ... (when the
+    request asked for them). ``drafted``: the step verified a draft; ``draft``: the MTP module's
+    guess of the next token after the step."""
 
-    token_id: int | None
+    token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     queued_s: float
     step_measured_s: float
     step_modeled_s: float
     kv: list[torch.Tensor] | None = None
-    logprobs: TokenLogprobs | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_start: int = 0
+    drafted: bool = False
+    draft: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,8 @@ class Request:
     """``token_ids`` are every token known so far; the KV of the first ``prefix.tokens`` of them
     comes from the pool (``prefix``), written to the die once fetched. The rest are computed in
     chunks of at most ``chunk_tokens``; the step that reaches the last known token samples the
-    next one. ``export_from_block``: on finishing, the KV of the blocks from there on is read back
+    next one (and verifies the MTP module's ``draft`` after it, when the instance speculates).
+    ``export_from_block``: on finishing, the KV of the blocks from there on is read back
     and handed out in the final event."""
 
     request_id: str
@@ -67,6 +72,7 @@ class Request:
     prefix: KvPrefix | None = None
     chunk_tokens: int = 2**31
     export_from_block: int | None = None
+    draft: int | None = None         # the MTP module's guess of the next token (set by each step)
     # Scheduler-owned from here on.
     state: RequestState = RequestState.WAITING
     die: int | None = None

@@ -37,7 +37,16 @@ class SchedulerLimits:
 
     max_running: int = 64          # requests holding blocks and stepping
     max_waiting: int = 256         # beyond this, add() answers ResourceExhausted
-    max_step_tokens: int = 1024    # tokens of all requests in one step
+    max_step_tokens: int = 1024    # tokens of all requests in one step (draft tokens included)
+    speculative_tokens: int = 0    # 1: the dies run the MTP module; a request's draft is verified
+
+
+@dataclasses.dataclass
+class SpeculationCounts:
+    """Drafts verified and accepted, in all (vLLM's spec_decode counters; one draft position)."""
+
+    drafts: int = 0
+    accepted: int = 0
 
 
 class Scheduler:
@@ -50,6 +59,7 @@ class Scheduler:
         self._arrivals: list[tuple[Request, int, list[torch.Tensor] | Exception]] = []
         self._released: list[tuple[int, str]] = []
         self.preemptions = 0
+        self.speculation = SpeculationCounts()
 
     def reset(self, blocks: BlockManager) -> None:
         """Start over on freshly loaded dies (every request must have been failed first)."""
@@ -90,7 +100,7 @@ class Scheduler:
         for request_id, reason in aborts.items():
             request = self.requests.get(request_id)
             if request is not None:
-                self._finish(request, StepEvent(None, reason, 0.0, 0.0, 0.0))
+                self._finish(request, StepEvent((), reason, 0.0, 0.0, 0.0))
 
     def prefix_arrived(self, request: Request, admission: int, outcome: list[torch.Tensor] | Exception) -> None:
         """Queue the outcome of a prefix fetch started at the request's ``admission``-th admission."""
@@ -141,20 +151,29 @@ class Scheduler:
 
     def _schedule_running(self, request: Request, budget: int, plan: StepPlan) -> int:
         chunk = request.next_chunk(budget)
-        needed = self.blocks.blocks_for(request.num_computed + len(chunk)) - len(request.blocks)
+        end = request.num_computed + len(chunk)
+        sample = end == len(request.token_ids)
+        draft = request.draft if sample and budget > len(chunk) and self._may_draft(request) else None
+        needed = self.blocks.blocks_for(end + (draft is not None)) - len(request.blocks)
         while not self.blocks.can_allocate(request.die, needed):
             victim = self._newest_running_on(request.die)
             self._preempt(victim)
             if victim is request:
                 return 0
         request.blocks += self.blocks.allocate(request.die, needed)
-        end = request.num_computed + len(chunk)
         following = None
-        if request.sampling.prompt_logprobs is not None and end < len(request.token_ids):
-            following = request.token_ids[end]
-        plan.chunks.append(ScheduledChunk(request, chunk, request.num_computed, end == len(request.token_ids),
-                                          following))
-        return len(chunk)
+        if (request.sampling.prompt_logprobs is not None or self.limits.speculative_tokens) and not sample:
+            following = request.token_ids[end]  # the MTP module reads it at the chunk's last position
+        scheduled = ScheduledChunk(request, chunk, request.num_computed, sample, following, draft)
+        plan.chunks.append(scheduled)
+        return scheduled.slots
+
+    def _may_draft(self, request: Request) -> bool:
+        """A draft is verified only where both tokens it may give are wanted: never beyond
+        max_tokens or the context."""
+        stop = request.stop
+        return (request.draft is not None and bool(self.limits.speculative_tokens)
+                and request.new_tokens + 2 <= stop.max_new_tokens and len(request.token_ids) + 2 <= stop.context_limit)
 
     def _admit(self, request: Request, plan: StepPlan) -> bool:
         """Give a waiting request blocks for all its known tokens on the roomiest die; one with a
@@ -179,7 +198,7 @@ class Scheduler:
         """Drop a running request's KV and put it first in line; when readmitted it fetches its
         prefix again (if any) and recomputes the rest."""
         self._release(request)
-        request.blocks, request.die, request.num_computed = [], None, 0
+        request.blocks, request.die, request.num_computed, request.draft = [], None, 0, None
         request.state, request.preemptions = RequestState.WAITING, request.preemptions + 1
         self.preemptions += 1
         self.waiting.appendleft(request)
@@ -192,13 +211,19 @@ class Scheduler:
         to_export = []
         for chunk in plan.chunks:
             request = chunk.request
-            request.num_computed += len(chunk.token_ids)
             out = outputs.get(request.request_id, _NO_OUTPUT)
-            token = out.token_id if chunk.sample else None
-            reason = self._append(request, token) if token is not None else None
-            event = StepEvent(token, reason, timing.started - request.waiting_since, timing.measured_s,
-                              timing.modeled_s, logprobs=out.logprobs if token is not None else None,
-                              prompt_logprobs=out.prompt_logprobs, prompt_start=chunk.start + 1)
+            tokens = out.token_ids if chunk.sample else ()
+            accepted = chunk.draft is not None and len(tokens) == 2
+            request.num_computed += len(chunk.token_ids) + accepted  # an accepted draft's KV stays
+            if chunk.draft is not None:
+                self.speculation.drafts += 1
+                self.speculation.accepted += accepted
+            tokens, reason = self._append(request, tokens)
+            request.draft = out.draft if tokens else request.draft
+            event = StepEvent(tokens, reason, timing.started - request.waiting_since, timing.measured_s,
+                              timing.modeled_s, logprobs=out.logprobs[:len(tokens)],
+                              prompt_logprobs=out.prompt_logprobs, prompt_start=chunk.start + 1,
+                              drafted=chunk.draft is not None, draft=request.draft)
             request.waiting_since = timing.started + timing.measured_s
             if reason is not None and request.export_from_block is not None:
                 to_export.append((request, event))
@@ -208,10 +233,16 @@ class Scheduler:
                 self.deliver(request, event)
         return to_export
 
-    def _append(self, request: Request, token: int) -> FinishReason | None:
-        request.token_ids.append(token)
-        request.new_tokens += 1
-        return request.stop.reason(token, request.new_tokens, len(request.token_ids))
+    def _append(self, request: Request, tokens: tuple[int, ...]) -> tuple[tuple[int, ...], FinishReason | None]:
+        """Append the step's tokens up to the first that ends the request; returns those kept and
+        the finish reason (None while it goes on)."""
+        for kept, token in enumerate(tokens, 1):
+            request.token_ids.append(token)
+            request.new_tokens += 1
+            reason = request.stop.reason(token, request.new_tokens, len(request.token_ids))
+            if reason is not None:
+                return tokens[:kept], reason
+        return tokens, None
 
     def export_ranges(self, request: Request) -> list[tuple[int, int]]:
         """(block id, valid tokens) of the blocks to export: from ``export_from_block`` to the
@@ -251,4 +282,4 @@ class Scheduler:
         self._arrivals.clear()
 
 
-_NO_OUTPUT = SequenceOutput(None)
+_NO_OUTPUT = SequenceOutput()

@@ -8,6 +8,7 @@ import dataclasses
 from cloudmatrix.errors import FieldError
 from cloudmatrix.instance.loop import LoopSettings
 from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import PRECISIONS
 from cloudmatrix.rpc.addresses import expand_addresses
 
@@ -30,6 +31,8 @@ class InstanceSettings:
     max_running: int = 64                # requests holding KV blocks and stepping; more wait
     max_waiting: int = 256               # beyond this, RESOURCE_EXHAUSTED
     chunk_tokens: int = 256              # a request's tokens per step (chunked prefill, recompute)
+    speculative_tokens: int | None = None  # MTP draft tokens verified per decode step: 0 or 1;
+                                         # None = 1 when the checkpoint has an MTP module, else 0
     max_step_tokens: int = 1024          # tokens of all requests packed into one step
     batch_wait_s: float = 0.0            # an idle instance's first step waits until no request has
                                          # arrived for this long (at most 10x it): a burst lands in one step
@@ -59,12 +62,22 @@ class InstanceSettings:
         for name in ("rpc_timeout_s", "probe_interval_s", "probe_timeout_s"):
             if not getattr(self, name) > 0:
                 raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
+        if self.speculative_tokens not in (None, 0, 1):
+            raise FieldError("speculative_tokens", f"must be 0 or 1 (the paper's one MTP draft token), "
+                             f"got {self.speculative_tokens}")
         if not 0 <= self.batch_wait_s <= 1:
             raise FieldError("batch_wait_s", f"must be in [0, 1] seconds, got {self.batch_wait_s}")
 
+    @property
+    def speculative(self) -> int:
+        """speculative_tokens resolved: an unset one follows the checkpoint's MTP module."""
+        if self.speculative_tokens is not None:
+            return self.speculative_tokens
+        return min(1, load_config(self.checkpoint).num_nextn_predict_layers)
+
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(max_running=self.max_running, max_waiting=self.max_waiting,
-                               max_step_tokens=self.max_step_tokens)
+                               max_step_tokens=self.max_step_tokens, speculative_tokens=self.speculative)
 
     def loop_settings(self, instance_id: str, microbatches: int = 1) -> LoopSettings:
         return LoopSettings(name=instance_id, microbatches=microbatches, probe_interval_s=self.probe_interval_s,

@@ -17,13 +17,20 @@ from cloudmatrix.sampling_params import TokenLogprobs
 @dataclasses.dataclass(frozen=True)
 class ScheduledChunk:
     """One request's tokens in a step: positions [start, start + len(token_ids)). ``following``:
-    the prompt token after the chunk, when the request asked for prompt log-probabilities."""
+    the known token after the chunk (for prompt log-probabilities, and the MTP module). ``draft``:
+    the MTP module's guess of the token after the chunk, fed at the next position and verified."""
 
     request: Request
     token_ids: list[int]
     start: int
     sample: bool                   # the chunk reaches the request's last token: sample the next
     following: int | None = None
+    draft: int | None = None
+
+    @property
+    def slots(self) -> int:
+        """KV positions the step writes: the tokens and the draft."""
+        return len(self.token_ids) + (self.draft is not None)
 
 
 @dataclasses.dataclass
@@ -48,13 +55,15 @@ class StepTiming:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceOutput:
-    """A sequence's result of one step: its sampled token (None for a chunk that only wrote KV),
-    that token's log-probabilities, and the chunk's prompt log-probabilities (of the tokens after
-    its first; when asked for)."""
+    """A sequence's result of one step: its sampled tokens (none for a chunk that only wrote KV;
+    two when its draft was accepted), their log-probabilities (when asked for), the chunk's prompt
+    log-probabilities (of the tokens after its first; when asked for) and the MTP module's draft
+    of the next token."""
 
-    token_id: int | None
-    logprobs: TokenLogprobs | None = None
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprobs, ...] = ()
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()
+    draft: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from cloudmatrix.kernels.pasa import flash_attention
 
 ATTENTION_CORES = ("fp32", "fp16-naive", "pasa", "pasa-hybrid")
+SPLIT_QUERIES = 2  # flash-core calls with at most this many queries per row run one query at a time
 # A large finite negative for masked scores: a fully masked row never turns into NaN.
 MASK_VALUE = -1e30
 
@@ -27,9 +28,17 @@ def softmax_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor
 
 
 def attention(q, k, v, mask: torch.Tensor, scale: float, core: str = "fp32") -> torch.Tensor:
-    """Dispatch to the selected core; every core returns fp32 [B, Hq, S, Dv]."""
+    """Dispatch to the selected core; every core returns fp32 [B, Hq, S, Dv].
+
+    A flash core's result for one query depends on every key some query of its row may attend
+    (PASA shifts each KV tile by the mean of the keys in use, and the fp16 rounding follows): so a
+    decode step's queries (S <= 2: a token and its MTP draft) run one position at a time, each
+    exactly as a step of that one token would, and verifying a draft never changes a token."""
     if core == "fp32":
         return softmax_attention(q, k, v, mask, scale)
     if core not in ATTENTION_CORES:
         raise ValueError(f"attention core {core!r} is not one of {', '.join(ATTENTION_CORES)}")
+    if 1 < q.shape[2] <= SPLIT_QUERIES:
+        return torch.cat([flash_attention(q[:, :, i:i + 1], k, v, scale=scale, mode=core, mask=mask[:, i:i + 1]).float()
+                          for i in range(q.shape[2])], dim=2)
     return flash_attention(q, k, v, scale=scale, mode=core, mask=mask).float()

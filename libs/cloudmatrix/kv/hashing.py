@@ -8,8 +8,9 @@ Chaining makes a key stand for the whole prefix up to its block, so equal prefix
 keys and a lookup of a prompt's keys in order finds its longest cached prefix. A partial last
 block is keyed as a tail block (kind b"T"): it can never be mistaken for a full block of the same
 tokens, and no block chains from it. The namespace, "<model>|<precision>|<kv dtype>|bs<block
-size>", names everything that changes a block's bytes, so two models, serving precisions or
-layouts never share blocks. Never Python's hash(), never a random root.
+size>" (then "|mtp1" when every block carries the MTP module's KV as one more layer), names
+everything that changes a block's bytes, so two models, serving precisions or layouts never
+share blocks. Never Python's hash(), never a random root.
 """
 from __future__ import annotations
 
@@ -23,18 +24,19 @@ KEY_BYTES = 16
 _KINDS = {"root": b"R", "full": b"F", "tail": b"T"}
 
 
-def namespace(model_id: str, kv_dtype: str, block_size: int, precision: str) -> str:
-    """The namespace string: model id, serving precision, KV dtype and block size (tokens).
+def namespace(model_id: str, kv_dtype: str, block_size: int, precision: str, mtp: bool = False) -> str:
+    """The namespace string: model id, serving precision, KV dtype and block size (tokens), and
+    "|mtp1" when blocks carry the MTP module's KV as one more layer (speculative decoding).
 
     The precision is part of it because it changes the KV bytes even where the KV dtype does not
     (INT8 weights, PASA attention): instances of one checkpoint served in different precisions
-    must never share blocks."""
+    must never share blocks; nor must instances with and without the MTP layer."""
     for field, value in (("model_id", model_id), ("precision", precision)):
         if not value or "|" in value:
             raise ValueError(f"{field} must be non-empty and free of '|', got {value!r}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return f"{model_id}|{precision}|{kv_dtype}|bs{block_size}"
+    return f"{model_id}|{precision}|{kv_dtype}|bs{block_size}" + ("|mtp1" if mtp else "")
 
 
 def _digest(kind: str, parent: bytes, ns: str, token_ids: Sequence[int]) -> bytes:

@@ -35,19 +35,22 @@ class KVView(Protocol):
     def pack(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
+DECODE_QUERIES = 2  # a decode step's queries per sequence: its last token and the MTP draft
+
+
 @dataclasses.dataclass
 class AttentionOptions:
     """How MLA runs: the attention core (fp32 or an fp16 flash mode) and when to absorb."""
 
     core: str = "fp32"
-    absorb: str = "decode"  # "never", "decode" (single-token steps) or "always"
+    absorb: str = "decode"  # "never", "decode" (decode steps: one token, or one and its MTP draft) or "always"
 
     def __post_init__(self) -> None:
         if self.absorb not in ("never", "decode", "always"):
             raise ValueError(f"absorb must be 'never', 'decode' or 'always', got {self.absorb!r}")
 
     def absorbed(self, new_tokens: int) -> bool:
-        return self.absorb == "always" or (self.absorb == "decode" and new_tokens == 1)
+        return self.absorb == "always" or (self.absorb == "decode" and new_tokens <= DECODE_QUERIES)
 
 
 @dataclasses.dataclass

@@ -77,6 +77,11 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
 
+    def moe_layers(self, mtp: bool = False) -> list[int]:
+        """The MoE layers' indices; with ``mtp``, the MTP module's too (layer num_hidden_layers)."""
+        last = self.num_hidden_layers + (self.num_nextn_predict_layers if mtp else 0)
+        return [i for i in range(last) if self.is_moe_layer(i)]
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         missing = [k for k in _REQUIRED if k not in raw]

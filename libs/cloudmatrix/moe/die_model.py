@@ -37,7 +37,7 @@ def needs_in_memory_quantization(checkpoint_dir: str | Path, precision: Precisio
 
 
 def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlacement, die: int,
-               state: dict[str, torch.Tensor] | None):
+               state: dict[str, torch.Tensor] | None, mtp: bool):
     """The tensors this die holds: from ``state`` (already fetched, e.g. from the model cache) or
     the checkpoint. A float checkpoint served in INT8 is quantized in memory first (calibration
     needs the whole model), then cut down to this die's experts."""
@@ -46,25 +46,34 @@ def _die_state(checkpoint_dir: Path, precision: Precision, placement: ExpertPlac
     if state is not None:
         return {k: v if v.dtype == torch.int8 else v.float() for k, v in state.items() if keep(k)}
     if needs_in_memory_quantization(checkpoint_dir, precision):
-        full = load_for_precision(checkpoint_dir, precision).state_dict()
-        return {k: v for k, v in full.items() if keep(k)}
+        full = load_for_precision(checkpoint_dir, precision, mtp=mtp).state_dict()
+        return {k: v for k, v in full.items() if keep(_checkpoint_key(k, cfg))}
     if not precision.int8_weights and is_int8_checkpoint(checkpoint_dir):
         raise ValueError(f"{checkpoint_dir} is an INT8 checkpoint; precision {precision.name!r} needs float weights")
-    return {k: v if v.dtype == torch.int8 else v.float() for k, v in read_state_dict(checkpoint_dir, cfg, keep).items()}
+    return {k: v if v.dtype == torch.int8 else v.float()
+            for k, v in read_state_dict(checkpoint_dir, cfg, keep, mtp=mtp).items()}
+
+
+def _checkpoint_key(key: str, cfg) -> str:
+    """The in-memory key of the MTP module (``mtp.0.``) as the checkpoint names it."""
+    return f"model.layers.{cfg.num_hidden_layers}." + key[len("mtp.0."):] if key.startswith("mtp.0.") else key
 
 
 def build_die_model(checkpoint_dir: str | Path, precision: Precision, placement: ExpertPlacement,
-                    exchange: Exchange, dispatch_dtype: str, state: dict[str, torch.Tensor] | None = None) -> DeepseekV3:
-    """The die's model: MoE layers are ExpertParallelMoE over ``exchange``; weights loaded strictly
-    from the checkpoint, or from ``state`` when the caller fetched them (the model cache)."""
+                    exchange: Exchange, dispatch_dtype: str, state: dict[str, torch.Tensor] | None = None,
+                    mtp: bool = False) -> DeepseekV3:
+    """The die's model: MoE layers are ExpertParallelMoE over ``exchange`` (with ``mtp``, the MTP
+    module's too); weights loaded strictly from the checkpoint, or from ``state`` when the caller
+    fetched them (the model cache)."""
     checkpoint_dir = Path(checkpoint_dir)
     cfg = load_config(checkpoint_dir)
-    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    moe_layers = cfg.moe_layers(mtp)
     if placement.layers != moe_layers or placement.num_experts != cfg.n_routed_experts:
         raise ValueError(f"placement covers layers {placement.layers} x {placement.num_experts} experts; "
                          f"the model has MoE layers {moe_layers} x {cfg.n_routed_experts} experts")
-    model = DeepseekV3(cfg, moe=lambda c, layer: ExpertParallelMoE(c, layer, placement, exchange, dispatch_dtype))
-    state = _die_state(checkpoint_dir, precision, placement, exchange.die_id, state)
+    model = DeepseekV3(cfg, moe=lambda c, layer: ExpertParallelMoE(c, layer, placement, exchange, dispatch_dtype),
+                       mtp=mtp)
+    state = _die_state(checkpoint_dir, precision, placement, exchange.die_id, state, mtp)
     swap_to_int8(model, [k.removesuffix(".weight_scale") for k in state if k.endswith(".weight_scale")])
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

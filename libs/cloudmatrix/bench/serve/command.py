@@ -147,6 +147,11 @@ def _print(report: dict) -> None:
             phases = ", ".join(f"{k} {v:.1f}" for k, v in sorted(d["die_phase_ms_per_step"].items()))
             print(f"{r['label']}: decode {d['steps']} steps, {d['step_ms']:.1f} ms and {d['sequences_per_step']:.1f} "
                   f"sequences a step; dies per step (ms): {phases}")
+            if "speculation" in d:
+                s = d["speculation"]
+                print(f"{r['label']}: MTP drafts {s['drafts']}, accepted {s['accepted_tokens']} "
+                      f"(acceptance rate {s['acceptance_rate']:.3f}, mean acceptance length "
+                      f"{s['mean_acceptance_length']:.2f} tokens per verifying step)")
     if report["trace"]:
         t = report["trace"]
         print(f"trace {t['path']}: {t['requests']} requests scaled 1/{t['scale']} ({t['block_tokens']}-token blocks, "

@@ -72,10 +72,19 @@ def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
 
 STEP_SERIES = ("cmx_engine_step_seconds_sum", "cmx_engine_step_seconds_count", "cmx_engine_step_sequences_total")
 PHASE_SERIES = "cmx_engine_die_phase_seconds_total"
+SPEC_SERIES = ("cmx_spec_decode_num_drafts_total", "cmx_spec_decode_num_accepted_tokens_total")
 
 
 def step_snapshot(url: str) -> dict:
-    return {**scrape(url, STEP_SERIES), "phases": scrape_by_label(url, PHASE_SERIES, "phase")}
+    return {**scrape(url, STEP_SERIES + SPEC_SERIES), "phases": scrape_by_label(url, PHASE_SERIES, "phase")}
+
+
+def speculation(drafts: float, accepted: float) -> dict:
+    """vLLM's view of MTP drafts: acceptance rate (accepted / draft tokens; one draft token each)
+    and mean acceptance length (tokens per verifying step, 1 + accepted / drafts)."""
+    return {"drafts": int(drafts), "accepted_tokens": int(accepted),
+            "acceptance_rate": accepted / drafts if drafts else 0.0,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0}
 
 
 def step_breakdown(before: dict, after: dict) -> dict:
@@ -85,9 +94,11 @@ def step_breakdown(before: dict, after: dict) -> dict:
     if not steps:
         return {"steps": 0}
     per_step = {k: (v - before["phases"].get(k, 0.0)) / steps * 1e3 for k, v in after["phases"].items()}
-    return {"steps": int(steps), "step_ms": (after[STEP_SERIES[0]] - before[STEP_SERIES[0]]) / steps * 1e3,
-            "sequences_per_step": (after[STEP_SERIES[2]] - before[STEP_SERIES[2]]) / steps,
-            "die_phase_ms_per_step": per_step}
+    drafts, accepted = (after.get(k, 0.0) - before.get(k, 0.0) for k in SPEC_SERIES)
+    out = {"steps": int(steps), "step_ms": (after[STEP_SERIES[0]] - before[STEP_SERIES[0]]) / steps * 1e3,
+           "sequences_per_step": (after[STEP_SERIES[2]] - before[STEP_SERIES[2]]) / steps,
+           "die_phase_ms_per_step": per_step}
+    return out | ({"speculation": speculation(drafts, accepted)} if drafts else {})
 
 
 CACHE_SERIES = ("cmx_prompt_tokens_total", "cmx_prompt_tokens_cached_total")  # the gateway's

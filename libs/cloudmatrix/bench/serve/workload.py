@@ -50,6 +50,23 @@ def synthetic(count: int, input_len: int, output_len: int, shared_prefix: float,
     return [BenchRequest(prefix + _tokens(rng, input_len - len(prefix), vocab), output_len) for _ in range(count)]
 
 
+def held_out(checkpoint: str | Path, count: int, input_len: int, output_len: int, offset: int = 0) -> list[BenchRequest]:
+    """Prompts of ``input_len`` tokens cut from the test split of the corpus the shipped model was
+    trained on (texts it never saw), at evenly spaced offsets of the split's token stream, as
+    `cmx eval` cuts its acceptance prompts; ``offset`` shifts them (another repeat, other prompts)."""
+    from cloudmatrix.model.tokenizer import TextTokenizer
+    from cloudmatrix.train.corpus import load_corpus
+    from cloudmatrix.train.data import token_stream
+
+    tokenizer = TextTokenizer.load(checkpoint)
+    stream = token_stream(tokenizer.tok, load_corpus().texts("test"), tokenizer.bos_id, tokenizer.eos_id)
+    span = len(stream) - input_len - count
+    if span < count:
+        raise ValueError(f"the test split has {len(stream)} tokens: too few for {count} prompts of {input_len}")
+    starts = [i * span // count + offset % count for i in range(count)]
+    return [BenchRequest(stream[s:s + input_len].tolist(), output_len) for s in starts]
+
+
 def read_trace(path: str | Path, limit: int) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as f:

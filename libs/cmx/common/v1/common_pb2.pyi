@@ -161,7 +161,7 @@ class BlockKey(_message.Message):
     def __init__(self, digest: _Optional[bytes] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("namespace", "block_keys", "num_tokens", "block_size", "lease_ids")
+    __slots__ = ("namespace", "block_keys", "num_tokens", "block_size", "lease_ids", "draft_token")
     class LeaseIdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,12 +174,14 @@ class KvHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     block_keys: _containers.RepeatedScalarFieldContainer[bytes]
     num_tokens: int
     block_size: int
     lease_ids: _containers.ScalarMap[str, str]
-    def __init__(self, namespace: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_ids: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    draft_token: int
+    def __init__(self, namespace: _Optional[str] = ..., block_keys: _Optional[_Iterable[bytes]] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., lease_ids: _Optional[_Mapping[str, str]] = ..., draft_token: _Optional[int] = ...) -> None: ...
 
 class InstanceLoad(_message.Message):
     __slots__ = ("instance_id", "running_requests", "waiting_requests", "waiting_tokens", "kv_blocks_used", "kv_blocks_total", "recent_step_measured_s", "recent_step_modeled_s", "die_kv_blocks_free", "preemptions")

@@ -56,7 +56,7 @@ class ModelCacheSource(_message.Message):
     def __init__(self, kvcache_addresses: _Optional[_Iterable[str]] = ..., blob_prefix: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("checkpoint_path", "model_id", "precision", "die_id", "num_dies", "placement", "model_cache", "kv_block_size", "kv_pool_bytes", "fabric_address", "dispatch_dtype", "fabric_group")
+    __slots__ = ("checkpoint_path", "model_id", "precision", "die_id", "num_dies", "placement", "model_cache", "kv_block_size", "kv_pool_bytes", "fabric_address", "dispatch_dtype", "fabric_group", "speculative_tokens")
     CHECKPOINT_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class LoadModelRequest(_message.Message):
     FABRIC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_DTYPE_FIELD_NUMBER: _ClassVar[int]
     FABRIC_GROUP_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     checkpoint_path: str
     model_id: str
     precision: _common_pb2.Precision
@@ -81,7 +82,8 @@ class LoadModelRequest(_message.Message):
     fabric_address: str
     dispatch_dtype: str
     fabric_group: str
-    def __init__(self, checkpoint_path: _Optional[str] = ..., model_id: _Optional[str] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., die_id: _Optional[int] = ..., num_dies: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., model_cache: _Optional[_Union[ModelCacheSource, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., fabric_address: _Optional[str] = ..., dispatch_dtype: _Optional[str] = ..., fabric_group: _Optional[str] = ...) -> None: ...
+    speculative_tokens: int
+    def __init__(self, checkpoint_path: _Optional[str] = ..., model_id: _Optional[str] = ..., precision: _Optional[_Union[_common_pb2.Precision, str]] = ..., die_id: _Optional[int] = ..., num_dies: _Optional[int] = ..., placement: _Optional[_Iterable[_Union[ExpertPlacement, _Mapping]]] = ..., model_cache: _Optional[_Union[ModelCacheSource, _Mapping]] = ..., kv_block_size: _Optional[int] = ..., kv_pool_bytes: _Optional[int] = ..., fabric_address: _Optional[str] = ..., dispatch_dtype: _Optional[str] = ..., fabric_group: _Optional[str] = ..., speculative_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadModelReply(_message.Message):
     __slots__ = ("model_id", "weight_bytes", "kv_blocks_total", "num_local_experts", "from_model_cache", "timing")
@@ -166,7 +168,7 @@ class FreeBlocksReply(_message.Message):
     def __init__(self, kv_blocks_free: _Optional[int] = ...) -> None: ...
 
 class SequenceInput(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "start_position", "block_table", "sampling", "skip_sampling", "cached", "following_token")
+    __slots__ = ("seq_id", "token_ids", "start_position", "block_table", "sampling", "skip_sampling", "cached", "following_token", "draft_token")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +177,7 @@ class SequenceInput(_message.Message):
     SKIP_SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     FOLLOWING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     start_position: int
@@ -183,7 +186,8 @@ class SequenceInput(_message.Message):
     skip_sampling: bool
     cached: bool
     following_token: int
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_sampling: _Optional[bool] = ..., cached: _Optional[bool] = ..., following_token: _Optional[int] = ...) -> None: ...
+    draft_token: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., start_position: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., skip_sampling: _Optional[bool] = ..., cached: _Optional[bool] = ..., following_token: _Optional[int] = ..., draft_token: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("step", "microbatch", "sequences", "return_logits", "finished_seq_ids")
@@ -200,7 +204,7 @@ class ForwardRequest(_message.Message):
     def __init__(self, step: _Optional[int] = ..., microbatch: _Optional[int] = ..., sequences: _Optional[_Iterable[_Union[SequenceInput, _Mapping]]] = ..., return_logits: _Optional[bool] = ..., finished_seq_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SequenceOutput(_message.Message):
-    __slots__ = ("seq_id", "token_id", "has_token", "logprob", "logits", "sampled_logprobs", "prompt_logprobs")
+    __slots__ = ("seq_id", "token_id", "has_token", "logprob", "logits", "sampled_logprobs", "prompt_logprobs", "bonus_token", "bonus_logprobs", "draft_token")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +212,9 @@ class SequenceOutput(_message.Message):
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    BONUS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BONUS_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_id: int
     has_token: bool
@@ -215,7 +222,10 @@ class SequenceOutput(_message.Message):
     logits: _common_pb2.Tensor
     sampled_logprobs: _common_pb2.TokenLogprobs
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
-    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampled_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    bonus_token: int
+    bonus_logprobs: _common_pb2.TokenLogprobs
+    draft_token: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_id: _Optional[int] = ..., has_token: _Optional[bool] = ..., logprob: _Optional[float] = ..., logits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., sampled_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., bonus_token: _Optional[int] = ..., bonus_logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., draft_token: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("outputs", "timing")

@@ -12,40 +12,32 @@ from cloudmatrix.instance.blocks import BlockManager
 from cloudmatrix.instance.driver import DieProbe
 from cloudmatrix.instance.step import ScheduledChunk, SequenceOutput, StepOutput
 from cloudmatrix.kv.block_pool import PagedLatentPool, PoolShape
-from cloudmatrix.kv.paged_view import PagedBatch, PagedKVView
-from cloudmatrix.model.sampling import sample_token
+from cloudmatrix.model.paged_step import StepRow, paged_step
 from cloudmatrix.model.transformer import DeepseekV3
 
 
 class LocalDriver:
     """The Driver protocol (instance/step.py: forward, write/read blocks, probe) and a load, on a
-    model in this process. Prompt log-probabilities are not computed here."""
+    model in this process; a model with its MTP module speculates (one draft token per step, the
+    scheduler's ``speculative_tokens`` 1). Prompt log-probabilities are not computed here."""
 
     def __init__(self, model: DeepseekV3, num_blocks: int, block_size: int = 16) -> None:
         cfg = model.cfg
         self.model, self.block_size, self.dies = model, block_size, [0]
-        self.pool = PagedLatentPool(PoolShape(cfg.num_hidden_layers, num_blocks, block_size, cfg.kv_lora_rank,
-                                              cfg.qk_rope_head_dim))
+        self.pool = PagedLatentPool(PoolShape(cfg.num_hidden_layers + len(model.mtp), num_blocks, block_size,
+                                              cfg.kv_lora_rank, cfg.qk_rope_head_dim))
         self.model_id = "local"
 
     async def load(self) -> BlockManager:
         return BlockManager([list(range(self.pool.shape.num_blocks))], self.block_size)
 
     async def forward(self, chunks: list[ScheduledChunk], released=(), microbatch: int = 0) -> StepOutput:
-        batch = PagedBatch([list(c.request.blocks) for c in chunks], [c.start for c in chunks],
-                           [len(c.token_ids) for c in chunks])
+        rows = [StepRow(c.token_ids, c.start, list(c.request.blocks), c.request.sampling, c.sample, c.draft,
+                        c.following) for c in chunks]
         with torch.inference_mode():
-            ids = torch.tensor([t for c in chunks for t in c.token_ids])[None]  # [1, N]
-            logits = self.model(ids, batch.positions(), PagedKVView(self.pool, batch))  # [1, N, V]
-            last = logits[0, batch.last_token_index()]  # [B, V]
-        return StepOutput({c.request.request_id: self._output(c, row) for c, row in zip(chunks, last)})
-
-    @staticmethod
-    def _output(c: ScheduledChunk, logits: torch.Tensor) -> SequenceOutput:
-        if not c.sample:
-            return SequenceOutput(None)
-        params, position = c.request.sampling, c.start + len(c.token_ids)
-        return SequenceOutput(sample_token(logits, params, params.generator(position)))
+            results = paged_step(self.model, self.pool, rows)
+        return StepOutput({c.request.request_id: SequenceOutput(tuple(r.tokens), draft=r.draft)
+                           for c, r in zip(chunks, results)})
 
     async def write_blocks(self, writes: dict[int, list[tuple[int, torch.Tensor]]]) -> None:
         shape = self.pool.shape

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from cloudmatrix.bench.serve.stats import SPEC_SERIES, scrape, speculation
 from cloudmatrix.bench.serve.workload import held_out
-from cloudmatrix.checkpoints import load_for_precision
+from cloudmatrix.checkpoints import load_for_precision, load_model
 from cloudmatrix.clients.gateway import GatewayClient
+from cloudmatrix.evaluation.mtp import greedy_acceptance
 from cloudmatrix.instance.local_driver import LocalDriver
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
 from cloudmatrix.instance.request import Request
@@ -103,7 +105,8 @@ async def serve(address: str, prompts, tokens: int, leave_after: dict[int, int],
 
 def suite_run(tmp: Path, name: str, checkpoint: Path, precision: str, speculative: int, prompts, tokens: int,
               decodes: int = 1, decode: dict | None = None, leave_after: dict[int, int] | None = None,
-              kill: str | None = None) -> list[list[int]]:
+              kill: str | None = None) -> tuple[list[list[int]], dict]:
+    """The outputs, and the MTP drafts the (first) decode instance counted."""
     run_dir = tmp / name
     cmx("up", "--topology", str(topology(tmp / f"{name}.yaml", checkpoint, precision, speculative, decodes,
                                          decode or {})), "--run-dir", str(run_dir))
@@ -113,9 +116,26 @@ def suite_run(tmp: Path, name: str, checkpoint: Path, precision: str, speculativ
         outputs = asyncio.run(serve(f"127.0.0.1:{port}", prompts, tokens, leave_after or {},
                                     run_dir / "ready" / f"{kill}.json" if kill else None))
         print(f"  {name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        return outputs
+        decode = "decode1-0" if kill else "decode0-0"
+        port = json.loads((run_dir / "ready" / f"{decode}.json").read_text())["metrics_port"]
+        counts = scrape(f"http://127.0.0.1:{port}", SPEC_SERIES)
+        return outputs, speculation(*(counts[s] for s in SPEC_SERIES))
     finally:
         cmx("down", "--run-dir", str(run_dir))
+
+
+def acceptance(tmp: Path, int8: Path) -> dict:
+    """Served acceptance on `cmx eval`'s acceptance prompts (32 x 128 tokens of the test split, 64
+    new tokens, greedy) next to the acceptance `cmx eval` computes offline on them."""
+    prompts = [r.prompt for r in held_out(MODEL, 32, 128, 64)]
+    offline = greedy_acceptance(load_model(MODEL, mtp=True), torch.tensor(prompts), 64)
+    out = {"offline_eval": offline["acceptance"]}
+    for precision, ckpt in (("fp32", MODEL), ("int8-pasa", int8)):
+        _, spec = suite_run(tmp, f"acceptance-{precision}", ckpt, precision, 1, prompts, 64)
+        out[f"served_{precision}"] = spec
+        print(f"acceptance {precision}: served {spec['acceptance_rate']:.4f}, offline {offline['acceptance']:.4f}",
+              file=sys.stderr)
+    return out
 
 
 def compare(name: str, got: list[list[int]], want: list[list[int]], prefix_ok: set[int] = frozenset()) -> dict:
@@ -153,17 +173,20 @@ def main() -> int:
         runs = report["suite"]
         for precision, ckpt in checkpoints.items():
             for s in (0, 1):
-                got = suite_run(tmp, f"{precision}-spec{s}", ckpt, precision, s, prompts, args.tokens)
-                runs[f"{precision}_spec{s}"] = compare(f"suite {precision} spec {s}", got, plain[precision])
-        got = suite_run(tmp, "fp32-microbatches-preemption", MODEL, "fp32", 1, prompts, args.tokens,
-                        decode={"microbatches": 2, "kv_blocks_per_die": 40})
-        runs["fp32_spec1_two_microbatches_preemption"] = compare("two microbatches, preemption", got, plain["fp32"])
+                got, spec = suite_run(tmp, f"{precision}-spec{s}", ckpt, precision, s, prompts, args.tokens)
+                runs[f"{precision}_spec{s}"] = {**compare(f"suite {precision} spec {s}", got, plain[precision]),
+                                                "speculation": spec}
+        got, spec = suite_run(tmp, "fp32-microbatches-preemption", MODEL, "fp32", 1, prompts, args.tokens,
+                              decode={"microbatches": 2, "kv_blocks_per_die": 40})
+        runs["fp32_spec1_two_microbatches_preemption"] = {
+            **compare("two microbatches, preemption", got, plain["fp32"]), "speculation": spec}
         leave = {i: 1 + i % 17 for i in range(0, len(prompts), 3)}
-        got = suite_run(tmp, "fp32-clients-leave", MODEL, "fp32", 1, prompts, args.tokens, leave_after=leave)
+        got, _ = suite_run(tmp, "fp32-clients-leave", MODEL, "fp32", 1, prompts, args.tokens, leave_after=leave)
         runs["fp32_spec1_clients_leave"] = compare("clients leaving", got, plain["fp32"], set(leave))
-        got = suite_run(tmp, "int8-pasa-sigkill", int8, "int8-pasa", 1, prompts, args.tokens, decodes=2,
-                        kill="decode0-0")
+        got, _ = suite_run(tmp, "int8-pasa-sigkill", int8, "int8-pasa", 1, prompts, args.tokens, decodes=2,
+                           kill="decode0-0")
         runs["int8_pasa_spec1_decode_sigkilled"] = compare("decode SIGKILLed", got, plain["int8-pasa"])
+        report["acceptance"] = acceptance(tmp, int8)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

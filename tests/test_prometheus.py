@@ -26,6 +26,7 @@ from tests.metrics_text import scrape, value
 pytestmark = pytest.mark.timeout(600)
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "dashboards" / "grafana" / "cmx-overview.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "cmx-tiny-py"
 # Grafana's variables as this test sets them: every model, a rate window of a few 1 s scrapes
 _VARIABLES = {"model_name": ".*", "__rate_interval": "10s", "__interval": "10s"}
 
@@ -88,10 +89,12 @@ def _wait(predicate, timeout_s: float = 120.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_checkpoint):
+def stack(tmp_path_factory):
+    """The default topology serving the shipped model in fp32 (its MTP module speculates, so the
+    speculative-decoding series exist too), scraped by a real Prometheus."""
     binary = _prometheus_binary()
     run_dir = tmp_path_factory.mktemp("prom-run").resolve()
-    records = bring_up(_topology("topologies/local.yaml", Path(tiny_checkpoint), "fp32"), run_dir, 180.0)
+    records = bring_up(_topology("topologies/local.yaml", SHIPPED, "fp32"), run_dir, 180.0)
     port = _free_port()
     server = None
     try:
@@ -101,7 +104,7 @@ def stack(tmp_path_factory, tiny_checkpoint):
                                   stdout=subprocess.DEVNULL, stderr=(run_dir / "prometheus.log").open("w"))
         base = f"http://127.0.0.1:{port}"
         assert _wait(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=2).status == 200), "not ready"
-        yield base, records, Path(tiny_checkpoint).resolve().name
+        yield base, records, SHIPPED.name
     finally:
         if server is not None:
             server.terminate()

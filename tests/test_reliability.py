@@ -33,6 +33,7 @@ from cloudmatrix.model.precision import parse_precision
 from cloudmatrix.model.tokenizer import TextTokenizer
 from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.sampling_params import SamplingParams
+from tests.metrics_text import scrape, value
 from tests.services import decode_running
 from tests.waiting import rss_mb, wait_for
 
@@ -134,6 +135,11 @@ def _both_decodes(run_dir: Path, topology) -> list:
     return [r for r in load_state(run_dir) if r.service == "decode"]
 
 
+def _steps(decode) -> float:
+    """Steps the decode instance has run (its step histogram's count)."""
+    return value(scrape(decode.metrics_port), "cmx_engine_step_seconds_count")
+
+
 def _migrations(run_dir: Path) -> int:
     return Path(next(r for r in load_state(run_dir) if r.name == "gateway-0").log).read_text().count(
         "migrating the request")
@@ -156,7 +162,11 @@ def test_a_decode_instance_killed_under_benchmark_load_and_every_request_gets_th
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(load)
         assert wait_for(lambda: all(decode_running(d.address) >= 1 for d in decodes), timeout_s=120.0)
-        victim = max(decodes, key=lambda d: decode_running(d.address))
+        # killed mid-stream: once it has run steps since this test's requests reached it (a request
+        # that has streamed no token yet is retried elsewhere, not migrated) and still runs two
+        victim = decodes[0]
+        steps = _steps(victim)
+        assert wait_for(lambda: _steps(victim) >= steps + 8 and decode_running(victim.address) >= 2, timeout_s=120.0)
         os.kill(victim.pid, signal.SIGKILL)
         results, _ = running.result()
     assert [r.error for r in results] == [""] * len(requests)  # every request completed ...

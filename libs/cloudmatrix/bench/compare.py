@@ -115,9 +115,9 @@ def _name(system: str, mtp: bool) -> str:
     return f"{system}_mtp" if mtp else system
 
 
-def _topology(path: str, checkpoint: Path, precision: str, mtp: bool):
+def _topology(path: str, checkpoint: Path, precision: str, mtp: bool | None = None):
     """The topology file with every instance serving ``checkpoint`` in ``precision``, with
-    speculative decoding on or off."""
+    speculative decoding on or off (None: as the checkpoint has it)."""
     raw = yaml.safe_load(Path(path).read_text())
     for entry in raw["services"]:
         settings = entry.get("set") or {}
@@ -125,7 +125,8 @@ def _topology(path: str, checkpoint: Path, precision: str, mtp: bool):
             settings["checkpoint"] = str(checkpoint.resolve())
         if "precision" in settings:
             settings["precision"] = precision
-            settings["speculative_tokens"] = int(mtp)
+            if mtp is not None:
+                settings["speculative_tokens"] = int(mtp)
     return parse_topology(raw, Path(path).parent)
 
 

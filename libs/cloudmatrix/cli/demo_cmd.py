@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cloudmatrix.bench.serve.stats import SPEC_SERIES, scrape, speculation
 from cloudmatrix.demo import (
     code_block,
     demo_prompts,
@@ -14,6 +15,7 @@ from cloudmatrix.demo import (
     printable,
     stream_completion,
 )
+from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.telemetry.trace_view import incomplete, render_tree, wait_for_trace
 
 
@@ -46,6 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
               f"TPOT {last['tpot_s'] * 1e3:.1f} ms")
         print(f"    modeled CloudMatrix384: TTFT {pool + prefill:.3f} ms (cached prefix from the pool over UB "
               f"{pool:.3f} ms, prefill {prefill:.3f} ms), whole request {last['timing']['modeled_s'] * 1e3:.2f} ms")
+    print(_speculation(run_dir))
     request_id = last["id"].split("-", 1)[1]
     spans = wait_for_trace(run_dir / "spans", request_id, timeout_s=15.0)
     services = sorted({s.get("resource", {}).get("service.name", "?") for s in spans})
@@ -55,3 +58,18 @@ def _demo(args: argparse.Namespace) -> int:
     print(render_tree(spans))
     print(f"(the whole tree: cmx trace {request_id} --all --run-dir {args.run_dir})")
     return 0
+
+
+def _speculation(run_dir: Path) -> str:
+    """The decode instances' MTP drafts so far, as vLLM reports them, next to the paper's."""
+    totals = [0.0, 0.0]
+    for record in load_state(run_dir.resolve()):
+        if record.service == "decode" and record.metrics_port:
+            counts = scrape(f"http://127.0.0.1:{record.metrics_port}", SPEC_SERIES)
+            totals = [t + counts[name] for t, name in zip(totals, SPEC_SERIES)]
+    if not totals[0]:
+        return "\nMTP speculative decoding: no draft verified (speculative_tokens 0, or no decode step yet)"
+    s = speculation(*totals)
+    return (f"\nMTP speculative decoding: {s['accepted_tokens']} of {s['drafts']} drafts accepted: acceptance rate "
+            f"{s['acceptance_rate']:.2f}, {s['mean_acceptance_length']:.2f} tokens per verifying step "
+            f"(the paper: ~0.7 and ~1.7)")

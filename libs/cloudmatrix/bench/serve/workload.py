@@ -60,10 +60,10 @@ def held_out(checkpoint: str | Path, count: int, input_len: int, output_len: int
 
     tokenizer = TextTokenizer.load(checkpoint)
     stream = token_stream(tokenizer.tok, load_corpus().texts("test"), tokenizer.bos_id, tokenizer.eos_id)
-    span = len(stream) - input_len - count
+    span = len(stream) - input_len
     if span < count:
         raise ValueError(f"the test split has {len(stream)} tokens: too few for {count} prompts of {input_len}")
-    starts = [i * span // count + offset % count for i in range(count)]
+    starts = [(i * span // count + offset) % (span + 1) for i in range(count)]
     return [BenchRequest(stream[s:s + input_len].tolist(), output_len) for s in starts]
 
 

@@ -42,11 +42,15 @@ def cmx(*args: str) -> None:
         raise RuntimeError(f"cmx {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
-async def in_process(checkpoint: Path, precision: str, speculative: int, prompts, tokens: int) -> dict:
+async def in_process(checkpoint: Path, precision: str, speculative: int, prompts, tokens: int,
+                     max_step_tokens: int = 4096) -> dict:
+    """The in-process engine; its step budget defaults to a prefill instance's (no 64-token prompt
+    of a 64-prompt burst is cut: a PASA prompt's KV depends on where its chunks end)."""
     model = load_for_precision(checkpoint, parse_precision(precision), mtp=bool(speculative))
     blocks = sum(-(-(len(p) + tokens + 1) // 16) for p in prompts) + 8
     driver = LocalDriver(model, blocks)
-    limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), speculative_tokens=speculative)
+    limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), max_step_tokens=max_step_tokens,
+                             speculative_tokens=speculative)
     loop = StepLoop(driver, driver.load, limits, LoopSettings("in-process", probe_interval_s=3600.0))
     await loop.start()
 
@@ -170,12 +174,20 @@ def main() -> int:
             report["in_process"][precision] = {**compare(f"in process {precision}", on["outputs"], off["outputs"]),
                                                "acceptance": on["accepted"] / max(on["drafts"], 1),
                                                "blocks_used_after": [off["blocks_used_after"], on["blocks_used_after"]]}
+        # With a 1024-token step budget the drafts move where prompts are cut into chunks.
+        cut = [asyncio.run(in_process(int8, "int8-pasa", s, prompts, args.tokens, 1024)) for s in (0, 1)]
+        report["in_process"]["int8-pasa_budget_1024"] = {
+            "spec1_vs_spec0": compare("in process int8-pasa, budget 1024", cut[1]["outputs"], cut[0]["outputs"]),
+            "spec0_vs_budget_4096": compare("int8-pasa budget 1024 vs 4096, spec 0", cut[0]["outputs"],
+                                            plain["int8-pasa"])}
         runs = report["suite"]
         for precision, ckpt in checkpoints.items():
+            served = {}
             for s in (0, 1):
-                got, spec = suite_run(tmp, f"{precision}-spec{s}", ckpt, precision, s, prompts, args.tokens)
-                runs[f"{precision}_spec{s}"] = {**compare(f"suite {precision} spec {s}", got, plain[precision]),
+                served[s], spec = suite_run(tmp, f"{precision}-spec{s}", ckpt, precision, s, prompts, args.tokens)
+                runs[f"{precision}_spec{s}"] = {**compare(f"suite {precision} spec {s}", served[s], plain[precision]),
                                                 "speculation": spec}
+            runs[f"{precision}_spec1_vs_spec0"] = compare(f"suite {precision} spec 1 vs spec 0", served[1], served[0])
         got, spec = suite_run(tmp, "fp32-microbatches-preemption", MODEL, "fp32", 1, prompts, args.tokens,
                               decode={"microbatches": 2, "kv_blocks_per_die": 40})
         runs["fp32_spec1_two_microbatches_preemption"] = {
@@ -183,9 +195,10 @@ def main() -> int:
         leave = {i: 1 + i % 17 for i in range(0, len(prompts), 3)}
         got, _ = suite_run(tmp, "fp32-clients-leave", MODEL, "fp32", 1, prompts, args.tokens, leave_after=leave)
         runs["fp32_spec1_clients_leave"] = compare("clients leaving", got, plain["fp32"], set(leave))
-        got, _ = suite_run(tmp, "int8-pasa-sigkill", int8, "int8-pasa", 1, prompts, args.tokens, decodes=2,
-                           kill="decode0-0")
-        runs["int8_pasa_spec1_decode_sigkilled"] = compare("decode SIGKILLed", got, plain["int8-pasa"])
+        for precision, ckpt in checkpoints.items():
+            got, _ = suite_run(tmp, f"{precision}-sigkill", ckpt, precision, 1, prompts, args.tokens, decodes=2,
+                               kill="decode0-0")
+            runs[f"{precision}_spec1_decode_sigkilled"] = compare(f"{precision} decode SIGKILLed", got, plain[precision])
         report["acceptance"] = acceptance(tmp, int8)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -185,3 +185,17 @@ def test_the_rank_one_shift_equals_the_shift_gemm(seed):
         assert (got == gemm).float().mean() > 0.99
     m64, k64 = shift_matrix(128, 0.98, 0.1, torch.float64), k5.double()
     assert torch.allclose(apply_shift(m64, k64, MODES["fp64"]), m64 @ k64, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["pasa", "pasa-hybrid", "fp16-naive"])
+def test_a_short_row_gets_the_same_bits_beside_a_longer_one(mode):
+    """A decode query of a 100-key sequence batched with a 200-key one (whose second KV tile it may
+    not attend) gets exactly what it gets alone: a tile with no key a row may attend leaves its
+    sum and output as they were (what exact greedy decoding in a batch, MTP's included, rests on)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 1, 32, generator=gen)
+    k, v = torch.randn(2, 1, 200, 32, generator=gen) * 3, torch.randn(2, 1, 200, 32, generator=gen)
+    mask = torch.arange(200)[None, None, :] < torch.tensor([100, 200])[:, None, None]  # [2, 1, 200]
+    together = flash_attention(q, k, v, scale=0.2, mode=mode, mask=mask)
+    alone = flash_attention(q[:1], k[:1, :, :100], v[:1, :, :100], scale=0.2, mode=mode)
+    assert torch.equal(together[:1], alone)

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from cloudmatrix.bench.serve.stats import SPEC_SERIES, scrape, speculation
 from cloudmatrix.bench.serve.workload import held_out
 from cloudmatrix.checkpoints import load_for_precision, load_model
 from cloudmatrix.clients.gateway import GatewayClient
 from cloudmatrix.evaluation.mtp import greedy_acceptance
 from cloudmatrix.instance.local_driver import LocalDriver
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
+from cloudmatrix.instance.metrics import SPEC_SERIES, scrape, speculation
 from cloudmatrix.instance.request import Request
 from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.precision import parse_precision

@@ -60,23 +60,27 @@ def test_a_die_with_the_mtp_module_drafts_verifies_and_keeps_the_greedy_tokens(d
     assert loaded.kv_blocks_total > 0
 
 
-@pytest.mark.parametrize("extra,field", [
-    (dict(draft_token=5, skip_sampling=True, following_token=7), "sequences.draft_token"),  # a draft is verified
-    (dict(skip_sampling=True), "sequences.following_token"),      # the MTP module reads the next token
-    (dict(draft_token=10**6), "sequences.draft_token"),
-])
-def test_bad_draft_inputs_are_refused_by_field_and_the_die_serves_on(die, extra, field):
+BAD = [(dict(draft_token=5, skip_sampling=True, following_token=7), "sequences.draft_token"),  # drafts are verified
+       (dict(skip_sampling=True), "sequences.following_token"),      # the MTP module reads the next token
+       (dict(draft_token=10**6), "sequences.draft_token")]
+
+
+def test_bad_draft_inputs_are_refused_by_field_and_the_die_serves_on(die):
     async def scenario():
         async with NpuClient(die) as npu:
             await npu.load_model(str(MODEL), speculative_tokens=1, block_size=16)
             blocks = await npu.allocate_blocks(1)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await npu.forward(1, [_input("bad", [3, 4, 5], 0, blocks, **extra)])
-            good = await npu.forward(2, [_input("good", [3, 4, 5], 0, blocks)])
-            return err.value, good
+            errors = []
+            for step, (extra, _) in enumerate(BAD, 1):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await npu.forward(step, [_input("bad", [3, 4, 5], 0, blocks, **extra)])
+                errors.append(err.value)
+            good = await npu.forward(len(BAD) + 1, [_input("good", [3, 4, 5], 0, blocks)])
+            return errors, good
 
-    error, good = asyncio.run(scenario())
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
+    errors, good = asyncio.run(scenario())
+    for error, (_, field) in zip(errors, BAD):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
     assert good.outputs[0].has_token and good.outputs[0].HasField("draft_token")
 
 

@@ -1,7 +1,11 @@
-"""MTP speculative decoding through the whole suite on the shipped trained model: greedy tokens of
-held-out prompts equal the plain in-process engine's token for token (fp32 with two microbatches
-and forced preemption; int8-pasa), a client that leaves mid-stream gets a prefix of its tokens,
-the drafts are counted (vLLM's counters), and the decode's KV returns to idle."""
+"""MTP speculative decoding through the whole suite on the shipped trained model in fp32, with two
+microbatches and few KV blocks per die (preemption): greedy tokens of held-out prompts equal the
+plain in-process engine's token for token, a client that leaves mid-stream gets a prefix of its
+tokens, the drafts are counted (vLLM's counters), and the decode's KV returns to idle. int8-pasa
+with MTP through the suite: tests/test_k8s_boot.py (the default deployment); 64 x 64 tokens,
+migration and both precisions: scripts/mtp_exactness.py. (A preempted int8-pasa request is
+recomputed as a prompt chunk, whose PASA rounding differs from its decode steps', MTP or not:
+docs/mtp.md.)"""
 from __future__ import annotations
 
 import asyncio
@@ -39,14 +43,6 @@ def held_out_prompts() -> list[list[int]]:
     return [tokenizer.encode(texts[i * 7])[:PROMPT_TOKENS] for i in range(PROMPTS)]
 
 
-@pytest.fixture(scope="module")
-def int8_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "cmx-tiny-py-int8"
-    done = cmx("quantize", "--checkpoint", str(MODEL), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 def _topology(path, checkpoint, precision: str, decode: dict):
     common = {"checkpoint": str(checkpoint), "precision": precision, "fabric": "{addresses:fabric}",
               "kvcache": "{addresses:kvcache}"}
@@ -79,12 +75,9 @@ async def _serve(address: str, prompts: list[list[int]]) -> tuple[list[list[int]
     return whole, left
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8-pasa"])
-def test_speculative_decoding_through_the_suite_gives_the_plain_greedy_tokens(tmp_path, precision, int8_model,
-                                                                            held_out_prompts):
-    checkpoint = MODEL if precision == "fp32" else int8_model
-    # fp32: two microbatches and few KV blocks per die (preemption); int8-pasa: the default layout
-    decode = {"microbatches": 2, "kv_blocks_per_die": 5} if precision == "fp32" else {}
+def test_speculative_decoding_through_the_suite_gives_the_plain_greedy_tokens(tmp_path, held_out_prompts):
+    checkpoint, precision = MODEL, "fp32"
+    decode = {"microbatches": 2, "kv_blocks_per_die": 5}  # 5 blocks of 16 per die: preemption
     run_dir = tmp_path / "run"
     up = cmx("up", "--topology", str(_topology(tmp_path / "t.yaml", checkpoint, precision, decode)),
              "--run-dir", str(run_dir))
@@ -110,5 +103,4 @@ def test_speculative_decoding_through_the_suite_gives_the_plain_greedy_tokens(tm
     accepted = value(metrics, "cmx_spec_decode_num_accepted_tokens_total")
     assert value(metrics, "cmx_spec_decode_num_accepted_tokens_per_pos_total", position="0") == accepted
     assert drafts > 0 and 0.3 < accepted / drafts <= 1.0  # the trained MTP module guesses well
-    if decode:
-        assert value(metrics, "cmx_num_preemptions_total") > 0
+    assert value(metrics, "cmx_num_preemptions_total") > 0

@@ -89,9 +89,8 @@ def test_transformers_loads_it_ignoring_only_the_mtp_layer_and_agrees():
     assert len(mine) >= 8 and mine == theirs[:len(mine)]
 
 
-def test_the_mtp_layer_is_quantized_with_the_others_and_still_agrees(tmp_path):
-    out = tmp_path / "int8"
-    assert main(["quantize", "--checkpoint", str(MODEL), "--out", str(out)]) == 0
+def test_the_mtp_layer_is_quantized_with_the_others_and_still_agrees(shipped_int8):
+    out = shipped_int8
     int8 = load_model(out, mtp=True)
     float_model = load_model(MODEL, mtp=True)
     assert type(int8.mtp[0].eh_proj).__name__ == "Int8Linear"

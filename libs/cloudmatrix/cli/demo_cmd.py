@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cloudmatrix.bench.serve.stats import SPEC_SERIES, scrape, speculation
 from cloudmatrix.demo import (
     code_block,
     demo_prompts,
@@ -15,6 +14,7 @@ from cloudmatrix.demo import (
     printable,
     stream_completion,
 )
+from cloudmatrix.instance.metrics import SPEC_SERIES, scrape, speculation
 from cloudmatrix.launcher.processes import load_state
 from cloudmatrix.telemetry.trace_view import incomplete, render_tree, wait_for_trace
 

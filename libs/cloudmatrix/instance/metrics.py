@@ -7,6 +7,8 @@ measured wall seconds and modeled CloudMatrix384 seconds apart. Every series car
 (colons are for Prometheus recording rules)."""
 from __future__ import annotations
 
+import re
+import urllib.request
 from collections.abc import Callable
 
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -87,3 +89,22 @@ def register_scheduler_metrics(model_name: str, engine: str, read: Callable[[], 
             phases.labels(model_name, engine, phase).inc(seconds)
 
     return on_step
+
+
+SPEC_SERIES = ("cmx_spec_decode_num_drafts_total", "cmx_spec_decode_num_accepted_tokens_total")
+
+
+def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sum of each unlabelled-or-labelled series ``name`` at ``url``/metrics (0 when absent)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {name: sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+            for name in names}
+
+
+def speculation(drafts: float, accepted: float) -> dict:
+    """vLLM's view of MTP drafts: acceptance rate (accepted / draft tokens; one draft token each)
+    and mean acceptance length (tokens per verifying step, 1 + accepted / drafts)."""
+    return {"drafts": int(drafts), "accepted_tokens": int(accepted),
+            "acceptance_rate": accepted / drafts if drafts else 0.0,
+            "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0}

@@ -7,6 +7,7 @@ import re
 import urllib.request
 
 from cloudmatrix.bench.serve.client import RequestResult
+from cloudmatrix.instance.metrics import SPEC_SERIES, scrape, speculation
 
 PERCENTILES = (50, 90, 99)
 
@@ -50,14 +51,6 @@ def summarize(results: list[RequestResult], elapsed_s: float, slo_ttft_s: float,
     }
 
 
-def scrape(url: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Sum of each unlabelled-or-labelled series ``name`` at ``url``/metrics (0 when absent)."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {name: sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-            for name in names}
-
-
 def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
     """Series ``name`` at ``url``/metrics summed per value of ``label``."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
@@ -72,19 +65,10 @@ def scrape_by_label(url: str, name: str, label: str) -> dict[str, float]:
 
 STEP_SERIES = ("cmx_engine_step_seconds_sum", "cmx_engine_step_seconds_count", "cmx_engine_step_sequences_total")
 PHASE_SERIES = "cmx_engine_die_phase_seconds_total"
-SPEC_SERIES = ("cmx_spec_decode_num_drafts_total", "cmx_spec_decode_num_accepted_tokens_total")
 
 
 def step_snapshot(url: str) -> dict:
     return {**scrape(url, STEP_SERIES + SPEC_SERIES), "phases": scrape_by_label(url, PHASE_SERIES, "phase")}
-
-
-def speculation(drafts: float, accepted: float) -> dict:
-    """vLLM's view of MTP drafts: acceptance rate (accepted / draft tokens; one draft token each)
-    and mean acceptance length (tokens per verifying step, 1 + accepted / drafts)."""
-    return {"drafts": int(drafts), "accepted_tokens": int(accepted),
-            "acceptance_rate": accepted / drafts if drafts else 0.0,
-            "mean_acceptance_length": 1 + accepted / drafts if drafts else 1.0}
 
 
 def step_breakdown(before: dict, after: dict) -> dict:

@@ -1,6 +1,7 @@
 """The instance scheduler over one in-process "die": the model and a paged latent KV pool in this
-process, stepped by the same StepLoop the services run. The in-process baseline of `cmx bench
-compare` (continuous batching without any RPC), and a way to study the scheduler alone.
+process, stepped by the same StepLoop the services run. `cmx generate --local`, the in-process
+rows of `cmx bench compare` (continuous batching without any RPC), and a way to study the
+scheduler alone.
 
 Shape legend: N = new tokens of a step packed in one row, B = its sequences, V = vocab.
 """

@@ -110,9 +110,11 @@ def _drafts(model: DeepseekV3, pool: PagedLatentPool, rows: list[StepRow], hidde
     h = torch.cat([hidden[i][:len(nexts[i])] for i in live])[None]  # [1, M, D]
     next_ids = torch.tensor([t for i in live for t in nexts[i]])[None]  # [1, M]
     out = model.mtp_hidden(h, next_ids, batch.positions(), PagedKVView(pool, batch))[0]  # [M, D]
-    last = torch.tensor(list(itertools.accumulate(len(nexts[i]) for i in live))) - 1
-    guesses = model.lm_head(out[last]).argmax(-1).tolist()  # [live]
+    ends = itertools.accumulate(len(nexts[i]) for i in live)
+    sampled = [(i, end - 1) for i, end in zip(live, ends) if rows[i].sample]  # only they get a draft
     drafts: list[int | None] = [None] * len(rows)
-    for i, guess in zip(live, guesses):
-        drafts[i] = guess if rows[i].sample else None
+    if sampled:
+        guesses = model.lm_head(out[torch.tensor([last for _, last in sampled])]).argmax(-1).tolist()
+        for (i, _), guess in zip(sampled, guesses):
+            drafts[i] = guess
     return drafts

@@ -27,3 +27,25 @@ def test_overflow_becomes_inf_like_the_hardware():
     b = torch.full((4, 1), 100.0)  # 4 * 200 * 100 = 80000 > 65504
     assert torch.isinf(cube_matmul(a, b)).all()
     assert cube_matmul(a, b / 2).item() == 40000.0 and 40000.0 < FP16_MAX
+
+
+def test_fp16_tensor_ops_round_like_the_vector_unit():
+    """PASA's fp16 modes hold vector values as fp16 tensors and rely on torch computing each fp16
+    op in fp32 and rounding the result once: exactly to_fp16(op(fp32 values)), bit for bit,
+    overflow to inf included, for every op the kernel uses (reductions along the last dim)."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(1, 1, 4, 1), (1, 2, 8, 128), (2, 1, 36, 77), (1, 1, 3, 1000)]:
+        a = to_fp16(torch.randn(shape, generator=gen) * 300)
+        b = to_fp16(torch.randn(shape[:-1] + (1,), generator=gen) * 300)  # broadcast like the row statistics
+        c = to_fp16(torch.rand(shape, generator=gen) + 0.5)
+        ha, hb, hc = a.half(), b.half(), c.half()
+        pairs = {
+            "sub": (a - b, ha - hb), "add": (a + b, ha + hb), "mul": (a * b, ha * hb), "div": (a / c, ha / hc),
+            "exp": (torch.exp((a - b) / 64), torch.exp((ha - hb) / 64)),
+            "sum": (a.sum(-1, keepdim=True), ha.sum(-1, keepdim=True)),
+            "mean": (a.mean(-1, keepdim=True), ha.mean(-1, keepdim=True)),
+        }
+        for name, (wide, half) in pairs.items():
+            if name == "exp":  # its input went through two rounded ops on the fp16 side
+                wide = torch.exp(to_fp16(to_fp16(a - b) / 64))
+            assert torch.equal(to_fp16(wide), half.float()), (name, shape)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,28 +32,38 @@ NEG_FP16 = -60000.0  # masked score / initial running max in fp16 modes: represe
 NEG_EXACT = -1e30  # the same in fp32/fp64, where shifted scores may legitimately pass -60000
 
 
-def _exact(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 @dataclasses.dataclass(frozen=True)
 class _Arith:
-    """How one mode computes: GEMM, rounding after each vector op, algorithm, output rounding."""
+    """How one mode computes: the dtype vector values live in, GEMMs on the emulated cube unit or
+    not, the algorithm, the output rounding.
+
+    In the fp16 modes the vector values are fp16 tensors: torch computes each fp16 op in fp32 and
+    rounds its result to fp16, which is the vector unit's rule (compute in fp32, round every
+    result), in one call per op instead of three."""
 
     dtype: torch.dtype
-    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    rnd: Callable[[torch.Tensor], torch.Tensor]
+    cube: bool
     pasa: bool
     fp16_out: bool
     neg: float
 
+    @property
+    def wide(self) -> torch.dtype:
+        """The dtype values are computed in before the vector unit holds them (the key shift's)."""
+        return torch.float32 if self.dtype == torch.float16 else self.dtype
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float16:  # fp16 inputs: their fp32 GEMM is the cube's, up to its output rounding
+            return torch.matmul(a.float(), b.float()).to(torch.float16)
+        return cube_matmul(a, b) if self.cube else torch.matmul(a, b)
+
 
 MODES: dict[str, _Arith] = {
-    "fp64": _Arith(torch.float64, torch.matmul, _exact, pasa=True, fp16_out=False, neg=NEG_EXACT),
-    "fp32": _Arith(torch.float32, torch.matmul, _exact, pasa=False, fp16_out=False, neg=NEG_EXACT),
-    "fp16-naive": _Arith(torch.float32, cube_matmul, to_fp16, pasa=False, fp16_out=True, neg=NEG_FP16),
-    "pasa": _Arith(torch.float32, cube_matmul, to_fp16, pasa=True, fp16_out=True, neg=NEG_FP16),
-    "pasa-hybrid": _Arith(torch.float32, cube_matmul, _exact, pasa=True, fp16_out=True, neg=NEG_FP16),
+    "fp64": _Arith(torch.float64, cube=False, pasa=True, fp16_out=False, neg=NEG_EXACT),
+    "fp32": _Arith(torch.float32, cube=False, pasa=False, fp16_out=False, neg=NEG_EXACT),
+    "fp16-naive": _Arith(torch.float16, cube=True, pasa=False, fp16_out=True, neg=NEG_FP16),
+    "pasa": _Arith(torch.float16, cube=True, pasa=True, fp16_out=True, neg=NEG_FP16),
+    "pasa-hybrid": _Arith(torch.float32, cube=True, pasa=True, fp16_out=True, neg=NEG_FP16),
 }
 
 
@@ -88,10 +97,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     ar = MODES[mode]
     (b, hq, sq, dqk), (_, hkv, sk, _), dv = q.shape, k.shape, v.shape[-1]
     q5 = q.to(ar.dtype).reshape(b, hkv, hq // hkv, sq, dqk)
-    k, v, tile_mask = k.to(ar.dtype), v.to(ar.dtype), mask
+    k, v, tile_mask = k.to(ar.wide), v.to(ar.dtype), mask
     if ar.pasa:  # whole tiles: every tile gets the same n x n shift matrix, padded keys are masked out
         k, v, tile_mask = _pad_keys(k, v, mask, sq, tile_kv)
         k = _shift_keys(k, _keys_in_use(tile_mask), beta, scale, tile_kv, ar)
+    k = k.to(ar.dtype)
     tiles = _Tiles(sq, sk, k.shape[2], tile_kv, causal, tile_mask)
     coef = _const(beta / (1.0 - beta) if ar.pasa else scale, ar)  # gamma for PASA, the scale otherwise
     out = torch.zeros(b, hkv, hq // hkv, sq, dv, dtype=ar.dtype)
@@ -100,7 +110,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         out[:, :, :, q0:q1] = _attend_q_tile(q5[:, :, :, q0:q1], k, v, q0, q1, tiles, coef, ar)
     valid = _allowed(b, sq, sk, causal, mask).any(-1)  # [B, Sq]
     out = torch.where(valid[:, None, None, :, None], out, 0.0).reshape(b, hq, sq, dv)
-    return to_fp16(out) if ar.fp16_out else out
+    return to_fp16(out.float()) if ar.fp16_out else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,38 +167,37 @@ def _attend_q_tile(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q0: int, 
     for k0, k1, allowed in tiles.visits(q0, q1):
         s = ar.matmul(rows, k[:, :, k0:k1].transpose(-1, -2))  # [B, Hkv, R, tk]
         st = step(st, s, v[:, :, k0:k1], allowed, g, coef, ar)
-    return ar.rnd(st.o / st.l).reshape(b, hkv, g, tq, -1)
+    return (st.o / st.l).reshape(b, hkv, g, tq, -1)
 
 
 def _online_softmax_step(st: _State, s: torch.Tensor, vt: torch.Tensor, allowed: torch.Tensor | None,
                          g: int, scale: torch.Tensor, ar: _Arith) -> _State:
     """FA2: m = max(m, rowmax S); rescale l and O by exp(m_old - m). s = Q K^T: [B, Hkv, R, tk]."""
-    r = ar.rnd
-    s = _mask(r(s * scale), allowed, g, ar.neg)
+    s = _mask(s * scale, allowed, g, ar.neg)
     m = torch.maximum(st.m, s.amax(-1, keepdim=True))
-    alpha = r(torch.exp(r(st.m - m)))
-    p = r(torch.exp(r(s - m)))
-    l = r(r(alpha * st.l) + r(p.sum(-1, keepdim=True)))
-    o = r(r(alpha * st.o) + ar.matmul(p, vt))
+    alpha = torch.exp(st.m - m)
+    p = torch.exp(s - m)
+    l = alpha * st.l + p.sum(-1, keepdim=True)
+    o = alpha * st.o + ar.matmul(p, vt)
     return _State(m, l, o)
 
 
 def _pasa_step(st: _State, s: torch.Tensor, vt: torch.Tensor, allowed: torch.Tensor | None,
                g: int, gamma: torch.Tensor, ar: _Arith) -> _State:
     """PASA: tile statistics re-referenced to the running global pseudo-average. s = Q (M K)^T."""
-    r, j = ar.rnd, st.j + 1
-    a = r(s.mean(-1, keepdim=True))  # tile pseudo-average, before masking
+    j = st.j + 1
+    a = s.mean(-1, keepdim=True)  # tile pseudo-average, before masking
     prev_avg = a if j == 1 else st.avg
-    avg = r(r(a * _const(1.0 / j, ar)) + r(prev_avg * _const((j - 1) / j, ar)))
-    d_cur, d_prev = r(gamma * r(a - avg)), r(gamma * r(prev_avg - avg))
+    avg = a * _const(1.0 / j, ar) + prev_avg * _const((j - 1) / j, ar)
+    d_cur, d_prev = gamma * (a - avg), gamma * (prev_avg - avg)
     s = _mask(s, allowed, g, ar.neg)
     m_tile = s.amax(-1, keepdim=True)
-    p = r(torch.exp(r(s - m_tile)))
-    cur, prev = r(m_tile + d_cur), r(st.m + d_prev)
+    p = torch.exp(s - m_tile)
+    cur, prev = m_tile + d_cur, st.m + d_prev
     m = torch.maximum(cur, prev).clamp_min(ar.neg)
-    e_prev, e_cur = r(torch.exp(r(prev - m))), r(torch.exp(r(cur - m)))
-    l = r(r(e_prev * st.l) + r(e_cur * r(p.sum(-1, keepdim=True))))
-    o = r(r(e_prev * st.o) + r(e_cur * ar.matmul(p, vt)))
+    e_prev, e_cur = torch.exp(prev - m), torch.exp(cur - m)
+    l = e_prev * st.l + e_cur * p.sum(-1, keepdim=True)
+    o = e_prev * st.o + e_cur * ar.matmul(p, vt)
     return _State(m, l, o, avg, j)
 
 
@@ -225,11 +234,10 @@ def _shift_keys(k: torch.Tensor, used: torch.Tensor | None, beta: float, scale: 
     k5 = k.reshape(b, h, sk // n, n, d)
     if used is not None:
         w = used.reshape(used.shape[0], 1, sk // n, n, 1)  # [B or 1, 1, T, n, 1]
-        weights = w.to(ar.dtype)
+        weights = w.to(k5.dtype)
         used_sum = torch.matmul(weights.transpose(-1, -2), k5)  # [B, Hkv, T, 1, D]: no full-size temporary
-        mean = ar.rnd(used_sum / weights.sum(-2, keepdim=True).clamp_min(1.0))
-        k5 = torch.where(w, k5, mean)
-    return apply_shift(shift_matrix(n, beta, scale, ar.dtype), k5, ar).reshape(b, h, sk, d)
+        k5 = torch.where(w, k5, used_sum / weights.sum(-2, keepdim=True).clamp_min(1.0))  # the shift rounds it
+    return apply_shift(shift_matrix(n, beta, scale, k5.dtype), k5, ar).reshape(b, h, sk, d)
 
 
 def apply_shift(m: torch.Tensor, k5: torch.Tensor, ar: _Arith) -> torch.Tensor:
@@ -240,7 +248,7 @@ def apply_shift(m: torch.Tensor, k5: torch.Tensor, ar: _Arith) -> torch.Tensor:
     in the GEMM; only the order of the fp32 additions differs (the hardware's is not specified
     either), so an output may differ from the GEMM form's in its last fp16 bit. In place where it
     can be: the key tensors are the largest of a decode step's attention."""
-    cube = ar.matmul is cube_matmul
+    cube = ar.cube
     diag, off = (to_fp16(m[0, 0]), to_fp16(m[0, 1])) if cube else (m[0, 0], m[0, 1])
     k_in = k5.to(torch.float16).to(k5.dtype) if cube else k5
     out = (k_in.sum(-2, keepdim=True) - k_in).mul_(off.item()).add_(k_in, alpha=diag.item())
@@ -257,7 +265,7 @@ def _mask(s: torch.Tensor, allowed: torch.Tensor | None, g: int, neg: float) -> 
 
 
 def _const(x: float, ar: _Arith) -> torch.Tensor:
-    return ar.rnd(torch.tensor(x, dtype=ar.dtype))
+    return torch.tensor(x, dtype=ar.wide).to(ar.dtype)
 
 
 def _allowed(b: int, sq: int, sk: int, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:

@@ -124,7 +124,8 @@ async def traced_export(target: str, client_tp: TracerProvider):
 
 
 def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
-    ready_file, marker, grace_s = tmp_path / "ready.json", tmp_path / "drained", 3.0
+    # A long grace: with nothing in flight the drain must not wait it out (exit well before it).
+    ready_file, marker, grace_s = tmp_path / "ready.json", tmp_path / "drained", 60.0
     proc = spawn_demo("--set", f"server.grace_s={grace_s}", "--set", f"stop_marker={marker}",
                       env={"CMX_DEMO__SERVER__READY_FILE": str(ready_file),
                            "CMX_DEMO__SERVER__RUN_DIR": str(tmp_path / "run")})
@@ -136,10 +137,8 @@ def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
     run(traced_export(target, client_tp))
     fetch(f"http://127.0.0.1:{ready['metrics_port']}/metrics")
 
-    started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=grace_s + 5) == 0
-    assert time.monotonic() - started < grace_s
+    assert proc.wait(timeout=grace_s / 2) == 0
     assert health_check_sync(target) == "UNREACHABLE"
     assert marker.read_text() == "drained" and not ready_file.exists()
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
 
+from cloudmatrix.bench.cpu import TopologyProcesses, cpu_split
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
 from cloudmatrix.bench.serve.stats import percentile, speculation, step_breakdown, step_snapshot
 from cloudmatrix.bench.serve.workload import BenchRequest
@@ -22,16 +23,18 @@ from cloudmatrix.model.transformer import DeepseekV3
 from cloudmatrix.sampling_params import SamplingParams, StopRule
 
 
-def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float) -> dict:
-    return {"output_tokens": output_tokens, "elapsed_s": elapsed, "output_tok_s": output_tokens / elapsed,
+def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: float, cpu_s: float | None = None) -> dict:
+    cpu = {} if cpu_s is None else {"cpu_s": cpu_s, "cpu_s_per_token": cpu_s / max(output_tokens, 1)}
+    return {**cpu, "output_tokens": output_tokens, "elapsed_s": elapsed, "output_tok_s": output_tokens / elapsed,
             "ttft_p50_ms": percentile(ttft, 50) * 1e3,
             "ttft_p99_ms": percentile(ttft, 99) * 1e3, "tpot_p50_ms": percentile(tpot, 50) * 1e3,
             "tpot_p99_ms": percentile(tpot, 99) * 1e3}
 
 
-def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> dict:
+def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int, cpu_clock: Callable[[], float]) -> dict:
     """transformers' DeepseekV3ForCausalLM.generate, greedy, static batches of ``batch`` prompts
-    (of one length: no padding), every output exactly output_len tokens."""
+    (of one length: no padding), every output exactly output_len tokens; ``cpu_clock`` reads the
+    CPU-seconds this process has spent."""
     import transformers
 
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
@@ -46,7 +49,7 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> di
             self.stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    start, generated = time.perf_counter(), 0
+    start, cpu_start, generated = time.perf_counter(), cpu_clock(), 0
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         ids = torch.tensor([p.prompt for p in chunk])  # [B, S]
@@ -57,10 +60,10 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int) -> di
         ttft += [clock.stamps[0] - start] * len(chunk)
         tpot += [(clock.stamps[-1] - clock.stamps[0]) / max(out_len - 1, 1)] * len(chunk)
         generated += len(clock.stamps) * len(chunk)  # one stamp per generated position of the batch
-    return _summary(ttft, tpot, generated, time.perf_counter() - start)
+    return _summary(ttft, tpot, generated, time.perf_counter() - start, cpu_clock() - cpu_start)
 
 
-async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
+async def in_process(model: DeepseekV3, prompts: list[BenchRequest], cpu_clock: Callable[[], float]) -> dict:
     """The instance scheduler and step loop over the model in this process (continuous batching);
     a model with its MTP module speculates (one draft token per step)."""
     blocks = sum(-(-(len(p.prompt) + p.output_len + 1) // 16) for p in prompts) + 8
@@ -69,15 +72,15 @@ async def in_process(model: DeepseekV3, prompts: list[BenchRequest]) -> dict:
                              speculative_tokens=min(1, len(model.mtp)))
     loop = StepLoop(driver, driver.load, limits, LoopSettings("in-process", probe_interval_s=3600.0))
     await loop.start()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_clock()
     requests = [Request(f"r{i}", list(p.prompt), SamplingParams(max_tokens=p.output_len),
                         StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
     stamps = await asyncio.gather(*(_token_times(loop.submit(r)) for r in requests))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu_s = time.perf_counter() - start, cpu_clock() - cpu_start
     counts = loop.scheduler.speculation
     await loop.stop()
     summary = _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
-                       sum(len(s) for s in stamps), elapsed)
+                       sum(len(s) for s in stamps), elapsed, cpu_s)
     return summary | {"tokens_per_step": speculation(counts.drafts, counts.accepted)["mean_acceptance_length"]}
 
 
@@ -88,18 +91,20 @@ async def _token_times(events: AsyncIterator[StepEvent]) -> list[float]:
     return stamps
 
 
-def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest]) -> dict:
+def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest], processes: TopologyProcesses) -> dict:
     """Every prompt at once through the gateway of a topology `cmx up` started in ``run_dir``;
-    also the decode instance's mean sequences per step over the run."""
+    also the decode instance's mean sequences per step and the CPU each kind of process spent."""
     url = gateway_url(run_dir)
     model = get_json(f"{url}/v1/models")["data"][0]["id"]
-    before = step_snapshot(decode_metrics)
+    before, cpu_before = step_snapshot(decode_metrics), processes.snapshot()
     results, elapsed = asyncio.run(run_load(url, model, prompts, LoadShape(concurrency=len(prompts))))
-    steps = step_breakdown(before, step_snapshot(decode_metrics))
+    cpu_after, steps = processes.snapshot(), step_breakdown(before, step_snapshot(decode_metrics))
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed on the suite, e.g. {failed[0]}")
-    summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results],
-                       sum(r.output_tokens for r in results), elapsed)
+    output_tokens = sum(r.output_tokens for r in results)
+    cpu = cpu_split(processes.kinds, cpu_before, cpu_after, output_tokens)
+    summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results], output_tokens, elapsed, cpu["cpu_s"])
     tokens = steps.get("speculation", {}).get("mean_acceptance_length", 1.0)
-    return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0), "tokens_per_step": tokens}
+    return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0), "tokens_per_step": tokens,
+            "cpu": cpu}

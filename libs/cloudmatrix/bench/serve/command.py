@@ -12,6 +12,7 @@ import random
 import sys
 from pathlib import Path
 
+from cloudmatrix.bench.cpu import TopologyProcesses, cpu_split, describe
 from cloudmatrix.bench.serve import plots, workload
 from cloudmatrix.bench.serve.runner import LoadShape, run_load
 from cloudmatrix.bench.serve.stats import (
@@ -97,28 +98,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _measure(url: str, model: str, requests, shape: LoadShape, args, label: str) -> dict:
-    decode = _decode_metrics(args)
+    decode, processes = _decode_metrics(args), _processes(args)
     before, steps = scrape(url, CACHE_SERIES), step_snapshot(decode) if decode else None
+    cpu_before = processes.snapshot() if processes else None
     results, elapsed = asyncio.run(run_load(url, model, requests, shape, args.timeout_s, label))
+    cpu_after = processes.snapshot() if processes else None
     cache = hit_rate(before, scrape(url, CACHE_SERIES))
     summary = summarize(results, elapsed, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    cpu = cpu_split(processes.kinds, cpu_before, cpu_after, summary["output_tokens"]) if processes else None
     return {"label": label, "load": shape.describe(), "summary": summary, "prefix_cache": cache,
-            "decode_steps": step_breakdown(steps, step_snapshot(decode)) if decode else None,
+            "decode_steps": step_breakdown(steps, step_snapshot(decode)) if decode else None, "cpu": cpu,
             "asked_output_tokens": sum(r.output_len for r in requests), "results": results}
 
 
-def _decode_metrics(args) -> str:
-    """The /metrics URL of the decode instance `cmx up` started in --run-dir (when --url is not
-    given and the run dir has one); "" otherwise."""
+def _state(args) -> Path | None:
+    """The state file of the topology `cmx up` started in --run-dir, when --url is not given."""
     state = Path(args.run_dir) / "state.json"
-    if args.url or not state.exists():
+    return None if args.url or not state.exists() else state
+
+
+def _decode_metrics(args) -> str:
+    """The /metrics URL of the decode instance `cmx up` started in --run-dir; "" without one."""
+    if _state(args) is None:
         return ""
     decode = [r for r in load_state(Path(args.run_dir)) if r.service == "decode" and r.metrics_port]
     return f"http://127.0.0.1:{decode[0].metrics_port}" if decode else ""
 
 
+def _processes(args) -> TopologyProcesses | None:
+    """The topology's processes by kind, for the CPU split (only on this machine: /proc)."""
+    return TopologyProcesses.from_run_dir(Path(args.run_dir)) if _state(args) else None
+
+
 def _plots(runs: list[dict], out: Path) -> list[str]:
     paths = [plots.cdf_plot({r["label"]: r["results"] for r in runs}, out / "serve_cdf.png")]
+    splits = {r["label"]: {k: v["cpu_s_per_token"] * 1e3 for k, v in r["cpu"]["kinds"].items()} for r in runs if r["cpu"]}
+    if splits:
+        paths.append(plots.cpu_split_plot(splits, out / "serve_cpu.png"))
     if len(runs) > 1:
         points = [(r["label"], r["summary"]["tpot"]["p50_ms"], r["summary"]["output_throughput"]) for r in runs]
         paths.append(plots.sweep_plot(points, out / "serve_sweep.png"))
@@ -152,6 +168,9 @@ def _print(report: dict) -> None:
                 print(f"{r['label']}: MTP drafts {s['drafts']}, accepted {s['accepted_tokens']} "
                       f"(acceptance rate {s['acceptance_rate']:.3f}, mean acceptance length "
                       f"{s['mean_acceptance_length']:.2f} tokens per verifying step)")
+    for r in report["runs"]:
+        if r.get("cpu"):
+            print(f"{r['label']}: {describe(r['cpu'])}")
     if report["trace"]:
         t = report["trace"]
         print(f"trace {t['path']}: {t['requests']} requests scaled 1/{t['scale']} ({t['block_tokens']}-token blocks, "

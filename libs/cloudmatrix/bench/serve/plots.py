@@ -45,3 +45,24 @@ def sweep_plot(points: list[tuple[str, float, float]], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def cpu_split_plot(bars: dict[str, dict[str, float]], path: Path) -> Path:
+    """bars: system or run -> {process kind: CPU-ms per output token}; one stacked bar each."""
+    kinds = list(dict.fromkeys(k for split in bars.values() for k in split))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(bars) + 2.2))
+    names = list(bars)
+    left = [0.0] * len(names)
+    for kind in kinds:
+        widths = [bars[n].get(kind, 0.0) for n in names]
+        ax.barh(names, widths, left=left, label=kind)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.invert_yaxis()
+    ax.set_xlabel("CPU-ms per output token (all threads, user + system)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4)
+    ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Where the CPU goes, by process kind")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,128 @@
+"""CPU accounting for the serving benchmarks: CPU-seconds per output token of each kind of process
+of a topology `cmx up` started, read from /proc (user + system time of every thread).
+
+Kinds: the gateway, the prefill and decode services, the dies each of them drives, the fabric and
+the kvcache shards. A die's instance comes from the topology's specs (``dies={addresses:<entry>}``
+or literal ``host:port`` addresses, as the launcher resolves them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+KINDS = ("gateway", "prefill", "prefill dies", "decode", "decode dies", "fabric", "kvcache")
+DIE_KINDS = ("prefill dies", "decode dies", "dies")
+_SERVICE_KIND = {"gateway": "gateway", "prefill": "prefill", "decode": "decode", "ub_fabric": "fabric",
+                 "kvcache": "kvcache", "npu_emulator": "dies"}
+_ALLOCATOR_ENV = re.compile(r"^(MALLOC_|LD_PRELOAD$|PYTORCH_|OMP_NUM_THREADS$|MKL_NUM_THREADS$)")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU-seconds of a live process (all its threads); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def allocator_settings(environ: Mapping[str, str]) -> dict:
+    """The memory allocator a process runs with and the environment that tunes it or its threads."""
+    env = {k: v for k, v in sorted(environ.items()) if _ALLOCATOR_ENV.match(k)}
+    preload = environ.get("LD_PRELOAD", "")
+    allocator = next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in preload), "glibc malloc")
+    return {"allocator": allocator, "env": env}
+
+
+def process_environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologyProcesses:
+    """pid -> kind of every process of a run directory's topology."""
+
+    kinds: dict[int, str]
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> "TopologyProcesses":
+        state = json.loads((Path(run_dir) / "state.json").read_text())
+        processes = state["processes"]
+        die_owner = _die_owners(state.get("specs", {}), processes)
+        kinds = {}
+        for p in processes:
+            kind = _SERVICE_KIND.get(p["service"], p["service"])
+            kinds[int(p["pid"])] = die_owner.get(p["name"], kind) if kind == "dies" else kind
+        return cls(kinds)
+
+    def layout(self) -> dict[str, int]:
+        """Processes per kind."""
+        counts: dict[str, int] = {}
+        for kind in self.kinds.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: _order(kv[0])))
+
+    def snapshot(self) -> dict[int, float | None]:
+        return {pid: cpu_seconds(pid) for pid in self.kinds}
+
+
+def _die_owners(specs: dict, processes: list[dict]) -> dict[str, str]:
+    """Die process name -> "prefill dies" / "decode dies", from each instance's ``dies=`` setting."""
+    by_address = {f"{p['host']}:{p['port']}": p["name"] for p in processes}
+    entries: dict[str, list[str]] = {}
+    for p in processes:
+        entries.setdefault(p["name"].rsplit("-", 1)[0], []).append(p["name"])
+    owners = {}
+    for spec in specs.values():
+        if spec.get("service") not in ("prefill", "decode"):
+            continue
+        for override in spec.get("overrides", []):
+            key, _, value = override.partition("=")
+            if key.strip() != "dies":
+                continue
+            names = [n for entry in re.findall(r"\{addresses:([^}]+)\}", value) for n in entries.get(entry, [])]
+            names += [by_address[a.strip()] for a in value.split(",") if a.strip() in by_address]
+            owners.update({name: f"{spec['service']} dies" for name in names})
+    return owners
+
+
+def cpu_split(kinds: dict[int, str], before: dict[int, float | None], after: dict[int, float | None],
+              output_tokens: int) -> dict:
+    """CPU-seconds of each kind between two snapshots, per output token and as a share of the total.
+    A process that died or restarted in between counts up to its last reading (``lost`` names them)."""
+    spent: dict[str, float] = {}
+    lost = []
+    for pid, kind in kinds.items():
+        start, end = before.get(pid), after.get(pid)
+        if start is None or end is None:
+            lost.append(pid)
+            continue
+        spent[kind] = spent.get(kind, 0.0) + end - start
+    total = sum(spent.values())
+    per_kind = {kind: {"cpu_s": s, "cpu_s_per_token": s / max(output_tokens, 1), "share": s / total if total else 0.0}
+                for kind, s in sorted(spent.items(), key=lambda kv: _order(kv[0]))}
+    dies = sum(s for kind, s in spent.items() if kind in DIE_KINDS)
+    return {"kinds": per_kind, "cpu_s": total, "cpu_s_per_token": total / max(output_tokens, 1),
+            "non_die_share": (total - dies) / total if total else 0.0, "output_tokens": output_tokens,
+            "lost_pids": lost}
+
+
+def _order(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)
+
+
+def describe(split: dict) -> str:
+    """One line: CPU-ms per output token by kind and the share outside the dies."""
+    parts = ", ".join(f"{k} {v['cpu_s_per_token'] * 1e3:.2f} ({v['share']:.0%})" for k, v in split["kinds"].items())
+    return (f"CPU {split['cpu_s_per_token'] * 1e3:.2f} ms per output token: {parts}; "
+            f"outside the dies {split['non_die_share']:.0%}")

@@ -27,6 +27,7 @@ def test_quick_compare_reports_every_row_and_ratio(tmp_path):
     assert rows["hf_static"]["threads"] == rows["in_process"]["threads"] == cores
     assert all(rows[name]["threads"] == 1 for name in one_thread + in_process[1:])
     assert all(r["allocator"] for r in rows.values())
+    assert rows["hf_static"]["mallopt"] == {} and rows["suite_fp32"]["mallopt"]["M_TRIM_THRESHOLD"] > 0
     for name in ("suite_fp32", "suite_int8_pasa"):  # every process's CPU, by kind, adds up to the total
         row, cpu = rows[name], rows[name]["cpu"]
         assert row["processes"] == {"gateway": 1, "prefill": 1, "prefill dies": 2, "decode": 1, "decode dies": 2,

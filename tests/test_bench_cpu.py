@@ -80,7 +80,16 @@ def test_a_process_that_is_gone_reads_none():
 
 
 def test_the_allocator_is_named_from_the_environment():
-    assert allocator_settings({"HOME": "/root"}) == {"allocator": "glibc malloc", "env": {}}
+    assert allocator_settings({"HOME": "/root"}) == {"allocator": "glibc malloc", "env": {}, "mallopt": {}}
     env = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "PATH": "/bin"}
-    assert allocator_settings(env) == {"allocator": "jemalloc", "env": {
-        "LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}}
+    assert allocator_settings(env, retain_bytes=2**20) == {"allocator": "jemalloc", "env": {
+        "LD_PRELOAD": "/usr/lib/libjemalloc.so.2", "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"},
+        "mallopt": {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 2**20}}
+
+
+def test_a_topology_reports_the_malloc_settings_its_processes_apply(tmp_path):
+    processes = [_proc("gw-0", "gateway", 1, 1)]
+    _state(tmp_path, processes, {"gw-0": {"service": "gateway", "overrides": []}})
+    assert TopologyProcesses.from_run_dir(tmp_path).allocator()["mallopt"]["M_TRIM_THRESHOLD"] == 256 * 2**20
+    _state(tmp_path, processes, {"gw-0": {"service": "gateway", "overrides": ["server.malloc_retain_bytes=4096"]}})
+    assert TopologyProcesses.from_run_dir(tmp_path).allocator()["mallopt"]["M_TRIM_THRESHOLD"] == 4096

@@ -24,7 +24,7 @@ import yaml
 
 from cloudmatrix.bench.compare_child import run_child
 from cloudmatrix.bench.compare_systems import suite
-from cloudmatrix.bench.cpu import TopologyProcesses, allocator_settings, describe, process_environ
+from cloudmatrix.bench.cpu import TopologyProcesses, describe
 from cloudmatrix.bench.serve import plots, workload
 from cloudmatrix.bench.timing import apply_quick, write_report
 from cloudmatrix.launcher.bringup import bring_down, bring_up
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                        for repeat in range(args.repeats)]
         samples = _in_process_systems(args, float_ckpt, modes, cores, prompt_sets)  # nothing else is up
         layouts = {name: {"threads": runs[0]["threads"], "processes": 1, "allocator": runs[0]["allocator"],
-                          "allocator_env": runs[0]["env"]} for name, runs in samples.items()}
+                          "allocator_env": runs[0]["env"], "mallopt": runs[0]["mallopt"]}
+                   for name, runs in samples.items()}
         for mtp in modes:
             for ckpt, precision in zip((float_ckpt, int8_ckpt), PRECISIONS):
                 name = _name(f"suite_{precision.replace('-', '_')}", mtp)
@@ -115,10 +116,9 @@ def _suite_system(args, checkpoint: Path, precision: str, mtp: bool, run_dir: Pa
     try:
         processes = TopologyProcesses.from_run_dir(run_dir)
         runs = [suite(run_dir, _decode_metrics(records), prompts, processes) for prompts in prompt_sets]
-        env = process_environ(next(iter(processes.kinds)))
-        settings = allocator_settings(env)
+        settings = processes.allocator()
         return runs, {"threads": 1, "processes": processes.layout(), "allocator": settings["allocator"],
-                      "allocator_env": settings["env"]}
+                      "allocator_env": settings["env"], "mallopt": settings["mallopt"]}
     finally:
         bring_down(run_dir.resolve(), 10.0)
 

@@ -14,6 +14,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from cloudmatrix.allocator import MMAP_THRESHOLD_MAX
+from cloudmatrix.config import ServerConfig
+
 KINDS = ("gateway", "prefill", "prefill dies", "decode", "decode dies", "fabric", "kvcache")
 DIE_KINDS = ("prefill dies", "decode dies", "dies")
 _SERVICE_KIND = {"gateway": "gateway", "prefill": "prefill", "decode": "decode", "ub_fabric": "fabric",
@@ -31,12 +34,15 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-def allocator_settings(environ: Mapping[str, str]) -> dict:
-    """The memory allocator a process runs with and the environment that tunes it or its threads."""
+def allocator_settings(environ: Mapping[str, str], retain_bytes: int = 0) -> dict:
+    """The memory allocator a process runs with, the environment that tunes it or its threads, and
+    the mallopt settings a serving process applies at start (``retain_bytes``: its
+    ``server.malloc_retain_bytes``, cloudmatrix/allocator.py; 0 = none, glibc's defaults)."""
     env = {k: v for k, v in sorted(environ.items()) if _ALLOCATOR_ENV.match(k)}
     preload = environ.get("LD_PRELOAD", "")
     allocator = next((name for name in ("jemalloc", "tcmalloc", "mimalloc") if name in preload), "glibc malloc")
-    return {"allocator": allocator, "env": env}
+    mallopt = {"M_MMAP_THRESHOLD": MMAP_THRESHOLD_MAX, "M_TRIM_THRESHOLD": retain_bytes} if retain_bytes else {}
+    return {"allocator": allocator, "env": env, "mallopt": mallopt}
 
 
 def process_environ(pid: int) -> dict[str, str]:
@@ -53,6 +59,7 @@ class TopologyProcesses:
     """pid -> kind of every process of a run directory's topology."""
 
     kinds: dict[int, str]
+    specs: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "TopologyProcesses":
@@ -63,7 +70,18 @@ class TopologyProcesses:
         for p in processes:
             kind = _SERVICE_KIND.get(p["service"], p["service"])
             kinds[int(p["pid"])] = die_owner.get(p["name"], kind) if kind == "dies" else kind
-        return cls(kinds)
+        return cls(kinds, state.get("specs", {}))
+
+    def allocator(self) -> dict:
+        """allocator_settings of the topology's processes (the first one's environment; every
+        process applies its server.malloc_retain_bytes, the default unless the topology sets it)."""
+        retain = ServerConfig().malloc_retain_bytes
+        for spec in self.specs.values():
+            for override in spec.get("overrides", []):
+                key, _, value = override.partition("=")
+                if key.strip() == "server.malloc_retain_bytes":
+                    retain = int(value)
+        return allocator_settings(process_environ(next(iter(self.kinds))) if self.kinds else {}, retain)
 
     def layout(self) -> dict[str, int]:
         """Processes per kind."""

@@ -249,3 +249,23 @@ def test_a_topology_with_tls_is_refused_outside_cmx_up(tmp_path):
     topology.write_text(yaml.safe_dump({"name": "t", "tls": True, "services": services}))
     with pytest.raises(ValueError, match="server.tls_ca"):
         entry_settings(topology, "fab", 0, "ub_fabric")
+
+
+def test_the_interceptor_filter_traces_every_rpc_but_health_checks_and_fabric_attach():
+    import grpc
+
+    from cloudmatrix.telemetry.tracing import FABRIC_ATTACH, traced_rpc
+
+    def client(method: str):  # grpc.aio hands client interceptors the method as bytes
+        return grpc.aio.ClientCallDetails(method.encode(), None, None, None, None)
+
+    class Server:  # the grpc.aio server's call details: a str method
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    for details in (client, Server):
+        assert traced_rpc(details("/cmx.npu.v1.NpuEmulator/Forward"))
+        assert traced_rpc(details("/cmx.kvcache.v1.KvCache/Put"))
+        assert not traced_rpc(details("/grpc.health.v1.Health/Check"))
+        assert not traced_rpc(details("/grpc.health.v1.Health/Watch"))
+        assert not traced_rpc(details(FABRIC_ATTACH))

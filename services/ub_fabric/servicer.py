@@ -81,6 +81,7 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
         self.core = core
         self.hello_timeout_s = hello_timeout_s
         self._rounds: dict[tuple[str, tuple], _RoundSpan] = {}  # traced rounds in flight
+        self._contexts: dict[str, object] = {}  # traceparent -> its parsed context: a step's rounds share one
 
     async def Attach(self, request_iterator, context):
         hello = await self._read_hello(request_iterator, context)
@@ -169,10 +170,19 @@ class UbFabricServicer(fabric_pb2_grpc.UbFabricServicer):
             return
         del self._rounds[key]
         kind = _KIND_NAMES.get(r.kind, "ROUND_KIND_UNSPECIFIED").removeprefix("ROUND_KIND_").lower()
-        _TRACER.start_span(f"fabric.{kind}", context=context_from_traceparent(span.traceparent),
+        _TRACER.start_span(f"fabric.{kind}", context=self._context(span.traceparent),
                            start_time=span.started_ns,
                            attributes={"group": group, "step": r.step, "layer": r.layer, "microbatch": r.microbatch,
                                        "frames": span.frames, "bytes": span.bytes}).end()
+
+    def _context(self, traceparent: str):
+        """The parsed trace context of a traceparent, parsed once for the rounds of its step."""
+        ctx = self._contexts.get(traceparent)
+        if ctx is None:
+            if len(self._contexts) >= 64:
+                self._contexts.clear()
+            ctx = self._contexts[traceparent] = context_from_traceparent(traceparent)
+        return ctx
 
     def _detach(self, group: str, die: int, queue: asyncio.Queue, reason: str) -> None:
         remaining = self.core.detach(group, die, queue)

@@ -16,7 +16,6 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import (
     GrpcAioInstrumentorClient,
     GrpcAioInstrumentorServer,
-    filters,
 )
 from opentelemetry.sdk.resources import SERVICE_INSTANCE_ID, SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -83,10 +82,22 @@ def instrument_grpc(tracer_provider: TracerProvider | None = None) -> None:
     instead (its interceptor would also sit in the path of every frame).
     ``tracer_provider=None`` means the global provider.
     """
-    untraced = filters.negate(filters.any_of(filters.health_check(), filters.full_method_name(FABRIC_ATTACH)))
-    for instrumentor in (GrpcAioInstrumentorServer(filter_=untraced), GrpcAioInstrumentorClient(filter_=untraced)):
+    for instrumentor in (GrpcAioInstrumentorServer(filter_=traced_rpc), GrpcAioInstrumentorClient(filter_=traced_rpc)):
         if not instrumentor.is_instrumented_by_opentelemetry:
             instrumentor.instrument(tracer_provider=tracer_provider)
+
+
+HEALTH_SERVICE = "/grpc.health.v1.Health"
+
+
+def traced_rpc(call_details) -> bool:
+    """The interceptors' filter, run on every call: everything but health checks and the fabric's
+    Attach. (opentelemetry's composable filters took 3% of the decode service's busy time.)
+    Server call details carry ``method`` as str, grpc.aio client ones as bytes (grpc issue 31092)."""
+    method = getattr(call_details, "method", "")
+    if isinstance(method, bytes):
+        method = method.decode()
+    return method != FABRIC_ATTACH and not method.startswith(HEALTH_SERVICE)
 
 
 class JsonLinesSpanExporter(SpanExporter):

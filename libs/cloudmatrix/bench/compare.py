@@ -24,7 +24,7 @@ import yaml
 
 from cloudmatrix.bench.compare_child import run_child
 from cloudmatrix.bench.compare_systems import suite
-from cloudmatrix.bench.cpu import TopologyProcesses, describe
+from cloudmatrix.bench.cpu import TopologyProcesses, describe, kind_order
 from cloudmatrix.bench.serve import plots, workload
 from cloudmatrix.bench.timing import apply_quick, write_report
 from cloudmatrix.launcher.bringup import bring_down, bring_up
@@ -190,7 +190,7 @@ def _median_split(splits: list[dict]) -> dict:
     kinds = {k for s in splits for k in s["kinds"]}
     out = {"kinds": {}, "non_die_share": statistics.median(s["non_die_share"] for s in splits),
            "cpu_s_per_token": statistics.median(s["cpu_s_per_token"] for s in splits)}
-    for kind in sorted(kinds, key=lambda k: list(splits[0]["kinds"]).index(k) if k in splits[0]["kinds"] else 99):
+    for kind in sorted(kinds, key=kind_order):
         values = [s["kinds"].get(kind, {"cpu_s_per_token": 0.0, "share": 0.0}) for s in splits]
         out["kinds"][kind] = {"cpu_s_per_token": statistics.median(v["cpu_s_per_token"] for v in values),
                               "share": statistics.median(v["share"] for v in values)}

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +25,6 @@ from cloudmatrix.bench.serve.workload import BenchRequest
 
 def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
     """Run ``spec`` in a fresh Python process and return its result."""
-    import tempfile
-
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="cmx-compare-") as f:
         json.dump(spec, f)
         f.flush()

@@ -88,7 +88,7 @@ class TopologyProcesses:
         counts: dict[str, int] = {}
         for kind in self.kinds.values():
             counts[kind] = counts.get(kind, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: _order(kv[0])))
+        return dict(sorted(counts.items(), key=lambda kv: kind_order(kv[0])))
 
     def snapshot(self) -> dict[int, float | None]:
         return {pid: cpu_seconds(pid) for pid in self.kinds}
@@ -128,14 +128,15 @@ def cpu_split(kinds: dict[int, str], before: dict[int, float | None], after: dic
         spent[kind] = spent.get(kind, 0.0) + end - start
     total = sum(spent.values())
     per_kind = {kind: {"cpu_s": s, "cpu_s_per_token": s / max(output_tokens, 1), "share": s / total if total else 0.0}
-                for kind, s in sorted(spent.items(), key=lambda kv: _order(kv[0]))}
+                for kind, s in sorted(spent.items(), key=lambda kv: kind_order(kv[0]))}
     dies = sum(s for kind, s in spent.items() if kind in DIE_KINDS)
     return {"kinds": per_kind, "cpu_s": total, "cpu_s_per_token": total / max(output_tokens, 1),
             "non_die_share": (total - dies) / total if total else 0.0, "output_tokens": output_tokens,
             "lost_pids": lost}
 
 
-def _order(kind: str) -> int:
+def kind_order(kind: str) -> int:
+    """Sort key: the kinds in KINDS order, any other after them."""
     return KINDS.index(kind) if kind in KINDS else len(KINDS)
 
 

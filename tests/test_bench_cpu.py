@@ -25,7 +25,12 @@ def _state(tmp_path, processes: list[dict], specs: dict) -> None:
 
 
 def _proc(name: str, service: str, pid: int, port: int) -> dict:
-    return {"name": name, "service": service, "pid": pid, "host": "127.0.0.1", "port": port}
+    return {"name": name, "service": service, "pid": pid, "host": "127.0.0.1", "port": port, "log": f"{name}.log",
+            "ready_file": f"{name}.json"}
+
+
+def _spec(name: str, service: str, overrides: list[str]) -> dict:
+    return {"name": name, "service": service, "host": "127.0.0.1", "port": 0, "config": None, "overrides": overrides}
 
 
 def test_every_process_gets_its_kind_and_dies_their_instance(tmp_path):
@@ -33,9 +38,9 @@ def test_every_process_gets_its_kind_and_dies_their_instance(tmp_path):
                  _proc("pdie-0", "npu_emulator", 13, 4), _proc("ddie-0", "npu_emulator", 14, 5),
                  _proc("ddie-1", "npu_emulator", 15, 6), _proc("spare-0", "npu_emulator", 16, 7),
                  _proc("prefill-0", "prefill", 17, 8), _proc("decode-0", "decode", 18, 9), _proc("gw-0", "gateway", 19, 10)]
-    specs = {"prefill-0": {"service": "prefill", "overrides": ["precision=fp32", "dies=127.0.0.1:4"]},
-             "decode-0": {"service": "decode", "overrides": ["dies={addresses:ddie}", "fabric={addresses:fabric}"]},
-             "gw-0": {"service": "gateway", "overrides": ["decode={addresses:decode}"]}}
+    specs = {"prefill-0": _spec("prefill-0", "prefill", ["precision=fp32", "dies=127.0.0.1:4"]),
+             "decode-0": _spec("decode-0", "decode", ["dies={addresses:ddie}", "fabric={addresses:fabric}"]),
+             "gw-0": _spec("gw-0", "gateway", ["decode={addresses:decode}"])}
     _state(tmp_path, processes, specs)
     kinds = TopologyProcesses.from_run_dir(tmp_path).kinds
     assert kinds == {10: "kvcache", 11: "kvcache", 12: "fabric", 13: "prefill dies", 14: "decode dies",
@@ -89,7 +94,7 @@ def test_the_allocator_is_named_from_the_environment():
 
 def test_a_topology_reports_the_malloc_settings_its_processes_apply(tmp_path):
     processes = [_proc("gw-0", "gateway", 1, 1)]
-    _state(tmp_path, processes, {"gw-0": {"service": "gateway", "overrides": []}})
+    _state(tmp_path, processes, {"gw-0": _spec("gw-0", "gateway", [])})
     assert TopologyProcesses.from_run_dir(tmp_path).allocator()["mallopt"]["M_TRIM_THRESHOLD"] == 256 * 2**20
-    _state(tmp_path, processes, {"gw-0": {"service": "gateway", "overrides": ["server.malloc_retain_bytes=4096"]}})
+    _state(tmp_path, processes, {"gw-0": _spec("gw-0", "gateway", ["server.malloc_retain_bytes=4096"])})
     assert TopologyProcesses.from_run_dir(tmp_path).allocator()["mallopt"]["M_TRIM_THRESHOLD"] == 4096

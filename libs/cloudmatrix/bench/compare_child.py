@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cloudmatrix.bench.compare_systems import hf_generate, in_process
 from cloudmatrix.bench.cpu import allocator_settings
 from cloudmatrix.bench.serve.workload import BenchRequest
+from cloudmatrix.checkpoints import load_model
 
 
 def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
@@ -36,21 +38,14 @@ def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
 
 
 def _measure(spec: dict) -> dict:
-    from cloudmatrix.bench.compare_systems import hf_generate, in_process
-    from cloudmatrix.checkpoints import load_model
-
     prompts = [BenchRequest(list(p), spec["output_len"]) for p in spec["prompts"]]
     checkpoint = Path(spec["checkpoint"])
     if spec["system"] == "hf":
-        return hf_generate(checkpoint, prompts, spec["hf_batch"] or len(prompts), _cpu_clock)
+        return hf_generate(checkpoint, prompts, spec["hf_batch"] or len(prompts), time.process_time)
     if spec["system"] == "in_process":
         model = load_model(checkpoint, mtp=spec["mtp"])
-        return asyncio.run(in_process(model, prompts, _cpu_clock))
+        return asyncio.run(in_process(model, prompts, time.process_time))  # this process, every thread
     raise ValueError(f"system: must be hf or in_process, got {spec['system']!r}")
-
-
-def _cpu_clock() -> float:
-    return time.process_time()  # this process, every thread
 
 
 def main(argv: list[str]) -> int:

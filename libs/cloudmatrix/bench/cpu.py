@@ -8,7 +8,6 @@ or literal ``host:port`` addresses, as the launcher resolves them).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,6 +15,9 @@ from pathlib import Path
 
 from cloudmatrix.allocator import MMAP_THRESHOLD_MAX
 from cloudmatrix.config import ServerConfig
+from cloudmatrix.launcher.processes import ProcessRecord, load_specs, load_state
+from cloudmatrix.launcher.topology import ProcessSpec
+from cloudmatrix.launcher.waves import entry_of, referenced_entries
 
 KINDS = ("gateway", "prefill", "prefill dies", "decode", "decode dies", "fabric", "kvcache")
 DIE_KINDS = ("prefill dies", "decode dies", "dies")
@@ -56,31 +58,27 @@ def process_environ(pid: int) -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class TopologyProcesses:
-    """pid -> kind of every process of a run directory's topology."""
+    """pid -> kind of every process of a run directory's topology, and the specs they started from."""
 
     kinds: dict[int, str]
-    specs: dict = dataclasses.field(default_factory=dict)
+    specs: tuple[ProcessSpec, ...] = ()
 
     @classmethod
     def from_run_dir(cls, run_dir: Path) -> "TopologyProcesses":
-        state = json.loads((Path(run_dir) / "state.json").read_text())
-        processes = state["processes"]
-        die_owner = _die_owners(state.get("specs", {}), processes)
+        records, specs = load_state(Path(run_dir)), tuple(load_specs(Path(run_dir)).values())
+        die_owner = _die_owners(specs, records)
         kinds = {}
-        for p in processes:
-            kind = _SERVICE_KIND.get(p["service"], p["service"])
-            kinds[int(p["pid"])] = die_owner.get(p["name"], kind) if kind == "dies" else kind
-        return cls(kinds, state.get("specs", {}))
+        for r in records:
+            kind = _SERVICE_KIND.get(r.service, r.service)
+            kinds[r.pid] = die_owner.get(r.name, kind) if kind == "dies" else kind
+        return cls(kinds, specs)
 
     def allocator(self) -> dict:
         """allocator_settings of the topology's processes (the first one's environment; every
         process applies its server.malloc_retain_bytes, the default unless the topology sets it)."""
         retain = ServerConfig().malloc_retain_bytes
-        for spec in self.specs.values():
-            for override in spec.get("overrides", []):
-                key, _, value = override.partition("=")
-                if key.strip() == "server.malloc_retain_bytes":
-                    retain = int(value)
+        for spec in self.specs:
+            retain = int(_setting(spec, "server.malloc_retain_bytes") or retain)
         return allocator_settings(process_environ(next(iter(self.kinds))) if self.kinds else {}, retain)
 
     def layout(self) -> dict[str, int]:
@@ -94,23 +92,25 @@ class TopologyProcesses:
         return {pid: cpu_seconds(pid) for pid in self.kinds}
 
 
-def _die_owners(specs: dict, processes: list[dict]) -> dict[str, str]:
-    """Die process name -> "prefill dies" / "decode dies", from each instance's ``dies=`` setting."""
-    by_address = {f"{p['host']}:{p['port']}": p["name"] for p in processes}
-    entries: dict[str, list[str]] = {}
-    for p in processes:
-        entries.setdefault(p["name"].rsplit("-", 1)[0], []).append(p["name"])
+def _setting(spec: ProcessSpec, key: str) -> str | None:
+    """The value a spec's overrides give ``key`` (the last one wins), or None."""
+    values = [v for k, _, v in (o.partition("=") for o in spec.overrides) if k.strip() == key]
+    return values[-1] if values else None
+
+
+def _die_owners(specs: tuple[ProcessSpec, ...], records: list[ProcessRecord]) -> dict[str, str]:
+    """Die process name -> "prefill dies" / "decode dies", from each instance's ``dies=`` setting:
+    ``{addresses:<entry>}`` references or literal addresses."""
+    by_address = {r.address: r.name for r in records}
     owners = {}
-    for spec in specs.values():
-        if spec.get("service") not in ("prefill", "decode"):
+    for spec in specs:
+        dies = _setting(spec, "dies") if spec.service in ("prefill", "decode") else None
+        if dies is None:
             continue
-        for override in spec.get("overrides", []):
-            key, _, value = override.partition("=")
-            if key.strip() != "dies":
-                continue
-            names = [n for entry in re.findall(r"\{addresses:([^}]+)\}", value) for n in entries.get(entry, [])]
-            names += [by_address[a.strip()] for a in value.split(",") if a.strip() in by_address]
-            owners.update({name: f"{spec['service']} dies" for name in names})
+        entries = referenced_entries(dies)
+        names = [r.name for r in records if entry_of(r.name) in entries]
+        names += [by_address[a.strip()] for a in dies.split(",") if a.strip() in by_address]
+        owners.update({name: f"{spec.service} dies" for name in names})
     return owners
 
 

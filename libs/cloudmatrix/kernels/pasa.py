@@ -110,7 +110,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         out[:, :, :, q0:q1] = _attend_q_tile(q5[:, :, :, q0:q1], k, v, q0, q1, tiles, coef, ar)
     valid = _allowed(b, sq, sk, causal, mask).any(-1)  # [B, Sq]
     out = torch.where(valid[:, None, None, :, None], out, 0.0).reshape(b, hq, sq, dv)
-    return to_fp16(out.float()) if ar.fp16_out else out
+    if out.dtype == torch.float16:
+        return out.float()  # fp16 values already
+    return to_fp16(out) if ar.fp16_out else out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,13 @@ def entry_of(process_name: str) -> str:
     return process_name.rsplit("-", 1)[0]
 
 
+def referenced_entries(value: str) -> list[str]:
+    """The entries a setting's value names with {addresses:<entry>}."""
+    return _REF.findall(value)
+
+
 def references(spec: ProcessSpec) -> set[str]:
-    return {m for o in spec.overrides for m in _REF.findall(o)}
+    return {m for o in spec.overrides for m in referenced_entries(o)}
 
 
 def waves(processes: tuple[ProcessSpec, ...]) -> list[list[ProcessSpec]]:

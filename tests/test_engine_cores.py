@@ -10,7 +10,7 @@ import pytest
 
 from cloudmatrix.instance.loop import LoopSettings, StepLoop
 from cloudmatrix.instance.scheduler import SchedulerLimits
-from cloudmatrix.kvcache import Lease
+from cloudmatrix.kvcache import Lease, PutResult
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cloudmatrix.sampling_params import FinishReason, SamplingParams
 from services.decode.core import DecodeCore, DecodeRequest
@@ -39,12 +39,26 @@ class FakePool:
             self.blocks[key] = _Stored(encode_tensor(kv).SerializeToString())
         return keys
 
-    async def get_blocks(self, keys):
+    async def get_blocks(self, keys, release: Lease | None = None):
+        """As KvPoolClient.get_blocks: ``release`` ends with the read."""
         self.reads.append(list(keys))
+        if release is not None:
+            self.released.append(release)
         return {k: self.blocks.get(k) for k in keys}
 
     async def release(self, lease: Lease) -> None:
         self.released.append(lease)
+
+    async def lookup_and_lease(self, keys, ttl_s: float):
+        """As KvPoolClient.lookup_and_lease, on one shard."""
+        present = [key in self.blocks for key in keys]
+        return present, Lease({"shard-0": f"lease-{len(self.blocks)}-{len(self.released)}"}, tuple(present), ttl_s)
+
+    async def put_blocks(self, blocks, lease: Lease | None = None):
+        for block in blocks:
+            self.blocks.setdefault(block.key, _Stored(block.data))
+        return [PutResult(b.key, True, ("shard-0",), ("shard-0",), {}, (), tuple(lease.lease_ids if lease else ()))
+                for b in blocks]
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -170,3 +184,27 @@ def test_prefill_gives_the_first_token_in_chunks_and_a_cancel_frees_its_blocks()
     assert all(r.computed_tokens == 11 and r.cached_tokens == 0 for r in results)
     assert max(sizes) == 4 and len(sizes) == 4  # 11 tokens in chunks of 3: four steps, all four prompts in each
     assert free == [8, 8]
+
+
+def test_prefill_leases_its_prompt_for_the_decode_and_a_cancelled_one_gives_the_lease_back():
+    """The survey's lease covers the cached blocks and, joined by the Puts, the new ones; a prefill
+    cancelled after its survey releases it (no decode will read the blocks)."""
+    async def scenario():
+        loop, pool = await _started(), FakePool()
+        core = PrefillCore(loop, pool, PrefillSettings("ns", BS, chunk_tokens=3, vocab_size=VOCAB, context_limit=64))
+        first = await core.prefill("a", _prompt(1, 11), SamplingParams(max_tokens=8), use_cache=True)
+        again = await core.prefill("b", _prompt(1, 10), SamplingParams(max_tokens=8), use_cache=True)
+        loop.driver.gate, loop.driver.entered = asyncio.Event(), asyncio.Event()
+        task = asyncio.ensure_future(core.prefill("gone", _prompt(9, 11), SamplingParams(max_tokens=8), use_cache=True))
+        await loop.driver.entered.wait()
+        task.cancel()
+        loop.driver.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await loop.stop()
+        return first, again, pool
+
+    first, again, pool = run(scenario())
+    assert first.cached_tokens == 0 and first.lease.leased == (True, True, True)  # 2 full blocks + the tail
+    assert again.cached_tokens == 8 and again.lease.leased == (True, True, True)  # 2 cached, its own tail new
+    assert [lease.lease_ids for lease in pool.released] == [{"shard-0": "lease-4-0"}]  # the cancelled one's

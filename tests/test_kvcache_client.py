@@ -145,6 +145,29 @@ def test_lookup_longest_prefix_lease_and_delete(cluster):
     run(main())
 
 
+def test_one_lookup_leases_the_prompt_puts_join_it_and_the_read_ends_it(cluster):
+    """The prefill -> decode handoff in three calls per shard: Lookup with a lease, Put joining it,
+    Get ending it; in between every block of the prompt is pinned on every replica."""
+    async def main():
+        blocks = make_blocks(6, seed=9)
+        keys = [b.key for b in blocks]
+        async with KvPoolClient(cluster, replication=2, **FAST) as pool:
+            await pool.put_blocks(blocks[:2])  # a cached prefix of two blocks
+            present, lease = await pool.lookup_and_lease(keys, ttl_s=30)
+            assert present == [True, True, False, False, False, False]
+            assert lease.leased == tuple(present) and set(lease.lease_ids) <= set(cluster) and lease.ttl_s > 0
+            results = await pool.put_blocks(blocks[2:], lease)
+            assert all(r.acknowledged and set(r.leased_on) == set(r.stored_on) for r in results)
+            refused = await pool.delete(keys)
+            assert (refused.deleted, refused.refused_leased) == (0, 12)  # 6 keys x 2 replicas, all pinned
+            fetched = await pool.get_blocks(keys, release=lease)
+            assert [fetched[k].data for k in keys] == [b.data for b in blocks]
+            done = await pool.delete(keys)
+            assert (done.deleted, done.refused_leased) == (12, 0)
+
+    run(main())
+
+
 def test_blob_round_trip(cluster, tmp_path):
     async def main():
         data = random.Random(5).randbytes(5 * 2**20 + 123)

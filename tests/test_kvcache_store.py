@@ -63,6 +63,10 @@ def put(store: ShardStore, i: int, data: bytes, kind=FULL, num_tokens=4) -> PutO
     return store.put(key(i), NS, kind, num_tokens, data, zlib.crc32(data))
 
 
+def leased_put(store: ShardStore, i: int, data: bytes, lease_id: str) -> tuple[PutOutcome, bool]:
+    return store.put_leased(key(i), NS, FULL, 4, data, zlib.crc32(data), lease_id)
+
+
 def fill(store: ShardStore, gen, ids) -> dict[int, bytes]:
     datas = {i: block_data(gen) for i in ids}
     for i, data in datas.items():
@@ -136,6 +140,32 @@ def test_release_ends_a_lease_once(gen, clock):
     assert store.stats().leased_blocks == 0
     fill(store, gen, [1])
     assert in_memory(store) == [key(1)]
+
+
+def test_lookup_and_lease_pins_what_is_present_and_puts_join_it(gen, clock):
+    """A prefill's survey: the present keys leased in the same step, a lease even over none, and
+    the blocks written afterwards (stored, duplicate or conflicting) pinned by joining it."""
+    store = make_store(blocks=3, clock=clock, max_lease_s=60.0)
+    datas = fill(store, gen, [0])
+    found, grant = store.lookup_and_lease([key(0), key(1), key(2)], ttl_s=10.0)
+    assert found == ([True, False, False], 1) and grant.leased == [True, False, False] and grant.ttl_s == 10.0
+    empty = store.lookup_and_lease([key(7)], ttl_s=1e6)[1]
+    assert empty.lease_id and empty.leased == [False] and empty.ttl_s == 60.0
+    assert leased_put(store, 1, block_data(gen), grant.lease_id) == (PutOutcome.STORED, True)
+    assert leased_put(store, 0, datas[0], grant.lease_id) == (PutOutcome.DUPLICATE, True)
+    assert leased_put(store, 0, block_data(gen), grant.lease_id) == (PutOutcome.CONFLICT, True)  # the stored one
+    assert leased_put(store, 2, block_data(gen), "no-such-lease") == (PutOutcome.STORED, False)
+    assert store.stats().leased_blocks == 2
+    fill(store, gen, [3])  # the tier is full: the one unleased block (2) goes, not 0 or 1
+    assert sorted(in_memory(store)) == sorted([key(0), key(1), key(3)])
+    assert store.get([key(0), key(1)], release=[grant.lease_id, "no-such-lease"])[0].data == datas[0]
+    assert store.stats().leased_blocks == 0 and store.release([grant.lease_id]) == 0  # the Get ended it
+    clock.now += 10
+    assert leased_put(store, 4, block_data(gen), empty.lease_id)[1] is True
+    clock.now += 60
+    assert leased_put(store, 5, block_data(gen), empty.lease_id)[1] is False  # expired
+    with pytest.raises(ValueError, match="lease_ttl_s"):
+        store.lookup_and_lease([key(0)], ttl_s=float("nan"))
 
 
 def test_duplicate_is_a_no_op_and_conflict_is_rejected(gen):

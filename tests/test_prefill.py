@@ -117,8 +117,18 @@ def test_scheduler_metrics_are_exported(tmp_path, tiny_checkpoint):
 def test_the_prompt_is_leased_for_a_decode_only_when_one_follows(instance):
     """max_tokens 1: the first token ends the request (no decode reads the blocks), so nothing is
     pinned in the pool; otherwise every block of the prompt is leased."""
-    address, _ = instance
+    address, shards = instance
     prompt = torch.randint(3, 1024, (40,), generator=torch.Generator().manual_seed(9)).tolist()
     alone = _prefill(address, "alone", prompt, sampling={"max_tokens": 1})
     handed = _prefill(address, "handed", prompt[:39] + [7], sampling={"max_tokens": 8})
-    assert not alone.kv.lease_ids and handed.kv.lease_ids
+    assert not alone.kv.lease_ids and set(handed.kv.lease_ids) == set(shards)
+    # Its two full blocks were in the pool before (leased by the prefill's Lookup), its tail is new
+    # (it joined the lease with its Put): all three are pinned on both replicas until released.
+    keys = list(handed.kv.block_keys)
+    assert len(keys) == 3 and keys[:2] == list(alone.kv.block_keys[:2]) and handed.cached_tokens == 32
+    for shard in shards:
+        with grpc.insecure_channel(shard) as channel:
+            stub = kvcache_pb2_grpc.KvCacheShardStub(channel)
+            assert stub.Delete(kvcache_pb2.DeleteRequest(keys=keys), timeout=10).refused_leased == 3
+            assert stub.Release(kvcache_pb2.ReleaseRequest(lease_ids=[handed.kv.lease_ids[shard]]),
+                                timeout=10).released == 1

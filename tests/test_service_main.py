@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from cloudmatrix.launcher.topology import entry_settings
 from cloudmatrix.rpc.channel import health_check_sync, make_channel
+from cloudmatrix.service_main import freeze_startup_objects
 from tests.rpc_helpers import (
     ONE_SPAN,
     fetch,
@@ -33,6 +36,7 @@ pytestmark = pytest.mark.timeout(60)
 
 DEMO_SERVICE = '''
 import asyncio
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -66,6 +70,8 @@ async def build(config):
     async def on_stop():
         with open(config.stop_marker, "w") as f:
             f.write("drained")
+        with open(config.stop_marker + ".frozen", "w") as f:
+            f.write(str(gc.get_freeze_count()))
 
     async def on_ready(host):
         while config.hold_file and not os.path.exists(config.hold_file):
@@ -141,6 +147,7 @@ def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
     assert proc.wait(timeout=grace_s / 2) == 0
     assert health_check_sync(target) == "UNREACHABLE"
     assert marker.read_text() == "drained" and not ready_file.exists()
+    assert int(Path(f"{marker}.frozen").read_text()) > 10_000  # start-up objects left the collector
 
     proc.stderr_file.seek(0)
     logs = [json.loads(line) for line in proc.stderr_file.read().splitlines()]
@@ -155,6 +162,25 @@ def test_run_service_serves_then_drains_on_sigterm(tmp_path, spawn_demo):
                        and s["trace_id"] == hex_id(client_span.context.trace_id, 32))
     assert server_span["parent_span_id"] == hex_id(client_span.context.span_id, 16)
     assert server_span["resource"] == {"service.name": "demo", "service.instance.id": "demo"}
+
+
+def test_start_up_objects_leave_the_collector_and_later_garbage_is_still_collected():
+    class Node:
+        pass
+
+    kept = Node()
+    kept.self = kept
+    try:
+        freeze_startup_objects()
+        assert not any(o is kept for o in gc.get_objects())  # frozen: no collection walks it again
+        later = Node()
+        later.self = later
+        ref = weakref.ref(later)
+        del later
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("args, env, message", [

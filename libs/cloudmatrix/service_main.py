@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
@@ -139,9 +140,19 @@ async def _serve(service: str, config: Any, build: Build, provider: Any) -> int:
         host.install_signal_handlers()
         if parts.on_ready is not None:
             await parts.on_ready(host)
+        freeze_startup_objects()
         await host.set_serving()
         await host.wait()
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """Move everything alive after start-up (modules, the model, the servicers: about 190,000
+    objects in every service process) out of the cyclic collector's reach. Without this, each full
+    collection walks them all: about 0.2 s of CPU (a pause of the event loop) in the gateway, prefill
+    and decode services at 32 concurrent requests. Garbage made later is collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 def _as_parts(built: Any) -> ServiceParts:

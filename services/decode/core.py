@@ -97,25 +97,24 @@ class DecodeCore:
 
     def _fetcher(self, req: DecodeRequest, measured: dict[str, float]):
         """The prompt's KV as the scheduler admits the request: the leading run of its blocks the
-        pool still holds. The first read releases the prefill's lease (the pool may evict them
-        from then on); a failed read keeps it (until its ttl) for a retry on another instance."""
+        pool still holds. The first read ends the prefill's lease, with the same Gets (the pool may
+        evict the blocks from then on); a read that fails before it reaches the pool keeps it
+        (until its ttl) for a retry on another instance."""
         lease = [req.lease]
 
         async def fetch() -> list:  # in the step loop's task, in the request's trace
             with _TRACER.start_as_current_span("decode.kv_load", attributes={
                     "request_id": req.request_id, "blocks": len(req.block_keys), "prompt_tokens": req.prompt_len}):
                 start = time.perf_counter()
-                blocks = await self._fetch(req)
-                measured["kv_load"] = measured.get("kv_load", 0.0) + time.perf_counter() - start
-            if lease[0] is not None:
                 held, lease[0] = lease[0], None
-                await self._release(held)
+                blocks = await self._fetch(req, held if held is not None and held.lease_ids else None)
+                measured["kv_load"] = measured.get("kv_load", 0.0) + time.perf_counter() - start
             return blocks
 
         return fetch
 
-    async def _fetch(self, req: DecodeRequest) -> list:
-        blocks = await leading_blocks(self.pool, req.block_keys)
+    async def _fetch(self, req: DecodeRequest, release: Lease | None) -> list:
+        blocks = await leading_blocks(self.pool, req.block_keys, release)
         held = sum(kv.shape[1] for kv in blocks)
         if len(blocks) == len(req.block_keys) and held != req.prompt_len:
             raise FieldError("kv", f"the blocks hold {held} tokens, the prompt has {req.prompt_len}")

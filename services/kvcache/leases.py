@@ -33,6 +33,17 @@ class LeaseTable:
         self._pins.update(lease.keys)
         return lease.lease_id
 
+    def join(self, lease_id: str, key: bytes) -> bool:
+        """Add ``key`` to an unexpired lease (its expiry unchanged); False when there is none."""
+        self._expire()
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        if key not in lease.keys:
+            self._leases[lease_id] = dataclasses.replace(lease, keys=lease.keys | {key})
+            self._pins[key] += 1
+        return True
+
     def release(self, lease_ids: Iterable[str]) -> int:
         """End the given leases; returns how many were found unexpired."""
         self._expire()

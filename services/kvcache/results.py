@@ -11,7 +11,7 @@ class LookupResult(NamedTuple):
 
 
 class LeaseGrant(NamedTuple):
-    lease_id: str         # "" when no key was present
+    lease_id: str         # "" when no key was present (lookup_and_lease: always set)
     leased: list[bool]    # one per key
     ttl_s: float          # granted, capped at max_lease_s
 

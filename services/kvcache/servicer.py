@@ -71,19 +71,19 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
         statuses = []
         for i, block in enumerate(blocks, start=first_index):
             try:
-                outcome = self.store.put(block.key, block.namespace, block.kind, block.num_tokens, block.data,
-                                         block.checksum)
+                outcome, leased = self.store.put_leased(block.key, block.namespace, block.kind, block.num_tokens,
+                                                        block.data, block.checksum, block.lease_id)
             except FieldError as err:
                 raise FieldError(f"blocks[{i}].{err.field}", f"(key {block.key.hex()}) "
                                  f"{str(err).removeprefix(err.field + ': ')}") from err
             status, message = _PUT_STATUS[outcome]
-            statuses.append(kvcache_pb2.KeyStatus(key=block.key, status=status, message=message))
+            statuses.append(kvcache_pb2.KeyStatus(key=block.key, status=status, message=message, leased=leased))
         return statuses
 
     @map_errors
     async def Get(self, request, context):
         keys = list(request.keys)
-        blocks = await asyncio.to_thread(self.store.get, keys)
+        blocks = await asyncio.to_thread(self.store.get, keys, list(request.release_lease_ids))
         for key, block in zip(keys, blocks):  # serialized here: registered with raw responses
             if block is None:
                 yield kvcache_pb2.GetReply(key=key, found=False).SerializeToString()
@@ -94,8 +94,12 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
 
     @map_errors
     async def Lookup(self, request, context):
-        result = await asyncio.to_thread(self.store.lookup, list(request.keys))
-        return kvcache_pb2.LookupReply(present=result.present, longest_prefix=result.longest_prefix)
+        if request.lease_ttl_s == 0:
+            result = await asyncio.to_thread(self.store.lookup, list(request.keys))
+            return kvcache_pb2.LookupReply(present=result.present, longest_prefix=result.longest_prefix)
+        result, grant = await asyncio.to_thread(self.store.lookup_and_lease, list(request.keys), request.lease_ttl_s)
+        return kvcache_pb2.LookupReply(present=result.present, longest_prefix=result.longest_prefix,
+                                       lease_id=grant.lease_id, leased=grant.leased, lease_ttl_s=grant.ttl_s)
 
     @map_errors
     async def Lease(self, request, context):

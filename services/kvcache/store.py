@@ -68,6 +68,13 @@ class ShardStore:
             checksum: int) -> PutOutcome:
         """Store one block. Invalid input raises ValueError naming the field (and is counted
         as rejected); otherwise STORED, DUPLICATE, CONFLICT or CAPACITY."""
+        return self.put_leased(key, namespace, kind, num_tokens, data, checksum, "")[0]
+
+    def put_leased(self, key: bytes, namespace: str, kind: int, num_tokens: int, data: bytes,
+                   checksum: int, lease_id: str) -> tuple[PutOutcome, bool]:
+        """``put``, and then (under the same lock, so nothing evicts it in between) the stored
+        block, or the version already stored, joins lease ``lease_id`` when that one is unexpired:
+        (outcome, whether it joined)."""
         block = Block(key, namespace, kind, num_tokens, data, checksum)
         try:
             validate_block(block, self.max_block_bytes)
@@ -76,16 +83,20 @@ class ShardStore:
                 self.counters.rejected += 1
             raise
         with self._lock:
-            return self._put(block)
+            outcome = self._put(block)
+            held = outcome is not PutOutcome.CAPACITY
+            return outcome, bool(lease_id) and held and self.leases.join(lease_id, key)
 
-    def get(self, keys: Sequence[bytes]) -> list[Block | None]:
-        """Each key's verified block (None: a miss). Disk hits are promoted to memory if they fit."""
+    def get(self, keys: Sequence[bytes], release: Iterable[str] = ()) -> list[Block | None]:
+        """Each key's verified block (None: a miss). Disk hits are promoted to memory if they fit.
+        The leases in ``release`` end once the blocks are read."""
         check_keys(keys)
         with self._lock:
             found = [self._fetch(key, promote=True) for key in keys]
             hits = sum(block is not None for block in found)
             self.counters.hits += hits
             self.counters.misses += len(found) - hits
+            self.leases.release(release)
             return found
 
     def lookup(self, keys: Sequence[bytes]) -> LookupResult:
@@ -93,8 +104,16 @@ class ShardStore:
         check_keys(keys)
         with self._lock:
             present = [self._touch(key) for key in keys]
-        longest = next((i for i, hit in enumerate(present) if not hit), len(present))
-        return LookupResult(present, longest)
+        return _lookup_result(present)
+
+    def lookup_and_lease(self, keys: Sequence[bytes], ttl_s: float) -> tuple[LookupResult, LeaseGrant]:
+        """``lookup``, and the present keys leased as ``lease`` leases them, in one step, under a
+        lease granted even when none is present (later Puts join it)."""
+        check_keys(keys)
+        granted = self._lease_ttl(ttl_s, "lease_ttl_s")
+        with self._lock:
+            present = [self._touch(key) for key in keys]
+            return _lookup_result(present), self._lease(keys, granted, always=True)
 
     def keys_after(self, after: bytes, limit: int) -> tuple[list[bytes], bool]:
         """Up to ``limit`` held keys greater than ``after``, ascending, and whether more follow."""
@@ -107,18 +126,25 @@ class ShardStore:
         """Pin the present keys in memory (disk-only ones are promoted first) for
         min(ttl_s, max_lease_s) seconds."""
         check_keys(keys)
-        if not (ttl_s > 0 and math.isfinite(ttl_s)):
-            raise FieldError("ttl_s", f"must be a finite number > 0, got {ttl_s}")
-        granted = min(ttl_s, self.max_lease_s)
+        granted = self._lease_ttl(ttl_s, "ttl_s")
         with self._lock:
-            held = {key for key in keys if key in self.memory.blocks}
-            for key in dict.fromkeys(keys):
-                if key in held:
-                    self.memory.touch(key)
-                elif self._promote(key, protect=frozenset(held)):
-                    held.add(key)
-            lease_id = self.leases.grant(held, granted) if held else ""
-            return LeaseGrant(lease_id, [key in held for key in keys], granted)
+            return self._lease(keys, granted, always=False)
+
+    def _lease_ttl(self, ttl_s: float, field: str) -> float:
+        if not (ttl_s > 0 and math.isfinite(ttl_s)):
+            raise FieldError(field, f"must be a finite number > 0, got {ttl_s}")
+        return min(ttl_s, self.max_lease_s)
+
+    def _lease(self, keys: Sequence[bytes], granted: float, always: bool) -> LeaseGrant:
+        """Under the lock: pin the present keys (``always``: grant a lease even over none)."""
+        held = {key for key in keys if key in self.memory.blocks}
+        for key in dict.fromkeys(keys):
+            if key in held:
+                self.memory.touch(key)
+            elif self._promote(key, protect=frozenset(held)):
+                held.add(key)
+        lease_id = self.leases.grant(held, granted) if held or always else ""
+        return LeaseGrant(lease_id, [key in held for key in keys], granted)
 
     def release(self, lease_ids: Iterable[str]) -> int:
         """End leases; returns how many were found unexpired."""
@@ -255,3 +281,7 @@ class ShardStore:
     def _count_corrupt(self, key: bytes, why: str) -> None:
         self.counters.checksum_failures += 1
         log.warning("corrupt block dropped", extra={"key": key.hex(), "why": why})
+
+
+def _lookup_result(present: list[bool]) -> LookupResult:
+    return LookupResult(present, next((i for i, hit in enumerate(present) if not hit), len(present)))

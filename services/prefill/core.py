@@ -21,7 +21,7 @@ from cloudmatrix.instance.loop import StepLoop
 from cloudmatrix.instance.request import KvPrefix, Request
 from cloudmatrix.kv.hashing import PrefixKeys, prefix_keys
 from cloudmatrix.kv.pooled import leading_blocks
-from cloudmatrix.kvcache import Block, Lease
+from cloudmatrix.kvcache import Block, Lease, PutResult
 from cloudmatrix.rpc.errors import PeerUnavailable
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cloudmatrix.sampling_params import SamplingParams, StopRule, TokenLogprobs
@@ -51,6 +51,12 @@ class PrefillSettings:
     vocab_size: int
     context_limit: int
     lease_ttl_s: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Survey:
+    present: list[bool]               # per key of the prompt (``PrefixKeys.all``): held by the pool
+    lease: Lease | None               # over them, for the decode (None: no decode follows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +92,21 @@ class PrefillCore:
         measured, modeled = {}, {"compute": 0.0, "cache_load": 0.0}
         keys = prefix_keys(token_ids, self.block_size, self.namespace)
         ids = {"request_id": request_id, "prompt_tokens": len(token_ids)}
+        # max_tokens 1: the first token ends the request, no decode reads the blocks: no lease
+        lease_for_decode = sampling.max_tokens > 1
         with _TRACER.start_as_current_span("prefill.cache", attributes=ids) as span:
-            hit = await self._lookup(keys, len(token_ids), use_cache, measured)
+            survey = await self._survey(keys, lease_for_decode, measured)
+            hit = self._hit(keys, survey.present) if use_cache else 0
             span.set_attribute("cached_tokens", hit * self.block_size)
-        with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
-            out = await self._compute(request_id, token_ids, sampling, keys, hit, measured, modeled)
-        with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
-            # max_tokens 1: the first token ends the request, no decode reads the blocks: no lease
-            lease = await self._write_back(keys, out.cached_blocks, out.kv, measured, sampling.max_tokens > 1)
+        try:
+            with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
+                out = await self._compute(request_id, token_ids, sampling, keys, hit, measured, modeled)
+            with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
+                lease = await self._write_back(keys, out.cached_blocks, out.kv, survey, measured)
+        except BaseException:  # failed or cancelled: no decode will read the blocks
+            if survey.lease is not None:
+                await self.pool.release(survey.lease)
+            raise
         cached_tokens = out.cached_blocks * self.block_size
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
@@ -102,14 +115,24 @@ class PrefillCore:
         return PrefillResult(out.first_token, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled,
                              lease, out.logprobs, out.prompt_logprobs, out.draft)
 
-    async def _lookup(self, keys: PrefixKeys, num_tokens: int, use_cache: bool, measured) -> int:
+    async def _survey(self, keys: PrefixKeys, lease_for_decode: bool, measured) -> _Survey:
+        """Which of the prompt's blocks the pool holds, in one Lookup per shard; for a decode to
+        come, that Lookup also leases them, so none is evicted before the decode has read it, and
+        the blocks written back join the lease."""
+        start = time.perf_counter()
+        survey = _Survey([False] * len(keys.all), None)
+        if self.pool and lease_for_decode:
+            survey = _Survey(*await self.pool.lookup_and_lease(list(keys.all), self.settings.lease_ttl_s))
+        elif self.pool:
+            survey = _Survey(await self.pool.presence(list(keys.all)), None)
+        measured["cache_lookup"] = time.perf_counter() - start
+        return survey
+
+    def _hit(self, keys: PrefixKeys, present: list[bool]) -> int:
         """Blocks of the longest cached prefix; at least one token is left to compute (its logits
         give the first token)."""
-        start = time.perf_counter()
-        limit = min(len(keys.full), (num_tokens - 1) // self.block_size)
-        hit = await self.pool.lookup(list(keys.full[:limit])) if self.pool and use_cache and limit else 0
-        measured["cache_lookup"] = time.perf_counter() - start
-        return hit
+        limit = min(len(keys.full), (keys.num_tokens - 1) // self.block_size)
+        return next((i for i in range(limit) if not present[i]), limit)
 
     def _fetcher(self, keys: PrefixKeys, hit: int, measured, modeled):
         """The cached prefix's KV as the scheduler admits the request ([layers, block, C+R] per
@@ -149,30 +172,42 @@ class PrefillCore:
         return _Computed(first, event.draft, event.kv or [], cached, event.logprobs[0] if event.logprobs else None,
                          [prompt_logprobs[i] for i in sorted(prompt_logprobs)])
 
-    async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, measured,
-                          lease_for_decode: bool = True) -> Lease | None:
-        """Store the newly computed blocks (full ones and the tail) the pool does not hold yet, then
-        lease every block of the prompt so that none is evicted before the decode has read it.
+    async def _write_back(self, keys: PrefixKeys, cached_blocks: int, kvs: list, survey: _Survey,
+                          measured) -> Lease | None:
+        """Store the newly computed blocks (full ones and the tail) the pool did not hold at the
+        survey; they join its lease, which then covers every block of the prompt.
 
         A block's KV computed along another path (another chunking, another batch) differs in its
         last bits, so a key already stored - or stored meanwhile by a concurrent prefill of the same
         prefix, which the shard answers with CONFLICT - keeps its first version: both are the KV of
-        that prefix."""
+        that prefix. A block stored where the survey left no lease (a stand-in for a shard that
+        went down, a lease that expired) has the whole prompt leased again, the survey's released."""
         start = time.perf_counter()
-        lease = None
+        lease = survey.lease
         if self.pool:
-            new_keys = list(keys.all[cached_blocks:])
-            present = await self.pool.presence(new_keys)
+            new = [(i, k, kv) for i, (k, kv) in enumerate(zip(keys.all[cached_blocks:], kvs), cached_blocks)
+                   if not survey.present[i]]
             blocks = [Block(k, self.namespace, "tail" if k == keys.tail else "full", kv.shape[1],
-                            encode_tensor(kv).SerializeToString())
-                      for k, kv, there in zip(new_keys, kvs, present) if not there]
-            results = await self.pool.put_blocks(blocks)
+                            encode_tensor(kv).SerializeToString()) for _, k, kv in new]
+            results = await self.pool.put_blocks(blocks, lease)
             failed = [r for r in results if not r.acknowledged and not r.only_conflicts]
             if failed:
                 raise PeerUnavailable(f"kvcache: {len(failed)} of {len(blocks)} blocks were not acknowledged "
                                       f"({next(iter(failed[0].errors.values()), 'no replica')})")
-            if lease_for_decode:
-                lease = await self.pool.lease(list(keys.all), self.settings.lease_ttl_s)
+            if lease is not None:
+                lease = await self._cover(keys, lease, [(i, r) for (i, _, _), r in zip(new, results)])
         measured["kv_write"] = time.perf_counter() - start
         return lease
+
+    async def _cover(self, keys: PrefixKeys, lease: Lease, written: list[tuple[int, PutResult]]) -> Lease:
+        """The survey's lease with the written blocks that joined it; a fresh lease over the whole
+        prompt when one was stored on a shard where it did not join."""
+        if any(set(r.stored_on) - set(r.leased_on) for _, r in written):
+            fresh = await self.pool.lease(list(keys.all), self.settings.lease_ttl_s)
+            await self.pool.release(lease)
+            return fresh
+        leased = list(lease.leased)
+        for i, r in written:
+            leased[i] = leased[i] or bool(r.leased_on)
+        return dataclasses.replace(lease, leased=tuple(leased))
 

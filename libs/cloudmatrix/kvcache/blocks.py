@@ -55,11 +55,13 @@ class Block:
         return kvcache_pb2.PutBlock(key=self.key, namespace=self.namespace, kind=_KIND_TO_PROTO[self.kind],
                                     num_tokens=self.num_tokens, data=self.data, checksum=self.checksum)
 
-    def to_wire(self) -> bytes:
-        """The serialized PutBlock (it parses as ``to_proto()``), with ``data`` appended once
-        instead of being copied into a message and out again: what a Put stream sends."""
+    def to_wire(self, lease_id: str = "") -> bytes:
+        """The serialized PutBlock (it parses as ``to_proto()``, plus ``lease_id`` for the block to
+        join), with ``data`` appended once instead of being copied into a message and out again:
+        what a Put stream sends."""
         head = kvcache_pb2.PutBlock(key=self.key, namespace=self.namespace, kind=_KIND_TO_PROTO[self.kind],
-                                    num_tokens=self.num_tokens, checksum=self.checksum).SerializeToString()
+                                    num_tokens=self.num_tokens, checksum=self.checksum,
+                                    lease_id=lease_id).SerializeToString()
         return b"".join((head, field_header(_PUT_BLOCK_DATA, len(self.data)), self.data))
 
 
@@ -91,6 +93,7 @@ class PutResult:
     stored_on: tuple[str, ...]
     errors: dict[str, str]
     conflicts: tuple[str, ...] = ()   # shards among ``errors`` that hold another version of the key
+    leased_on: tuple[str, ...] = ()   # shards where the block (or their version) joined the put's lease
 
     @property
     def only_conflicts(self) -> bool:

@@ -143,18 +143,28 @@ class KvPoolClient:
 
     # -- blocks
 
-    async def put_blocks(self, blocks: list[Block]) -> list[PutResult]:
-        """Store each block on its replicas; one PutResult per block, in order."""
+    async def put_blocks(self, blocks: list[Block], lease: Lease | None = None) -> list[PutResult]:
+        """Store each block on its replicas; one PutResult per block, in order. With ``lease``
+        (from ``lookup_and_lease``) each block joins it on the shards that hold a part of it
+        (``PutResult.leased_on``)."""
         for block in blocks:
             self._check_size(len(block.data), f"block {block.key.hex()}")
-        return await writes.put_blocks(self._conns, self._preference, self.replication, blocks, self.write_quorum)
+        return await writes.put_blocks(self._conns, self._preference, self.replication, blocks, self.write_quorum,
+                                       lease.lease_ids if lease else None)
 
-    async def get_blocks(self, keys: Iterable[bytes]) -> dict[bytes, FetchedBlock | None]:
+    async def get_blocks(self, keys: Iterable[bytes], release: Lease | None = None
+                         ) -> dict[bytes, FetchedBlock | None]:
         """Each distinct key -> its checksum-verified block, or None when no up replica has it.
+        ``release`` ends once they are read: with the Gets of the shards read from, by Release on
+        the others.
 
         Starts read repairs in the background; ``drain_repairs()`` waits for them.
         """
-        return await reads.get_blocks(self._conns, self.replicas, list(keys), self._repairs)
+        pending = dict(release.lease_ids) if release else {}
+        found = await reads.get_blocks(self._conns, self.replicas, list(keys), self._repairs, pending)
+        if pending:
+            await self.release(Lease(pending, (), 0.0))
+        return found
 
     async def drain_repairs(self) -> int:
         """Wait for the read repairs in flight; how many blocks were written back since the last drain."""
@@ -173,6 +183,23 @@ class KvPoolClient:
         """Longest cached prefix of ``keys`` (the chained prefix keys of one prompt), in blocks."""
         present = await self.presence(keys)
         return next((i for i, here in enumerate(present) if not here), len(present))
+
+    async def lookup_and_lease(self, keys: list[bytes], ttl_s: float) -> tuple[list[bool], Lease]:
+        """``presence`` and ``lease`` in one call per up replica: per key, does any hold it; and
+        a lease on each of them (granted even where none is held) that ``put_blocks`` can extend
+        to blocks written later. A prefill's one round trip before its write-back."""
+        present, leased, lease_ids, ttls = [False] * len(keys), [False] * len(keys), {}, []
+        answers = await self._fan_out(keys, "Lookup",
+                                      lambda ks: kvcache_pb2.LookupRequest(keys=ks, lease_ttl_s=ttl_s))
+        for shard, indexes, reply in answers:
+            if not isinstance(reply, kvcache_pb2.LookupReply):
+                continue
+            if reply.lease_id:
+                lease_ids[shard] = reply.lease_id
+                ttls.append(reply.lease_ttl_s)
+            for i, here, pinned in zip(indexes, reply.present, reply.leased):
+                present[i], leased[i] = present[i] or here, leased[i] or pinned
+        return present, Lease(lease_ids, tuple(leased), min(ttls, default=0.0))
 
     async def lease(self, keys: list[bytes], ttl_s: float) -> Lease:
         """Pin ``keys`` against eviction on every up replica for ``ttl_s``; end it with ``release``."""

@@ -61,8 +61,12 @@ class Repairs:
 
 
 async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], list[str]], keys: list[bytes],
-                     repairs: Repairs) -> dict[bytes, FetchedBlock | None]:
-    """Each distinct key -> its block from the first replica that has it intact, or None."""
+                     repairs: Repairs, release: dict[str, str] | None = None) -> dict[bytes, FetchedBlock | None]:
+    """Each distinct key -> its block from the first replica that has it intact, or None.
+
+    ``release`` (shard -> lease id): each shard read from ends that lease with its Get, and the
+    shards that answered are taken out of the dict (the caller releases what is left)."""
+    release = {} if release is None else release
     keys = list(dict.fromkeys(keys))
     found: dict[bytes, FetchedBlock | None] = dict.fromkeys(keys)
     replicas = {key: replicas_of(key) for key in keys}
@@ -70,9 +74,11 @@ async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], lis
     missed: dict[bytes, list[str]] = {key: [] for key in keys}  # replicas that answered "not found"
     pending = keys
     while plan := _next_round(conns.health, replicas, cursor, pending):
-        answers = await asyncio.gather(*(get_on(conns, shard, ks) for shard, ks in plan.items()))
+        answers = await asyncio.gather(*(get_on(conns, shard, ks, release.get(shard, "")) for shard, ks in plan.items()))
         pending = []
         for (shard, ks), answer in zip(plan.items(), answers):
+            if answer:  # it answered: the lease named with its Get has ended
+                release.pop(shard, None)
             for key in ks:
                 block = answer.get(key)
                 if block is not None:
@@ -100,10 +106,12 @@ def _next_round(health: ShardHealth, replicas: dict[bytes, list[str]], cursor: d
     return plan
 
 
-async def get_on(conns: ShardConnections, shard: str, keys: list[bytes]) -> dict[bytes, FetchedBlock | None]:
-    """key -> intact block, or None for "not found"; keys left out had no usable answer."""
+async def get_on(conns: ShardConnections, shard: str, keys: list[bytes], release: str = ""
+                 ) -> dict[bytes, FetchedBlock | None]:
+    """key -> intact block, or None for "not found"; keys left out had no usable answer. The
+    shard ends lease ``release`` (when given) once it has read them."""
     async def attempt(client, timeout_s: float) -> list[WireReply]:
-        return [WireReply.parse(raw) for raw in await client.get_wire(keys, timeout_s)]
+        return [WireReply.parse(raw) for raw in await client.get_wire(keys, timeout_s, [release] if release else ())]
 
     try:
         replies = await conns.call(shard, attempt)

@@ -12,6 +12,7 @@ block's data is not copied through message objects.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from google.protobuf import json_format
 
@@ -66,9 +67,12 @@ class KvShardClient(ServiceClient):
         return [KeyOutcome(s.key, kvcache_pb2.PutStatus.Name(s.status).removeprefix("PUT_STATUS_").lower(), s.message)
                 for s in reply.statuses]
 
-    async def get_wire(self, keys: list[bytes], deadline_s: float | None = None) -> list[bytes]:
-        """The serialized GetReply of each key (``reads.WireReply.parse`` reads them)."""
-        stream = self.stream("GetSerialized", kvcache_pb2.GetRequest(keys=keys), deadline_s)
+    async def get_wire(self, keys: list[bytes], deadline_s: float | None = None,
+                       release_lease_ids: Sequence[str] = ()) -> list[bytes]:
+        """The serialized GetReply of each key (``reads.WireReply.parse`` reads them); the shard
+        ends the leases ``release_lease_ids`` once it has read the blocks."""
+        request = kvcache_pb2.GetRequest(keys=keys, release_lease_ids=release_lease_ids)
+        stream = self.stream("GetSerialized", request, deadline_s)
         return [raw async for raw in stream]
 
     async def get_blocks(self, keys: list[bytes], deadline_s: float | None = None) -> dict[bytes, FetchedBlock | None]:
@@ -79,6 +83,14 @@ class KvShardClient(ServiceClient):
             if reply.key in found:  # a corrupt or malformed copy stays None (logged by decode_reply)
                 found.update(decode_reply(reply, self.address))
         return found
+
+    async def lookup_and_lease(self, keys: list[bytes], ttl_s: float, deadline_s: float | None = None
+                               ) -> tuple[list[bool], ShardLease]:
+        """Which keys the shard holds, and a lease over them for ``ttl_s`` that later Puts can
+        join (granted even when it holds none); not retried."""
+        reply = await self.unary("Lookup", kvcache_pb2.LookupRequest(keys=keys, lease_ttl_s=ttl_s), idempotent=False,
+                                 deadline_s=deadline_s)
+        return list(reply.present), ShardLease(reply.lease_id, list(reply.leased), reply.lease_ttl_s)
 
     async def lookup(self, keys: list[bytes], deadline_s: float | None = None) -> tuple[list[bool], int]:
         """Which keys the shard holds, and how many leading keys it holds all of."""

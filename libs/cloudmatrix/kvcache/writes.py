@@ -11,33 +11,43 @@ DOWN = "shard marked down"
 
 
 async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], list[str]], replication: int,
-                     blocks: list[Block], write_quorum: int) -> list[PutResult]:
+                     blocks: list[Block], write_quorum: int, lease_ids: dict[str, str] | None = None
+                     ) -> list[PutResult]:
     """One PutResult per block, in order; acknowledged once ``write_quorum`` shards hold it.
 
     A block goes to its ``replication`` ring replicas (the head of ``preference_of(key)``, every
     shard in ring order). A replica that is marked down, or found down by this put, is stood in for
     by the next up shard along the ring (a sloppy quorum, as Dynamo's hinted handoff): the block
     still gets ``replication`` copies while a shard is away, and anti-entropy copies it onto its
-    replica once that one is back. A shard's refusal (checksum, capacity, conflict) gets no stand-in."""
+    replica once that one is back. A shard's refusal (checksum, capacity, conflict) gets no stand-in.
+
+    ``lease_ids`` (shard -> lease id): the blocks put on a shard join its lease there
+    (``PutResult.leased_on``); a shard without one, e.g. a stand-in, leases nothing."""
+    lease_ids = lease_ids or {}
     preferences = [preference_of(block.key) for block in blocks]
     owners = [preference[:replication] for preference in preferences]
     errors = [{s: DOWN for s in replicas if not conns.health.is_up(s)} for replicas in owners]
     stored: list[list[str]] = [[] for _ in blocks]
     conflicts: list[list[str]] = [[] for _ in blocks]
     tried: list[set[str]] = [set() for _ in blocks]
+    leased: list[list[str]] = [[] for _ in blocks]
     while plan := _plan(conns, preferences, replication, stored, tried):
-        outcomes = await asyncio.gather(*(put_on(conns, s, [blocks[i] for i in idx]) for s, idx in plan.items()))
+        outcomes = await asyncio.gather(*(_put_statuses(conns, s, [blocks[i] for i in idx], lease_ids.get(s, ""))
+                                          for s, idx in plan.items()))
         for (shard, indexes), outcome in zip(plan.items(), outcomes):
-            for i, error in zip(indexes, outcome):
+            for i, (error, joined) in zip(indexes, outcome):
+                if joined:
+                    leased[i].append(shard)
                 if error is None:
                     stored[i].append(shard)
                 else:
                     errors[i][shard] = str(error)
                     if error.conflict:
                         conflicts[i].append(shard)
-    rows = zip(blocks, preferences, owners, stored, errors, conflicts)
+    rows = zip(blocks, preferences, owners, stored, errors, conflicts, leased)
     return [PutResult(block.key, len(on) >= write_quorum, tuple(replicas), tuple(sorted(on, key=preference.index)),
-                      errs, tuple(conflict)) for block, preference, replicas, on, errs, conflict in rows]
+                      errs, tuple(conflict), tuple(joined))
+            for block, preference, replicas, on, errs, conflict, joined in rows]
 
 
 def _plan(conns: ShardConnections, preferences: list[list[str]], replication: int, stored: list[list[str]],
@@ -61,14 +71,22 @@ async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> li
     only a failed stream is, by ``ShardConnections.call``, and then the whole stream again
     (blocks already stored come back DUPLICATE).
     """
-    messages = [block.to_wire() for block in blocks]
+    return [error for error, _ in await _put_statuses(conns, shard, blocks, "")]
+
+
+async def _put_statuses(conns: ShardConnections, shard: str, blocks: list[Block], lease_id: str
+                        ) -> list[tuple[Refusal | None, bool]]:
+    """``put_on`` with each block joining ``lease_id``: per block (refusal or None, joined)."""
+    messages = [block.to_wire(lease_id) for block in blocks]
     try:
         reply = await conns.call(shard, lambda client, t: client.put_wire(messages, t))
     except CALL_ERRORS as err:
-        return [Refusal(describe(err))] * len(blocks)
+        return [(Refusal(describe(err)), False)] * len(blocks)
     if len(reply.statuses) != len(blocks):
-        return [Refusal(f"shard answered {len(reply.statuses)} statuses for {len(blocks)} blocks")] * len(blocks)
-    return [_outcome(block, status) for block, status in zip(blocks, reply.statuses)]
+        return [(Refusal(f"shard answered {len(reply.statuses)} statuses for {len(blocks)} blocks"), False)] \
+            * len(blocks)
+    return [(_outcome(block, status), status.leased and status.key == block.key)
+            for block, status in zip(blocks, reply.statuses)]
 
 
 def _outcome(block: Block, status) -> Refusal | None:

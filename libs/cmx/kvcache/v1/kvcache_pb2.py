@@ -25,55 +25,55 @@ _sym_db = _symbol_database.Default()
 from cmx.common.v1 import common_pb2 as cmx_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/kvcache/v1/kvcache.proto\x12\x0e\x63mx.kvcache.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x86\x01\n\x08PutBlock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.cmx.common.v1.BlockKind\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x07\"T\n\tKeyStatus\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.cmx.kvcache.v1.PutStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\"m\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12+\n\x08statuses\x18\x04 \x03(\x0b\x32\x19.cmx.kvcache.v1.KeyStatus\"\x1a\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"\x95\x01\n\x08GetReply\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x07\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.cmx.common.v1.BlockKind\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x11\n\tnamespace\x18\x07 \x01(\t\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"6\n\x0bLookupReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x16\n\x0elongest_prefix\x18\x02 \x01(\r\"+\n\x0cLeaseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"=\n\nLeaseReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06leased\x18\x02 \x03(\x08\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"G\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x01(\r\x12\x16\n\x0erefused_leased\x18\x03 \x01(\r\"/\n\x0fListKeysRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\"+\n\rListKeysReply\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0c\n\x04more\x18\x02 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe4\x02\n\nStatsReply\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x15\n\rleased_blocks\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x0e\n\x06misses\x18\x08 \x01(\x04\x12\x0e\n\x06stored\x18\t \x01(\x04\x12\x12\n\nduplicates\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\x12\x11\n\tevictions\x18\x0c \x01(\x04\x12\r\n\x05\x62lobs\x18\r \x01(\x04\x12\x12\n\nblob_bytes\x18\x0e \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x0f \x01(\x04\x12\x11\n\tconflicts\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x11 \x01(\x04\x12\x0e\n\x06spills\x18\x12 \x01(\x04\"q\n\tBlobChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\";\n\x0cPutBlobReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\"\x1e\n\x0eGetBlobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\xdf\x01\n\tPutStatus\x12\x1a\n\x16PUT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PUT_STATUS_STORED\x10\x01\x12\x18\n\x14PUT_STATUS_DUPLICATE\x10\x02\x12 \n\x1cPUT_STATUS_REJECTED_CHECKSUM\x10\x03\x12 \n\x1cPUT_STATUS_REJECTED_CAPACITY\x10\x04\x12\x1f\n\x1bPUT_STATUS_REJECTED_INVALID\x10\x05\x12 \n\x1cPUT_STATUS_REJECTED_CONFLICT\x10\x06\x32\xbf\x05\n\x0cKvCacheShard\x12;\n\x03Put\x12\x18.cmx.kvcache.v1.PutBlock\x1a\x18.cmx.kvcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.cmx.kvcache.v1.GetRequest\x1a\x18.cmx.kvcache.v1.GetReply0\x01\x12\x44\n\x06Lookup\x12\x1d.cmx.kvcache.v1.LookupRequest\x1a\x1b.cmx.kvcache.v1.LookupReply\x12\x41\n\x05Lease\x12\x1c.cmx.kvcache.v1.LeaseRequest\x1a\x1a.cmx.kvcache.v1.LeaseReply\x12G\n\x07Release\x12\x1e.cmx.kvcache.v1.ReleaseRequest\x1a\x1c.cmx.kvcache.v1.ReleaseReply\x12\x44\n\x06\x44\x65lete\x12\x1d.cmx.kvcache.v1.DeleteRequest\x1a\x1b.cmx.kvcache.v1.DeleteReply\x12\x41\n\x05Stats\x12\x1c.cmx.kvcache.v1.StatsRequest\x1a\x1a.cmx.kvcache.v1.StatsReply\x12J\n\x08ListKeys\x12\x1f.cmx.kvcache.v1.ListKeysRequest\x1a\x1d.cmx.kvcache.v1.ListKeysReply\x12\x44\n\x07PutBlob\x12\x19.cmx.kvcache.v1.BlobChunk\x1a\x1c.cmx.kvcache.v1.PutBlobReply(\x01\x12\x46\n\x07GetBlob\x12\x1e.cmx.kvcache.v1.GetBlobRequest\x1a\x19.cmx.kvcache.v1.BlobChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63mx/kvcache/v1/kvcache.proto\x12\x0e\x63mx.kvcache.v1\x1a\x1a\x63mx/common/v1/common.proto\"\x98\x01\n\x08PutBlock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.cmx.common.v1.BlockKind\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x07\x12\x10\n\x08lease_id\x18\x07 \x01(\t\"d\n\tKeyStatus\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.cmx.kvcache.v1.PutStatus\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06leased\x18\x04 \x01(\x08\"m\n\x08PutReply\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12\x10\n\x08rejected\x18\x03 \x01(\r\x12+\n\x08statuses\x18\x04 \x03(\x0b\x32\x19.cmx.kvcache.v1.KeyStatus\"5\n\nGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x19\n\x11release_lease_ids\x18\x02 \x03(\t\"\x95\x01\n\x08GetReply\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x07\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.cmx.common.v1.BlockKind\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x11\n\tnamespace\x18\x07 \x01(\t\"2\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x13\n\x0blease_ttl_s\x18\x02 \x01(\x01\"m\n\x0bLookupReply\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x16\n\x0elongest_prefix\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x0e\n\x06leased\x18\x04 \x03(\x08\x12\x13\n\x0blease_ttl_s\x18\x05 \x01(\x01\"+\n\x0cLeaseRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"=\n\nLeaseReply\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06leased\x18\x02 \x03(\x08\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\"#\n\x0eReleaseRequest\x12\x11\n\tlease_ids\x18\x01 \x03(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\r\"\x1d\n\rDeleteRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"G\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x0f\n\x07missing\x18\x02 \x01(\r\x12\x16\n\x0erefused_leased\x18\x03 \x01(\r\"/\n\x0fListKeysRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x0c\x12\r\n\x05limit\x18\x02 \x01(\r\"+\n\rListKeysReply\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0c\n\x04more\x18\x02 \x01(\x08\"\x0e\n\x0cStatsRequest\"\xe4\x02\n\nStatsReply\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x04\x12\x12\n\nused_bytes\x18\x02 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x15\n\rleased_blocks\x18\x04 \x01(\x04\x12\x13\n\x0b\x64isk_blocks\x18\x05 \x01(\x04\x12\x12\n\ndisk_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04hits\x18\x07 \x01(\x04\x12\x0e\n\x06misses\x18\x08 \x01(\x04\x12\x0e\n\x06stored\x18\t \x01(\x04\x12\x12\n\nduplicates\x18\n \x01(\x04\x12\x10\n\x08rejected\x18\x0b \x01(\x04\x12\x11\n\tevictions\x18\x0c \x01(\x04\x12\r\n\x05\x62lobs\x18\r \x01(\x04\x12\x12\n\nblob_bytes\x18\x0e \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x0f \x01(\x04\x12\x11\n\tconflicts\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x11 \x01(\x04\x12\x0e\n\x06spills\x18\x12 \x01(\x04\"q\n\tBlobChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x07\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\";\n\x0cPutBlobReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\r\"\x1e\n\x0eGetBlobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\xdf\x01\n\tPutStatus\x12\x1a\n\x16PUT_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PUT_STATUS_STORED\x10\x01\x12\x18\n\x14PUT_STATUS_DUPLICATE\x10\x02\x12 \n\x1cPUT_STATUS_REJECTED_CHECKSUM\x10\x03\x12 \n\x1cPUT_STATUS_REJECTED_CAPACITY\x10\x04\x12\x1f\n\x1bPUT_STATUS_REJECTED_INVALID\x10\x05\x12 \n\x1cPUT_STATUS_REJECTED_CONFLICT\x10\x06\x32\xbf\x05\n\x0cKvCacheShard\x12;\n\x03Put\x12\x18.cmx.kvcache.v1.PutBlock\x1a\x18.cmx.kvcache.v1.PutReply(\x01\x12=\n\x03Get\x12\x1a.cmx.kvcache.v1.GetRequest\x1a\x18.cmx.kvcache.v1.GetReply0\x01\x12\x44\n\x06Lookup\x12\x1d.cmx.kvcache.v1.LookupRequest\x1a\x1b.cmx.kvcache.v1.LookupReply\x12\x41\n\x05Lease\x12\x1c.cmx.kvcache.v1.LeaseRequest\x1a\x1a.cmx.kvcache.v1.LeaseReply\x12G\n\x07Release\x12\x1e.cmx.kvcache.v1.ReleaseRequest\x1a\x1c.cmx.kvcache.v1.ReleaseReply\x12\x44\n\x06\x44\x65lete\x12\x1d.cmx.kvcache.v1.DeleteRequest\x1a\x1b.cmx.kvcache.v1.DeleteReply\x12\x41\n\x05Stats\x12\x1c.cmx.kvcache.v1.StatsRequest\x1a\x1a.cmx.kvcache.v1.StatsReply\x12J\n\x08ListKeys\x12\x1f.cmx.kvcache.v1.ListKeysRequest\x1a\x1d.cmx.kvcache.v1.ListKeysReply\x12\x44\n\x07PutBlob\x12\x19.cmx.kvcache.v1.BlobChunk\x1a\x1c.cmx.kvcache.v1.PutBlobReply(\x01\x12\x46\n\x07GetBlob\x12\x1e.cmx.kvcache.v1.GetBlobRequest\x1a\x19.cmx.kvcache.v1.BlobChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cmx.kvcache.v1.kvcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTSTATUS']._serialized_start=1638
-  _globals['_PUTSTATUS']._serialized_end=1861
+  _globals['_PUTSTATUS']._serialized_start=1775
+  _globals['_PUTSTATUS']._serialized_end=1998
   _globals['_PUTBLOCK']._serialized_start=77
-  _globals['_PUTBLOCK']._serialized_end=211
-  _globals['_KEYSTATUS']._serialized_start=213
-  _globals['_KEYSTATUS']._serialized_end=297
-  _globals['_PUTREPLY']._serialized_start=299
-  _globals['_PUTREPLY']._serialized_end=408
-  _globals['_GETREQUEST']._serialized_start=410
-  _globals['_GETREQUEST']._serialized_end=436
-  _globals['_GETREPLY']._serialized_start=439
-  _globals['_GETREPLY']._serialized_end=588
-  _globals['_LOOKUPREQUEST']._serialized_start=590
-  _globals['_LOOKUPREQUEST']._serialized_end=619
-  _globals['_LOOKUPREPLY']._serialized_start=621
-  _globals['_LOOKUPREPLY']._serialized_end=675
-  _globals['_LEASEREQUEST']._serialized_start=677
-  _globals['_LEASEREQUEST']._serialized_end=720
-  _globals['_LEASEREPLY']._serialized_start=722
-  _globals['_LEASEREPLY']._serialized_end=783
-  _globals['_RELEASEREQUEST']._serialized_start=785
-  _globals['_RELEASEREQUEST']._serialized_end=820
-  _globals['_RELEASEREPLY']._serialized_start=822
-  _globals['_RELEASEREPLY']._serialized_end=854
-  _globals['_DELETEREQUEST']._serialized_start=856
-  _globals['_DELETEREQUEST']._serialized_end=885
-  _globals['_DELETEREPLY']._serialized_start=887
-  _globals['_DELETEREPLY']._serialized_end=958
-  _globals['_LISTKEYSREQUEST']._serialized_start=960
-  _globals['_LISTKEYSREQUEST']._serialized_end=1007
-  _globals['_LISTKEYSREPLY']._serialized_start=1009
-  _globals['_LISTKEYSREPLY']._serialized_end=1052
-  _globals['_STATSREQUEST']._serialized_start=1054
-  _globals['_STATSREQUEST']._serialized_end=1068
-  _globals['_STATSREPLY']._serialized_start=1071
-  _globals['_STATSREPLY']._serialized_end=1427
-  _globals['_BLOBCHUNK']._serialized_start=1429
-  _globals['_BLOBCHUNK']._serialized_end=1542
-  _globals['_PUTBLOBREPLY']._serialized_start=1544
-  _globals['_PUTBLOBREPLY']._serialized_end=1603
-  _globals['_GETBLOBREQUEST']._serialized_start=1605
-  _globals['_GETBLOBREQUEST']._serialized_end=1635
-  _globals['_KVCACHESHARD']._serialized_start=1864
-  _globals['_KVCACHESHARD']._serialized_end=2567
+  _globals['_PUTBLOCK']._serialized_end=229
+  _globals['_KEYSTATUS']._serialized_start=231
+  _globals['_KEYSTATUS']._serialized_end=331
+  _globals['_PUTREPLY']._serialized_start=333
+  _globals['_PUTREPLY']._serialized_end=442
+  _globals['_GETREQUEST']._serialized_start=444
+  _globals['_GETREQUEST']._serialized_end=497
+  _globals['_GETREPLY']._serialized_start=500
+  _globals['_GETREPLY']._serialized_end=649
+  _globals['_LOOKUPREQUEST']._serialized_start=651
+  _globals['_LOOKUPREQUEST']._serialized_end=701
+  _globals['_LOOKUPREPLY']._serialized_start=703
+  _globals['_LOOKUPREPLY']._serialized_end=812
+  _globals['_LEASEREQUEST']._serialized_start=814
+  _globals['_LEASEREQUEST']._serialized_end=857
+  _globals['_LEASEREPLY']._serialized_start=859
+  _globals['_LEASEREPLY']._serialized_end=920
+  _globals['_RELEASEREQUEST']._serialized_start=922
+  _globals['_RELEASEREQUEST']._serialized_end=957
+  _globals['_RELEASEREPLY']._serialized_start=959
+  _globals['_RELEASEREPLY']._serialized_end=991
+  _globals['_DELETEREQUEST']._serialized_start=993
+  _globals['_DELETEREQUEST']._serialized_end=1022
+  _globals['_DELETEREPLY']._serialized_start=1024
+  _globals['_DELETEREPLY']._serialized_end=1095
+  _globals['_LISTKEYSREQUEST']._serialized_start=1097
+  _globals['_LISTKEYSREQUEST']._serialized_end=1144
+  _globals['_LISTKEYSREPLY']._serialized_start=1146
+  _globals['_LISTKEYSREPLY']._serialized_end=1189
+  _globals['_STATSREQUEST']._serialized_start=1191
+  _globals['_STATSREQUEST']._serialized_end=1205
+  _globals['_STATSREPLY']._serialized_start=1208
+  _globals['_STATSREPLY']._serialized_end=1564
+  _globals['_BLOBCHUNK']._serialized_start=1566
+  _globals['_BLOBCHUNK']._serialized_end=1679
+  _globals['_PUTBLOBREPLY']._serialized_start=1681
+  _globals['_PUTBLOBREPLY']._serialized_end=1740
+  _globals['_GETBLOBREQUEST']._serialized_start=1742
+  _globals['_GETBLOBREQUEST']._serialized_end=1772
+  _globals['_KVCACHESHARD']._serialized_start=2001
+  _globals['_KVCACHESHARD']._serialized_end=2704
 # @@protoc_insertion_point(module_scope)

@@ -26,30 +26,34 @@ PUT_STATUS_REJECTED_INVALID: PutStatus
 PUT_STATUS_REJECTED_CONFLICT: PutStatus
 
 class PutBlock(_message.Message):
-    __slots__ = ("key", "namespace", "kind", "num_tokens", "data", "checksum")
+    __slots__ = ("key", "namespace", "kind", "num_tokens", "data", "checksum", "lease_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     namespace: str
     kind: _common_pb2.BlockKind
     num_tokens: int
     data: bytes
     checksum: int
-    def __init__(self, key: _Optional[bytes] = ..., namespace: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.BlockKind, str]] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ...) -> None: ...
+    lease_id: str
+    def __init__(self, key: _Optional[bytes] = ..., namespace: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.BlockKind, str]] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., lease_id: _Optional[str] = ...) -> None: ...
 
 class KeyStatus(_message.Message):
-    __slots__ = ("key", "status", "message")
+    __slots__ = ("key", "status", "message", "leased")
     KEY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     status: PutStatus
     message: str
-    def __init__(self, key: _Optional[bytes] = ..., status: _Optional[_Union[PutStatus, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    leased: bool
+    def __init__(self, key: _Optional[bytes] = ..., status: _Optional[_Union[PutStatus, str]] = ..., message: _Optional[str] = ..., leased: _Optional[bool] = ...) -> None: ...
 
 class PutReply(_message.Message):
     __slots__ = ("stored", "duplicates", "rejected", "statuses")
@@ -64,10 +68,12 @@ class PutReply(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[KeyStatus, _Mapping]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "release_lease_ids")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_LEASE_IDS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    release_lease_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., release_lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetReply(_message.Message):
     __slots__ = ("key", "found", "data", "checksum", "kind", "num_tokens", "namespace")
@@ -88,18 +94,26 @@ class GetReply(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., kind: _Optional[_Union[_common_pb2.BlockKind, str]] = ..., num_tokens: _Optional[int] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("keys",)
+    __slots__ = ("keys", "lease_ttl_s")
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    lease_ttl_s: float
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
 class LookupReply(_message.Message):
-    __slots__ = ("present", "longest_prefix")
+    __slots__ = ("present", "longest_prefix", "lease_id", "leased", "lease_ttl_s")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     LONGEST_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
     present: _containers.RepeatedScalarFieldContainer[bool]
     longest_prefix: int
-    def __init__(self, present: _Optional[_Iterable[bool]] = ..., longest_prefix: _Optional[int] = ...) -> None: ...
+    lease_id: str
+    leased: _containers.RepeatedScalarFieldContainer[bool]
+    lease_ttl_s: float
+    def __init__(self, present: _Optional[_Iterable[bool]] = ..., longest_prefix: _Optional[int] = ..., lease_id: _Optional[str] = ..., leased: _Optional[_Iterable[bool]] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("keys", "ttl_s")

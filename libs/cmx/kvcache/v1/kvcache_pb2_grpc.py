@@ -104,7 +104,8 @@ class KvCacheShardServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Lookup(self, request, context):
-        """Which keys are present, and the longest present prefix of the key list.
+        """Which keys are present, and the longest present prefix of the key list; with lease_ttl_s,
+        also a lease over the present ones that later Puts can join (a prefill's one call per shard).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -89,6 +89,7 @@ class FakeDriver:
         self.loads = self.forwards = 0
         self.step_sizes: list[int] = []                   # sequences in each forward
         self.released: list[tuple[int, str]] = []         # sequences the dies were told to forget
+        self.block_reads: list[tuple[int, int]] = []      # (die, blocks) of each read_blocks call
         self.model_id = "fake"
 
     async def load(self) -> BlockManager:
@@ -106,6 +107,7 @@ class FakeDriver:
                     self.slots[die][block * self.block_size + i] = int(value)
 
     async def read_blocks(self, die: int, blocks) -> list[torch.Tensor]:
+        self.block_reads.append((die, len(blocks)))
         return [torch.tensor([self.slots[die][b * self.block_size + i] for i in range(n)],
                              dtype=torch.float32)[None, :, None] for b, n in blocks]
 

@@ -53,6 +53,7 @@ def test_quick_compare_reports_every_row_and_ratio(tmp_path):
     for name, runs in report["samples"].items():
         for run in runs:  # every system generated exactly what was asked, and its rate is that over its time
             assert run["output_tokens"] == asked, (name, run["output_tokens"], asked)
+            assert run["warmup_requests"] == report["config"]["requests"]  # served first, untimed, by the same system
             assert run["output_tok_s"] == pytest.approx(run["output_tokens"] / run["elapsed_s"])
         for metric in ("output_tok_s", "ttft_p50_ms", "tpot_p99_ms"):  # the median of two runs: their mean
             assert rows[name][metric] == pytest.approx((runs[0][metric] + runs[1][metric]) / 2)

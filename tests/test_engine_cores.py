@@ -208,3 +208,22 @@ def test_prefill_leases_its_prompt_for_the_decode_and_a_cancelled_one_gives_the_
     assert first.cached_tokens == 0 and first.lease.leased == (True, True, True)  # 2 full blocks + the tail
     assert again.cached_tokens == 8 and again.lease.leased == (True, True, True)  # 2 cached, its own tail new
     assert [lease.lease_ids for lease in pool.released] == [{"shard-0": "lease-4-0"}]  # the cancelled one's
+
+
+def test_prompts_finishing_in_one_step_are_read_back_in_one_call_per_die_each_with_its_own_kv():
+    async def scenario():
+        loop, pool = await _started(blocks=16), FakePool()
+        core = PrefillCore(loop, pool, PrefillSettings("ns", BS, chunk_tokens=64, vocab_size=VOCAB, context_limit=64))
+        prompts = [_prompt(20 + i, 5 + i) for i in range(4)]  # 26 tokens: one step (max_step_tokens 32)
+        results = await asyncio.gather(*(core.prefill(f"p{i}", p, SamplingParams(max_tokens=4), use_cache=True)
+                                         for i, p in enumerate(prompts)))
+        reads, steps = list(loop.driver.block_reads), loop.driver.forwards
+        await loop.stop()
+        return prompts, results, pool, reads, steps
+
+    prompts, results, pool, reads, steps = run(scenario())
+    assert steps == 1 and sorted(die for die, _ in reads) == [0, 1]  # one step, one read per die
+    assert sum(n for _, n in reads) == sum(-(-len(p) // BS) for p in prompts)
+    for prompt, result in zip(prompts, results):  # every block in the pool holds its own prompt's tokens
+        stored = [pool.blocks[k].data for k in result.keys.all]
+        assert stored == [encode_tensor(kv).SerializeToString() for kv in prefix_kv(prompt, BS)]

@@ -7,7 +7,9 @@ speculative decoding off and on (systems ``*_mtp``), each row with its tokens pe
 
 (a) and (b) each run in a process of their own with the machine's cores (``--threads``), and again
 with one thread (rows ``*_1t``), before any topology is up; then each suite topology runs alone:
-up, its repeats, down. Every row reports the CPU-seconds it spent per output token: its own
+up, its repeats, down. Every system first serves one untimed warm-up batch of the same shape
+(other prompts) in the process or topology it is then timed in, unless ``--no-warmup``: the
+numbers are of a warm system, not of its first requests. Every row reports the CPU-seconds it spent per output token: its own
 process for (a) and (b), every process of the topology by kind for (c) (bench/cpu.py). Each
 number is the median over repeats; ratios are to (a) with all cores."""
 from __future__ import annotations
@@ -44,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="time each system's first requests too (default: one untimed warm-up batch first)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of transformers and the in-process engine (0 = the machine's cores); "
                         "both also run with 1 thread")
@@ -70,18 +74,20 @@ def run(args: argparse.Namespace) -> int:
         float_ckpt, int8_ckpt = _checkpoints(tmp, args.preset, args.checkpoint)
         cfg = load_config(float_ckpt)
         modes = _mtp_modes(args.mtp, cfg.num_nextn_predict_layers)
-        prompt_sets = [workload.held_out(float_ckpt, args.requests, args.input_len, args.output_len, repeat)
-                       if args.held_out else
-                       workload.synthetic(args.requests, args.input_len, args.output_len, 0.0, cfg.vocab_size, seed=repeat)
-                       for repeat in range(args.repeats)]
-        samples = _in_process_systems(args, float_ckpt, modes, cores, prompt_sets)  # nothing else is up
+        sets = [workload.held_out(float_ckpt, args.requests, args.input_len, args.output_len, repeat)
+                if args.held_out else
+                workload.synthetic(args.requests, args.input_len, args.output_len, 0.0, cfg.vocab_size, seed=repeat)
+                for repeat in range(args.repeats + 1)]  # the last: the warm-up batch
+        prompt_sets, warmup = sets[:-1], sets[-1] if args.warmup else []
+        samples = _in_process_systems(args, float_ckpt, modes, cores, prompt_sets, warmup)  # nothing else is up
         layouts = {name: {"threads": runs[0]["threads"], "processes": 1, "allocator": runs[0]["allocator"],
                           "allocator_env": runs[0]["env"], "mallopt": runs[0]["mallopt"]}
                    for name, runs in samples.items()}
         for mtp in modes:
             for ckpt, precision in zip((float_ckpt, int8_ckpt), PRECISIONS):
                 name = _name(f"suite_{precision.replace('-', '_')}", mtp)
-                samples[name], layouts[name] = _suite_system(args, ckpt, precision, mtp, tmp / name, prompt_sets)
+                samples[name], layouts[name] = _suite_system(args, ckpt, precision, mtp, tmp / name, prompt_sets,
+                                                             warmup)
     report = _report(args, samples, layouts)
     if args.plot:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -93,10 +99,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_process_systems(args, checkpoint: Path, modes: list[bool], cores: int,
-                        prompt_sets: list) -> dict[str, list[dict]]:
-    """transformers and the in-process engine, each in its own process, all cores then 1 thread."""
+def _in_process_systems(args, checkpoint: Path, modes: list[bool], cores: int, prompt_sets: list,
+                        warmup: list) -> dict[str, list[dict]]:
+    """transformers and the in-process engine, each in its own process, all cores then 1 thread;
+    each process serves the warm-up prompts before the timed ones."""
     prompts = [[p.prompt for p in prompt_set] for prompt_set in prompt_sets]
+    warm = [p.prompt for p in warmup]
     systems = [("hf_static", {"system": "hf", "mtp": False})]
     systems += [(_name("in_process", mtp), {"system": "in_process", "mtp": mtp}) for mtp in modes]
     samples = {}
@@ -104,18 +112,22 @@ def _in_process_systems(args, checkpoint: Path, modes: list[bool], cores: int,
         for threads in dict.fromkeys((cores, 1)):
             label = name if threads == cores else f"{name}_1t"
             samples[label] = [run_child({**spec, "checkpoint": str(checkpoint), "threads": threads,
-                                         "hf_batch": args.hf_batch, "prompts": p, "output_len": args.output_len})
+                                         "hf_batch": args.hf_batch, "prompts": p, "warmup": warm,
+                                         "output_len": args.output_len})
                               for p in prompts]
     return samples
 
 
 def _suite_system(args, checkpoint: Path, precision: str, mtp: bool, run_dir: Path,
-                  prompt_sets: list) -> tuple[list[dict], dict]:
-    """One suite topology alone: up, every prompt set through it with its CPU split, down."""
+                  prompt_sets: list, warmup: list) -> tuple[list[dict], dict]:
+    """One suite topology alone: up, the warm-up prompts (untimed), every prompt set through it
+    with its CPU split, down."""
     records = bring_up(_topology(args.topology, checkpoint, precision, mtp), run_dir.resolve(), 180.0)
     try:
         processes = TopologyProcesses.from_run_dir(run_dir)
-        runs = [suite(run_dir, _decode_metrics(records), prompts, processes) for prompts in prompt_sets]
+        warmed = len(warmup) and suite(run_dir, _decode_metrics(records), warmup, processes)["requests"]
+        runs = [suite(run_dir, _decode_metrics(records), prompts, processes) | {"warmup_requests": warmed}
+                for prompts in prompt_sets]
         settings = processes.allocator()
         return runs, {"threads": 1, "processes": processes.layout(), "allocator": settings["allocator"],
                       "allocator_env": settings["env"], "mallopt": settings["mallopt"]}

@@ -2,7 +2,8 @@
 or the project's in-process engine, with the threads asked, nothing else running beside it.
 
 ``python -m cloudmatrix.bench.compare_child SPEC.json`` reads {"system": "hf" | "in_process",
-"checkpoint", "threads", "mtp", "hf_batch", "prompts": [[ids]], "output_len"} and prints one JSON
+"checkpoint", "threads", "mtp", "hf_batch", "prompts": [[ids]], "warmup": [[ids]] (optional: sent
+first, untimed), "output_len"} and prints one JSON
 line: the system's summary (compare_systems), the CPU-seconds the process spent generating (every
 thread), its threads and allocator settings.
 """
@@ -38,13 +39,14 @@ def run_child(spec: dict, timeout_s: float = 1800.0) -> dict:
 
 
 def _measure(spec: dict) -> dict:
-    prompts = [BenchRequest(list(p), spec["output_len"]) for p in spec["prompts"]]
+    prompts, warmup = ([BenchRequest(list(p), spec["output_len"]) for p in spec.get(key, ())]
+                       for key in ("prompts", "warmup"))
     checkpoint = Path(spec["checkpoint"])
     if spec["system"] == "hf":
-        return hf_generate(checkpoint, prompts, spec["hf_batch"] or len(prompts), time.process_time)
+        return hf_generate(checkpoint, prompts, spec["hf_batch"] or len(prompts), time.process_time, warmup)
     if spec["system"] == "in_process":
         model = load_model(checkpoint, mtp=spec["mtp"])
-        return asyncio.run(in_process(model, prompts, time.process_time))  # this process, every thread
+        return asyncio.run(in_process(model, prompts, time.process_time, warmup))  # this process, every thread
     raise ValueError(f"system: must be hf or in_process, got {spec['system']!r}")
 
 

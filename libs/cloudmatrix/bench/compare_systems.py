@@ -31,15 +31,28 @@ def _summary(ttft: list[float], tpot: list[float], output_tokens: int, elapsed: 
             "tpot_p99_ms": percentile(tpot, 99) * 1e3}
 
 
-def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int, cpu_clock: Callable[[], float]) -> dict:
+def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int, cpu_clock: Callable[[], float],
+                warmup: list[BenchRequest] = ()) -> dict:
     """transformers' DeepseekV3ForCausalLM.generate, greedy, static batches of ``batch`` prompts
     (of one length: no padding), every output exactly output_len tokens; ``cpu_clock`` reads the
-    CPU-seconds this process has spent."""
+    CPU-seconds this process has spent. The ``warmup`` prompts go through first, untimed."""
     import transformers
 
     model = transformers.DeepseekV3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                                attn_implementation="eager")
-    out_len, ttft, tpot = prompts[0].output_len, [], []
+    if warmup:
+        _hf_batches(model, list(warmup), batch, time.perf_counter())
+    start, cpu_start = time.perf_counter(), cpu_clock()
+    ttft, tpot, generated = _hf_batches(model, prompts, batch, start)
+    return _summary(ttft, tpot, generated, time.perf_counter() - start, cpu_clock() - cpu_start) \
+        | {"warmup_requests": len(warmup)}
+
+
+def _hf_batches(model, prompts: list[BenchRequest], batch: int, start: float) -> tuple[list, list, int]:
+    """Generate for every prompt, ``batch`` at a time: (TTFT per prompt, TPOT per prompt, tokens)."""
+    import transformers
+
+    out_len, ttft, tpot, generated = prompts[0].output_len, [], [], 0
 
     class Clock(transformers.StoppingCriteria):  # called once per generated token
         def __init__(self) -> None:
@@ -49,7 +62,6 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int, cpu_c
             self.stamps.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    start, cpu_start, generated = time.perf_counter(), cpu_clock(), 0
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
         ids = torch.tensor([p.prompt for p in chunk])  # [B, S]
@@ -60,28 +72,38 @@ def hf_generate(checkpoint: Path, prompts: list[BenchRequest], batch: int, cpu_c
         ttft += [clock.stamps[0] - start] * len(chunk)
         tpot += [(clock.stamps[-1] - clock.stamps[0]) / max(out_len - 1, 1)] * len(chunk)
         generated += len(clock.stamps) * len(chunk)  # one stamp per generated position of the batch
-    return _summary(ttft, tpot, generated, time.perf_counter() - start, cpu_clock() - cpu_start)
+    return ttft, tpot, generated
 
 
-async def in_process(model: DeepseekV3, prompts: list[BenchRequest], cpu_clock: Callable[[], float]) -> dict:
+async def in_process(model: DeepseekV3, prompts: list[BenchRequest], cpu_clock: Callable[[], float],
+                     warmup: list[BenchRequest] = ()) -> dict:
     """The instance scheduler and step loop over the model in this process (continuous batching);
-    a model with its MTP module speculates (one draft token per step)."""
-    blocks = sum(-(-(len(p.prompt) + p.output_len + 1) // 16) for p in prompts) + 8
+    a model with its MTP module speculates (one draft token per step). The ``warmup`` prompts go
+    through first, untimed."""
+    blocks = max(sum(-(-(len(p.prompt) + p.output_len + 1) // 16) for p in batch) for batch in (prompts, warmup)) + 8
     driver = LocalDriver(model, blocks)
     limits = SchedulerLimits(max_running=len(prompts), max_waiting=len(prompts), max_step_tokens=1024,
                              speculative_tokens=min(1, len(model.mtp)))
     loop = StepLoop(driver, driver.load, limits, LoopSettings("in-process", probe_interval_s=3600.0))
     await loop.start()
-    start, cpu_start = time.perf_counter(), cpu_clock()
-    requests = [Request(f"r{i}", list(p.prompt), SamplingParams(max_tokens=p.output_len),
-                        StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
-    stamps = await asyncio.gather(*(_token_times(loop.submit(r)) for r in requests))
-    elapsed, cpu_s = time.perf_counter() - start, cpu_clock() - cpu_start
+    if warmup:
+        await asyncio.gather(*(_token_times(loop.submit(r)) for r in _requests(warmup, "w")))
     counts = loop.scheduler.speculation
+    warm_drafts, warm_accepted = counts.drafts, counts.accepted
+    start, cpu_start = time.perf_counter(), cpu_clock()
+    stamps = await asyncio.gather(*(_token_times(loop.submit(r)) for r in _requests(prompts, "r")))
+    elapsed, cpu_s = time.perf_counter() - start, cpu_clock() - cpu_start
     await loop.stop()
     summary = _summary([s[0] - start for s in stamps], [(s[-1] - s[0]) / max(len(s) - 1, 1) for s in stamps],
                        sum(len(s) for s in stamps), elapsed, cpu_s)
-    return summary | {"tokens_per_step": speculation(counts.drafts, counts.accepted)["mean_acceptance_length"]}
+    drafts, accepted = counts.drafts - warm_drafts, counts.accepted - warm_accepted
+    return summary | {"tokens_per_step": speculation(drafts, accepted)["mean_acceptance_length"],
+                      "warmup_requests": len(warmup)}
+
+
+def _requests(prompts: list[BenchRequest], prefix: str) -> list[Request]:
+    return [Request(f"{prefix}{i}", list(p.prompt), SamplingParams(max_tokens=p.output_len),
+                    StopRule(p.output_len, ignore_eos=True), chunk_tokens=256) for i, p in enumerate(prompts)]
 
 
 async def _token_times(events: AsyncIterator[StepEvent]) -> list[float]:
@@ -107,4 +129,4 @@ def suite(run_dir: Path, decode_metrics: str, prompts: list[BenchRequest], proce
     summary = _summary([r.ttft_s for r in results], [r.tpot_s for r in results], output_tokens, elapsed, cpu["cpu_s"])
     tokens = steps.get("speculation", {}).get("mean_acceptance_length", 1.0)
     return {**summary, "decode_seqs_per_step": steps.get("sequences_per_step", 0.0), "tokens_per_step": tokens,
-            "cpu": cpu}
+            "cpu": cpu, "requests": len(results)}

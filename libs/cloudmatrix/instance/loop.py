@@ -233,9 +233,7 @@ class StepLoop:
                                              for mb, chunks in self._microbatches(plan)))
             outputs = {k: v for r in results for k, v in r.outputs.items()}
             measured, modeled = time.perf_counter() - started, max(r.modeled_s for r in results)
-            for request, event in self.scheduler.complete(plan, outputs, StepTiming(started, measured, modeled)):
-                kv = await self.driver.read_blocks(request.die, self.scheduler.export_ranges(request))
-                self.scheduler.finish_exported(request, event, kv)
+            await self._export(self.scheduler.complete(plan, outputs, StepTiming(started, measured, modeled)))
         except StepFailed as failure:
             log.warning("step failed", extra={"instance": self.settings.name, "error": str(failure)})
             self._down = failure.summary
@@ -253,6 +251,18 @@ class StepLoop:
                 for k, v in result.phases.items():
                     phases[k] = phases.get(k, 0.0) + v
             self.on_step(measured, modeled, len(plan.chunks), phases)
+
+    async def _export(self, finished: list[tuple[Request, StepEvent]]) -> None:
+        """Read back the KV of the requests that finished wanting it: one ReadBlocks per die for
+        all of them (the dies at once), then each request finishes with its own blocks."""
+        ranges = [self.scheduler.export_ranges(request) for request, _ in finished]
+        dies = sorted({request.die for request, _ in finished})
+        wanted = {die: [r for (request, _), rs in zip(finished, ranges) if request.die == die for r in rs]
+                  for die in dies}
+        read = dict(zip(dies, await asyncio.gather(*(self.driver.read_blocks(d, wanted[d]) for d in dies))))
+        for (request, event), rs in zip(finished, ranges):
+            kv, read[request.die] = read[request.die][:len(rs)], read[request.die][len(rs):]
+            self.scheduler.finish_exported(request, event, kv)
 
     def _microbatches(self, plan: StepPlan) -> list[tuple[int, list[ScheduledChunk]]]:
         if self.settings.microbatches == 2 and len(plan.chunks) > 1:

@@ -1,9 +1,9 @@
-"""The CloudMatrix384 simulator (`cmx simulate`): the paper's system-level rows are held out from
-every constant, so they are the test of the model. Rows within the issue's bound must stay there;
-rows outside it are pinned to the error docs/simulator.md reports (a change to the model that
-moves one must update the docs, and cannot quietly buy one row at the price of another). Then
-the model's own laws: monotone in batch and context, the roofline under ideal efficiencies, SLO
-search and capacity planning against brute force, and the CLI."""
+"""The CloudMatrix384 simulator (`cmx simulate`): the paper's system-level observations are held
+out from every constant, so they are the test of the model. The observations docs/simulator.md
+claims within the bound are asserted against the paper's own figures (../shared/PAPERS.md); the
+ones it reports as misses are not asserted at all (a change that fixes one can only make tests
+pass). Then the model's own laws: monotone in batch and context, the roofline under ideal
+efficiencies, microbatch choice, SLO search and capacity planning against brute force, and the CLI."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,22 +15,23 @@ from cloudmatrix.cli.main import main
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE, IDEAL_EFFICIENCY, roofline_s
 from cloudmatrix.costmodel.ops import DEEPSEEK_V3
 from cloudmatrix.simulator.decode import DecodeSetup, largest_batch_within, simulate_decode
-from cloudmatrix.simulator.paper import paper_rows
+from cloudmatrix.simulator.paper import BOUND, paper_rows
 from cloudmatrix.simulator.planning import parse_duration_s, plan
 from cloudmatrix.simulator.prefill import PrefillSetup, simulate_prefill
 
-# (table, label, metric) -> the error docs/simulator.md reports for rows outside their bound
-DOCUMENTED_MISSES = {
-    ("prefill", "default EPLB, 4K prompts, 16,384 tokens/NPU", "tokens/s per NPU"): 0.329,
-    ("decode", "batch 96/NPU, KV ~4K", "TPOT ms"): -0.208,
-    ("decode", "batch 96/NPU, KV ~4K", "tokens/s per NPU"): 0.262,
-    ("slo", "SLO 50 ms, 4096/256, batch 96", "TPOT ms"): -0.192,
-    ("slo", "SLO 50 ms, 4096/256, batch 96", "tokens/s per NPU"): 0.239,
-    ("slo", "SLO 30 ms, 4096/256, batch 24", "TPOT ms"): -0.164,
-    ("slo", "SLO 30 ms, 4096/256, batch 24", "tokens/s per NPU"): 0.198,
-    ("microbatch", "decode batch 64/NPU", "throughput gain %"): 0.738,
-    ("microbatch", "decode batch 96/NPU", "throughput gain %"): 0.977,
-    ("microbatch", "decode batch 128/NPU", "throughput gain %"): 1.891,
+# The paper's figures (PAPERS.md, headline tables and s2), typed here from the paper, not from the
+# model: (table, label) -> the paper's value. These are the observations docs/simulator.md claims
+# within +-20%; its misses are listed there, with the assumption that causes each.
+CLAIMED_WITHIN = {
+    ("prefill", "perfect EPLB, 4K prompts, 16,384 tokens/NPU"): 6688,
+    ("slo", "SLO 50 ms, 1024/1024, batch 128"): 46.8,
+    ("slo", "SLO 50 ms, 2048/256, batch 112"): 47.4,
+    ("slo", "SLO 50 ms, 4096/256, batch 96"): 49.4,
+    ("slo", "SLO 15 ms, 4096/256, batch 8"): 14.9,
+    ("microbatch", "decode batch 64/NPU"): 1.058,
+    ("microbatch", "decode batch 96/NPU"): 1.094,
+    ("microbatch", "decode batch 128/NPU"): 1.069,
+    ("mtp", "per-layer latency, MTP on"): 1260,
 }
 
 
@@ -39,23 +40,32 @@ def rows():
     return paper_rows()
 
 
-def test_every_paper_row_is_predicted(rows):
+def test_every_observation_is_predicted_once(rows):
     tables = [r.table for r in rows]
-    assert tables.count("prefill") == 2 and tables.count("decode") == 2 and tables.count("slo") == 10
-    assert tables.count("microbatch") == 3 and tables.count("mtp") == 2 and tables.count("context_cache") == 2
-    assert all(r.predicted > 0 for r in rows if r.table != "microbatch")
+    assert tables.count("prefill") == 2 and tables.count("slo") == 5 and tables.count("microbatch") == 3
+    assert tables.count("mtp") == 2 and tables.count("context_cache") == 2
+    assert len({(r.table, r.label) for r in rows}) == len(rows) and all(r.predicted > 0 for r in rows)
+    for r in (r for r in rows if r.table == "slo"):  # tokens/s is shown beside its TPOT, not scored twice
+        batch_per_npu = int(r.label.rsplit(" ", 1)[1])
+        assert r.shown["tokens_per_s_per_npu"] == pytest.approx(batch_per_npu / (r.predicted / 1e3))
 
 
-def test_rows_within_their_bound_stay_within_it_and_misses_are_the_documented_ones(rows):
-    for r in rows:
-        key = (r.table, r.label, r.metric)
-        if r.bound is None:
-            continue
-        if key in DOCUMENTED_MISSES:
-            assert not r.within and r.error == pytest.approx(DOCUMENTED_MISSES[key], abs=0.01), key
-        else:
-            assert r.within, (key, r.error)
-    assert sum(bool(r.within) for r in rows) == 9
+@pytest.mark.parametrize("key", sorted(CLAIMED_WITHIN))
+def test_the_observations_claimed_within_the_bound_are_within_it_of_the_paper(rows, key):
+    [row] = [r for r in rows if (r.table, r.label) == key]
+    assert row.paper == CLAIMED_WITHIN[key]
+    assert abs(row.predicted / CLAIMED_WITHIN[key] - 1) <= BOUND, (key, row.predicted)
+
+
+def test_the_faster_of_one_and_two_microbatches_is_chosen():
+    for batch in (1, 2, 4, 12, 48, 64, 96):
+        auto = simulate_decode(DecodeSetup(batch_per_die=batch, kv_len=4224))
+        fixed = [simulate_decode(DecodeSetup(batch_per_die=batch, kv_len=4224, microbatches=m))
+                 for m in ((1, 2) if batch >= 2 else (1,))]
+        best = min(fixed, key=lambda r: r.step_s)
+        assert auto.step_s == best.step_s and auto.setup.microbatches == best.setup.microbatches
+    chosen = {simulate_decode(DecodeSetup(batch_per_die=b, kv_len=4224)).setup.microbatches for b in (1, 4, 48)}
+    assert chosen == {1, 2}  # small batches: one; the paper's batch: two
 
 
 def test_tpot_grows_with_batch_and_context_and_mtp_costs_per_layer_time():
@@ -127,17 +137,21 @@ def test_bad_setups_name_the_field(kwargs, field):
 def test_cli_paper_table_and_json(capsys, tmp_path):
     assert main(["simulate", "--paper", "--json", str(tmp_path / "paper.json")]) == 0
     out = capsys.readouterr().out
-    assert "9 of 19 bounded rows within their bound" in out and "MISSED" in out
+    assert "of 12 observations within +-20%; median absolute error" in out and "MISSED" in out
     report = json.loads((tmp_path / "paper.json").read_text())
-    assert len(report["rows"]) == 21 and {"paper", "predicted", "error", "within"} <= set(report["rows"][0])
+    assert len(report["rows"]) == 14 and {"paper", "predicted", "error", "within"} <= set(report["rows"][0])
+    errors = sorted(abs(r["error"]) for r in report["rows"] if r["bound"] is not None)
+    assert report["median_abs_error"] == pytest.approx((errors[5] + errors[6]) / 2)
 
 
-def test_cli_tpot_slo_answers_with_batch_and_throughput(capsys):
-    assert main(["simulate", "--tpot-slo", "30ms", "--prompt", "4096", "--output", "256", "--json", "-"]) == 0
+@pytest.mark.parametrize("slo_ms", [30, 15])
+def test_cli_tpot_slo_answers_with_batch_throughput_and_the_configuration_chosen(capsys, slo_ms):
+    assert main(["simulate", "--tpot-slo", f"{slo_ms}ms", "--prompt", "4096", "--output", "256", "--json", "-"]) == 0
     out = capsys.readouterr().out
-    assert "largest batch within a TPOT of 30 ms" in out and " per die), KV 4224" in out
+    assert f"largest batch within a TPOT of {slo_ms} ms" in out and " per die), KV 4224" in out
     report = json.loads(out[out.index("{"):])
-    assert report["tpot_ms"] <= 30.0 and report["batch_per_npu"] >= 2 and report["tokens_per_s_per_npu"] > 0
+    assert report["tpot_ms"] <= slo_ms and report["batch_per_npu"] >= 2 and report["tokens_per_s_per_npu"] > 0
+    assert report["setup"]["microbatches"] in (1, 2) and f"{report['setup']['microbatches']} microbatch(es)" in out
 
 
 def test_cli_what_ifs_plan_and_plot(capsys, tmp_path):

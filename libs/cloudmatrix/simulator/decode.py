@@ -44,14 +44,15 @@ class DecodeSetup:
     int8: bool = True                # W8A8 GEMMs and INT8 dispatch (False: BF16 both)
     mtp: bool = True                 # one speculative token per step
     acceptance: float = 0.7          # MTP draft acceptance (PAPERS.md s2: ~70%)
-    microbatches: int = 2            # 2: attention and MoE paths of two microbatches overlap
+    microbatches: int = 0            # 2: attention and MoE paths of two microbatches overlap; 1: none;
+                                     # 0: the faster of the two for this batch, as a deployment would
     imbalance: float = 1.0           # busiest routed-expert die's tokens / the mean (1 = perfect EPLB)
 
     def __post_init__(self) -> None:
         checks = {"batch_per_die": self.batch_per_die >= 1, "kv_len": self.kv_len >= 1,
                   "dies": self.dies >= 2, "shared_replicas": 1 <= self.shared_replicas < self.dies,
                   "redundant": self.redundant >= 0, "acceptance": 0.0 <= self.acceptance <= 1.0,
-                  "microbatches": self.microbatches in (1, 2), "imbalance": self.imbalance >= 1.0}
+                  "microbatches": self.microbatches in (0, 1, 2), "imbalance": self.imbalance >= 1.0}
         for field, ok in checks.items():
             if not ok:
                 raise ValueError(f"{field}: out of range ({getattr(self, field)!r})")
@@ -175,7 +176,17 @@ def moe_layer_s(cfg: ModelConfig, batch: int, setup: DecodeSetup, die: DieSpec, 
 def simulate_decode(setup: DecodeSetup = DecodeSetup(), cfg: ModelConfig = DEEPSEEK_V3,
                     die: DieSpec = ASCEND_910C_DIE, eff: DieEfficiency = PAPER_EFFICIENCY) -> DecodeResult:
     """One decode step on one die: the MoE layers, the dense layers (not pipelined), the MTP
-    module (its projection, one MoE layer over the batch's drafts, its head) and the LM head."""
+    module (its projection, one MoE layer over the batch's drafts, its head) and the LM head.
+    ``microbatches`` 0: the faster of one and two (one only, below 2 sequences per die); the
+    result's setup says which."""
+    if setup.microbatches == 0:
+        choices = (1, 2) if setup.batch_per_die >= 2 else (1,)
+        results = [_step(dataclasses.replace(setup, microbatches=m), cfg, die, eff) for m in choices]
+        return min(results, key=lambda r: r.step_s)
+    return _step(setup, cfg, die, eff)
+
+
+def _step(setup: DecodeSetup, cfg: ModelConfig, die: DieSpec, eff: DieEfficiency) -> DecodeResult:
     b, q = setup.batch_per_die, setup.queries_per_seq
     tokens = b * q
     layer = moe_layer_s(cfg, b, setup, die, eff)
@@ -199,7 +210,7 @@ def largest_batch_within(tpot_slo_s: float, setup: DecodeSetup = DecodeSetup(), 
                          **model) -> DecodeResult | None:
     """The largest batch per die whose TPOT meets ``tpot_slo_s`` (TPOT grows with the batch), or
     None when even the smallest batch misses it."""
-    smallest = 2 if setup.microbatches == 2 else 1
+    smallest = 2 if setup.microbatches == 2 else 1  # 0 chooses one microbatch at 1 sequence per die
     best = None
     low, high = smallest, max_batch_per_die
     while low <= high:

@@ -52,13 +52,18 @@ def test_int8_gemv_halves_weight_traffic_when_memory_bound():
     assert bf16 / int8 == pytest.approx(2.0, rel=0.01)
 
 
+PAPER_INT8_GEMM_UTILIZATION = (0.774, 0.827)  # PAPERS.md s2 "Operators", typed from the paper
+
+
 @pytest.mark.parametrize("rows", [4096, 16384, 65536])
 def test_large_int8_gemms_run_at_the_utilization_the_paper_measured(rows):
-    """PAPERS.md: the 910C's INT8 GEMMs reach 77.4-82.7% of peak; a compute-bound modeled GEMM's
-    ideal time over its modeled time (launch excluded) lands in that range."""
+    """The reference is the paper's measured range for the 910C's INT8 GEMMs: a compute-bound
+    modeled GEMM's ideal time over its modeled time (weights, activations and launch included)
+    lands in it at every size of a prefill batch."""
     ideal = ops.gemm_s(rows, H, H, dtype="int8", eff=IDEAL_EFFICIENCY)
-    modeled = ops.gemm_s(rows, H, H, dtype="int8") - EFF.launch_s
-    assert 0.774 <= ideal / modeled <= 0.827
+    modeled = ops.gemm_s(rows, H, H, dtype="int8")
+    low, high = PAPER_INT8_GEMM_UTILIZATION
+    assert low <= ideal / modeled <= high
 
 
 def test_large_mla_is_slower_than_ideal_by_the_paper_efficiencies():
@@ -146,16 +151,21 @@ def test_die_location_follows_the_topology():
     assert ub.die_location(767) == (47, 7, 1)  # 384 NPUs = 768 dies
 
 
-def test_intra_node_is_faster_than_inter_node_by_the_documented_margin():
+# The paper's UB figures (PAPERS.md s1), typed here from the paper: a die-to-die message of 512 B
+# takes ~1.2 us; crossing nodes costs < 3% bandwidth and < 1 us of latency.
+PAPER_DIE_TO_DIE_S, PAPER_PROBE_BYTES, PAPER_INTER_NODE_LOSS, PAPER_INTER_NODE_EXTRA_S = 1.2e-6, 512, 0.03, 1e-6
+
+
+def test_intra_and_inter_node_transfers_stay_within_the_papers_ub_figures():
     spec = ub.CLOUDMATRIX384_UB
-    assert ub.transfer_s(0, 15, 512) == pytest.approx(1.2e-6)  # the paper's die-to-die probe
-    assert ub.link_latency_s(0, 16) - ub.link_latency_s(0, 15) == pytest.approx(1e-6)
+    probe = ub.transfer_s(0, 15, PAPER_PROBE_BYTES)  # two dies of one node
+    assert probe == pytest.approx(PAPER_DIE_TO_DIE_S, rel=0.05)
+    assert 0 < ub.link_latency_s(0, 16) - ub.link_latency_s(0, 15) <= PAPER_INTER_NODE_EXTRA_S
     big = 1 << 30
     intra, inter = ub.transfer_s(0, 15, big), ub.transfer_s(0, 16, big)
     streaming = (inter - ub.link_latency_s(0, 16)) / (intra - ub.link_latency_s(0, 15))
-    assert streaming == pytest.approx(1 / (1 - 0.03))  # "< 3% bandwidth loss", taken at the bound
-    assert inter - intra < 0.035 * intra + 1e-6
-    assert intra == pytest.approx(ub.link_latency_s(0, 15) + big / spec.die_bandwidth)
+    assert 1.0 < streaming <= 1 / (1 - PAPER_INTER_NODE_LOSS)  # slower across nodes, by at most the loss
+    assert intra == pytest.approx(ub.link_latency_s(0, 15) + big / spec.die_bandwidth)  # latency + serializing
     assert ub.transfer_s(5, 5, big) == 0.0  # never crosses UB
 
 

@@ -255,6 +255,8 @@ class StepLoop:
     async def _export(self, finished: list[tuple[Request, StepEvent]]) -> None:
         """Read back the KV of the requests that finished wanting it: one ReadBlocks per die for
         all of them (the dies at once), then each request finishes with its own blocks."""
+        if not finished:
+            return
         ranges = [self.scheduler.export_ranges(request) for request, _ in finished]
         dies = sorted({request.die for request, _ in finished})
         wanted = {die: [r for (request, _), rs in zip(finished, ranges) if request.die == die for r in rs]

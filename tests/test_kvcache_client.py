@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cloudmatrix.kvcache import Block, KvPoolClient
+from cloudmatrix.kvcache.shard_client import KvShardClient
 from cloudmatrix.rpc.channel import make_channel
 from cloudmatrix.rpc.tensor_codec import encode_tensor
 from cmx.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
@@ -166,6 +167,38 @@ def test_one_lookup_leases_the_prompt_puts_join_it_and_the_read_ends_it(cluster)
             assert (done.deleted, done.refused_leased) == (12, 0)
 
     run(main())
+
+
+def test_puts_of_one_turn_share_one_stream_per_shard_and_each_joins_its_own_lease(cluster, monkeypatch):
+    """Three prompts' write-backs started together (as a prefill step's are): one Put stream per
+    shard for all of them; each caller gets its own blocks' results, each block joins its own
+    caller's lease."""
+    streams: list[tuple[str, int]] = []
+    put_wire = KvShardClient.put_wire
+
+    async def counted(self, messages, deadline_s=None):
+        streams.append((self.address, len(messages)))
+        return await put_wire(self, messages, deadline_s)
+
+    monkeypatch.setattr(KvShardClient, "put_wire", counted)
+
+    async def main():
+        groups = [make_blocks(4, seed=20 + i) for i in range(3)]
+        async with KvPoolClient(cluster, replication=2, **FAST) as pool:
+            leases = [(await pool.lookup_and_lease([b.key for b in g], ttl_s=30))[1] for g in groups]
+            results = await asyncio.gather(*(pool.put_blocks(g, lease) for g, lease in zip(groups, leases)))
+            for group, lease, rs in zip(groups, leases, results):
+                assert [r.key for r in rs] == [b.key for b in group] and all(r.acknowledged for r in rs)
+                assert all(set(r.leased_on) == set(r.stored_on) <= set(lease.lease_ids) for r in rs)
+                fetched = await pool.get_blocks([b.key for b in group], release=lease)
+                assert [fetched[b.key].data for b in group] == [b.data for b in group]
+            assert await pool.put_blocks([]) == []
+            refused = await pool.delete([b.key for g in groups for b in g])
+            assert (refused.deleted, refused.refused_leased) == (24, 0)  # every lease ended with its read
+        return streams
+
+    streams = run(main())
+    assert len(streams) == len({shard for shard, _ in streams}) and sum(n for _, n in streams) == 24  # 12 x R=2
 
 
 def test_blob_round_trip(cluster, tmp_path):

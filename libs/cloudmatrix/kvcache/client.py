@@ -28,6 +28,7 @@ from cloudmatrix.kvcache.blocks import (
     Lease,
     PutResult,
 )
+from cloudmatrix.kvcache.coalesce import PutCoalescer
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
 from cloudmatrix.kvcache.ring import HashRing
 from cloudmatrix.kvcache.shard_client import KvShardClient
@@ -64,6 +65,8 @@ class KvPoolClient:
                                        max_message_bytes=max_message_bytes, down_after=down_after,
                                        probe_interval_s=probe_interval_s)
         self._repairs = reads.Repairs(self._conns)
+        self._puts = PutCoalescer(lambda blocks, leases: writes.put_blocks(
+            self._conns, self._preference, self.replication, blocks, self.write_quorum, leases))
         self._passes: set[asyncio.Task[int]] = set()
         self._rejoin_copies = 0
         self._conns.on_rejoin = self._rejoined
@@ -80,6 +83,7 @@ class KvPoolClient:
             task.cancel()
         await asyncio.gather(*self._passes, return_exceptions=True)
         await self._repairs.close()
+        await self._puts.close()
         await self._conns.close()
 
     # -- placement and liveness
@@ -146,11 +150,11 @@ class KvPoolClient:
     async def put_blocks(self, blocks: list[Block], lease: Lease | None = None) -> list[PutResult]:
         """Store each block on its replicas; one PutResult per block, in order. With ``lease``
         (from ``lookup_and_lease``) each block joins it on the shards that hold a part of it
-        (``PutResult.leased_on``)."""
+        (``PutResult.leased_on``). Puts made in the same turn of the event loop share one Put
+        stream per shard (coalesce.py)."""
         for block in blocks:
             self._check_size(len(block.data), f"block {block.key.hex()}")
-        return await writes.put_blocks(self._conns, self._preference, self.replication, blocks, self.write_quorum,
-                                       lease.lease_ids if lease else None)
+        return await self._puts.put(blocks, lease.lease_ids if lease else {})
 
     async def get_blocks(self, keys: Iterable[bytes], release: Lease | None = None
                          ) -> dict[bytes, FetchedBlock | None]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from cloudmatrix.kvcache.blocks import ACK_STATUSES, Block, PutResult, Refusal, refusal
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
@@ -11,8 +11,8 @@ DOWN = "shard marked down"
 
 
 async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], list[str]], replication: int,
-                     blocks: list[Block], write_quorum: int, lease_ids: dict[str, str] | None = None
-                     ) -> list[PutResult]:
+                     blocks: list[Block], write_quorum: int,
+                     lease_ids: Sequence[Mapping[str, str]] | None = None) -> list[PutResult]:
     """One PutResult per block, in order; acknowledged once ``write_quorum`` shards hold it.
 
     A block goes to its ``replication`` ring replicas (the head of ``preference_of(key)``, every
@@ -21,9 +21,9 @@ async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], l
     still gets ``replication`` copies while a shard is away, and anti-entropy copies it onto its
     replica once that one is back. A shard's refusal (checksum, capacity, conflict) gets no stand-in.
 
-    ``lease_ids`` (shard -> lease id): the blocks put on a shard join its lease there
-    (``PutResult.leased_on``); a shard without one, e.g. a stand-in, leases nothing."""
-    lease_ids = lease_ids or {}
+    ``lease_ids``, one mapping per block (shard -> lease id): a block put on a shard joins its
+    lease there (``PutResult.leased_on``); a shard without one, e.g. a stand-in, leases nothing."""
+    lease_ids = lease_ids or [{}] * len(blocks)
     preferences = [preference_of(block.key) for block in blocks]
     owners = [preference[:replication] for preference in preferences]
     errors = [{s: DOWN for s in replicas if not conns.health.is_up(s)} for replicas in owners]
@@ -32,7 +32,8 @@ async def put_blocks(conns: ShardConnections, preference_of: Callable[[bytes], l
     tried: list[set[str]] = [set() for _ in blocks]
     leased: list[list[str]] = [[] for _ in blocks]
     while plan := _plan(conns, preferences, replication, stored, tried):
-        outcomes = await asyncio.gather(*(_put_statuses(conns, s, [blocks[i] for i in idx], lease_ids.get(s, ""))
+        outcomes = await asyncio.gather(*(_put_statuses(conns, s, [blocks[i] for i in idx],
+                                                        [lease_ids[i].get(s, "") for i in idx])
                                           for s, idx in plan.items()))
         for (shard, indexes), outcome in zip(plan.items(), outcomes):
             for i, (error, joined) in zip(indexes, outcome):
@@ -71,13 +72,14 @@ async def put_on(conns: ShardConnections, shard: str, blocks: list[Block]) -> li
     only a failed stream is, by ``ShardConnections.call``, and then the whole stream again
     (blocks already stored come back DUPLICATE).
     """
-    return [error for error, _ in await _put_statuses(conns, shard, blocks, "")]
+    return [error for error, _ in await _put_statuses(conns, shard, blocks, [""] * len(blocks))]
 
 
-async def _put_statuses(conns: ShardConnections, shard: str, blocks: list[Block], lease_id: str
+async def _put_statuses(conns: ShardConnections, shard: str, blocks: list[Block], lease_ids: list[str]
                         ) -> list[tuple[Refusal | None, bool]]:
-    """``put_on`` with each block joining ``lease_id``: per block (refusal or None, joined)."""
-    messages = [block.to_wire(lease_id) for block in blocks]
+    """``put_on`` with each block joining its lease (``lease_ids``, one per block, "" for none):
+    per block (refusal or None, joined)."""
+    messages = [block.to_wire(lease_id) for block, lease_id in zip(blocks, lease_ids)]
     try:
         reply = await conns.call(shard, lambda client, t: client.put_wire(messages, t))
     except CALL_ERRORS as err:

@@ -83,6 +83,30 @@ def test_one_callers_malformed_block_fails_only_that_callers_put():
     assert [len(keys) for keys, _ in calls] == [4, 2, 1, 1]
 
 
+def test_closing_during_a_callers_own_retry_leaves_no_caller_waiting():
+    async def main():
+        shared = Recorder()
+        shared.gate.set()
+        calls, stuck = [], asyncio.Event()
+
+        async def put(blocks, leases):  # the shared stream fails; every retry hangs until closed
+            calls.append(len(blocks))
+            if len(calls) == 1:
+                return await shared(blocks, leases)
+            await stuck.wait()
+
+        coalescer = PutCoalescer(put)
+        bad = [Block(b"\x07" * 16, "ns", "full", 16, b"bad")]
+        waiting = [asyncio.ensure_future(coalescer.put(_blocks(1, 1), {})), asyncio.ensure_future(coalescer.put(bad, {}))]
+        while len(calls) < 2:
+            await asyncio.sleep(0)
+        await coalescer.close()
+        return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5), calls
+
+    results, calls = asyncio.run(main())
+    assert calls == [2, 1] and all(isinstance(r, asyncio.CancelledError) for r in results)
+
+
 def test_nothing_to_put_sends_nothing():
     async def main():
         put = Recorder()

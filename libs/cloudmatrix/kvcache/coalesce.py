@@ -48,6 +48,14 @@ class PutCoalescer:
 
     async def _send(self, batch: list[tuple[list[Block], list[Mapping[str, str]], asyncio.Future]]) -> None:
         try:
+            await self._answer(batch)
+        finally:  # closed (cancelled) meanwhile: so are the puts of callers not yet answered
+            for _, _, future in batch:
+                if not future.done():
+                    future.cancel()
+
+    async def _answer(self, batch: list[tuple[list[Block], list[Mapping[str, str]], asyncio.Future]]) -> None:
+        try:
             results = await self._put([b for blocks, _, _ in batch for b in blocks],
                                       [lease for _, leases, _ in batch for lease in leases])
         except Exception as err:  # the callers see what the shared put raised
@@ -55,10 +63,6 @@ class PutCoalescer:
                 if not future.done():
                     future.set_exception(err)
             return
-        except BaseException:  # closed (cancelled) meanwhile: so are the callers' puts
-            for _, _, future in batch:
-                future.cancel()
-            raise
         start = 0
         for blocks, leases, future in batch:
             mine, start = results[start:start + len(blocks)], start + len(blocks)

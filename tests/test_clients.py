@@ -135,7 +135,8 @@ def test_decode_cancel_ends_a_running_stream(stack, tiny_checkpoint):
     async def scenario():
         async with PrefillClient(stack["prefill-0"]) as prefill, DecodeClient(stack["decode-0"]) as decode:
             sampling = Sampling(max_tokens=400, ignore_eos=True)
-            first = await prefill.prefill(rid, "tiny", prompt_ids, sampling)
+            ahead, first = [r async for r in prefill.prefill_stream(rid, "tiny", prompt_ids, sampling)]
+            assert ahead.kv is None and first.kv is not None and ahead.first_token == first.first_token
             steps = []
             async for step in decode.decode(rid, "tiny", prompt_ids, first.first_token, first.kv, sampling):
                 steps.append(step)

@@ -19,6 +19,11 @@ from services.gateway.schema import DecodeStep, Finish, GenerateRequest, Prefill
 DOWN = "decode-0: die 1 failed (UNAVAILABLE); the instance is recovering"
 
 
+def _stages(token: int) -> list[PrefillOutcome]:
+    """A prefill's two answers: the first token (no KV handle yet), then the outcome with it."""
+    return [PrefillOutcome(token, None, 0, {}, {}, 0.0), PrefillOutcome(token, "kv", 0, {}, {}, 0.0)]
+
+
 class FakeStream:
     def __init__(self, down: bool, tokens: list[int]) -> None:
         self.down, self.tokens = down, tokens
@@ -41,7 +46,8 @@ class FakeBackend:
         self.calls.append(address)
         if address in self.down:
             raise PeerUnavailable(DOWN.replace("decode", "prefill"))
-        return PrefillOutcome(5, None, 0, {}, {}, 0.0)
+        for outcome in _stages(5):
+            yield outcome
 
     def decode(self, address, p, first, timeout_s):
         self.calls.append(address)
@@ -104,6 +110,7 @@ def test_failures_are_counted_by_kind(tokenizer):
 
         async def prefill(self, address, p, timeout_s):
             raise self.exc
+            yield
 
     for exc, reason in ((TimeoutError("late"), "timeout"), (RuntimeError("boom"), "error")):
         backend = Failing(exc)
@@ -131,7 +138,8 @@ class PositionBackend(FakeBackend):
 
     async def prefill(self, address, p, timeout_s):
         self.prefills.append(len(p.token_ids))
-        return PrefillOutcome(len(p.token_ids), None, 0, {}, {}, 0.0)
+        for outcome in _stages(len(p.token_ids)):
+            yield outcome
 
     def decode(self, address, p, first, timeout_s):
         self.calls.append(address)
@@ -172,3 +180,79 @@ def test_a_decode_instance_lost_mid_stream_hands_the_request_to_another_with_no_
     # prefill of the prompt, then of the prompt + the 6 tokens streamed (1 + 5 from d0)
     assert backend.prefills == [3, 9] and backend.calls == ["d0", "d1"]
     assert REGISTRY.get_sample_value("cmx_request_migrations_total", {"model_name": "m"}) - before == 1
+
+
+class LateHandoff(PositionBackend):
+    """Prefill instances in ``lost`` answer the first token, then fail before the KV is in the
+    pool (once each); every prefill's handoff waits for ``release``."""
+
+    def __init__(self, lost: set[str]) -> None:
+        super().__init__({})
+        self.lost, self.release = lost, asyncio.Event()
+
+    async def prefill(self, address, p, timeout_s):
+        self.calls.append(address)
+        self.prefills.append(len(p.token_ids))
+        first, handoff = _stages(len(p.token_ids))
+        yield first
+        await self.release.wait()
+        if address in self.lost:
+            self.lost.discard(address)
+            raise PeerUnavailable("prefill-0: the kvcache pool did not acknowledge the blocks")
+        yield handoff
+
+
+def _core(tokenizer, backend, prefills=("p0",)):
+    return GatewayCore(ModelInfo("m", 2048, 1024, 1), tokenizer, backend,
+                       InstancePicker("prefill", prefills, backend.prefill_load),
+                       InstancePicker("decode", ("d0",), backend.decode_load), Admission(4, 4), 10.0)
+
+
+def test_the_first_token_reaches_the_client_before_the_prompt_kv_is_in_the_pool(tokenizer):
+    backend = LateHandoff(set())
+    core = _core(tokenizer, backend)
+    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], SamplingParams(max_tokens=4, ignore_eos=True)))
+
+    async def run():
+        events = []
+        async for event in core.generate(prepared):
+            if not events:  # the first token: the handoff has not happened, no decode was called
+                assert event.token_ids == [3] and not backend.release.is_set() and backend.calls == ["p0"]
+                backend.release.set()
+            events.append(event)
+        return events
+
+    events = asyncio.run(run())
+    assert [t for e in events[:-1] for t in e.token_ids] == [3, 4, 5, 6]
+    assert backend.calls == ["p0", "d0"] and events[-1].reason == "length"
+    assert "prefill" in events[-1].timing.measured  # the prefill's time runs to the handoff
+
+
+def test_a_prefill_lost_after_its_first_token_continues_elsewhere_with_no_token_lost_or_repeated(tokenizer):
+    backend = LateHandoff({"p0"})
+    backend.release.set()
+    core = _core(tokenizer, backend, ("p0", "p1"))
+    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True)))
+
+    async def run():
+        return [event async for event in core.generate(prepared)]
+
+    events = asyncio.run(run())
+    assert [t for e in events[:-1] for t in e.token_ids] == [3, 4, 5, 6, 7, 8]
+    # the prompt on p0 (lost after its token 3), then the prompt + 3 as a continuation on p1
+    assert backend.prefills == [3, 4] and backend.calls == ["p0", "p1", "d0"]
+    assert events[-1].reason == "length" and events[-1].usage.completion_tokens == 6
+
+
+def test_a_request_done_at_its_first_token_finishes_when_the_write_back_is_lost(tokenizer):
+    backend = LateHandoff({"p0"})
+    backend.release.set()
+    core = _core(tokenizer, backend)
+    prepared = core.prepare(GenerateRequest("r", "m", [3, 4, 5], SamplingParams(max_tokens=1)))
+
+    async def run():
+        return [event async for event in core.generate(prepared)]
+
+    events = asyncio.run(run())
+    assert [t for e in events[:-1] for t in e.token_ids] == [3]
+    assert events[-1].reason == "length" and backend.calls == ["p0"]

@@ -45,6 +45,13 @@ def _prefill(address: str, request_id: str, tokens: list[int], **extra) -> prefi
         return stub.Prefill(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=tokens, **extra), timeout=120)
 
 
+def _prefill_stream(address: str, request_id: str, tokens: list[int], **extra) -> list[prefill_pb2.PrefillReply]:
+    with grpc.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        return list(stub.PrefillStream(prefill_pb2.PrefillRequest(request_id=request_id, token_ids=tokens, **extra),
+                                       timeout=120))
+
+
 def _hits(shards: list[str]) -> int:
     total = 0
     for address in shards:
@@ -91,12 +98,32 @@ def test_disabling_the_context_cache_computes_everything(instance):
 @pytest.mark.parametrize("tokens,extra,needle", [
     ([], {}, "empty"), ([5, 99999], {}, "token_ids"), ([5, 6], {"model": "gpt-9"}, "gpt-9"),
 ])
-def test_bad_prefill_requests_are_invalid_argument(instance, tokens, extra, needle):
+@pytest.mark.parametrize("call", [_prefill, _prefill_stream])
+def test_bad_prefill_requests_are_invalid_argument(instance, tokens, extra, needle, call):
     address, _ = instance
     with pytest.raises(grpc.RpcError) as err:
-        _prefill(address, "bad", tokens, **extra)
+        call(address, "bad", tokens, **extra)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
 
+
+def test_the_stream_answers_the_first_token_then_the_kv_handle_once_the_blocks_are_in_the_pool(
+        instance, tiny_checkpoint):
+    address, shards = instance
+    prompt = torch.randint(3, 1024, (70,), generator=torch.Generator().manual_seed(11)).tolist()
+    expected = next(generate(load_model(tiny_checkpoint), prompt, SamplingParams(max_tokens=1)))
+    first, handoff = _prefill_stream(address, "s1", prompt, sampling={"max_tokens": 4})
+    assert first.first_token == handoff.first_token == expected
+    assert not first.HasField("kv") and first.computed_tokens == handoff.computed_tokens == 70
+    phases = [{p.phase: p.measured_s for p in r.timing.phases} for r in (first, handoff)]
+    assert "kv_write" not in phases[0] and phases[1]["kv_write"] > 0 and phases[0]["compute"] == phases[1]["compute"]
+    # the handoff is what a decode needs: every block of the prompt in the pool, leased on each shard
+    keys = list(handoff.kv.block_keys)
+    assert len(keys) == 5 and handoff.kv.num_tokens == 70 and set(handoff.kv.lease_ids) == set(shards)
+    for shard in shards:
+        with grpc.insecure_channel(shard) as channel:
+            stub = kvcache_pb2_grpc.KvCacheShardStub(channel)
+            stub.Release(kvcache_pb2.ReleaseRequest(lease_ids=[handoff.kv.lease_ids[shard]]), timeout=10)
+    assert _prefill(address, "s2", prompt).cached_tokens == 64  # the 4 full blocks, from the pool
 
 
 def test_scheduler_metrics_are_exported(tmp_path, tiny_checkpoint):

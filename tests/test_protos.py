@@ -27,7 +27,7 @@ SERVICES = {
             "Put", "Get", "Lookup", "Lease", "Release", "Delete", "Stats", "PutBlob", "GetBlob",
         },
     },
-    "prefill": {"Prefill": {"Prefill", "GetLoad"}},
+    "prefill": {"Prefill": {"Prefill", "PrefillStream", "GetLoad"}},
     "decode": {"Decode": {"Decode", "Cancel", "GetLoad"}},
     "gateway": {"Gateway": {"Generate", "ListModels"}},
 }

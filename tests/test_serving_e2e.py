@@ -153,14 +153,14 @@ def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpo
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "fp32")
     spans = read_spans(run_dir / "spans")
     served_by = {s["resource"]["service.instance.id"] for s in spans
-                 if s["name"] == "/cmx.prefill.v1.Prefill/Prefill" and s["kind"].endswith("SERVER")}
+                 if s["name"] == "/cmx.prefill.v1.Prefill/PrefillStream" and s["kind"].endswith("SERVER")}
     assert {s["resource"]["service.name"] for s in spans} >= {"gateway", "prefill", "decode", "npu_emulator",
                                                               "ub_fabric", "kvcache"}  # semantic conventions
     assert served_by == {"prefill0-0", "prefill1-0"}  # the gateway used both prefill instances
     request_id = completions[-1].id.split("-", 1)[1]
     trace = trace_of_request(spans, request_id)
     names = {s["name"] for s in trace}
-    for expected in ("gateway.generate", "/cmx.prefill.v1.Prefill/Prefill", "/cmx.kvcache.v1.KvCacheShard/Put",
+    for expected in ("gateway.generate", "/cmx.prefill.v1.Prefill/PrefillStream", "/cmx.kvcache.v1.KvCacheShard/Put",
                      "/cmx.npu.v1.NpuEmulator/Forward", "fabric.dispatch", "/cmx.decode.v1.Decode/Decode"):
         assert expected in names, expected
     assert not any("prompt" in k and isinstance(v, str) for s in trace for k, v in s["attributes"].items())

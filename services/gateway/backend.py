@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -71,14 +72,19 @@ class GrpcBackend:
         self.prefills = {a: PrefillClient(a, options) for a in prefill}
         self.decodes = {a: DecodeClient(a, options) for a in decode}
 
-    async def prefill(self, address: str, p: Prepared, timeout_s: float) -> PrefillOutcome:
+    async def prefill(self, address: str, p: Prepared, timeout_s: float) -> AsyncIterator[PrefillOutcome]:
+        """The first token as soon as the instance computed it (``kv`` None), then the outcome with
+        the KV handle once the prompt's KV is in the pool."""
+        stream = self.prefills[address].prefill_stream(p.request_id, p.model, p.token_ids, p.sampling,
+                                                       deadline_s=timeout_s)
         try:
-            r = await self.prefills[address].prefill(p.request_id, p.model, p.token_ids, p.sampling,
-                                                     deadline_s=timeout_s)
+            async for r in stream:
+                yield PrefillOutcome(r.first_token, r.kv, r.cached_tokens, r.timing.measured, r.timing.modeled,
+                                     r.timing.modeled_s, r.logprobs, r.prompt_logprobs)
         except grpc.aio.AioRpcError as err:
             raise converted(err, address) from err
-        return PrefillOutcome(r.first_token, r.kv, r.cached_tokens, r.timing.measured, r.timing.modeled,
-                              r.timing.modeled_s, r.logprobs, r.prompt_logprobs)
+        finally:
+            await stream.aclose()
 
     def decode(self, address: str, p: Prepared, first: PrefillOutcome, timeout_s: float) -> GatewayDecodeStream:
         sampling = dataclasses.replace(p.sampling, prompt_logprobs=None)  # the prefill had the prompt's

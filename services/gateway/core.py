@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from opentelemetry import trace
 
@@ -123,43 +124,71 @@ class GatewayCore:
                                             run.completion_tokens)
 
     async def _serve(self, run: _Run) -> AsyncIterator[Delta | Finish]:
-        first = await self._prefill(run)
-        if run.prepared.prompt_only:  # echo with max_tokens 0: the prompt's log-probabilities alone
-            run.reason = FinishReason.LENGTH
-            yield Delta("", [], prompt_logprobs=first.prompt_logprobs)
-            yield self._finish(run)
-            return
-        yield dataclasses.replace(self._accept(run, [first.first_token], _listed(first.logprobs)),
-                                  prompt_logprobs=first.prompt_logprobs)
-        run.reason = self._first_token_reason(run, first.first_token)
+        async with aclosing(self._prefill(run)) as stages:
+            first = await anext(stages, None)
+            if first is None:
+                raise PeerUnavailable("the prefill ended before its first token")
+            if run.prepared.prompt_only:  # echo with max_tokens 0: the prompt's log-probabilities alone
+                run.reason = FinishReason.LENGTH
+                yield Delta("", [], prompt_logprobs=first.prompt_logprobs)
+            else:
+                yield dataclasses.replace(self._accept(run, [first.first_token], _listed(first.logprobs)),
+                                          prompt_logprobs=first.prompt_logprobs)
+                run.reason = self._first_token_reason(run, first.first_token)
+            handoff = await self._handoff(run, stages)
         if run.reason is None:
-            async for delta in self._decode(run, first):
+            async for delta in self._decode(run, handoff):
                 yield delta
         yield self._finish(run)
 
-    async def _prefill(self, run: _Run) -> PrefillOutcome:
+    async def _prefill(self, run: _Run) -> AsyncIterator[PrefillOutcome]:
+        """The request's prefill: its first token, then the outcome with the KV handle."""
         p = run.prepared
         started = time.perf_counter()
-        first = await self._prefill_anywhere(p, run)
-        run.last_token_at = time.perf_counter()
-        # modeled: the cached prefix's pool transfer apart from the rest of the prefill
-        run.modeled["cache_load"] = first.modeled.get("cache_load", 0.0)
-        run.measured["prefill"] = run.last_token_at - started
-        run.modeled["prefill"] = first.modeled_s - run.modeled["cache_load"]
-        run.cached_tokens = first.cached_tokens
-        self.metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], first,
-                                         len(p.token_ids))
-        return first
+        async with aclosing(self._prefill_anywhere(p, run)) as stages:
+            async for outcome in stages:
+                if outcome.kv is None:  # the first token, ahead of the prompt's KV in the pool
+                    run.last_token_at = time.perf_counter()
+                    run.cached_tokens = outcome.cached_tokens
+                    self.metrics.observe_first_token(run.last_token_at - run.start, run.measured["queue"], outcome,
+                                                     len(p.token_ids))
+                else:
+                    # modeled: the cached prefix's pool transfer apart from the rest of the prefill
+                    run.modeled["cache_load"] = outcome.modeled.get("cache_load", 0.0)
+                    run.measured["prefill"] = time.perf_counter() - started
+                    run.modeled["prefill"] = outcome.modeled_s - run.modeled["cache_load"]
+                yield outcome
 
-    async def _prefill_anywhere(self, p: Prepared, run: _Run) -> PrefillOutcome:
-        """Prefill ``p`` on a picked instance; an unavailable one is left out and another tried."""
+    async def _handoff(self, run: _Run, stages: AsyncIterator[PrefillOutcome]) -> PrefillOutcome | None:
+        """The prefill's outcome once the prompt's KV is in the pool; None when the instance was
+        lost after its first token (a decode then starts from a migration: ``_decode``)."""
+        try:
+            outcome = await anext(stages, None)
+        except PeerUnavailable as err:
+            outcome = None
+            log.warning("prefill instance lost after the first token", extra={"request_id": run.prepared.request_id,
+                                                                             "error": str(err)})
+        return outcome
+
+    async def _prefill_anywhere(self, p: Prepared, run: _Run) -> AsyncIterator[PrefillOutcome]:
+        """Prefill ``p`` on a picked instance: its first token, then the outcome with the KV handle.
+        An instance unavailable before its first token is left out and another tried; one lost
+        after it raises PeerUnavailable (the token was shown: the caller continues from it)."""
         tried: set[str] = set()
         while True:
             address = await self.prefill.pick(frozenset(tried))
+            answered = False
             try:
                 with self.prefill.using(address):
-                    return await self.backend.prefill(address, p, run.remaining())
+                    async with aclosing(self.backend.prefill(address, p, run.remaining())) as stream:
+                        async for outcome in stream:
+                            answered = True
+                            yield outcome
+                return
             except PeerUnavailable:
+                if answered:
+                    self.prefill.mark_down(address)
+                    raise
                 tried.add(address)
                 if not await self._other_instance(self.prefill, address, tried):
                     raise
@@ -187,14 +216,21 @@ class GatewayCore:
         (if any) decodes: the KV is in the pool, any instance can adopt it. One that fails mid-stream
         is left out too and the request migrates (``_migrate``): the prompt plus the tokens already
         streamed are prefilled again (the prompt's blocks come from the context cache) and another
-        instance continues, so the client sees every token once."""
+        instance continues, so the client sees every token once. So does a request whose prefill
+        instance was lost after its first token (``first`` None), before any decode."""
         started, run.modeled["decode"], tried = time.perf_counter(), 0.0, set()
-        backend_request, backend_first = run.prepared, first
+        backend = (run.prepared, first) if first is not None else None
         while True:
+            if backend is None:  # the tokens so far are streamed; another prefill continues from them
+                backend = await self._migrate(run)
+                yield self._accept(run, [backend[1].first_token], _listed(backend[1].logprobs))
+                run.reason = self._first_token_reason(run, backend[1].first_token, backend[0])
+                if run.reason is not None:
+                    break
             address = await self.decode.pick(frozenset(tried))
             progress = run.completion_tokens
             try:
-                async for delta in self._decode_on(address, run, backend_request, backend_first):
+                async for delta in self._decode_on(address, run, *backend):
                     yield delta
                 break
             except PeerUnavailable:
@@ -202,11 +238,7 @@ class GatewayCore:
                 if not await self._other_instance(self.decode, address, tried):
                     raise
                 if run.completion_tokens != progress:
-                    backend_request, backend_first = await self._migrate(run)
-                    yield self._accept(run, [backend_first.first_token], _listed(backend_first.logprobs))
-                    run.reason = self._first_token_reason(run, backend_first.first_token, backend_request)
-                    if run.reason is not None:
-                        break
+                    backend = None
         run.measured["decode"] = time.perf_counter() - started
         if run.reason is None:
             raise PeerUnavailable("the decode stream ended before the request finished")
@@ -219,11 +251,17 @@ class GatewayCore:
         continuation = Prepared(f"{p.request_id}-m{run.migrations}", p.model, p.token_ids + run.generated,
                                 dataclasses.replace(s, max_tokens=s.max_tokens - len(run.generated),
                                                     prompt_logprobs=None))
-        log.warning("decode instance lost mid-stream; migrating the request",
+        log.warning("instance lost mid-stream; migrating the request",
                     extra={"request_id": p.request_id, "streamed_tokens": len(run.generated)})
         trace.get_current_span().add_event("migrated", {"streamed_tokens": len(run.generated)})
         self.metrics.migrations.inc()
-        return continuation, await self._prefill_anywhere(continuation, run)
+        outcome = None
+        async with aclosing(self._prefill_anywhere(continuation, run)) as stages:
+            async for outcome in stages:
+                pass
+        if outcome is None or outcome.kv is None:
+            raise PeerUnavailable("the prefill ended before the prompt's KV was in the pool")
+        return continuation, outcome
 
     async def _decode_on(self, address: str, run: _Run, request: Prepared,
                          first: PrefillOutcome) -> AsyncIterator[Delta]:

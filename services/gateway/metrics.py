@@ -28,7 +28,7 @@ TTFT_MODELED = Histogram("cmx_time_to_first_token_modeled_seconds",
                          buckets=_MODELED_SECONDS)
 TTFT_PHASE = Histogram("cmx_time_to_first_token_phase_seconds",
                        "Measured time to the first token by phase: the gateway's admission wait and the "
-                       "prefill instance's queue, cache_lookup, cache_load, compute and kv_write",
+                       "prefill instance's queue, cache_lookup, cache_load and compute (its kv_write follows the first token)",
                        MODEL + ["phase"], buckets=_SECONDS)
 ITL = Histogram("cmx_inter_token_latency_seconds", "Measured time between consecutive tokens at the gateway",
                 MODEL, buckets=_SECONDS)

@@ -85,7 +85,8 @@ class Finish:
 @dataclasses.dataclass(frozen=True)
 class PrefillOutcome:
     first_token: int
-    kv: Any                              # the KV handle, passed on to decode untouched
+    kv: Any                              # the KV handle, passed on to decode untouched (None: the first
+                                         # token arrived ahead of the prompt's KV in the pool)
     cached_tokens: int
     measured: dict[str, float]           # the prefill instance's phases
     modeled: dict[str, float]

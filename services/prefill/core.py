@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 
 from opentelemetry import trace
 
@@ -41,6 +42,7 @@ class PrefillResult:
     logprobs: TokenLogprobs | None = None                # of first_token, when asked for
     prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # of token_ids[1:]
     draft: int | None = None      # with MTP: its guess of the token after first_token, for the decode
+    in_pool: bool = True          # the prompt's KV is in the pool (False: the first token, ahead of it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +86,11 @@ class PrefillCore:
         if any(not 0 <= t < s.vocab_size for t in token_ids):
             raise FieldError("token_ids", f"ids must be in [0, {s.vocab_size})")
 
-    async def prefill(self, request_id: str, token_ids: list[int], sampling: SamplingParams,
-                      use_cache: bool) -> PrefillResult:
+    async def prefill(self, request_id: str, token_ids: list[int], sampling: SamplingParams, use_cache: bool,
+                      on_computed: Callable[[PrefillResult], Awaitable[None]] | None = None) -> PrefillResult:
+        """The prompt computed and its KV in the pool. ``on_computed``, when given, is awaited with
+        the first token (a result with no lease and the timing so far) before the KV is written back:
+        a caller can show that token while the write-back runs."""
         self.validate(token_ids)
         self.loop.check_admission()  # refuse before any pool traffic
         use_cache = use_cache and sampling.prompt_logprobs is None  # a cached prefix has no logprobs
@@ -101,18 +106,24 @@ class PrefillCore:
         try:
             with _TRACER.start_as_current_span("prefill.compute", attributes=ids):
                 out = await self._compute(request_id, token_ids, sampling, keys, hit, measured, modeled)
+            modeled["total"] = modeled["compute"] + modeled["cache_load"]
+            if on_computed is not None and out.first_token is not None:
+                ahead = self._result(keys, out, None, dict(measured), dict(modeled))
+                await on_computed(dataclasses.replace(ahead, in_pool=False))
             with _TRACER.start_as_current_span("prefill.kv_write", attributes=ids):
                 lease = await self._write_back(keys, out.cached_blocks, out.kv, survey, measured)
         except BaseException:  # failed or cancelled: no decode will read the blocks
             if survey.lease is not None:
                 await self.pool.release(survey.lease)
             raise
-        cached_tokens = out.cached_blocks * self.block_size
         if use_cache and self.pool:
             self.cache_queries += len(token_ids)
-            self.cache_hits += cached_tokens
-        modeled["total"] = modeled["compute"] + modeled["cache_load"]
-        return PrefillResult(out.first_token, keys, cached_tokens, len(token_ids) - cached_tokens, measured, modeled,
+            self.cache_hits += out.cached_blocks * self.block_size
+        return self._result(keys, out, lease, measured, modeled)
+
+    def _result(self, keys: PrefixKeys, out: _Computed, lease: Lease | None, measured, modeled) -> PrefillResult:
+        cached_tokens = out.cached_blocks * self.block_size
+        return PrefillResult(out.first_token, keys, cached_tokens, keys.num_tokens - cached_tokens, measured, modeled,
                              lease, out.logprobs, out.prompt_logprobs, out.draft)
 
     async def _survey(self, keys: PrefixKeys, lease_for_decode: bool, measured) -> _Survey:

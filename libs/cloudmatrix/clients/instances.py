@@ -26,18 +26,39 @@ class PrefillClient(ServiceClient):
     async def prefill(self, request_id: str, model: str, token_ids: list[int], sampling: SamplingParams = SamplingParams(),
                       *, disable_context_cache: bool = False, deadline_s: float | None = None) -> PrefillResult:
         """The prompt's KV into the pool and its first token; not retried (it writes KV)."""
-        request = prefill_pb2.PrefillRequest(request_id=request_id, model=model, token_ids=token_ids,
-                                             sampling=sampling_to_proto(sampling),
-                                             disable_context_cache=disable_context_cache)
-        r = await self.unary("Prefill", request, idempotent=False, deadline_s=deadline_s)
-        return PrefillResult(r.first_token, r.first_token_logprob, r.kv, r.cached_tokens, r.computed_tokens,
-                             Timing.from_proto(r.timing),
-                             logprobs_from_proto(r.first_token_logprobs) if r.HasField("first_token_logprobs") else None,
-                             [logprobs_from_proto(t) for t in r.prompt_logprobs])
+        return _result(await self.unary("Prefill", _request(request_id, model, token_ids, sampling,
+                                                            disable_context_cache),
+                                        idempotent=False, deadline_s=deadline_s))
+
+    async def prefill_stream(self, request_id: str, model: str, token_ids: list[int],
+                             sampling: SamplingParams = SamplingParams(), *, disable_context_cache: bool = False,
+                             deadline_s: float | None = None) -> AsyncIterator[PrefillResult]:
+        """The same prefill answered twice: the first token as soon as the prompt is computed (its
+        ``kv`` None), then the whole result once the prompt's KV is in the pool; not retried."""
+        request = _request(request_id, model, token_ids, sampling, disable_context_cache)
+        stream = self.stream("PrefillStream", request, deadline_s)
+        try:
+            async for reply in stream:
+                yield _result(reply)
+        finally:
+            await stream.cancel()  # a no-op once it ended; else the instance stops the prefill
 
     async def load(self, deadline_s: float | None = None) -> InstanceLoad:
         reply = await self.unary("GetLoad", prefill_pb2.GetLoadRequest(), idempotent=True, deadline_s=deadline_s)
         return InstanceLoad.from_proto(reply.load)
+
+
+def _request(request_id: str, model: str, token_ids: list[int], sampling: SamplingParams,
+             disable_context_cache: bool) -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(request_id=request_id, model=model, token_ids=token_ids,
+                                      sampling=sampling_to_proto(sampling), disable_context_cache=disable_context_cache)
+
+
+def _result(r: prefill_pb2.PrefillReply) -> PrefillResult:
+    return PrefillResult(r.first_token, r.first_token_logprob, r.kv if r.HasField("kv") else None, r.cached_tokens,
+                         r.computed_tokens, Timing.from_proto(r.timing),
+                         logprobs_from_proto(r.first_token_logprobs) if r.HasField("first_token_logprobs") else None,
+                         [logprobs_from_proto(t) for t in r.prompt_logprobs])
 
 
 class DecodeStream:

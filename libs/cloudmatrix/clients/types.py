@@ -77,7 +77,8 @@ class GenerateChunk:
 class PrefillResult:
     first_token: int
     first_token_logprob: float
-    kv: Any                              # the prompt's KV handle in the pool: pass it on to decode
+    kv: Any                              # the prompt's KV handle in the pool: pass it on to decode (None:
+                                         # prefill_stream's first result, the KV not yet there)
     cached_tokens: int
     computed_tokens: int
     timing: Timing

@@ -39,6 +39,11 @@ class PrefillStub:
                 request_serializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.FromString,
                 _registered_method=True)
+        self.PrefillStream = channel.unary_stream(
+                '/cmx.prefill.v1.Prefill/PrefillStream',
+                request_serializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.FromString,
+                _registered_method=True)
         self.GetLoad = channel.unary_unary(
                 '/cmx.prefill.v1.Prefill/GetLoad',
                 request_serializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.GetLoadRequest.SerializeToString,
@@ -55,6 +60,16 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrefillStream(self, request, context):
+        """The same prefill answered twice: as soon as the prompt is computed, a reply with the first
+        token (its log-probabilities, the prompt's, cached_tokens, computed_tokens, the timing so far)
+        and no kv; then, once the prompt's KV is in the pool, the whole reply as Prefill gives it.
+        A client shows the first token at once and hands the second reply's kv to a decode.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLoad(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -66,6 +81,11 @@ def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
+                    request_deserializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
+                    response_serializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.SerializeToString,
+            ),
+            'PrefillStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PrefillStream,
                     request_deserializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.SerializeToString,
             ),
@@ -100,6 +120,33 @@ class Prefill:
             request,
             target,
             '/cmx.prefill.v1.Prefill/Prefill',
+            cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
+            cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrefillStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cmx.prefill.v1.Prefill/PrefillStream',
             cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
             cmx_dot_prefill_dot_v1_dot_prefill__pb2.PrefillReply.FromString,
             options,

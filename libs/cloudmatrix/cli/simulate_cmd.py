@@ -14,25 +14,27 @@ import json
 import sys
 from pathlib import Path
 
+from cloudmatrix.cli import simulate_report
+from cloudmatrix.simulator.calibration import FITTED
 from cloudmatrix.simulator.decode import DIES_PER_NPU, DecodeResult, DecodeSetup, largest_batch_within, simulate_decode
-from cloudmatrix.simulator.paper import (
-    BOUND,
-    decode_imbalance,
-    mean_kv_len,
-    median_abs_error,
-    paper_rows,
-    prefill_imbalance,
-    slo_batches,
-)
+from cloudmatrix.simulator.paper import mean_kv_len
 from cloudmatrix.simulator.planning import parse_duration_s, plan, prefill_setup_for
 from cloudmatrix.simulator.prefill import PrefillResult, PrefillSetup, simulate_prefill
+
+EFF = FITTED.efficiency()  # the operators' efficiencies with the calibrated constants
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("simulate", help="predict DeepSeek-R1 serving on CloudMatrix384 (the paper's tables, "
                                              "what-ifs, SLOs, NPU counts)")
     parser.add_argument("--paper", action="store_true", help="every headline row of the paper: paper, prediction, "
-                                                             "error, and whether it is within the issue's bound")
+                                                             "error, training or held out, within the bound")
+    parser.add_argument("--bands", action="store_true",
+                        help="with --paper: each prediction's band over the calibrated constants' ranges")
+    parser.add_argument("--validate", action="store_true",
+                        help="the calibration: pre-registration, refit, held-out and leave-one-out errors, ranges")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="which calibrated constant moves which row (each at its bounds)")
     parser.add_argument("--phase", choices=("decode", "prefill"), default="decode", help="what to simulate")
     parser.add_argument("--batch", type=int, default=96, help="decode: sequences per NPU (2 dies)")
     parser.add_argument("--kv-len", type=int, default=None,
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="1 = no overlap, 2 = attention and MoE of two microbatches overlap; decode 0 = the "
                              "faster of the two for each batch (prefill: 0 = 2)")
     parser.add_argument("--eplb", choices=("default", "perfect"), default="default",
-                        help="expert imbalance: EPLB on the assumed load (docs/simulator.md), or none")
+                        help="expert placement: the default EPLB's calibrated residual, or perfect")
     parser.add_argument("--imbalance", type=float, default=None,
                         help="busiest expert die's tokens / the mean (overrides --eplb)")
     parser.add_argument("--reuse", type=float, default=0.0, help="prefill: share of each prompt in the context cache")
@@ -64,8 +66,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    if args.paper:
-        result = _paper()
+    if args.validate:
+        result = simulate_report.validate()
+    elif args.sensitivity:
+        result = simulate_report.sensitivity()
+    elif args.paper:
+        result = simulate_report.paper(args.bands)
     elif args.rate is not None:
         result = _plan(args)
     elif args.phase == "prefill":
@@ -90,28 +96,29 @@ def _decode_base(args: argparse.Namespace) -> DecodeSetup:
                "microbatches": args.microbatches} | scaled
     setup = DecodeSetup(batch_per_die=args.batch // DIES_PER_NPU,
                         kv_len=args.kv_len or mean_kv_len(args.prompt, args.output), **changes)
-    imbalance = args.imbalance or (1.0 if args.eplb == "perfect" else decode_imbalance(setup))
-    return dataclasses.replace(setup, imbalance=imbalance)
+    imbalance = args.imbalance or (1.0 if args.eplb == "perfect" else FITTED.eplb_residual)
+    return dataclasses.replace(setup, imbalance=imbalance, round_slowdown=FITTED.round_slowdown)
 
 
 def _prefill_base(args: argparse.Namespace) -> PrefillSetup:
     changes = {"int8": not args.no_int8, "microbatches": args.microbatches or 2, "reuse": args.reuse,
                "tokens_per_die": args.tokens_per_npu // DIES_PER_NPU} | ({"dies": args.dies} if args.dies else {})
     setup = prefill_setup_for(args.prompt, PrefillSetup(**changes))
-    return dataclasses.replace(setup, imbalance=args.imbalance or prefill_imbalance(setup, args.eplb))
+    imbalance = args.imbalance or (1.0 if args.eplb == "perfect" else FITTED.eplb_residual)
+    return dataclasses.replace(setup, imbalance=imbalance)
 
 
 def _decode(args: argparse.Namespace) -> dict:
     setup = _decode_base(args)
     if args.tpot_slo:
         slo = parse_duration_s(args.tpot_slo)
-        result = largest_batch_within(slo, setup)
+        result = largest_batch_within(slo, setup, eff=EFF)
         if result is None:
             raise ValueError(f"no batch meets a TPOT of {slo * 1e3:g} ms with this setup")
         print(f"largest batch within a TPOT of {slo * 1e3:g} ms "
               f"(prompt {args.prompt}, output {args.output}, mean KV {setup.kv_len}):")
     else:
-        result = simulate_decode(setup)
+        result = simulate_decode(setup, eff=EFF)
     _print_decode(result)
     return _decode_dict(result)
 
@@ -139,7 +146,7 @@ def _print_decode(r: DecodeResult) -> None:
 
 
 def _prefill(args: argparse.Namespace) -> dict:
-    r = simulate_prefill(_prefill_base(args))
+    r = simulate_prefill(_prefill_base(args), eff=EFF)
     _print_prefill(r)
     return _prefill_dict(r)
 
@@ -176,36 +183,6 @@ def _plan(args: argparse.Namespace) -> dict:
     return d
 
 
-def _paper() -> dict:
-    rows = paper_rows()
-    print(f"{'table':<14} {'row':<44} {'metric':<22} {'paper':>9} {'model':>9} {'error':>8}  bound")
-    for r in rows:
-        verdict = "-" if r.bound is None else f"+-{r.bound:.0%} {'ok' if r.within else 'MISSED'}"
-        print(f"{r.table:<14} {r.label:<44} {r.metric:<22} {_figure(r.paper):>9} {_figure(r.predicted):>9} "
-              f"{r.error:>+8.1%}  {verdict}")
-        if "tokens_per_s_per_npu" in r.shown:
-            print(f"{'':<14}   tokens/s per NPU: paper {r.shown['paper_tokens_per_s_per_npu']:,.0f}, model "
-                  f"{r.shown['tokens_per_s_per_npu']:,.0f} ({r.shown['microbatches']} microbatch(es))")
-    batches = slo_batches()
-    print("\nlargest batch within each TPOT SLO (the model's own choice):")
-    for b in batches:
-        found = (f"batch {b['predicted_batch_per_npu']} (TPOT {b['predicted_tpot_ms']:.1f} ms, "
-                 f"{b['predicted_tokens_per_s_per_npu']:,.0f} tokens/s per NPU, "
-                 f"{b['predicted_microbatches']} microbatch(es))") if b["predicted_tpot_ms"] \
-            else "no batch of 4 or more meets it"
-        print(f"  SLO {b['slo_ms']} ms, {b['prompt']}/{b['output']}: paper batch {b['paper_batch_per_npu']}, "
-              f"model {found}")
-    bounded = [r for r in rows if r.bound is not None]
-    median = median_abs_error(rows)
-    print(f"\n{sum(r.within for r in bounded)} of {len(bounded)} observations within +-{BOUND:.0%}; median absolute "
-          f"error {median:.1%}; docs/simulator.md says which assumption fails where")
-    return {"rows": [r.as_dict() for r in rows], "slo_batches": batches, "median_abs_error": median}
-
-
-def _figure(value: float) -> str:
-    return f"{value:,.3f}" if value < 10 else f"{value:,.1f}"
-
-
 def _plot(args: argparse.Namespace, path: str) -> None:
     import matplotlib
 
@@ -215,7 +192,8 @@ def _plot(args: argparse.Namespace, path: str) -> None:
     base = _decode_base(args)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, changes in (("INT8, MTP", {}), ("INT8, no MTP", {"mtp": False}), ("BF16, MTP", {"int8": False})):
-        points = [simulate_decode(dataclasses.replace(base, batch_per_die=b, **changes)) for b in range(2, 129, 2)]
+        points = [simulate_decode(dataclasses.replace(base, batch_per_die=b, **changes), eff=EFF)
+                  for b in range(2, 129, 2)]
         ax.plot([p.tpot_s * 1e3 for p in points], [p.tokens_per_s_per_npu for p in points], label=label)
     ax.set(xlabel="TPOT (ms)", ylabel="tokens/s per NPU",
            title=f"DeepSeek-R1 decode on CloudMatrix384, EP{base.dies}, mean KV {base.kv_len} (modeled)")

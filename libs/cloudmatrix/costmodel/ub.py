@@ -256,7 +256,12 @@ def busiest_round_s(busiest_bytes: float, kind: str, ep: int, spec: UBSpec = CLO
     check_nonnegative(busiest_bytes=busiest_bytes)
     if ep < 2:
         return 0.0
-    return _round_latency_s(range(ep), spec) + busiest_bytes / effective_bandwidth(kind, ep)
+    return _first_dies_latency_s(ep, spec) + busiest_bytes / effective_bandwidth(kind, ep)
+
+
+@functools.cache
+def _first_dies_latency_s(ep: int, spec: UBSpec) -> float:
+    return _round_latency_s(range(ep), spec)
 
 
 def modeled_dispatch_combine(ep: int, tokens_per_rank: int = 128, hidden: int = 7168, top_k: int = 8,

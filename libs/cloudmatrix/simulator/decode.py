@@ -1,10 +1,12 @@
 """Decode on CloudMatrix384 as the paper deploys DeepSeek-R1: one instance of 320 dies, attention
 DP320 (every die runs its own batch), MoE EP320 (one expert per die: 256 routed, 32 shared-expert
-replicas, 32 redundant routed copies), INT8, MTP with one draft token, two microbatches.
+replicas, 32 redundant routed copies), INT8, MTP with one draft token, one or two microbatches
+(whichever is faster for the batch).
 
-A step on one die is built from the cost model's operators (costmodel/ops.py, ub.py): nothing here
-is fitted to a system-level figure of the paper. The assumptions are the fields of
-``DecodeSetup`` and the constants below; docs/simulator.md lists each with its source.
+A step on one die is built from the cost model's operators (costmodel/ops.py, ub.py). The
+assumptions are the fields of ``DecodeSetup`` and the constants below; the few physical constants
+the operators do not give are calibrated on a declared training subset of the paper's
+observations (simulator/calibration.py); docs/simulator.md lists each with its source.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from cloudmatrix.costmodel.ops import (
     vector_s,
 )
 from cloudmatrix.model.config import ModelConfig
+from cloudmatrix.simulator.experts import step_fluctuation
 
 DIES_PER_NPU = 2
 # The paper's "tokens/s per TFLOPS" divides by the NPU's INT8 peak: 2 dies x 752 TOPS (its
@@ -46,13 +49,17 @@ class DecodeSetup:
     acceptance: float = 0.7          # MTP draft acceptance (PAPERS.md s2: ~70%)
     microbatches: int = 0            # 2: attention and MoE paths of two microbatches overlap; 1: none;
                                      # 0: the faster of the two for this batch, as a deployment would
-    imbalance: float = 1.0           # busiest routed-expert die's tokens / the mean (1 = perfect EPLB)
+    imbalance: float = 1.0           # EPLB's residual: busiest routed-expert die's expected rows / the
+                                     # mean (1 = perfect EPLB; a step's fluctuation comes on top)
+    round_slowdown: float = 1.0      # dispatch / combine on the MoE path's core partition (two
+                                     # microbatches) over the same round on the whole die
 
     def __post_init__(self) -> None:
         checks = {"batch_per_die": self.batch_per_die >= 1, "kv_len": self.kv_len >= 1,
                   "dies": self.dies >= 2, "shared_replicas": 1 <= self.shared_replicas < self.dies,
                   "redundant": self.redundant >= 0, "acceptance": 0.0 <= self.acceptance <= 1.0,
-                  "microbatches": self.microbatches in (0, 1, 2), "imbalance": self.imbalance >= 1.0}
+                  "microbatches": self.microbatches in (0, 1, 2), "imbalance": self.imbalance >= 1.0,
+                  "round_slowdown": self.round_slowdown >= 1.0}
         for field, ok in checks.items():
             if not ok:
                 raise ValueError(f"{field}: out of range ({getattr(self, field)!r})")
@@ -123,27 +130,32 @@ def experts_per_die(setup: DecodeSetup, cfg: ModelConfig) -> int:
 
 
 def busiest_expert_tokens(tokens_per_die: int, setup: DecodeSetup, cfg: ModelConfig) -> float:
-    """Tokens the busiest expert die computes: a routed-expert die (the mean rows x imbalance) or a
-    shared-expert die (every token of the instance, spread over the replicas)."""
-    routed = setup.dies * tokens_per_die * cfg.num_experts_per_tok / (setup.dies - setup.shared_replicas)
+    """Tokens the busiest expert die computes: a routed-expert die (the mean rows x the placement's
+    residual x the step's fluctuation) or a shared-expert die (every token of the instance, spread
+    evenly over the replicas)."""
+    routed_dies = setup.dies - setup.shared_replicas
+    routed = setup.dies * tokens_per_die * cfg.num_experts_per_tok / routed_dies
     shared = setup.dies * tokens_per_die / setup.shared_replicas
-    return max(routed * setup.imbalance, shared)
+    return max(routed * setup.imbalance * step_fluctuation(routed, routed_dies), shared)
 
 
-def moe_path(cfg: ModelConfig, tokens: int, setup: DecodeSetup, die: DieSpec, eff: DieEfficiency) -> PhaseCost:
+def moe_path(cfg: ModelConfig, tokens: int, setup: DecodeSetup, die: DieSpec, eff: DieEfficiency,
+             on_partition: bool = False) -> PhaseCost:
     """Gate, dispatch (top-k routed rows + one shared-expert row per token), this die's expert on
-    the busiest die's tokens, combine, and the weighted sum."""
+    the busiest die's tokens, combine, and the weighted sum. ``on_partition``: the path runs on the
+    MoE cores of a two-microbatch split, its rounds ``setup.round_slowdown`` times slower."""
     rows = cfg.num_experts_per_tok + 1  # per token: top-8 routed + the shared expert
     busiest, copies = busiest_expert_tokens(tokens, setup, cfg), experts_per_die(setup, cfg)
     remote = 1.0 - 1.0 / setup.dies   # a row addressed to this die stays here
     sizes = {k: ub.row_bytes(k, cfg.hidden_size, setup.int8) for k in ub.KINDS}
     out_of = {k: max(tokens * rows * sizes[k] * remote, busiest * sizes[k]) for k in ub.KINDS}
     weighted_sum = ACT_BYTES * tokens * cfg.hidden_size * (rows + 1)
+    slowdown = setup.round_slowdown if on_partition else 1.0
     return (PhaseCost("moe")
             .add("gate", gemm_s(tokens, cfg.hidden_size, cfg.n_routed_experts, dtype="bf16", die=die, eff=eff))
-            .add("dispatch", ub.busiest_round_s(out_of["dispatch"], "dispatch", setup.dies))
+            .add("dispatch", slowdown * ub.busiest_round_s(out_of["dispatch"], "dispatch", setup.dies))
             .extend(expert_mlp_phase(cfg, [round(busiest / copies)] * copies, setup.dtype, die=die, eff=eff))
-            .add("combine", ub.busiest_round_s(out_of["combine"], "combine", setup.dies))
+            .add("combine", slowdown * ub.busiest_round_s(out_of["combine"], "combine", setup.dies))
             .add("weighted_sum", vector_s(weighted_sum, die=die, eff=eff)))
 
 
@@ -154,8 +166,10 @@ def dense_mlp(cfg: ModelConfig, tokens: int, dtype: str, die: DieSpec, eff: DieE
 
 
 def partition(die: DieSpec, share: float) -> DieSpec:
-    """The die as one microbatch path sees it: ``share`` of the cube and vector cores. HBM
-    bandwidth is not split (assumption: the two paths are rarely memory-bound at the same time)."""
+    """The die as one microbatch path sees it: ``share`` of the cube and vector cores, the whole
+    HBM bandwidth. Splitting the bandwidth as the cores are split was tried: it turns the paper's
+    microbatch gains (x1.06-1.09) into losses (x0.84-0.98) under any calibration within bounds,
+    so the paper's own rows rule it out (docs/simulator.md)."""
     return dataclasses.replace(die, fp16_flops=die.fp16_flops * share, int8_ops=die.int8_ops * share)
 
 
@@ -169,7 +183,7 @@ def moe_layer_s(cfg: ModelConfig, batch: int, setup: DecodeSetup, die: DieSpec, 
     halves = (batch // 2, batch - batch // 2)
     attn_die, moe_die = partition(die, ATTENTION_CORE_SHARE), partition(die, 1.0 - ATTENTION_CORE_SHARE)
     attention = sum(attention_path(cfg, b, q, setup.kv_len, setup.dtype, attn_die, eff).total_s for b in halves)
-    moe = sum(moe_path(cfg, b * q, setup, moe_die, eff).total_s for b in halves)
+    moe = sum(moe_path(cfg, b * q, setup, moe_die, eff, on_partition=True).total_s for b in halves)
     return max(attention, moe)
 
 
@@ -207,15 +221,15 @@ def _step(setup: DecodeSetup, cfg: ModelConfig, die: DieSpec, eff: DieEfficiency
 
 
 def largest_batch_within(tpot_slo_s: float, setup: DecodeSetup = DecodeSetup(), max_batch_per_die: int = 512,
-                         **model) -> DecodeResult | None:
-    """The largest batch per die whose TPOT meets ``tpot_slo_s`` (TPOT grows with the batch), or
-    None when even the smallest batch misses it."""
+                         step: int = 1, **model) -> DecodeResult | None:
+    """The largest batch per die, of the multiples of ``step``, whose TPOT meets ``tpot_slo_s``
+    (TPOT grows with the batch), or None when even the smallest batch misses it."""
     smallest = 2 if setup.microbatches == 2 else 1  # 0 chooses one microbatch at 1 sequence per die
     best = None
-    low, high = smallest, max_batch_per_die
+    low, high = -(-smallest // step), max_batch_per_die // step  # in units of step
     while low <= high:
         mid = (low + high) // 2
-        result = simulate_decode(dataclasses.replace(setup, batch_per_die=mid), **model)
+        result = simulate_decode(dataclasses.replace(setup, batch_per_die=mid * step), **model)
         if result.tpot_s <= tpot_slo_s:
             best, low = result, mid + 1
         else:

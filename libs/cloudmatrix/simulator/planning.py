@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from cloudmatrix.costmodel.die import DieEfficiency
+from cloudmatrix.simulator.calibration import FITTED
 from cloudmatrix.simulator.decode import DIES_PER_NPU, DecodeResult, DecodeSetup, largest_batch_within
 from cloudmatrix.simulator.paper import mean_kv_len
 from cloudmatrix.simulator.prefill import PrefillResult, PrefillSetup, simulate_prefill
@@ -69,12 +71,14 @@ class Plan:
 
 
 def plan(rate: float, prompt: int, output: int, tpot_slo_s: float, decode: DecodeSetup,
-         prefill: PrefillSetup) -> Plan:
+         prefill: PrefillSetup, eff: DieEfficiency = FITTED.efficiency()) -> Plan:
     """NPUs for ``rate`` requests/s of ``prompt`` + ``output`` tokens: prefill at its batch
-    throughput, decode at the largest batch within the TPOT SLO (``ValueError`` if none meets it)."""
+    throughput, decode at the largest batch within the TPOT SLO (``ValueError`` if none meets it);
+    operators at the calibrated efficiencies unless ``eff`` says otherwise."""
     if not rate > 0 or prompt < 1 or output < 1:
         raise ValueError(f"need rate > 0, prompt >= 1 and output >= 1; got {rate}, {prompt}, {output}")
-    best = largest_batch_within(tpot_slo_s, dataclasses.replace(decode, kv_len=mean_kv_len(prompt, output)))
+    best = largest_batch_within(tpot_slo_s, dataclasses.replace(decode, kv_len=mean_kv_len(prompt, output)),
+                                eff=eff)
     if best is None:
         raise ValueError(f"no decode batch meets a TPOT of {tpot_slo_s * 1e3:g} ms with this setup")
-    return Plan(rate, prompt, output, simulate_prefill(prefill_setup_for(prompt, prefill)), best)
+    return Plan(rate, prompt, output, simulate_prefill(prefill_setup_for(prompt, prefill), eff=eff), best)

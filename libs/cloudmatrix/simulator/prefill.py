@@ -21,6 +21,7 @@ from cloudmatrix.costmodel.ops import (
 )
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.simulator.decode import ACT_BYTES, DIES_PER_NPU, NPU_TERA_OPS, dense_mlp
+from cloudmatrix.simulator.experts import step_fluctuation
 
 KV_BYTES = 2  # latent KV values in BF16, in HBM and in the pool
 
@@ -34,7 +35,8 @@ class PrefillSetup:
     attention_tp: int = 32           # SP -> TP -> SP attention: the TP stage's degree (assumption)
     int8: bool = True
     microbatches: int = 2            # 2: one microbatch's dispatch / combine overlap the other's compute
-    imbalance: float = 1.0           # busiest die's routed rows / the mean (1 = perfect EPLB)
+    imbalance: float = 1.0           # EPLB's residual: busiest die's expected routed rows / the mean
+                                     # (1 = perfect EPLB; a step's fluctuation comes on top)
     reuse: float = 0.0               # share of each prompt whose KV the context cache already holds
 
     def __post_init__(self) -> None:
@@ -101,15 +103,23 @@ def attention_phase(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: Di
 
 def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency) -> tuple[PhaseCost, PhaseCost]:
     """(compute, rounds) of one MoE layer: gate, the busiest die's routed experts, the shared
-    expert on the die's own tokens; dispatch and combine of the routed rows."""
+    expert on the die's own tokens, the routed rows quantized (INT8), permuted into expert order
+    before dispatch and back after combine; dispatch and combine of the routed rows."""
     tokens = setup.sequences * setup.new_per_seq
     rows = tokens * cfg.num_experts_per_tok             # routed rows this die sends (and, on average, gets)
-    busiest = rows * setup.imbalance
+    busiest = rows * setup.imbalance * step_fluctuation(rows, setup.dies)
+    row_elem = 1 if setup.int8 else ACT_BYTES
     per_expert = [round(busiest / setup.experts_per_die)] * setup.experts_per_die
     shared_cfg = dataclasses.replace(cfg, moe_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts)
     compute = (PhaseCost("moe")
                .add("gate", gemm_s(tokens, cfg.hidden_size, cfg.n_routed_experts, dtype="bf16", die=die, eff=eff))
+               # per token: read BF16, write INT8 and its scale (none in BF16)
+               .add("quantize", vector_s(tokens * (cfg.hidden_size * (ACT_BYTES + 1) + 4), die=die, eff=eff)
+                    if setup.int8 else 0.0)
+               # the rows read and written in expert order; the combined rows back in token order
+               .add("permute", vector_s(2 * rows * cfg.hidden_size * row_elem, die=die, eff=eff))
                .extend(expert_mlp_phase(cfg, per_expert, setup.dtype, die=die, eff=eff))
+               .add("unpermute", vector_s(2 * rows * cfg.hidden_size * ACT_BYTES, die=die, eff=eff))
                .extend(dataclasses.replace(expert_mlp_phase(shared_cfg, [tokens], setup.dtype, die=die, eff=eff),
                                            name="shared"))
                .add("weighted_sum", vector_s(ACT_BYTES * cfg.hidden_size * (rows + 2 * tokens), die=die, eff=eff)))

@@ -206,6 +206,8 @@ def test_cli_paper_table_and_json(capsys, tmp_path):
     errors = sorted(abs(r["error"]) for r in report["rows"] if r["bound"] is not None)
     assert report["median_abs_error"] == pytest.approx((errors[5] + errors[6]) / 2)
     assert report["calibration"] == FITTED.values()
+    assert [r["table"] for r in report["second_system"]] == ["h800", "h800", "h100", "h100", "h100"]
+    assert "second system, held out completely" in out
 
 
 def test_cli_validate_and_sensitivity(capsys, tmp_path):
@@ -239,3 +241,61 @@ def test_cli_what_ifs_plan_and_plot(capsys, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["simulate", "--batch", "0"]) == 2
     assert "batch_per_die" in capsys.readouterr().err
+
+
+# The second published system (PAPERS.md, as the CloudMatrix paper cites DeepSeek's H800 profile
+# and SGLang's 96 H100): observation -> the paper's value, for the rows docs/simulator.md claims
+# within +-20% (SGLang's default-EPLB prefill is reported as a miss there).
+SECOND_CLAIMED_WITHIN = {"h800_decode": 50.2, "h800_prefill": 7839, "h100_decode": 55.6, "h100_prefill_perfect": 7417}
+
+
+@pytest.mark.parametrize("key", sorted(SECOND_CLAIMED_WITHIN))
+def test_the_second_system_rows_claimed_within_the_bound_are_within_it(key):
+    from cloudmatrix.simulator.others import second_system_rows
+
+    [row] = [r for r in second_system_rows() if r.key == key]
+    assert row.split == "held out" and row.paper == SECOND_CLAIMED_WITHIN[key]
+    assert abs(row.predicted / SECOND_CLAIMED_WITHIN[key] - 1) <= BOUND, (key, row.predicted)
+
+
+def test_the_hopper_profile_carries_its_public_figures():
+    """Against the sources' own numbers (docs/simulator-sources.md), not the module's constants."""
+    from cloudmatrix.simulator.hardware import DEEPEP_LOW_LATENCY, DEEPEP_NORMAL, HARDWARE
+
+    h800 = HARDWARE["h800"]
+    assert h800.die.fp16_flops * h800.eff.mla_compute == pytest.approx(660e12)     # FlashMLA
+    assert h800.die.hbm_bandwidth * h800.eff.mla_memory == pytest.approx(3000e9)   # FlashMLA
+    assert h800.die.int8_ops * h800.eff.int8_gemm == pytest.approx(1350e12)        # DeepGEMM at release
+    # DeepEP low-latency at 128 tokens per rank: the README's times; linear in tokens; clamped
+    for ep, dispatch, combine in ((8, 163, 318), (128, 192, 369), (256, 194, 360)):
+        assert DEEPEP_LOW_LATENCY.round_s("dispatch", 128, ep) == pytest.approx(dispatch * 1e-6)
+        assert DEEPEP_LOW_LATENCY.round_s("combine", 256, ep) == pytest.approx(2 * combine * 1e-6)
+    assert DEEPEP_LOW_LATENCY.round_s("dispatch", 128, 512) == pytest.approx(194e-6)
+    assert 173e-6 < DEEPEP_LOW_LATENCY.round_s("dispatch", 128, 24) < 182e-6
+    assert DEEPEP_NORMAL.round_s("dispatch", 58e9, 32) == pytest.approx(1.0)  # 58 GB/s at EP32
+
+
+def test_remote_nodes_per_token_is_the_brute_force_count():
+    """Every choice of 4 of 8 expert groups, equally likely; 32 GPUs = 4 nodes of 2 groups each."""
+    import itertools
+
+    from cloudmatrix.simulator.gpu import remote_nodes_per_token
+
+    choices = list(itertools.combinations(range(8), 4))
+    own = 0  # the token's own node holds groups 0 and 1
+    remote = sum(len({g // 2 for g in c} - {own}) for c in choices) / len(choices)
+    assert remote_nodes_per_token(DEEPSEEK_V3, 32) == pytest.approx(remote)
+    assert remote_nodes_per_token(DEEPSEEK_V3, 8) == 0.0
+
+
+def test_gpu_decode_grows_with_batch_and_the_cli_runs_it(capsys):
+    from cloudmatrix.simulator.gpu import GpuDecodeSetup, simulate_gpu_decode
+
+    tpots = [simulate_gpu_decode(GpuDecodeSetup(batch=b)).tpot_s for b in (16, 64, 128, 256)]
+    assert tpots == sorted(tpots)
+    assert main(["simulate", "--hardware", "h800", "--batch", "128", "--no-mtp", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{"):])
+    assert report["hardware"] == "h800" and report["tpot_ms"] > 0 and "decode on h800, EP128" in out
+    assert main(["simulate", "--hardware", "h100", "--tpot-slo", "30ms"]) == 2
+    assert "cloudmatrix384 only" in capsys.readouterr().err

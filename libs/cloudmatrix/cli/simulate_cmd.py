@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sensitivity", action="store_true",
                         help="which calibrated constant moves which row (each at its bounds)")
     parser.add_argument("--phase", choices=("decode", "prefill"), default="decode", help="what to simulate")
+    parser.add_argument("--hardware", choices=("cloudmatrix384", "h800", "h100"), default="cloudmatrix384",
+                        help="h800 / h100: Hopper GPUs from their public operator figures (--batch is per GPU, "
+                             "--dies the EP degree in GPUs)")
     parser.add_argument("--batch", type=int, default=96, help="decode: sequences per NPU (2 dies)")
     parser.add_argument("--kv-len", type=int, default=None,
                         help="decode: mean KV length (default: prompt + output / 2)")
@@ -72,6 +75,8 @@ def _simulate(args: argparse.Namespace) -> int:
         result = simulate_report.sensitivity()
     elif args.paper:
         result = simulate_report.paper(args.bands)
+    elif args.hardware != "cloudmatrix384":
+        result = simulate_report.gpu(args)
     elif args.rate is not None:
         result = _plan(args)
     elif args.phase == "prefill":

@@ -2,8 +2,14 @@
 printed for a reader and returned as JSON (docs/simulator.md)."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from cloudmatrix.simulator.calibration import CONSTANTS, FITTED
-from cloudmatrix.simulator.paper import BATCH_GRID, BOUND, Row, median_abs_error, paper_rows, slo_batches
+from cloudmatrix.simulator.gpu import GpuDecodeSetup, gpu_prefill_tokens_per_s, simulate_gpu_decode
+from cloudmatrix.simulator.others import second_system_rows
+from cloudmatrix.simulator.paper import BATCH_GRID, BOUND, Row, mean_kv_len, median_abs_error, paper_rows, slo_batches
+from cloudmatrix.simulator.prefill import PrefillSetup
 from cloudmatrix.simulator.validation import bands, leave_one_out, ranges, split_errors
 from cloudmatrix.simulator.validation import sensitivity as sensitivity_of
 from cloudmatrix.simulator.validation import validate as validated
@@ -15,13 +21,51 @@ def paper(with_bands: bool = False) -> dict:
     _print_rows(rows, band)
     batches = slo_batches()
     _print_batches(batches)
+    second = second_system(FITTED)
     errors = split_errors(rows)
     print(f"\nheld out: {errors['held_out_within']} of {errors['held_out']} within +-{BOUND:.0%}, median absolute "
           f"error {errors['held_out_median_abs_error']:.1%}, largest {errors['held_out_max_abs_error']:.1%}; "
           f"training: median {errors['train_median_abs_error']:.1%} (`cmx simulate --validate` for the calibration)")
     return {"rows": [r.as_dict() | ({"band": band[r.key]} if band else {}) for r in rows], "slo_batches": batches,
             "median_abs_error": median_abs_error(rows), "errors": errors,
-            "calibration": FITTED.values()}
+            "calibration": FITTED.values(), "second_system": [r.as_dict() for r in second]}
+
+
+def second_system(cal) -> list[Row]:
+    """The other published deployments (H800, H100), held out completely: printed and returned."""
+    rows = second_system_rows(cal)
+    print("\nsecond system, held out completely (Hopper GPUs from public operator figures, no constant tuned):")
+    _print_rows(rows, {})
+    print(f"  {sum(bool(r.within) for r in rows)} of {len(rows)} within +-{BOUND:.0%}")
+    return rows
+
+
+def gpu(args) -> dict:
+    """One decode or prefill configuration on Hopper GPUs (`--hardware h800|h100`)."""
+    if args.tpot_slo or args.rate is not None or args.plot:
+        raise ValueError("hardware: --tpot-slo, --rate and --plot are modeled for cloudmatrix384 only")
+    imbalance = args.imbalance or (1.0 if args.eplb == "perfect" else FITTED.eplb_residual)
+    if args.phase == "prefill":
+        setup = PrefillSetup(prompt_len=args.prompt, tokens_per_die=max(args.prompt, args.tokens_per_npu),
+                             dies=args.dies or 32, experts_per_die=math.ceil(288 / (args.dies or 32)),
+                             attention_tp=1, int8=not args.no_int8, microbatches=args.microbatches or 2,
+                             reuse=args.reuse, imbalance=imbalance)
+        rate = gpu_prefill_tokens_per_s(setup, args.hardware)
+        print(f"prefill on {args.hardware}, EP{setup.dies}, {setup.sequences} x {setup.prompt_len}-token prompts "
+              f"per GPU: {rate:,.0f} tokens/s per GPU")
+        return {"hardware": args.hardware, "setup": dataclasses.asdict(setup), "tokens_per_s_per_gpu": rate}
+    ep = args.dies or 128
+    setup = GpuDecodeSetup(batch=args.batch, kv_len=args.kv_len or mean_kv_len(args.prompt, args.output), ep=ep,
+                           experts_per_gpu=math.ceil(288 / ep), mtp=not args.no_mtp, acceptance=args.acceptance,
+                           microbatches=args.microbatches or 2, imbalance=imbalance)
+    r = simulate_gpu_decode(setup, args.hardware)
+    print(f"decode on {args.hardware}, EP{ep}, batch {setup.batch}/GPU, KV {setup.kv_len}, MTP "
+          f"{'on' if setup.mtp else 'off'}, {setup.microbatches} microbatch(es): TPOT {r.tpot_s * 1e3:.1f} ms, "
+          f"{r.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, MoE layer {r.layer_s * 1e6:,.0f} us")
+    print("    " + r.compute.table().replace("\n", "\n    "))
+    print("    " + r.rounds.table().replace("\n", "\n    "))
+    return {"hardware": args.hardware, "setup": dataclasses.asdict(setup), "tpot_ms": r.tpot_s * 1e3,
+            "tokens_per_s_per_gpu": r.tokens_per_s_per_gpu}
 
 
 def validate() -> dict:
@@ -42,6 +86,7 @@ def validate() -> dict:
     for key, loo in report["leave_one_out"].items():
         print(f"  {key:<20} {loo['error']:+.1%}")
     _print_batches(report["slo_batches"])
+    report["second_system"] = [r.as_dict() for r in second_system(FITTED)]
     e = report["errors"]
     print(f"\nheld out: {e['held_out_within']} of {e['held_out']} within +-{BOUND:.0%}, median absolute error "
           f"{e['held_out_median_abs_error']:.1%}, largest {e['held_out_max_abs_error']:.1%}; training median "

@@ -8,6 +8,7 @@ One batch on one die, from the cost model's operators; docs/simulator.md lists t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from cloudmatrix.costmodel import ub
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE, PAPER_EFFICIENCY, DieEfficiency, DieSpec
@@ -101,7 +102,13 @@ def attention_phase(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: Di
             .add("o_proj", gemm_s(tokens, h * cfg.v_head_dim, cfg.hidden_size, dtype=dtype, die=die, eff=eff)))
 
 
-def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency) -> tuple[PhaseCost, PhaseCost]:
+def ub_rounds(kind: str, rows: float, ep: int, setup: PrefillSetup, cfg: ModelConfig) -> float:
+    """One dispatch or combine round over UB for the busiest die's ``rows`` (docs/costmodel.md)."""
+    return ub.busiest_round_s(rows * ub.row_bytes(kind, cfg.hidden_size, setup.int8), kind, ep)
+
+
+def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency,
+               rounds_s: Callable = ub_rounds) -> tuple[PhaseCost, PhaseCost]:
     """(compute, rounds) of one MoE layer: gate, the busiest die's routed experts, the shared
     expert on the die's own tokens, the routed rows quantized (INT8), permuted into expert order
     before dispatch and back after combine; dispatch and combine of the routed rows."""
@@ -126,8 +133,7 @@ def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEffi
     remote = 1.0 - 1.0 / setup.dies
     rounds = sp_tp_sp_rounds(cfg, setup)
     for kind in ub.KINDS:
-        size = ub.row_bytes(kind, cfg.hidden_size, setup.int8)
-        rounds = rounds.add(kind, ub.busiest_round_s(max(rows * remote, busiest) * size, kind, setup.dies))
+        rounds = rounds.add(kind, rounds_s(kind, max(rows * remote, busiest), setup.dies, setup, cfg))
     return compute, rounds
 
 
@@ -162,9 +168,12 @@ def cache_load_s(cfg: ModelConfig, setup: PrefillSetup) -> float:
 
 
 def simulate_prefill(setup: PrefillSetup = PrefillSetup(), cfg: ModelConfig = DEEPSEEK_V3,
-                     die: DieSpec = ASCEND_910C_DIE, eff: DieEfficiency = PAPER_EFFICIENCY) -> PrefillResult:
+                     die: DieSpec = ASCEND_910C_DIE, eff: DieEfficiency = PAPER_EFFICIENCY,
+                     rounds_s: Callable = ub_rounds) -> PrefillResult:
+    """One batch on one die. ``rounds_s(kind, rows, ep, setup, cfg)``: the seconds of one dispatch
+    or combine round for the busiest die's rows (default: over UB)."""
     attention = attention_phase(cfg, setup, die, eff)
-    moe, rounds = moe_phases(cfg, setup, die, eff)
+    moe, rounds = moe_phases(cfg, setup, die, eff, rounds_s)
     compute = PhaseCost("compute").extend(attention).extend(moe)
     layer = overlapped_s(compute.total_s, rounds.total_s, setup.microbatches)
     tokens = setup.sequences * setup.new_per_seq

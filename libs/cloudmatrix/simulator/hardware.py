@@ -67,6 +67,10 @@ DEEPEP_LOW_LATENCY = DeepEpRounds(ep=(8, 16, 32, 64, 128, 256),
                                   combine_us=(318, 329, 350, 353, 369, 360))
 # DeepEP README, normal kernels over RDMA (EP16-64; EP8 runs over NVLink alone).
 DEEPEP_NORMAL = DeepEpNormal(ep=(16, 32, 64), dispatch_gbps=(43, 58, 51), combine_gbps=(43, 57, 50))
+# sgl-project/sgl-kernel-npu README (DeepEP-Ascend on the A3 SuperPOD = CloudMatrix384), normal
+# kernels, 4,096 tokens per rank, hidden 7,168, top-8, INT8 dispatch, BF16 combine: bottleneck GB/s.
+DEEPEP_ASCEND_NORMAL = DeepEpNormal(ep=(8, 16, 32, 64, 128), dispatch_gbps=(146, 107, 102, 81, 57),
+                                    combine_gbps=(125, 103, 95, 91, 81))
 FP8_ROW_BYTES = 7168 + 7168 // 128 * 4   # FP8 hidden + one fp32 scale per 128 channels (DeepSeek-V3's tiles)
 BF16_ROW_BYTES = 2 * 7168
 

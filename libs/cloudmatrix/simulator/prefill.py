@@ -103,8 +103,13 @@ def attention_phase(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: Di
 
 
 def ub_rounds(kind: str, rows: float, ep: int, setup: PrefillSetup, cfg: ModelConfig) -> float:
-    """One dispatch or combine round over UB for the busiest die's ``rows`` (docs/costmodel.md)."""
-    return ub.busiest_round_s(rows * ub.row_bytes(kind, cfg.hidden_size, setup.int8), kind, ep)
+    """One dispatch or combine round over UB for the busiest die's ``rows``: at the bandwidth
+    DeepEP-Ascend's normal (large-batch) kernels reach on the A3 SuperPOD at this EP size, plus
+    the slowest link's latency (the decode's rounds use the paper's own low-latency table)."""
+    from cloudmatrix.simulator.hardware import DEEPEP_ASCEND_NORMAL
+
+    nbytes = rows * ub.row_bytes(kind, cfg.hidden_size, setup.int8)
+    return ub.busiest_round_s(0.0, kind, ep) + DEEPEP_ASCEND_NORMAL.round_s(kind, nbytes, ep)
 
 
 def moe_phases(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency,

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cloudmatrix.cli import simulate_report
+from cloudmatrix.cli import simulate_report, simulate_trace
 from cloudmatrix.simulator.calibration import FITTED
 from cloudmatrix.simulator.decode import DIES_PER_NPU, DecodeResult, DecodeSetup, largest_batch_within, simulate_decode
 from cloudmatrix.simulator.paper import mean_kv_len
@@ -65,11 +65,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON ('-': stdout)")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="decode: throughput vs TPOT over batch sizes, MTP on and off, INT8 and BF16")
+    simulate_trace.register(parser)
     parser.set_defaults(handler=_simulate)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    if args.validate:
+    if args.trace or args.synthetic:
+        result = simulate_trace.run(args)
+        args.plot = None  # drawn by the replay
+    elif args.validate:
         result = simulate_report.validate()
     elif args.sensitivity:
         result = simulate_report.sensitivity()

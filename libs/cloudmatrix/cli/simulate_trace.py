@@ -1,0 +1,88 @@
+"""`cmx simulate --trace FILE` / `--synthetic poisson|gamma`: a request stream replayed in
+virtual time through the serving system's own schedulers on a modeled deployment
+(docs/simulator.md, "Request-level simulation")."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cloudmatrix.simulator.planning import parse_duration_s
+from cloudmatrix.simulator.replay.engine import Deployment, Replay
+from cloudmatrix.simulator.replay.report import Slo, print_summary, summary
+from cloudmatrix.simulator.replay.workload import TraceRequest, read_mooncake, synthetic
+
+PAPER = Deployment()
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("request-level replay (--trace or --synthetic)")
+    g.add_argument("--trace", default=None, metavar="JSONL", help="replay a Mooncake trace (traces/ in the repo)")
+    g.add_argument("--synthetic", choices=("poisson", "gamma"), default=None,
+                   help="replay synthetic arrivals at --rate requests/s of --prompt + --output tokens")
+    g.add_argument("--count", type=int, default=1000, help="synthetic: requests")
+    g.add_argument("--burstiness", type=float, default=0.5, help="synthetic gamma: shape (1 = Poisson)")
+    g.add_argument("--rate-scale", type=float, default=1.0, help="trace: arrivals this many times as fast")
+    g.add_argument("--limit", type=int, default=0, help="trace: the first N requests (0: all)")
+    g.add_argument("--slo", default="ttft=2s,tpot=50ms", help="goodput SLO, e.g. ttft=2s,tpot=50ms")
+    g.add_argument("--prefill-instances", type=int, default=PAPER.prefill_instances)
+    g.add_argument("--prefill-dies", type=int, default=PAPER.prefill_dies, help="dies per prefill instance")
+    g.add_argument("--decode-instances", type=int, default=PAPER.decode_instances)
+    g.add_argument("--decode-dies", type=int, default=PAPER.decode_dies, help="dies per decode instance (EP)")
+    g.add_argument("--pool-gib", type=float, default=PAPER.pool_gib, help="context-cache pool capacity")
+    g.add_argument("--kv-gib-per-die", type=float, default=PAPER.kv_gib_per_die, help="HBM for KV per die")
+    g.add_argument("--no-context-cache", action="store_true", help="compute every prompt token")
+    g.add_argument("--seed", type=int, default=0, help="synthetic arrivals and MTP acceptance draws")
+
+
+def parse_slo(text: str) -> Slo:
+    parts = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+    unknown = set(parts) - {"ttft", "tpot"}
+    if unknown or not parts:
+        raise ValueError(f"slo: expected ttft=DURATION,tpot=DURATION, got {text!r}")
+    return Slo(parse_duration_s(parts.get("ttft", "2s")), parse_duration_s(parts.get("tpot", "50ms")))
+
+
+def deployment(args: argparse.Namespace) -> Deployment:
+    return Deployment(prefill_instances=args.prefill_instances, prefill_dies=args.prefill_dies,
+                      decode_instances=args.decode_instances, decode_dies=args.decode_dies, mtp=not args.no_mtp,
+                      acceptance=args.acceptance, int8=not args.no_int8, microbatches=args.microbatches,
+                      pool_gib=args.pool_gib, kv_gib_per_die=args.kv_gib_per_die,
+                      context_cache=not args.no_context_cache)
+
+
+def workload(args: argparse.Namespace) -> list[TraceRequest]:
+    if args.trace:
+        return read_mooncake(args.trace, args.limit, args.rate_scale)
+    rate = args.rate if args.rate is not None else 1.0
+    return synthetic(args.count, rate * args.rate_scale, args.prompt, args.output,
+                     1.0 if args.synthetic == "poisson" else args.burstiness, args.seed)
+
+
+def run(args: argparse.Namespace) -> dict:
+    slo, requests = parse_slo(args.slo), workload(args)
+    replay = Replay(requests, deployment(args), seed=args.seed)
+    started = time.perf_counter()
+    with tqdm(total=round(requests[-1].arrival_s), desc="simulated s", unit="s", leave=False, disable=None) as bar:
+        def progress(now: float) -> None:
+            if now - bar.n >= 1.0:
+                bar.update(min(int(now - bar.n), max(0, bar.total - bar.n)))
+        replay.run(progress)
+    wall = time.perf_counter() - started
+    result = summary(replay, slo) | {"wall_s": wall, "simulated_s_per_wall_s": replay.now / wall,
+                                     "source": args.trace or f"synthetic {args.synthetic}"}
+    print_summary(result)
+    print(f"  {replay.now:,.0f} simulated s in {wall:.1f} wall s ({replay.now / wall:,.0f}x)")
+    if args.plot:
+        from cloudmatrix.simulator.replay.plots import plot_replay
+
+        plot_replay(replay, args.plot)
+        print(f"plot: {args.plot}")
+    return result
+
+
+def write_json(result: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")

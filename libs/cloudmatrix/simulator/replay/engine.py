@@ -1,0 +1,267 @@
+"""The virtual-time engine: arrivals, the gateway's pick of the least-loaded instance, prefill
+on the serving system's scheduler, the KV write-back to the context-cache pool and the handoff
+to a decode instance, decode steps, and every token's time. Events are processed in simulated
+seconds; nothing sleeps and no model runs (docs/simulator.md, "Request-level simulation")."""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+
+from cloudmatrix.costmodel import ub
+from cloudmatrix.instance.request import KvPrefix, Request, StepEvent
+from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.sampling_params import SamplingParams, StopRule
+from cloudmatrix.simulator.calibration import FITTED, Calibration
+from cloudmatrix.simulator.replay.costs import StepCosts
+from cloudmatrix.simulator.replay.instance import TOKEN, SimInstance, prefix_kv
+from cloudmatrix.simulator.replay.workload import MOONCAKE_BLOCK_TOKENS, TraceRequest
+
+KV_BYTES_PER_TOKEN = 61 * 576 * 2  # DeepSeek-R1's latent KV in BF16, every layer
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """The paper's deployment by default (PAPERS.md s2): 6 prefill instances of 32 dies, one
+    decode instance of 320, INT8, MTP; the KV room per die and the pool's size are assumptions."""
+
+    prefill_instances: int = 6
+    prefill_dies: int = 32
+    decode_instances: int = 1
+    decode_dies: int = 320
+    mtp: bool = True
+    acceptance: float = 0.7
+    int8: bool = True
+    microbatches: int = 0              # decode: 0 = the faster of one and two per step
+    block_tokens: int = 128            # the dies' KV block
+    kv_gib_per_die: float = 32.0       # HBM left for KV after weights and activations (assumption)
+    pool_gib: float = 8192.0           # the EMS pool's room for context-cache blocks (assumption)
+    context_cache: bool = True
+    decode_batch_per_die: int = 64     # most sequences a decode die runs at once
+    prefill_tokens_per_die: int = 8192  # most tokens a prefill die computes per step (16,384 per NPU)
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_instances", "prefill_dies", "decode_instances", "decode_dies", "block_tokens",
+                     "decode_batch_per_die", "prefill_tokens_per_die"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_dies < 2 or self.decode_dies < 2:
+            raise ValueError("prefill_dies and decode_dies: an instance needs at least 2 dies (EP over them)")
+        if not 0.0 <= self.acceptance <= 1.0 or self.kv_gib_per_die <= 0 or self.pool_gib < 0:
+            raise ValueError("acceptance must be in [0, 1], kv_gib_per_die > 0 and pool_gib >= 0")
+
+    @property
+    def npus(self) -> float:
+        return (self.prefill_instances * self.prefill_dies + self.decode_instances * self.decode_dies) / 2
+
+    @property
+    def blocks_per_die(self) -> int:
+        return int(self.kv_gib_per_die * 2**30 // (self.block_tokens * KV_BYTES_PER_TOKEN))
+
+
+@dataclasses.dataclass
+class Track:
+    """One request's times (simulated seconds)."""
+
+    arrival: float
+    prompt: int
+    output: int
+    cached: int = 0
+    first_step: float | None = None
+    first_token: float | None = None
+    tokens: int = 0
+    last_token: float | None = None
+    gaps: list[float] = dataclasses.field(default_factory=list)   # inter-token gaps after the first
+    done: float | None = None
+    failed: str | None = None
+
+
+class ContextPool:
+    """The context-cache pool over the trace's block ids: least recently used first, a capacity
+    in bytes (each id stands for one 512-token block of latent KV)."""
+
+    def __init__(self, capacity_bytes: float) -> None:
+        self.capacity = int(capacity_bytes // (MOONCAKE_BLOCK_TOKENS * KV_BYTES_PER_TOKEN))
+        self.blocks: OrderedDict[int, None] = OrderedDict()
+
+    def cached_tokens(self, request: TraceRequest) -> int:
+        """Tokens of the longest prefix held, leaving at least one token to compute."""
+        hit = 0
+        for block in request.blocks:
+            if block not in self.blocks:
+                break
+            self.blocks.move_to_end(block)
+            hit += 1
+        return min(hit * MOONCAKE_BLOCK_TOKENS, (request.prompt - 1) // MOONCAKE_BLOCK_TOKENS * MOONCAKE_BLOCK_TOKENS)
+
+    def write(self, request: TraceRequest) -> None:
+        for block in request.blocks:
+            self.blocks[block] = None
+            self.blocks.move_to_end(block)
+        while len(self.blocks) > self.capacity:
+            self.blocks.popitem(last=False)
+
+
+class Replay:
+    def __init__(self, requests: list[TraceRequest], deployment: Deployment = Deployment(),
+                 cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0) -> None:
+        """``closed_loop`` N: the requests are sent N at a time, each next one when one finishes
+        (their arrival times are ignored)."""
+        self.requests, self.d, self.closed_loop = requests, deployment, closed_loop
+        eff = cal.efficiency()
+        common = {"eff": eff, "int8": deployment.int8, "acceptance": deployment.acceptance,
+                  "imbalance": cal.eplb_residual}
+        d = deployment
+        prefill_limits = SchedulerLimits(max_running=256, max_waiting=1 << 20,
+                                         max_step_tokens=d.prefill_tokens_per_die * d.prefill_dies)
+        decode_limits = SchedulerLimits(max_running=d.decode_batch_per_die * d.decode_dies, max_waiting=1 << 20,
+                                        max_step_tokens=2 * d.decode_batch_per_die * d.decode_dies,
+                                        speculative_tokens=1 if d.mtp else 0)
+        self.prefills = [SimInstance(f"prefill-{i}", StepCosts("prefill", d.prefill_dies, **common),
+                                     d.blocks_per_die, d.block_tokens, prefill_limits, seed + i)
+                         for i in range(d.prefill_instances)]
+        self.decodes = [SimInstance(f"decode-{i}", StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
+                                                             round_slowdown=cal.round_slowdown, **common),
+                                    d.blocks_per_die, d.block_tokens, decode_limits, seed + 100 + i)
+                        for i in range(d.decode_instances)]
+        self.pool = ContextPool(d.pool_gib * 2**30 if d.context_cache else 0)
+        self.tracks: dict[str, Track] = {}
+        self.trace_of: dict[str, TraceRequest] = {}
+        self.events: list = []
+        self._seq = itertools.count()
+        self.now = 0.0
+        self.kv_usage: list[tuple[float, float]] = []   # (time, decode blocks in use / all), per decode step
+        self._next = 0
+
+    def run(self, on_progress: Callable[[float], None] | None = None) -> Replay:
+        for _ in range(self.closed_loop or len(self.requests)):
+            self._arrive_next(None)
+        while self.events:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, f"_on_{kind}")(payload)
+            if on_progress is not None:
+                on_progress(self.now)
+        return self
+
+    def _at(self, t: float, kind: str, payload) -> None:
+        heapq.heappush(self.events, (t, next(self._seq), kind, payload))
+
+    def _arrive_next(self, at: float | None) -> None:
+        if self._next >= len(self.requests):
+            return
+        trace = self.requests[self._next]
+        self._next += 1
+        self._at(trace.arrival_s if at is None else at, "arrival", trace)
+
+    # prefill
+
+    def _on_arrival(self, trace: TraceRequest) -> None:
+        rid = f"r{len(self.tracks)}"
+        self.tracks[rid] = track = Track(self.now, trace.prompt, trace.output)
+        self.trace_of[rid] = trace
+        instance = min(self.prefills, key=lambda i: i.load)  # the gateway's pick: least loaded, first listed
+        track.cached = self.pool.cached_tokens(trace) if self.d.context_cache else 0
+        request = Request(rid, [TOKEN] * trace.prompt, _SAMPLING, StopRule(max_new_tokens=1),
+                          prefix=KvPrefix(track.cached, _no_fetch) if track.cached else None,
+                          chunk_tokens=self.d.prefill_tokens_per_die * self.d.prefill_dies)
+        self._add(instance, request)
+
+    def _add(self, instance: SimInstance, request: Request) -> None:
+        try:
+            instance.scheduler.add(request)
+        except ValueError as err:  # never fits a die: failed, as the service answers INVALID_ARGUMENT
+            self.tracks[request.request_id].failed = str(err)
+            return
+        self._try_start(instance)
+
+    def _try_start(self, instance: SimInstance) -> None:
+        if instance.plan is not None:
+            return
+        started = instance.start_step(self.now)
+        if started is None:
+            return
+        plan, seconds = started
+        for request in plan.fetches:  # the cached prefix (prefill) or the prompt (decode) from the pool over UB
+            seconds_to_fetch = ub.pool_transfer_s(request.prefix_tokens * KV_BYTES_PER_TOKEN)
+            self._at(self.now + seconds_to_fetch, "fetched", (instance, request, request.admissions))
+        for chunk in plan.chunks:
+            track = self.tracks[chunk.request.request_id]
+            if track.first_step is None:
+                track.first_step = self.now
+        if not plan.empty:
+            self._at(self.now + seconds, "step", instance)
+
+    def _on_fetched(self, payload) -> None:
+        instance, request, admission = payload
+        instance.scheduler.prefix_arrived(request, admission, prefix_kv(request.prefix_tokens, self.d.block_tokens))
+        self._try_start(instance)
+
+    def _on_step(self, instance: SimInstance) -> None:
+        delivered = instance.finish_step(self.now)
+        if instance in self.decodes:
+            self.kv_usage.append((self.now, instance.scheduler.blocks.usage))
+        for request, item in delivered:
+            self._delivered(instance, request, item)
+        self._try_start(instance)
+
+    def _delivered(self, instance: SimInstance, request: Request, item: StepEvent | Exception) -> None:
+        track = self.tracks[request.request_id]
+        if isinstance(item, Exception):
+            track.failed = str(item)
+            self._arrive_after_finish()
+            return
+        if instance in self.prefills:
+            if item.finish_reason is not None:  # earlier chunks of a long prompt give no token
+                self._prefilled(request.request_id, track)
+            return
+        if item.token_ids:
+            gap = self.now - track.last_token
+            track.gaps.extend([gap / len(item.token_ids)] * len(item.token_ids))
+            track.tokens += len(item.token_ids)
+            track.last_token = self.now
+        if item.finish_reason is not None:
+            track.done = self.now
+            self._arrive_after_finish()
+
+    def _prefilled(self, rid: str, track: Track) -> None:
+        """The first token: shown now; the prompt's KV written to the pool, then handed to a decode."""
+        track.first_token = track.last_token = self.now
+        track.tokens = 1
+        trace = self.trace_of[rid]
+        if self.d.context_cache:
+            self.pool.write(trace)
+        if trace.output <= 1:
+            track.done = self.now
+            self._arrive_after_finish()
+            return
+        written = ub.pool_transfer_s((trace.prompt - track.cached) * KV_BYTES_PER_TOKEN)
+        self._at(self.now + written, "handoff", rid)
+
+    # decode
+
+    def _on_handoff(self, rid: str) -> None:
+        track = self.tracks[rid]
+        instance = min(self.decodes, key=lambda i: i.load)
+        request = Request(rid, [TOKEN] * (track.prompt + 1), _SAMPLING, StopRule(max_new_tokens=track.output),
+                          prefix=KvPrefix(track.prompt, _no_fetch), new_tokens=1, draft=TOKEN if self.d.mtp else None)
+        self._add(instance, request)
+
+    def _arrive_after_finish(self) -> None:
+        if self.closed_loop:
+            self._arrive_next(self.now)
+
+
+_SAMPLING = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+
+
+async def _no_fetch():  # the engine delivers prefixes itself (``_on_fetched``)
+    raise AssertionError("the replay engine fetches prefixes itself")
+
+
+def span_s(replay: Replay) -> float:
+    """Simulated seconds from the first arrival to the last finish."""
+    done = [t.done for t in replay.tracks.values() if t.done is not None]
+    return max(done, default=0.0) - min((t.arrival for t in replay.tracks.values()), default=0.0) or math.nan

@@ -1,0 +1,59 @@
+"""Requests to replay: a Mooncake trace (timestamps, lengths and the 512-token block ids that
+carry its prefix sharing), or synthetic arrivals (Poisson or gamma) with fixed lengths."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+MOONCAKE_BLOCK_TOKENS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceRequest:
+    arrival_s: float
+    prompt: int                      # tokens
+    output: int                      # tokens, the first (the prefill's) included
+    blocks: tuple[int, ...] = ()     # the trace's block ids, one per 512 prompt tokens (a shared id = a shared prefix)
+
+
+def read_mooncake(path: str | Path, limit: int = 0, rate_scale: float = 1.0) -> list[TraceRequest]:
+    """The first ``limit`` requests (0: all) of a Mooncake JSONL trace; ``rate_scale`` 2 sends
+    them twice as fast (arrival gaps halved)."""
+    if not rate_scale > 0:
+        raise ValueError(f"rate_scale must be > 0, got {rate_scale}")
+    out: list[TraceRequest] = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                request = TraceRequest(row["timestamp"] / 1e3 / rate_scale, int(row["input_length"]),
+                                       max(1, int(row["output_length"])), tuple(row.get("hash_ids", ())))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{number}: not a Mooncake trace line ({err})") from None
+            if request.prompt < 1:
+                raise ValueError(f"{path}:{number}: input_length must be >= 1")
+            out.append(request)
+            if len(out) == limit:
+                break
+    if not out:
+        raise ValueError(f"{path}: no requests")
+    start = out[0].arrival_s
+    return [dataclasses.replace(r, arrival_s=r.arrival_s - start) for r in out]
+
+
+def synthetic(count: int, rate: float, prompt: int, output: int, burstiness: float = 1.0,
+              seed: int = 0) -> list[TraceRequest]:
+    """``count`` requests of ``prompt`` + ``output`` tokens, gamma inter-arrivals of mean 1 / rate
+    (``burstiness`` 1: Poisson); no prefix sharing. ``rate`` 0: all at once."""
+    if count < 1 or prompt < 1 or output < 1 or rate < 0 or burstiness <= 0:
+        raise ValueError("synthetic: need count, prompt, output >= 1, rate >= 0, burstiness > 0")
+    rng, at, out = random.Random(seed), 0.0, []
+    for _ in range(count):
+        out.append(TraceRequest(at, prompt, output))
+        if rate:
+            at += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+    return out

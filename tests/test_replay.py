@@ -1,0 +1,129 @@
+"""Request-level simulation (`cmx simulate --trace`): the virtual-time engine drives the serving
+system's own Scheduler class (a change to its admission rule changes the simulated schedule), a
+closed loop of fixed-length requests reproduces the analytic decode model's TPOT within 5%
+(cross-check (a)), the context-cache pool against a brute-force LRU, the shipped Mooncake trace
+replayed end to end, and the CLI."""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+from cloudmatrix.cli.main import main
+from cloudmatrix.instance.scheduler import Scheduler
+from cloudmatrix.simulator.calibration import FITTED
+from cloudmatrix.simulator.decode import DecodeSetup, simulate_decode
+from cloudmatrix.simulator.replay.engine import ContextPool, Deployment, Replay
+from cloudmatrix.simulator.replay.report import Slo, summary, tpot_s
+from cloudmatrix.simulator.replay.workload import TraceRequest, read_mooncake, synthetic
+
+TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_conversation_trace.jsonl"
+SMALL = Deployment(prefill_instances=2, prefill_dies=8, decode_instances=1, decode_dies=8)
+
+
+def test_the_engine_drives_the_serving_scheduler_itself(monkeypatch):
+    """Not a copy: the instances hold the serving Scheduler, and changing its admission rule (here:
+    one request at a time per instance) changes what the replay schedules."""
+    requests = synthetic(40, 0.0, 2048, 16)
+    free = Replay(requests, SMALL).run()
+    assert all(type(i.scheduler) is Scheduler for i in free.prefills + free.decodes)
+    original = Scheduler._admit
+
+    def one_at_a_time(self, request, plan):
+        return not self.running and original(self, request, plan)
+
+    monkeypatch.setattr(Scheduler, "_admit", one_at_a_time)
+    serial = Replay(requests, SMALL).run()
+    assert sum(i.steps for i in serial.prefills) > sum(i.steps for i in free.prefills)
+    first = [t.first_token for t in free.tracks.values()]
+    assert [t.first_token for t in serial.tracks.values()] != first
+    assert max(t.done for t in serial.tracks.values()) > max(t.done for t in free.tracks.values())
+
+
+def test_a_closed_loop_reproduces_the_analytic_decode_tpot():
+    """Cross-check (a): 16 sequences per die on a 32-die decode instance, 1024 + 256 tokens, MTP
+    at 0.7 acceptance; the steady state's TPOT against `cmx simulate`'s for the same batch and
+    mean context (prompt + output / 2)."""
+    dies, per_die, prompt, output = 32, 16, 1024, 256
+    deployment = Deployment(prefill_instances=4, prefill_dies=32, decode_instances=1, decode_dies=dies,
+                            decode_batch_per_die=per_die, context_cache=False)
+    n = dies * per_die
+    replay = Replay(synthetic(4 * n, 0.0, prompt, output), deployment, closed_loop=n).run()
+    steady = [t for t in list(replay.tracks.values())[2 * n:] if t.done is not None]
+    measured = statistics.mean(tpot_s(t) for t in steady)
+    setup = DecodeSetup(batch_per_die=per_die, kv_len=prompt + output // 2, dies=dies, shared_replicas=3,
+                        redundant=3, imbalance=FITTED.eplb_residual, round_slowdown=FITTED.round_slowdown)
+    analytic = simulate_decode(setup, eff=FITTED.efficiency()).tpot_s
+    assert len(steady) >= n and measured == pytest.approx(analytic, rel=0.05)
+
+
+def test_the_context_pool_is_the_brute_force_lru():
+    rng = random.Random(3)
+    pool, reference = ContextPool(40 * 512 * 61 * 576 * 2), []  # room for 40 blocks
+    for _ in range(400):
+        blocks = tuple(rng.randrange(60) for _ in range(rng.randrange(1, 8)))
+        request = TraceRequest(0.0, 512 * len(blocks) + 1, 4, blocks)
+        hit = 0
+        for b in blocks:
+            if b not in reference:
+                break
+            reference.remove(b)
+            reference.append(b)
+            hit += 1
+        assert pool.cached_tokens(request) == 512 * hit
+        pool.write(request)
+        for b in blocks:
+            if b in reference:
+                reference.remove(b)
+            reference.append(b)
+        del reference[:-40]
+        assert list(pool.blocks) == reference
+
+
+def test_the_shipped_trace_replays_end_to_end():
+    requests = read_mooncake(TRACE, limit=300)
+    replay = Replay(requests, Deployment()).run()
+    s = summary(replay, Slo(2.0, 0.05))
+    assert s["completed"] == 300 and s["failed"] == 0
+    for track, request in zip(replay.tracks.values(), requests):
+        assert track.tokens == request.output and track.first_token > track.arrival  # every token, once
+        assert track.done >= track.first_token and track.cached < track.prompt
+    assert 0 < s["context_cache"]["hit_rate"] < 1 and s["ttft"]["p50_ms"] > 0 and s["tpot"]["p50_ms"] > 0
+    assert 0 < s["utilisation"]["prefill"] <= 1 and 0 < s["utilisation"]["decode"] <= 1
+    assert s["goodput"]["requests"] <= s["completed"]
+
+
+def test_trace_lines_that_are_not_mooncake_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": [1]}\n{"timestamp": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_mooncake(bad)
+    twice = read_mooncake(TRACE, limit=50, rate_scale=2.0)
+    assert twice[-1].arrival_s == pytest.approx(read_mooncake(TRACE, limit=50)[-1].arrival_s / 2)
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    arrivals = [r.arrival_s for r in synthetic(4000, 5.0, 100, 10, seed=1)]
+    assert statistics.mean(b - a for a, b in zip(arrivals, arrivals[1:])) == pytest.approx(0.2, rel=0.05)
+
+
+def test_cli_trace_replay_prints_and_writes_json_and_plot(capsys, tmp_path):
+    out = tmp_path / "replay.json"
+    assert main(["simulate", "--trace", str(TRACE), "--limit", "120", "--slo", "ttft=3s,tpot=60ms",
+                 "--json", str(out), "--plot", str(tmp_path / "replay.png")]) == 0
+    text = capsys.readouterr().out
+    assert "120 of 120 requests" in text and "goodput" in text and "context cache hit rate" in text
+    report = json.loads(out.read_text())
+    assert report["goodput"]["slo_ttft_ms"] == 3000 and report["completed"] == 120
+    assert (tmp_path / "replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["simulate", "--synthetic", "poisson", "--rate", "2", "--count", "30", "--prompt", "1000",
+                 "--output", "20", "--decode-dies", "16", "--json", "-"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("\n{") + 1:])
+    assert report["source"] == "synthetic poisson" and report["deployment"]["decode_dies"] == 16
+    assert report["completed"] == 30 and report["context_cache"]["hit_rate"] == 0.0  # no shared blocks
+    assert main(["simulate", "--trace", str(TRACE), "--slo", "latency=1s"]) == 2
+    assert "slo" in capsys.readouterr().err

@@ -127,3 +127,27 @@ def test_cli_trace_replay_prints_and_writes_json_and_plot(capsys, tmp_path):
     assert report["completed"] == 30 and report["context_cache"]["hit_rate"] == 0.0  # no shared blocks
     assert main(["simulate", "--trace", str(TRACE), "--slo", "latency=1s"]) == 2
     assert "slo" in capsys.readouterr().err
+
+
+def test_plan_picks_the_cheapest_deployment_that_meets_the_slo_and_it_meets_it_when_replayed():
+    from cloudmatrix.simulator.replay.plan import evaluate, plan
+
+    requests = synthetic(120, 3.0, 8192, 48, seed=2)
+    slo = Slo(ttft_s=1.5, tpot_s=0.04)
+    result = plan(requests, slo, attainment=0.9, max_prefill_instances=4)
+    assert result.pick is not None and result.pick.meets(0.9) and result.confirmed.meets(0.9)
+    met = [o for o in result.ranked if o.meets(0.9)]
+    assert result.pick.npus == min(o.npus for o in met)
+    again = evaluate(requests, result.pick.deployment, slo, seed=7)  # an independent replay
+    assert again.share >= 0.9
+
+
+def test_cli_plan_prints_the_ranking_and_the_pick(capsys, tmp_path):
+    assert main(["plan", "--synthetic", "3", "--count", "80", "--prompt", "8192", "--output", "32",
+                 "--slo", "ttft=1.5s,tpot=40ms", "--attainment", "0.9", "--max-prefill-instances", "3",
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    out = capsys.readouterr().out
+    assert "pick:" in out and "P:D" in out and "NPUs" in out
+    report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["pick"]["share"] >= 0.9 and report["pick_replayed_share"] >= 0.9
+    assert main(["plan", "--synthetic", "3", "--attainment", "1.5"]) == 2

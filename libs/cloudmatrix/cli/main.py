@@ -15,6 +15,7 @@ from cloudmatrix.cli import (
     eval_cmd,
     generate_cmd,
     launcher_cmd,
+    plan_cmd,
     quantize_cmd,
     simulate_cmd,
     trace_cmd,
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cmx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in (checkpoint_cmd, quantize_cmd, generate_cmd, launcher_cmd, demo_cmd, eplb_cmd, eval_cmd, bench_cmd,
-                   trace_cmd, call_cmd, simulate_cmd, certs_cmd, train_cmd):
+                   trace_cmd, call_cmd, simulate_cmd, plan_cmd, certs_cmd, train_cmd):
         module.register(sub)
     return parser
 

@@ -9,7 +9,6 @@ busiest die's chunks (new tokens and their context) with the prefill model's ope
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE, DieEfficiency
 from cloudmatrix.costmodel.ops import DEEPSEEK_V3, PhaseCost, gemm_s, mla_attention_for, vector_s
@@ -35,20 +34,28 @@ class StepCosts:
     imbalance: float = 1.0
     round_slowdown: float = 1.0
     cfg: ModelConfig = DEEPSEEK_V3
+    _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def step_s(self, chunks: list[ScheduledChunk]) -> float:
         """Seconds of a step that runs ``chunks`` (each knows its request's die)."""
         if self.role == "decode":
-            per_die: dict[int, list[ScheduledChunk]] = {}
+            seqs: dict[int, list[int]] = {}  # die -> [sequences, their context, drafts]
             for c in chunks:
-                per_die.setdefault(c.request.die, []).append(c)
-            return max(self._decode_s(len(cs), sum(c.start + c.slots for c in cs) / len(cs),
-                                      any(c.draft is not None for c in cs)) for cs in per_die.values())
+                die = seqs.setdefault(c.request.die, [0, 0, 0])
+                die[0], die[1], die[2] = die[0] + 1, die[1] + c.start + c.slots, die[2] + (c.draft is not None)
+            # the step waits for the busiest die: the most sequences or the most context (the rest
+            # cost less on both counts)
+            busiest = {tuple(max(seqs.values(), key=lambda v: (v[0], v[1]))),
+                       tuple(max(seqs.values(), key=lambda v: (v[1], v[0])))}
+            return max(self._decode_s(n, kv / n, drafts > 0) for n, kv, drafts in busiest)
         # SP: the step's new tokens are spread over the instance's dies (the paper's prefill splits
         # a prompt's tokens, not whole prompts, across them), whichever die holds each request's KV
         tokens = -(-sum(c.slots for c in chunks) // self.dies)
         sampled = sum(c.sample for c in chunks)
-        return _prefill_cached(self, _round(tokens), sampled) + self._attention_core_s(chunks)
+        key = ("prefill", _round(tokens), sampled)
+        if key not in self._cache:
+            self._cache[key] = _prefill_rest_s(self, key[1], sampled)
+        return self._cache[key] + self._attention_core_s(chunks)
 
     def _attention_core_s(self, chunks: list[ScheduledChunk]) -> float:
         """Prefill's attention core under SP -> TP -> SP: every die computes its share of the heads
@@ -63,15 +70,17 @@ class StepCosts:
         return layers * (kv_b + mla) / self.dies
 
     def _decode_s(self, batch: int, mean_kv: float, drafting: bool) -> float:
-        return _decode_cached(self, batch, max(1, round(mean_kv / KV_ROUND)) * KV_ROUND, drafting)
+        key = (batch, max(1, round(mean_kv / KV_ROUND)) * KV_ROUND, drafting)
+        if key not in self._cache:
+            self._cache[key] = _decode_step_s(self, *key)
+        return self._cache[key]
 
 
 def _round(n: int) -> int:
     return max(1, -(-n // PREFILL_ROUND)) * PREFILL_ROUND if n > PREFILL_ROUND else n
 
 
-@functools.lru_cache(maxsize=65536)
-def _decode_cached(c: StepCosts, batch: int, kv_len: int, drafting: bool) -> float:
+def _decode_step_s(c: StepCosts, batch: int, kv_len: int, drafting: bool) -> float:
     setup = DecodeSetup(batch_per_die=batch, kv_len=kv_len, dies=c.dies, shared_replicas=max(1, c.dies // 10),
                         redundant=c.dies // 10, int8=c.int8, mtp=drafting, acceptance=c.acceptance,
                         microbatches=c.microbatches if batch >= 2 else 1, imbalance=c.imbalance,
@@ -79,8 +88,7 @@ def _decode_cached(c: StepCosts, batch: int, kv_len: int, drafting: bool) -> flo
     return simulate_decode(setup, c.cfg, eff=c.eff).step_s
 
 
-@functools.lru_cache(maxsize=65536)
-def _prefill_cached(c: StepCosts, tokens: int, sampled: int) -> float:
+def _prefill_rest_s(c: StepCosts, tokens: int, sampled: int) -> float:
     """All but the attention core for the busiest die's ``tokens`` new tokens (SP): norm and the
     q / kv projections, o_proj, the MoE layer (EP over the instance, two microbatches, the SP <->
     TP rounds), the dense layers' FFN, and the LM head over the sampled positions."""

@@ -107,10 +107,11 @@ class ContextPool:
 
 class Replay:
     def __init__(self, requests: list[TraceRequest], deployment: Deployment = Deployment(),
-                 cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0) -> None:
+                 cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0, prefill_only: bool = False) -> None:
         """``closed_loop`` N: the requests are sent N at a time, each next one when one finishes
-        (their arrival times are ignored)."""
-        self.requests, self.d, self.closed_loop = requests, deployment, closed_loop
+        (their arrival times are ignored). ``prefill_only``: a request ends at its first token
+        (what the time to first token depends on, much faster to replay)."""
+        self.requests, self.d, self.closed_loop, self.prefill_only = requests, deployment, closed_loop, prefill_only
         eff = cal.efficiency()
         common = {"eff": eff, "int8": deployment.int8, "acceptance": deployment.acceptance,
                   "imbalance": cal.eplb_residual}
@@ -233,7 +234,7 @@ class Replay:
         trace = self.trace_of[rid]
         if self.d.context_cache:
             self.pool.write(trace)
-        if trace.output <= 1:
+        if trace.output <= 1 or self.prefill_only:
             track.done = self.now
             self._arrive_after_finish()
             return

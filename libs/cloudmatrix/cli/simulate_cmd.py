@@ -70,7 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    if args.trace or args.synthetic:
+    if args.crosscheck:
+        result = simulate_trace.crosscheck()
+    elif args.trace or args.synthetic:
         result = simulate_trace.run(args)
         args.plot = None  # drawn by the replay
     elif args.validate:

@@ -4,9 +4,7 @@ virtual time through the serving system's own schedulers on a modeled deployment
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -36,6 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-gib-per-die", type=float, default=PAPER.kv_gib_per_die, help="HBM for KV per die")
     g.add_argument("--no-context-cache", action="store_true", help="compute every prompt token")
     g.add_argument("--seed", type=int, default=0, help="synthetic arrivals and MTP acceptance draws")
+    g.add_argument("--crosscheck", action="store_true",
+                   help="the replay against the analytic decode model and the paper's context-caching rows")
 
 
 def parse_slo(text: str) -> Slo:
@@ -84,5 +84,15 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def write_json(result: dict, path: str) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+def crosscheck() -> dict:
+    from cloudmatrix.simulator.replay.crosscheck import context_cache, decode_steady_state
+
+    a = decode_steady_state()
+    print(f"(a) closed loop, {a['batch_per_die']} sequences per die on {a['dies']} dies, {a['prompt']} + "
+          f"{a['output']} tokens: replay TPOT {a['replay_tpot_ms']:.2f} ms, analytic {a['analytic_tpot_ms']:.2f} ms "
+          f"({a['error']:+.1%})")
+    rows = [context_cache(r) for r in (0.5, 0.9)]
+    for c in rows:
+        print(f"(c) {c['reuse']:.0%} reuse: prefill throughput x{c['throughput_x']:.2f} (paper x"
+              f"{c['paper_throughput_x']:.2f}), TTFT {c['ttft_change']:+.0%} (paper {c['paper_ttft_change']:+.0%})")
+    return {"decode_steady_state": a, "context_cache": rows}

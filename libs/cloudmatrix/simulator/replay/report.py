@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from cloudmatrix.bench.serve.stats import distribution
+from cloudmatrix.percentiles import distribution
 from cloudmatrix.simulator.replay.engine import Replay, Track, span_s
 
 

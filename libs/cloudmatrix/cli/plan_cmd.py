@@ -42,7 +42,9 @@ def _plan(args: argparse.Namespace) -> int:
           f"TPOT {slo.tpot_s * 1e3:g} ms, for {args.attainment:.0%} of requests")
 
     def tried(o: Outcome) -> None:
-        print(f"  tried {_name(o)}: TTFT {o.ttft_share:.1%}, TPOT {o.tpot_share:.1%} within", file=sys.stderr)
+        within = f"TTFT {o.ttft_share:.1%} (up to the first token)" if o.prefill_only else \
+            f"TTFT {o.ttft_share:.1%}, TPOT {o.tpot_share:.1%}, both {o.share:.1%}"
+        print(f"  tried {_name(o)}: {within} within the SLO", file=sys.stderr)
 
     result = plan(requests, slo, base, args.attainment, args.max_prefill_instances, on_outcome=tried)
     ranked = result.ranked

@@ -30,6 +30,7 @@ class Outcome:
     tpot_share: float                # requests within the TPOT SLO
     share: float                     # within both
     summary: dict
+    prefill_only: bool = False       # replayed up to the first token: only ttft_share says anything
 
     @property
     def npus(self) -> float:
@@ -47,7 +48,7 @@ def evaluate(requests: list[TraceRequest], deployment: Deployment, slo: Slo, see
     ttft = [t.first_token - t.arrival <= slo.ttft_s for t in done]
     tpot = [(tpot_s(t) or 0.0) <= slo.tpot_s for t in done]
     return Outcome(deployment, sum(ttft) / n, sum(tpot) / n, sum(a and b for a, b in zip(ttft, tpot)) / n,
-                   summary(replay, slo))
+                   summary(replay, slo), prefill_only)
 
 
 def _smallest(options: Sequence, ok: Callable[[object], bool]):

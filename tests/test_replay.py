@@ -59,7 +59,7 @@ def test_context_caching_from_streams_with_that_reuse_moves_the_way_the_paper_do
 
 def test_the_context_pool_is_the_brute_force_lru():
     rng = random.Random(3)
-    pool, reference = ContextPool(40 * 512 * 61 * 576 * 2), []  # room for 40 blocks
+    pool, reference = ContextPool(40 * 512 * 1000, 1000), []  # room for 40 blocks of 1000 bytes per token
     for _ in range(400):
         blocks = tuple(rng.randrange(60) for _ in range(rng.randrange(1, 8)))
         request = TraceRequest(0.0, 512 * len(blocks) + 1, 4, blocks)

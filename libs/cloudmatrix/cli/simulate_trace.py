@@ -4,10 +4,15 @@ virtual time through the serving system's own schedulers on a modeled deployment
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
+from cloudmatrix.costmodel.ops import DEEPSEEK_V3
+from cloudmatrix.model.config import ModelConfig, load_config
+from cloudmatrix.model.presets import PRESETS
 from cloudmatrix.simulator.planning import parse_duration_s
 from cloudmatrix.simulator.replay.engine import Deployment, Replay
 from cloudmatrix.simulator.replay.report import Slo, print_summary, summary
@@ -25,6 +30,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, default=0.5, help="synthetic gamma: shape (1 = Poisson)")
     g.add_argument("--rate-scale", type=float, default=1.0, help="trace: arrivals this many times as fast")
     g.add_argument("--limit", type=int, default=0, help="trace: the first N requests (0: all)")
+    g.add_argument("--scale", type=int, default=1,
+                   help="trace: lengths and 512-token blocks divided by this (for small --model presets)")
     g.add_argument("--slo", default="ttft=2s,tpot=50ms", help="goodput SLO, e.g. ttft=2s,tpot=50ms")
     g.add_argument("--prefill-instances", type=int, default=PAPER.prefill_instances)
     g.add_argument("--prefill-dies", type=int, default=PAPER.prefill_dies, help="dies per prefill instance")
@@ -34,6 +41,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-gib-per-die", type=float, default=PAPER.kv_gib_per_die, help="HBM for KV per die")
     g.add_argument("--no-context-cache", action="store_true", help="compute every prompt token")
     g.add_argument("--seed", type=int, default=0, help="synthetic arrivals and MTP acceptance draws")
+    g.add_argument("--model", default="deepseek-v3",
+                   help="the simulated model: deepseek-v3 (R1's dimensions), a preset (tiny, ...) or a "
+                        "checkpoint directory / config.json")
     g.add_argument("--crosscheck", action="store_true",
                    help="the replay against the analytic decode model and the paper's context-caching rows")
 
@@ -54,9 +64,22 @@ def deployment(args: argparse.Namespace) -> Deployment:
                       context_cache=not args.no_context_cache)
 
 
+def model_config(name: str) -> ModelConfig:
+    if name == "deepseek-v3":
+        return DEEPSEEK_V3
+    if name in PRESETS:
+        return PRESETS[name]
+    path = Path(name)
+    if path.is_file():
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    if path.is_dir():
+        return load_config(path)
+    raise ValueError(f"model: {name!r} is not deepseek-v3, a preset ({', '.join(PRESETS)}) or a config.json")
+
+
 def workload(args: argparse.Namespace) -> list[TraceRequest]:
     if args.trace:
-        return read_mooncake(args.trace, args.limit, args.rate_scale)
+        return read_mooncake(args.trace, args.limit, args.rate_scale, args.scale)
     rate = args.rate if args.rate is not None else 1.0
     return synthetic(args.count, rate * args.rate_scale, args.prompt, args.output,
                      1.0 if args.synthetic == "poisson" else args.burstiness, args.seed)
@@ -64,7 +87,7 @@ def workload(args: argparse.Namespace) -> list[TraceRequest]:
 
 def run(args: argparse.Namespace) -> dict:
     slo, requests = parse_slo(args.slo), workload(args)
-    replay = Replay(requests, deployment(args), seed=args.seed)
+    replay = Replay(requests, deployment(args), seed=args.seed, cfg=model_config(args.model))
     started = time.perf_counter()
     with tqdm(total=round(requests[-1].arrival_s), desc="simulated s", unit="s", leave=False, disable=None) as bar:
         def progress(now: float) -> None:

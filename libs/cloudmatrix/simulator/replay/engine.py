@@ -12,15 +12,20 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from cloudmatrix.costmodel import ub
+from cloudmatrix.costmodel.ops import DEEPSEEK_V3
 from cloudmatrix.instance.request import KvPrefix, Request, StepEvent
 from cloudmatrix.instance.scheduler import SchedulerLimits
+from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.sampling_params import SamplingParams, StopRule
 from cloudmatrix.simulator.calibration import FITTED, Calibration
 from cloudmatrix.simulator.replay.costs import StepCosts
 from cloudmatrix.simulator.replay.instance import TOKEN, SimInstance, prefix_kv
 from cloudmatrix.simulator.replay.workload import MOONCAKE_BLOCK_TOKENS, TraceRequest
 
-KV_BYTES_PER_TOKEN = 61 * 576 * 2  # DeepSeek-R1's latent KV in BF16, every layer
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    """The latent KV of one token in BF16, every layer (70,272 bytes for DeepSeek-R1)."""
+    return cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +62,9 @@ class Deployment:
     def npus(self) -> float:
         return (self.prefill_instances * self.prefill_dies + self.decode_instances * self.decode_dies) / 2
 
-    @property
-    def blocks_per_die(self) -> int:
-        return int(self.kv_gib_per_die * 2**30 // (self.block_tokens * KV_BYTES_PER_TOKEN))
+    def blocks_per_die(self, kv_bytes: int) -> int:
+        """KV blocks a die holds, at ``kv_bytes`` per token."""
+        return int(self.kv_gib_per_die * 2**30 // (self.block_tokens * kv_bytes))
 
 
 @dataclasses.dataclass
@@ -81,10 +86,10 @@ class Track:
 
 class ContextPool:
     """The context-cache pool over the trace's block ids: least recently used first, a capacity
-    in bytes (each id stands for one 512-token block of latent KV)."""
+    in bytes (each id stands for one block of the trace, ``block_tokens`` tokens of latent KV)."""
 
-    def __init__(self, capacity_bytes: float) -> None:
-        self.capacity = int(capacity_bytes // (MOONCAKE_BLOCK_TOKENS * KV_BYTES_PER_TOKEN))
+    def __init__(self, capacity_bytes: float, kv_bytes: int, block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> None:
+        self.capacity = int(capacity_bytes // (block_tokens * kv_bytes))
         self.blocks: OrderedDict[int, None] = OrderedDict()
 
     def cached_tokens(self, request: TraceRequest) -> int:
@@ -95,7 +100,8 @@ class ContextPool:
                 break
             self.blocks.move_to_end(block)
             hit += 1
-        return min(hit * MOONCAKE_BLOCK_TOKENS, (request.prompt - 1) // MOONCAKE_BLOCK_TOKENS * MOONCAKE_BLOCK_TOKENS)
+        size = request.block_tokens
+        return min(hit * size, (request.prompt - 1) // size * size)
 
     def write(self, request: TraceRequest) -> None:
         for block in request.blocks:
@@ -107,14 +113,17 @@ class ContextPool:
 
 class Replay:
     def __init__(self, requests: list[TraceRequest], deployment: Deployment = Deployment(),
-                 cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0, prefill_only: bool = False) -> None:
+                 cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0, prefill_only: bool = False,
+                 cfg: ModelConfig = DEEPSEEK_V3) -> None:
         """``closed_loop`` N: the requests are sent N at a time, each next one when one finishes
         (their arrival times are ignored). ``prefill_only``: a request ends at its first token
-        (what the time to first token depends on, much faster to replay)."""
+        (what the time to first token depends on, much faster to replay). ``cfg``: the simulated
+        model's dimensions (DeepSeek-R1 by default)."""
         self.requests, self.d, self.closed_loop, self.prefill_only = requests, deployment, closed_loop, prefill_only
         eff = cal.efficiency()
         common = {"eff": eff, "int8": deployment.int8, "acceptance": deployment.acceptance,
-                  "imbalance": cal.eplb_residual}
+                  "imbalance": cal.eplb_residual, "cfg": cfg}
+        self.kv_bytes = kv_bytes_per_token(cfg)
         d = deployment
         prefill_limits = SchedulerLimits(max_running=256, max_waiting=1 << 20,
                                          max_step_tokens=d.prefill_tokens_per_die * d.prefill_dies)
@@ -122,13 +131,15 @@ class Replay:
                                         max_step_tokens=2 * d.decode_batch_per_die * d.decode_dies,
                                         speculative_tokens=1 if d.mtp else 0)
         self.prefills = [SimInstance(f"prefill-{i}", StepCosts("prefill", d.prefill_dies, **common),
-                                     d.blocks_per_die, d.block_tokens, prefill_limits, seed + i)
+                                     d.blocks_per_die(self.kv_bytes), d.block_tokens, prefill_limits, seed + i)
                          for i in range(d.prefill_instances)]
         self.decodes = [SimInstance(f"decode-{i}", StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
                                                              round_slowdown=cal.round_slowdown, **common),
-                                    d.blocks_per_die, d.block_tokens, decode_limits, seed + 100 + i)
+                                    d.blocks_per_die(self.kv_bytes), d.block_tokens, decode_limits, seed + 100 + i)
                         for i in range(d.decode_instances)]
-        self.pool = ContextPool(d.pool_gib * 2**30 if d.context_cache else 0)
+        block = requests[0].block_tokens if requests else MOONCAKE_BLOCK_TOKENS
+        self.pool = ContextPool(d.pool_gib * 2**30 if d.context_cache else 0, self.kv_bytes, block)
+        self.context_limit = cfg.max_position_embeddings
         self.tracks: dict[str, Track] = {}
         self.trace_of: dict[str, TraceRequest] = {}
         self.events: list = []
@@ -163,6 +174,10 @@ class Replay:
         rid = f"r{len(self.tracks)}"
         self.tracks[rid] = track = Track(self.now, trace.prompt, trace.output)
         self.trace_of[rid] = trace
+        if trace.prompt + trace.output > self.context_limit:  # the gateway answers 400
+            track.failed = f"{trace.prompt} + {trace.output} tokens do not fit the context of {self.context_limit}"
+            self._arrive_after_finish()
+            return
         instance = min(self.prefills, key=lambda i: i.load)  # the gateway's pick: least loaded, first listed
         track.cached = self.pool.cached_tokens(trace) if self.d.context_cache else 0
         request = Request(rid, [TOKEN] * trace.prompt, _SAMPLING, StopRule(max_new_tokens=1),
@@ -186,7 +201,7 @@ class Replay:
             return
         plan, seconds = started
         for request in plan.fetches:  # the cached prefix (prefill) or the prompt (decode) from the pool over UB
-            seconds_to_fetch = ub.pool_transfer_s(request.prefix_tokens * KV_BYTES_PER_TOKEN)
+            seconds_to_fetch = ub.pool_transfer_s(request.prefix_tokens * self.kv_bytes)
             self._at(self.now + seconds_to_fetch, "fetched", (instance, request, request.admissions))
         for chunk in plan.chunks:
             track = self.tracks[chunk.request.request_id]
@@ -238,7 +253,7 @@ class Replay:
             track.done = self.now
             self._arrive_after_finish()
             return
-        written = ub.pool_transfer_s((trace.prompt - track.cached) * KV_BYTES_PER_TOKEN)
+        written = ub.pool_transfer_s((trace.prompt - track.cached) * self.kv_bytes)
         self._at(self.now + written, "handoff", rid)
 
     # decode

@@ -15,14 +15,18 @@ class TraceRequest:
     arrival_s: float
     prompt: int                      # tokens
     output: int                      # tokens, the first (the prefill's) included
-    blocks: tuple[int, ...] = ()     # the trace's block ids, one per 512 prompt tokens (a shared id = a shared prefix)
+    blocks: tuple[int, ...] = ()     # the trace's block ids, one per block_tokens prompt tokens (a shared id = a shared prefix)
+    block_tokens: int = MOONCAKE_BLOCK_TOKENS
 
 
-def read_mooncake(path: str | Path, limit: int = 0, rate_scale: float = 1.0) -> list[TraceRequest]:
+def read_mooncake(path: str | Path, limit: int = 0, rate_scale: float = 1.0, scale: int = 1) -> list[TraceRequest]:
     """The first ``limit`` requests (0: all) of a Mooncake JSONL trace; ``rate_scale`` 2 sends
-    them twice as fast (arrival gaps halved)."""
+    them twice as fast (arrival gaps halved); ``scale`` divides lengths and the block size alike
+    (the sharing pattern stays), as `cmx bench serve --trace --scale` does for the tiny model."""
     if not rate_scale > 0:
         raise ValueError(f"rate_scale must be > 0, got {rate_scale}")
+    if scale < 1 or MOONCAKE_BLOCK_TOKENS % scale:
+        raise ValueError(f"scale must divide {MOONCAKE_BLOCK_TOKENS}, got {scale}")
     out: list[TraceRequest] = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -30,8 +34,9 @@ def read_mooncake(path: str | Path, limit: int = 0, rate_scale: float = 1.0) -> 
                 continue
             try:
                 row = json.loads(line)
-                request = TraceRequest(row["timestamp"] / 1e3 / rate_scale, int(row["input_length"]),
-                                       max(1, int(row["output_length"])), tuple(row.get("hash_ids", ())))
+                request = TraceRequest(row["timestamp"] / 1e3 / rate_scale, max(1, int(row["input_length"]) // scale),
+                                       max(1, int(row["output_length"]) // scale), tuple(row.get("hash_ids", ())),
+                                       MOONCAKE_BLOCK_TOKENS // scale)
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{number}: not a Mooncake trace line ({err})") from None
             if request.prompt < 1:

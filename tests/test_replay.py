@@ -148,3 +148,23 @@ def test_cli_plan_prints_the_ranking_and_the_pick(capsys, tmp_path):
     report = json.loads((tmp_path / "plan.json").read_text())
     assert report["pick"]["share"] >= 0.9 and report["pick_replayed_share"] >= 0.9
     assert main(["plan", "--synthetic", "3", "--attainment", "1.5"]) == 2
+
+
+def test_the_host_profile_fit_recovers_known_step_costs_and_the_schedule_metrics():
+    """Cross-check (b)'s pieces: the least-squares profile against steps made from known
+    coefficients (with noise), and the co-step pair comparison against a hand count."""
+    from cloudmatrix.simulator.replay.emulator import co_step_pairs, fit_profile, jaccard
+
+    rng = random.Random(5)
+    steps = []
+    for _ in range(200):
+        tokens, seqs = rng.randrange(1, 4096), rng.randrange(1, 32)
+        steps.append({"tokens": tokens, "sequences": seqs,
+                      "seconds": (0.004 + 2e-5 * tokens + 3e-4 * seqs) * (1 + rng.gauss(0, 0.01))})
+    profile = fit_profile(steps, dies=2)
+    assert (profile.a, profile.b, profile.c) == pytest.approx((0.004, 2e-5, 3e-4), rel=0.1)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_profile(steps[:2], dies=2)
+    pairs = co_step_pairs([(1, 2, 3), (4,), (2, 3)])
+    assert pairs == {(1, 2), (1, 3), (2, 3)}
+    assert jaccard(pairs, {(1, 2), (4, 5)}) == pytest.approx(1 / 4)

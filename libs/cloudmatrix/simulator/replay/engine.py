@@ -111,31 +111,51 @@ class ContextPool:
             self.blocks.popitem(last=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoleShape:
+    """One role's scheduler settings, as its service would run them."""
+
+    limits: SchedulerLimits
+    chunk_tokens: int                # a request's tokens per step
+    blocks_per_die: int
+    batch_wait_s: float = 0.0        # an idle instance waits while a burst keeps arriving (the step loop's rule)
+
+
+def default_shapes(d: Deployment, kv_bytes: int) -> dict[str, RoleShape]:
+    """The deployment's: prefill packs up to ``prefill_tokens_per_die`` per die per step (a prompt
+    in one step when it fits), decode runs up to ``decode_batch_per_die`` sequences per die."""
+    prefill_step = d.prefill_tokens_per_die * d.prefill_dies
+    return {"prefill": RoleShape(SchedulerLimits(max_running=256, max_waiting=1 << 20, max_step_tokens=prefill_step),
+                                 prefill_step, d.blocks_per_die(kv_bytes)),
+            "decode": RoleShape(SchedulerLimits(max_running=d.decode_batch_per_die * d.decode_dies, max_waiting=1 << 20,
+                                                max_step_tokens=2 * d.decode_batch_per_die * d.decode_dies,
+                                                speculative_tokens=1 if d.mtp else 0),
+                                2**31, d.blocks_per_die(kv_bytes))}
+
+
 class Replay:
     def __init__(self, requests: list[TraceRequest], deployment: Deployment = Deployment(),
                  cal: Calibration = FITTED, closed_loop: int = 0, seed: int = 0, prefill_only: bool = False,
-                 cfg: ModelConfig = DEEPSEEK_V3) -> None:
+                 cfg: ModelConfig = DEEPSEEK_V3, shapes: dict[str, RoleShape] | None = None,
+                 costs: dict | None = None) -> None:
         """``closed_loop`` N: the requests are sent N at a time, each next one when one finishes
         (their arrival times are ignored). ``prefill_only``: a request ends at its first token
         (what the time to first token depends on, much faster to replay). ``cfg``: the simulated
-        model's dimensions (DeepSeek-R1 by default)."""
+        model's dimensions (DeepSeek-R1 by default). ``shapes`` and ``costs`` (by role) replace
+        the deployment's scheduler settings and the cost model's step prices (an emulator's own
+        settings and a profile measured on this host: replay/emulator.py)."""
         self.requests, self.d, self.closed_loop, self.prefill_only = requests, deployment, closed_loop, prefill_only
-        eff = cal.efficiency()
-        common = {"eff": eff, "int8": deployment.int8, "acceptance": deployment.acceptance,
+        common = {"eff": cal.efficiency(), "int8": deployment.int8, "acceptance": deployment.acceptance,
                   "imbalance": cal.eplb_residual, "cfg": cfg}
         self.kv_bytes = kv_bytes_per_token(cfg)
         d = deployment
-        prefill_limits = SchedulerLimits(max_running=256, max_waiting=1 << 20,
-                                         max_step_tokens=d.prefill_tokens_per_die * d.prefill_dies)
-        decode_limits = SchedulerLimits(max_running=d.decode_batch_per_die * d.decode_dies, max_waiting=1 << 20,
-                                        max_step_tokens=2 * d.decode_batch_per_die * d.decode_dies,
-                                        speculative_tokens=1 if d.mtp else 0)
-        self.prefills = [SimInstance(f"prefill-{i}", StepCosts("prefill", d.prefill_dies, **common),
-                                     d.blocks_per_die(self.kv_bytes), d.block_tokens, prefill_limits, seed + i)
+        self.shapes = default_shapes(d, self.kv_bytes) | (shapes or {})
+        costs = {"prefill": StepCosts("prefill", d.prefill_dies, **common),
+                 "decode": StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
+                                     round_slowdown=cal.round_slowdown, **common)} | (costs or {})
+        self.prefills = [self._instance(f"prefill-{i}", costs["prefill"], self.shapes["prefill"], seed + i)
                          for i in range(d.prefill_instances)]
-        self.decodes = [SimInstance(f"decode-{i}", StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
-                                                             round_slowdown=cal.round_slowdown, **common),
-                                    d.blocks_per_die(self.kv_bytes), d.block_tokens, decode_limits, seed + 100 + i)
+        self.decodes = [self._instance(f"decode-{i}", costs["decode"], self.shapes["decode"], seed + 100 + i)
                         for i in range(d.decode_instances)]
         block = requests[0].block_tokens if requests else MOONCAKE_BLOCK_TOKENS
         self.pool = ContextPool(d.pool_gib * 2**30 if d.context_cache else 0, self.kv_bytes, block)
@@ -147,6 +167,9 @@ class Replay:
         self.now = 0.0
         self.kv_usage: list[tuple[float, float]] = []   # (time, decode blocks in use / all), per decode step
         self._next = 0
+
+    def _instance(self, name: str, costs, shape: RoleShape, seed: int) -> SimInstance:
+        return SimInstance(name, costs, shape.blocks_per_die, self.d.block_tokens, shape.limits, seed)
 
     def run(self, on_progress: Callable[[float], None] | None = None) -> Replay:
         for _ in range(self.closed_loop or len(self.requests)):
@@ -182,7 +205,7 @@ class Replay:
         track.cached = self.pool.cached_tokens(trace) if self.d.context_cache else 0
         request = Request(rid, [TOKEN] * trace.prompt, _SAMPLING, StopRule(max_new_tokens=1),
                           prefix=KvPrefix(track.cached, _no_fetch) if track.cached else None,
-                          chunk_tokens=self.d.prefill_tokens_per_die * self.d.prefill_dies)
+                          chunk_tokens=self.shapes["prefill"].chunk_tokens)
         self._add(instance, request)
 
     def _add(self, instance: SimInstance, request: Request) -> None:
@@ -194,8 +217,15 @@ class Replay:
         self._try_start(instance)
 
     def _try_start(self, instance: SimInstance) -> None:
-        if instance.plan is not None:
+        if instance.plan is not None or instance.gather is not None:
             return
+        wait = self.shapes["prefill" if instance in self.prefills else "decode"].batch_wait_s
+        scheduler = instance.scheduler
+        if wait and scheduler.waiting and not scheduler.running and not instance.gathered:
+            instance.gather = (len(scheduler.waiting), 1)  # as StepLoop._gather_burst: gaps under the wait, at most 10
+            self._at(self.now + wait, "gathered", instance)
+            return
+        instance.gathered = False
         started = instance.start_step(self.now)
         if started is None:
             return
@@ -209,6 +239,16 @@ class Replay:
                 track.first_step = self.now
         if not plan.empty:
             self._at(self.now + seconds, "step", instance)
+
+    def _on_gathered(self, instance: SimInstance) -> None:
+        waiting, gaps = instance.gather
+        if len(instance.scheduler.waiting) != waiting and gaps < 10:
+            instance.gather = (len(instance.scheduler.waiting), gaps + 1)
+            self._at(self.now + self.shapes["prefill" if instance in self.prefills else "decode"].batch_wait_s,
+                     "gathered", instance)
+            return
+        instance.gather, instance.gathered = None, True
+        self._try_start(instance)
 
     def _on_fetched(self, payload) -> None:
         instance, request, admission = payload
@@ -262,7 +302,8 @@ class Replay:
         track = self.tracks[rid]
         instance = min(self.decodes, key=lambda i: i.load)
         request = Request(rid, [TOKEN] * (track.prompt + 1), _SAMPLING, StopRule(max_new_tokens=track.output),
-                          prefix=KvPrefix(track.prompt, _no_fetch), new_tokens=1, draft=TOKEN if self.d.mtp else None)
+                          prefix=KvPrefix(track.prompt, _no_fetch), new_tokens=1, draft=TOKEN if self.d.mtp else None,
+                          chunk_tokens=self.shapes["decode"].chunk_tokens)
         self._add(instance, request)
 
     def _arrive_after_finish(self) -> None:

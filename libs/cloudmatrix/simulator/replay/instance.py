@@ -29,6 +29,9 @@ class SimInstance:
         self.busy_s = 0.0
         self.steps = 0
         self.intervals: list[tuple[float, float]] = []   # (start, end) of every step, simulated seconds
+        self.stepped: list[tuple[str, ...]] | None = None  # when a list: the request ids of every step
+        self.gather: tuple[int, int] | None = None  # gathering a burst: (requests waiting, waits so far)
+        self.gathered = False                       # the burst is in: the next start steps at once
         self.rng = random.Random(seed)
 
     def _deliver(self, request: Request, item: StepEvent | Exception) -> None:
@@ -49,6 +52,8 @@ class SimInstance:
             self.plan = None
             return (plan, 0.0) if plan.fetches else None
         self.plan, self.started = plan, now
+        if self.stepped is not None:
+            self.stepped.append(tuple(c.request.request_id for c in plan.chunks))
         return plan, self.costs.step_s(plan.chunks)
 
     def finish_step(self, now: float) -> list[tuple[Request, StepEvent | Exception]]:

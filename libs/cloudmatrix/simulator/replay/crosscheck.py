@@ -5,7 +5,8 @@
 (c) the paper's context-caching rows (prefill throughput and TTFT at 50% and 90% reuse) predicted
     from request streams with that reuse.
 
-(b), the emulator's own schedule against the replay's, is not built yet (docs/simulator.md)."""
+(b), the emulator's own schedule against the replay's, is replay/emulator.py with
+scripts/crosscheck_emulator.py (it serves a trace on a local topology first)."""
 from __future__ import annotations
 
 import dataclasses

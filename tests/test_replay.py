@@ -102,9 +102,16 @@ def test_trace_lines_that_are_not_mooncake_name_the_line(tmp_path):
     assert twice[-1].arrival_s == pytest.approx(read_mooncake(TRACE, limit=50)[-1].arrival_s / 2)
 
 
-def test_poisson_arrivals_have_the_asked_rate():
+def test_poisson_arrivals_have_the_asked_rate_and_lengths_their_distribution():
     arrivals = [r.arrival_s for r in synthetic(4000, 5.0, 100, 10, seed=1)]
     assert statistics.mean(b - a for a, b in zip(arrivals, arrivals[1:])) == pytest.approx(0.2, rel=0.05)
+    uniform = synthetic(4000, 5.0, 1000, 100, lengths="uniform")
+    assert min(r.prompt for r in uniform) >= 500 and max(r.prompt for r in uniform) <= 1500
+    exponential = synthetic(4000, 5.0, 1000, 100, lengths="exponential")
+    assert statistics.mean(r.prompt for r in exponential) == pytest.approx(1000, rel=0.06)
+    assert statistics.median(r.prompt for r in exponential) == pytest.approx(693, rel=0.08)  # ln 2 x the mean
+    with pytest.raises(ValueError, match="lengths"):
+        synthetic(5, 1.0, 10, 10, lengths="zipf")
 
 
 def test_cli_trace_replay_prints_and_writes_json_and_plot(capsys, tmp_path):
@@ -168,3 +175,14 @@ def test_the_host_profile_fit_recovers_known_step_costs_and_the_schedule_metrics
     pairs = co_step_pairs([(1, 2, 3), (4,), (2, 3)])
     assert pairs == {(1, 2), (1, 3), (2, 3)}
     assert jaccard(pairs, {(1, 2), (4, 5)}) == pytest.approx(1 / 4)
+
+
+def test_a_replay_runs_on_hopper_gpus_too(capsys):
+    gpus = Deployment(prefill_instances=2, prefill_dies=8, decode_dies=16, hardware="h800")
+    replay = Replay(synthetic(60, 4.0, 4096, 32, seed=3), gpus).run()
+    assert all(t.done is not None for t in replay.tracks.values()) and gpus.npus == 32
+    assert main(["simulate", "--trace", str(TRACE), "--limit", "40", "--hardware", "h100", "--prefill-dies", "8",
+                 "--decode-dies", "16"]) == 0
+    assert "on h100" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="hardware"):
+        Deployment(hardware="tpu")

@@ -28,6 +28,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="replay synthetic arrivals at --rate requests/s of --prompt + --output tokens")
     g.add_argument("--count", type=int, default=1000, help="synthetic: requests")
     g.add_argument("--burstiness", type=float, default=0.5, help="synthetic gamma: shape (1 = Poisson)")
+    g.add_argument("--lengths", choices=("fixed", "uniform", "exponential"), default="fixed",
+                   help="synthetic: prompt and output lengths around --prompt / --output")
     g.add_argument("--rate-scale", type=float, default=1.0, help="trace: arrivals this many times as fast")
     g.add_argument("--limit", type=int, default=0, help="trace: the first N requests (0: all)")
     g.add_argument("--scale", type=int, default=1,
@@ -61,7 +63,7 @@ def deployment(args: argparse.Namespace) -> Deployment:
                       decode_instances=args.decode_instances, decode_dies=args.decode_dies, mtp=not args.no_mtp,
                       acceptance=args.acceptance, int8=not args.no_int8, microbatches=args.microbatches,
                       pool_gib=args.pool_gib, kv_gib_per_die=args.kv_gib_per_die,
-                      context_cache=not args.no_context_cache)
+                      context_cache=not args.no_context_cache, hardware=args.hardware)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -82,7 +84,7 @@ def workload(args: argparse.Namespace) -> list[TraceRequest]:
         return read_mooncake(args.trace, args.limit, args.rate_scale, args.scale)
     rate = args.rate if args.rate is not None else 1.0
     return synthetic(args.count, rate * args.rate_scale, args.prompt, args.output,
-                     1.0 if args.synthetic == "poisson" else args.burstiness, args.seed)
+                     1.0 if args.synthetic == "poisson" else args.burstiness, args.seed, args.lengths)
 
 
 def run(args: argparse.Namespace) -> dict:

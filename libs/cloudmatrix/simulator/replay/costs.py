@@ -111,3 +111,42 @@ def _prefill_rest_s(c: StepCosts, tokens: int, sampled: int) -> float:
                                          + dense_mlp(cfg, tokens, dtype, ASCEND_910C_DIE, eff).total_s)
     head = gemm_s(max(1, sampled), cfg.hidden_size, cfg.vocab_size, dtype="bf16", eff=eff)
     return (cfg.num_hidden_layers - cfg.first_k_dense_replace) * layer + dense + head
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuStepCosts:
+    """The same, on Hopper GPUs (simulator/gpu.py: the H800's public operator figures): a decode
+    step at the busiest GPU's batch and mean context; a prefill step at the busiest GPU's new
+    tokens (attention is data-parallel per GPU there: a prompt stays on its GPU, no SP)."""
+
+    role: str
+    dies: int                        # GPUs of the instance (EP over all of them)
+    hardware: str = "h800"
+    acceptance: float = 0.7
+    imbalance: float = 1.0
+    cfg: ModelConfig = DEEPSEEK_V3
+    _cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def step_s(self, chunks: list[ScheduledChunk]) -> float:
+        from cloudmatrix.simulator.gpu import GpuDecodeSetup, gpu_prefill_tokens_per_s, simulate_gpu_decode
+
+        per_gpu: dict[int, list[int]] = {}
+        for c in chunks:
+            gpu = per_gpu.setdefault(c.request.die, [0, 0, 0])
+            gpu[0], gpu[1], gpu[2] = gpu[0] + 1, gpu[1] + c.start + c.slots, gpu[2] + c.slots
+        copies = -(-(self.cfg.n_routed_experts + self.dies) // self.dies)  # one redundant copy per GPU
+        if self.role == "decode":
+            n, kv, _ = max(per_gpu.values(), key=lambda v: (v[0], v[1]))
+            key = (n, max(1, round(kv / n / KV_ROUND)) * KV_ROUND, any(c.draft is not None for c in chunks))
+            if key not in self._cache:
+                setup = GpuDecodeSetup(batch=n, kv_len=key[1], ep=self.dies, experts_per_gpu=copies, mtp=key[2],
+                                       acceptance=self.acceptance, microbatches=2 if n >= 2 else 1,
+                                       imbalance=self.imbalance)
+                self._cache[key] = simulate_gpu_decode(setup, self.hardware, self.cfg).step_s
+            return self._cache[key]
+        tokens = _round(max(v[2] for v in per_gpu.values()))
+        if tokens not in self._cache:
+            setup = PrefillSetup(prompt_len=tokens, tokens_per_die=tokens, dies=self.dies, experts_per_die=copies,
+                                 attention_tp=1, imbalance=self.imbalance)
+            self._cache[tokens] = tokens / gpu_prefill_tokens_per_s(setup, self.hardware)
+        return self._cache[tokens]

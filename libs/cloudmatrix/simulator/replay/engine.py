@@ -18,7 +18,7 @@ from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.config import ModelConfig
 from cloudmatrix.sampling_params import SamplingParams, StopRule
 from cloudmatrix.simulator.calibration import FITTED, Calibration
-from cloudmatrix.simulator.replay.costs import StepCosts
+from cloudmatrix.simulator.replay.costs import GpuStepCosts, StepCosts
 from cloudmatrix.simulator.replay.instance import TOKEN, SimInstance, prefix_kv
 from cloudmatrix.simulator.replay.workload import MOONCAKE_BLOCK_TOKENS, TraceRequest
 
@@ -47,6 +47,7 @@ class Deployment:
     context_cache: bool = True
     decode_batch_per_die: int = 64     # most sequences a decode die runs at once
     prefill_tokens_per_die: int = 8192  # most tokens a prefill die computes per step (16,384 per NPU)
+    hardware: str = "cloudmatrix384"   # or h800 / h100: a "die" is then a GPU (simulator/gpu.py)
 
     def __post_init__(self) -> None:
         for name in ("prefill_instances", "prefill_dies", "decode_instances", "decode_dies", "block_tokens",
@@ -55,12 +56,16 @@ class Deployment:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_dies < 2 or self.decode_dies < 2:
             raise ValueError("prefill_dies and decode_dies: an instance needs at least 2 dies (EP over them)")
+        if self.hardware not in ("cloudmatrix384", "h800", "h100"):
+            raise ValueError(f"hardware must be cloudmatrix384, h800 or h100, got {self.hardware!r}")
         if not 0.0 <= self.acceptance <= 1.0 or self.kv_gib_per_die <= 0 or self.pool_gib < 0:
             raise ValueError("acceptance must be in [0, 1], kv_gib_per_die > 0 and pool_gib >= 0")
 
     @property
     def npus(self) -> float:
-        return (self.prefill_instances * self.prefill_dies + self.decode_instances * self.decode_dies) / 2
+        """NPUs (two dies each), or GPUs on Hopper hardware."""
+        dies = self.prefill_instances * self.prefill_dies + self.decode_instances * self.decode_dies
+        return dies / (2 if self.hardware == "cloudmatrix384" else 1)
 
     def blocks_per_die(self, kv_bytes: int) -> int:
         """KV blocks a die holds, at ``kv_bytes`` per token."""
@@ -122,11 +127,14 @@ class RoleShape:
 
 
 def default_shapes(d: Deployment, kv_bytes: int) -> dict[str, RoleShape]:
-    """The deployment's: prefill packs up to ``prefill_tokens_per_die`` per die per step (a prompt
-    in one step when it fits), decode runs up to ``decode_batch_per_die`` sequences per die."""
+    """The deployment's: prefill packs up to ``prefill_tokens_per_die`` per die per step (on
+    CloudMatrix384 a prompt's tokens spread over the dies (SP), so a prompt runs in one step when
+    it fits the instance; on GPUs a prompt stays on its GPU, in chunks of that many tokens); decode
+    runs up to ``decode_batch_per_die`` sequences per die."""
     prefill_step = d.prefill_tokens_per_die * d.prefill_dies
+    chunk = prefill_step if d.hardware == "cloudmatrix384" else d.prefill_tokens_per_die
     return {"prefill": RoleShape(SchedulerLimits(max_running=256, max_waiting=1 << 20, max_step_tokens=prefill_step),
-                                 prefill_step, d.blocks_per_die(kv_bytes)),
+                                 chunk, d.blocks_per_die(kv_bytes)),
             "decode": RoleShape(SchedulerLimits(max_running=d.decode_batch_per_die * d.decode_dies, max_waiting=1 << 20,
                                                 max_step_tokens=2 * d.decode_batch_per_die * d.decode_dies,
                                                 speculative_tokens=1 if d.mtp else 0),
@@ -150,9 +158,15 @@ class Replay:
         self.kv_bytes = kv_bytes_per_token(cfg)
         d = deployment
         self.shapes = default_shapes(d, self.kv_bytes) | (shapes or {})
-        costs = {"prefill": StepCosts("prefill", d.prefill_dies, **common),
-                 "decode": StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
-                                     round_slowdown=cal.round_slowdown, **common)} | (costs or {})
+        if d.hardware == "cloudmatrix384":
+            priced = {"prefill": StepCosts("prefill", d.prefill_dies, **common),
+                      "decode": StepCosts("decode", d.decode_dies, microbatches=d.microbatches,
+                                          round_slowdown=cal.round_slowdown, **common)}
+        else:
+            gpu = {"hardware": d.hardware, "acceptance": d.acceptance, "imbalance": cal.eplb_residual, "cfg": cfg}
+            priced = {"prefill": GpuStepCosts("prefill", d.prefill_dies, **gpu),
+                      "decode": GpuStepCosts("decode", d.decode_dies, **gpu)}
+        costs = priced | (costs or {})
         self.prefills = [self._instance(f"prefill-{i}", costs["prefill"], self.shapes["prefill"], seed + i)
                          for i in range(d.prefill_instances)]
         self.decodes = [self._instance(f"decode-{i}", costs["decode"], self.shapes["decode"], seed + 100 + i)

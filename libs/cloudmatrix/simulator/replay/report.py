@@ -56,9 +56,10 @@ def _busy(instances, span: float) -> float:
 
 def print_summary(s: dict) -> None:
     d = s["deployment"]
+    unit, device = ("die", "NPU") if d["hardware"] == "cloudmatrix384" else ("GPU", "GPU")
     print(f"{s['completed']} of {s['requests']} requests in {s['simulated_s']:,.1f} simulated s "
-          f"({s['failed']} failed); {d['prefill_instances']} x {d['prefill_dies']}-die prefill, "
-          f"{d['decode_instances']} x {d['decode_dies']}-die decode ({d['npus']:g} NPUs)")
+          f"({s['failed']} failed) on {d['hardware']}; {d['prefill_instances']} x {d['prefill_dies']}-{unit} prefill, "
+          f"{d['decode_instances']} x {d['decode_dies']}-{unit} decode ({d['npus']:g} {device}s)")
     for name in ("ttft", "tpot", "itl", "e2e", "queueing"):
         q = s[name]
         print(f"  {name:<9} mean {q['mean_ms']:9.1f} ms  p50 {q['p50_ms']:9.1f}  p90 {q['p90_ms']:9.1f}  "
@@ -67,7 +68,7 @@ def print_summary(s: dict) -> None:
     print(f"  goodput  {g['requests']} requests ({g['share']:.1%}) within TTFT {g['slo_ttft_ms']:g} ms and TPOT "
           f"{g['slo_tpot_ms']:g} ms: {g['requests_per_s']:.2f} requests/s")
     print(f"  output   {s['throughput']['output_tokens_per_s']:,.0f} tokens/s "
-          f"({s['throughput']['output_tokens_per_s_per_npu']:,.1f} per NPU)")
+          f"({s['throughput']['output_tokens_per_s_per_npu']:,.1f} per {device})")
     print(f"  context cache hit rate {c['hit_rate']:.1%} of prompt tokens; utilisation prefill {u['prefill']:.1%}, "
           f"decode {u['decode']:.1%}; decode KV occupancy mean {s['kv_occupancy']['mean']:.1%}, peak "
           f"{s['kv_occupancy']['peak']:.1%}; {s['preemptions']} preemptions")

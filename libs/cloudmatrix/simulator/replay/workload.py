@@ -50,15 +50,23 @@ def read_mooncake(path: str | Path, limit: int = 0, rate_scale: float = 1.0, sca
     return [dataclasses.replace(r, arrival_s=r.arrival_s - start) for r in out]
 
 
+LENGTHS = ("fixed", "uniform", "exponential")
+
+
 def synthetic(count: int, rate: float, prompt: int, output: int, burstiness: float = 1.0,
-              seed: int = 0) -> list[TraceRequest]:
-    """``count`` requests of ``prompt`` + ``output`` tokens, gamma inter-arrivals of mean 1 / rate
-    (``burstiness`` 1: Poisson); no prefix sharing. ``rate`` 0: all at once."""
+              seed: int = 0, lengths: str = "fixed") -> list[TraceRequest]:
+    """``count`` requests of ``prompt`` + ``output`` tokens on average, gamma inter-arrivals of
+    mean 1 / rate (``burstiness`` 1: Poisson); no prefix sharing. ``rate`` 0: all at once.
+    ``lengths``: every request the same, uniform over [0.5, 1.5] x the mean, or exponential."""
     if count < 1 or prompt < 1 or output < 1 or rate < 0 or burstiness <= 0:
         raise ValueError("synthetic: need count, prompt, output >= 1, rate >= 0, burstiness > 0")
+    if lengths not in LENGTHS:
+        raise ValueError(f"lengths must be one of {', '.join(LENGTHS)}, got {lengths!r}")
     rng, at, out = random.Random(seed), 0.0, []
+    draw = {"fixed": lambda mean: mean, "uniform": lambda mean: rng.uniform(0.5 * mean, 1.5 * mean),
+            "exponential": lambda mean: rng.expovariate(1.0 / mean)}[lengths]
     for _ in range(count):
-        out.append(TraceRequest(at, prompt, output))
+        out.append(TraceRequest(at, max(1, round(draw(prompt))), max(1, round(draw(output)))))
         if rate:
             at += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
     return out

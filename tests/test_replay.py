@@ -124,7 +124,8 @@ def test_cli_trace_replay_prints_and_writes_json_and_plot(capsys, tmp_path):
     assert report["goodput"]["slo_ttft_ms"] == 3000 and report["completed"] == 120
     assert (tmp_path / "replay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["simulate", "--synthetic", "poisson", "--rate", "2", "--count", "30", "--prompt", "1000",
-                 "--output", "20", "--decode-dies", "16", "--json", "-"]) == 0
+                 "--output", "20", "--decode-dies", "16", "--json", "-", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "synthetic-poisson.png").is_file()  # plotted by default
     text = capsys.readouterr().out
     report = json.loads(text[text.index("\n{") + 1:])
     assert report["source"] == "synthetic poisson" and report["deployment"]["decode_dies"] == 16
@@ -177,12 +178,14 @@ def test_the_host_profile_fit_recovers_known_step_costs_and_the_schedule_metrics
     assert jaccard(pairs, {(1, 2), (4, 5)}) == pytest.approx(1 / 4)
 
 
-def test_a_replay_runs_on_hopper_gpus_too(capsys):
+def test_a_replay_runs_on_hopper_gpus_too(capsys, tmp_path):
     gpus = Deployment(prefill_instances=2, prefill_dies=8, decode_dies=16, hardware="h800")
     replay = Replay(synthetic(60, 4.0, 4096, 32, seed=3), gpus).run()
     assert all(t.done is not None for t in replay.tracks.values()) and gpus.npus == 32
+    out = tmp_path / "out"
     assert main(["simulate", "--trace", str(TRACE), "--limit", "40", "--hardware", "h100", "--prefill-dies", "8",
-                 "--decode-dies", "16"]) == 0
+                 "--decode-dies", "16", "--out", str(out)]) == 0
     assert "on h100" in capsys.readouterr().out
+    assert json.loads((out / "mooncake_conversation_trace.json").read_text())["deployment"]["hardware"] == "h100"
     with pytest.raises(ValueError, match="hardware"):
         Deployment(hardware="tpu")

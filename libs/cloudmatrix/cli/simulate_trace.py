@@ -46,6 +46,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="deepseek-v3",
                    help="the simulated model: deepseek-v3 (R1's dimensions), a preset (tiny, ...) or a "
                         "checkpoint directory / config.json")
+    g.add_argument("--out", default="runs/simulate", metavar="DIR",
+                   help="replays write <name>.json and <name>.png here (unless --json / --plot say where)")
     g.add_argument("--crosscheck", action="store_true",
                    help="the replay against the analytic decode model and the paper's context-caching rows")
 
@@ -101,11 +103,18 @@ def run(args: argparse.Namespace) -> dict:
                                      "source": args.trace or f"synthetic {args.synthetic}"}
     print_summary(result)
     print(f"  {replay.now:,.0f} simulated s in {wall:.1f} wall s ({replay.now / wall:,.0f}x)")
-    if args.plot:
-        from cloudmatrix.simulator.replay.plots import plot_replay
+    name = Path(args.trace).stem if args.trace else f"synthetic-{args.synthetic}"
+    out = Path(args.out)
+    if args.json is None:  # written by the caller when given
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"json: {out / f'{name}.json'}")
+    plot = args.plot or str(out / f"{name}.png")
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    from cloudmatrix.simulator.replay.plots import plot_replay
 
-        plot_replay(replay, args.plot)
-        print(f"plot: {args.plot}")
+    plot_replay(replay, plot)
+    print(f"plot: {plot}")
     return result
 
 

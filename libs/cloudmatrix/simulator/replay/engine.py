@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from cloudmatrix.costmodel import ub
 from cloudmatrix.costmodel.ops import DEEPSEEK_V3
+from cloudmatrix.errors import ResourceExhausted
 from cloudmatrix.instance.request import KvPrefix, Request, StepEvent
 from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.config import ModelConfig
@@ -225,8 +226,9 @@ class Replay:
     def _add(self, instance: SimInstance, request: Request) -> None:
         try:
             instance.scheduler.add(request)
-        except ValueError as err:  # never fits a die: failed, as the service answers INVALID_ARGUMENT
-            self.tracks[request.request_id].failed = str(err)
+        except (ValueError, ResourceExhausted) as err:  # never fits a die, or the queue is full: the
+            self.tracks[request.request_id].failed = str(err)  # service answers INVALID_ARGUMENT / RESOURCE_EXHAUSTED
+            self._arrive_after_finish()
             return
         self._try_start(instance)
 

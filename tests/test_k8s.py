@@ -136,7 +136,7 @@ def test_only_the_gateways_http_port_is_reachable_from_outside_the_namespace(ove
         labels = workload["spec"]["template"]["metadata"]["labels"]
         outside = _reachable_from_outside(objects, labels)
         expected = {"http"} if name == "gateway" else set()
-        if any(o["kind"] == "PodMonitor" for o in objects):  # the monitoring namespace scrapes metrics
+        if any(o["kind"] == "PodMonitor" for o in objects):  # Prometheus (any namespace) scrapes metrics
             expected |= monitoring
         assert outside == expected, (name, outside)
 
@@ -174,12 +174,13 @@ def test_the_topology_configmap_agrees_with_the_objects(overlay):
     count = {name: e.get("count", 1) for name, e in entries.items()}
     sets = {name: e.get("set", {}) for name, e in entries.items()}
     statefulsets, deployments = by_kind(objects, "StatefulSet"), by_kind(objects, "Deployment")
-    replicas = {n: w["spec"]["replicas"] for n, w in {**statefulsets, **deployments}.items()}
+    hpas = by_kind(objects, "HorizontalPodAutoscaler")
+    replicas = {n: w["spec"]["replicas"] if n not in hpas else hpas[n]["spec"]["minReplicas"]
+                for n, w in {**statefulsets, **deployments}.items()}  # an HPA's target starts at its minimum
     assert count["kvcache"] == replicas["kvcache"]
     grpc_port = 50051
     assert expand_addresses([sets["prefill"]["kvcache"]], "kvcache") == tuple(
         f"kvcache-{i}.{statefulsets['kvcache']['spec']['serviceName']}:{grpc_port}" for i in range(replicas["kvcache"]))
-    hpas = by_kind(objects, "HorizontalPodAutoscaler")
     for tier in ("prefill", "decode"):
         containers = pod_spec(statefulsets[tier])["containers"]
         assert count[tier] == replicas[tier] and sets[tier]["kvcache"] == sets["prefill"]["kvcache"]
@@ -194,6 +195,34 @@ def test_the_topology_configmap_agrees_with_the_objects(overlay):
         assert listed[:replicas[tier]] == tuple(f"{tier}-{i}.{tier}:{grpc_port}" for i in range(replicas[tier]))
         assert len(listed) >= (hpas[tier]["spec"]["maxReplicas"] if tier in hpas else replicas[tier])
     assert count["gateway"] == replicas["gateway"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_finds_the_podmonitor_and_its_pods_may_scrape_from_any_namespace(overlay):
+    """kube-prometheus-stack selects PodMonitors by its release label; the metrics ports admit the
+    Prometheus pods by their own label, not a namespace that must be called "monitoring"."""
+    objects = rendered(overlay)
+    monitors = by_kind(objects, "PodMonitor")
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    for monitor in monitors.values():
+        assert "release" in monitor["metadata"].get("labels", {})
+    peers = [peer for p in policies for rule in p["spec"].get("ingress", ()) for peer in rule.get("from", ())]
+    assert not any("kubernetes.io/metadata.name" in peer.get("namespaceSelector", {}).get("matchLabels", {})
+                   for peer in peers)
+    if monitors:
+        assert any(peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "prometheus"
+                   for peer in peers)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_workload_an_hpa_scales_carries_no_replicas_of_its_own(overlay):
+    """The HPA owns the count; a `replicas:` re-applied by a GitOps tool would fight it."""
+    objects = rendered(overlay)
+    workloads_by_name = {**by_kind(objects, "StatefulSet"), **by_kind(objects, "Deployment")}
+    for hpa in by_kind(objects, "HorizontalPodAutoscaler").values():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["name"] in workloads_by_name and "replicas" not in workloads_by_name[target["name"]]["spec"]
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
 
 def test_the_dev_overlay_has_the_local_default_topologys_entries_counts_and_settings():

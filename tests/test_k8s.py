@@ -82,9 +82,33 @@ def test_every_pod_runs_non_root_read_only_with_no_capabilities_and_bounded_reso
             assert security["readOnlyRootFilesystem"] is True, where
             assert security["capabilities"]["drop"] == ["ALL"], where
             for bound in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(container["resources"][bound]), (where, bound)
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(container["resources"][bound]), (where, bound)
             writable = {m["mountPath"] for m in container.get("volumeMounts", ()) if not m.get("readOnly")}
             assert "/tmp" in writable, where  # the read-only root leaves Python a writable /tmp
+        # every scratch volume is bounded, and the pod's ephemeral-storage limit (its containers'
+        # sum, which emptyDir usage counts against) holds all of them at once
+        scratch = [v["emptyDir"] for v in spec.get("volumes", ()) if "emptyDir" in v]
+        assert all("sizeLimit" in v for v in scratch), name
+        limit = sum(_bytes(c["resources"]["limits"]["ephemeral-storage"]) for c in spec["containers"])
+        assert sum(_bytes(v["sizeLimit"]) for v in scratch) <= limit, name
+
+
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_kvcache_disk_tier_fits_its_volume(overlay):
+    """Evictions start before the volume is full: the disk tier's capacity (its topology entry, or
+    the service default) at most 90% of the StatefulSet's volume claim."""
+    from services.kvcache.config import KvCacheConfig
+
+    objects = rendered(overlay)
+    entry = next(e for e in topology_of(objects)["services"] if e["name"] == "kvcache")
+    capacity = int(entry.get("set", {}).get("disk_capacity_bytes", KvCacheConfig.disk_capacity_bytes))
+    claim = by_kind(objects, "StatefulSet")["kvcache"]["spec"]["volumeClaimTemplates"][0]
+    assert capacity <= 0.9 * _bytes(claim["spec"]["resources"]["requests"]["storage"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

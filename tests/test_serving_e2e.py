@@ -47,7 +47,9 @@ def _topology(path, checkpoint, precision: str, prefill_instances: int, **top):
                      {"name": f"prefill{i}", "service": "prefill",
                       "set": {**common, "dies": f"{{addresses:pdie{i}}}", "instance_id": f"prefill-{i}"}}]
     prefills = ",".join(f"{{addresses:prefill{i}}}" for i in range(prefill_instances))
-    gateway = {"checkpoint": str(checkpoint), "prefill": prefills, "decode": "{addresses:decode}"}
+    # a long drain: a request in flight at `cmx down` streams to its end (_stream_through_down)
+    gateway = {"checkpoint": str(checkpoint), "prefill": prefills, "decode": "{addresses:decode}",
+               "server.grace_s": 60}
     if top.get("api_key"):
         gateway["api_keys"] = top.pop("api_key")
     services.append({"name": "gateway", "service": "gateway", "set": gateway})
@@ -91,7 +93,8 @@ def otlp_receiver():
     receiver.server.stop(grace=None)
 
 
-def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances, otlp_endpoint=None, after=None):
+def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances, otlp_endpoint=None, after=None,
+                        in_flight_at_down=False):
     run_dir = tmp_path / f"run-{precision}"
     topo = _topology(tmp_path / f"{precision}.yaml", checkpoint, precision, prefill_instances)
     up = cmx("up", "--topology", str(topo), "--run-dir", str(run_dir),
@@ -109,10 +112,32 @@ def _serve_and_complete(tmp_path, checkpoint, precision, prefill_instances, otlp
                                                      "the fabric and its rounds", max_tokens=4, temperature=0))
         if after is not None:
             after(run_dir, completions[-1].id.split("-", 1)[1])
+        if in_flight_at_down:
+            _stream_through_down(client, model, run_dir)
     finally:
-        down = cmx("down", "--run-dir", str(run_dir))  # flushes every process's spans
-    assert down.returncode == 0, down.stderr
+        if (run_dir / "state.json").exists():
+            down = cmx("down", "--run-dir", str(run_dir))  # flushes every process's spans
+            assert down.returncode == 0, down.stderr
     return completions, run_dir
+
+
+def _stream_through_down(client, model: str, run_dir) -> None:
+    """`cmx down` while a request streams: the gateway goes first and finishes it (every token),
+    and only then the instances, dies and pool stop; nothing is killed hard. (Stopped all at once,
+    the dies refuse the decode's next step and the stream fails.)"""
+    stream = client.completions.create(model=model, prompt="A request in flight when the run stops",
+                                       max_tokens=400, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks, down = [next(iter(stream))], None
+    with ThreadPoolExecutor(1) as pool:
+        down = pool.submit(cmx, "down", "--run-dir", str(run_dir), "--grace", "60")
+        chunks += list(stream)
+        stopped = down.result()
+    assert stopped.returncode == 0 and "was killed" not in stopped.stderr, stopped.stdout + stopped.stderr
+    texts = [c for c in chunks if c.choices]
+    assert texts[-1].choices[0].finish_reason == "length"
+    usage = [c.usage for c in chunks if getattr(c, "usage", None)]
+    assert not usage or usage[-1].completion_tokens == 400
 
 
 def _local_texts(checkpoint, precision: str) -> list[str]:
@@ -174,7 +199,8 @@ def test_fp32_with_two_prefill_instances_and_a_full_trace(tmp_path, tiny_checkpo
 
 @pytest.mark.parametrize("prefill_instances", [1, 2])
 def test_int8_pasa_equals_the_local_engine(tmp_path, tiny_checkpoint, prefill_instances):
-    completions, _ = _serve_and_complete(tmp_path, tiny_checkpoint, "int8-pasa", prefill_instances)
+    completions, _ = _serve_and_complete(tmp_path, tiny_checkpoint, "int8-pasa", prefill_instances,
+                                         in_flight_at_down=prefill_instances == 1)
     assert [c.choices[0].text for c in completions[:-1]] == _local_texts(tiny_checkpoint, "int8-pasa")
 
 

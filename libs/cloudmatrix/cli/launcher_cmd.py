@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(handler=_status)
     down = sub.add_parser("down", help="stop the processes gracefully (SIGTERM, then SIGKILL after --grace)")
     down.add_argument("--run-dir", default=DEFAULT_RUN_DIR, help="the run directory `cmx up` used")
-    down.add_argument("--grace", type=float, default=15.0, help="seconds to wait after SIGTERM before SIGKILL")
+    down.add_argument("--grace", type=float, default=15.0,
+                      help="seconds each tier (gateways, instances, dies and fabric, pool) has after SIGTERM before SIGKILL")
     down.set_defaults(handler=_down)
 
 

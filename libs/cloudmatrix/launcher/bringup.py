@@ -13,6 +13,7 @@ from cloudmatrix.launcher.processes import (
     save_state,
     spawn,
     stop_all,
+    stop_in_order,
     wait_healthy,
 )
 from cloudmatrix.launcher.topology import Topology
@@ -69,10 +70,11 @@ def read_telemetry(run_dir: Path) -> dict:
 
 
 def bring_down(run_dir: Path, grace_s: float) -> tuple[list[ProcessRecord], list[str]]:
-    """Stop the run's supervisor (no restarts from now on), then what ``run_dir``'s state lists;
-    returns the records and the names killed hard."""
+    """Stop the run's supervisor (no restarts from now on), then what ``run_dir``'s state lists,
+    tier by tier (``processes.STOP_ORDER``: requests in flight finish first); returns the records
+    and the names killed hard."""
     supervisor.stop(run_dir)
     records = load_state(run_dir)
-    killed = stop_all(records, grace_s)
+    killed = stop_in_order(records, grace_s)
     (run_dir / "state.json").unlink(missing_ok=True)
     return records, killed

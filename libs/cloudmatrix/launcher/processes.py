@@ -146,6 +146,20 @@ def is_alive(record: ProcessRecord) -> bool:
     return f"services.{record.service}".encode() in cmdline and stat.split(")")[-1].split()[0] != "Z"
 
 
+# `cmx down` stops the tiers in this order, each after the one before has exited: the gateways
+# first (they stop taking requests and finish the ones in flight), then the instances (nothing in
+# flight any more), then the dies and the fabric they stepped on, then the pool. Any other service
+# goes last.
+STOP_ORDER = (("gateway",), ("prefill", "decode"), ("npu_emulator", "ub_fabric"), ("kvcache",))
+
+
+def stop_in_order(records: list[ProcessRecord], grace_s: float) -> list[str]:
+    """``stop_all`` tier by tier (``STOP_ORDER``), each tier given ``grace_s``; names killed hard."""
+    tiers = [[r for r in records if r.service in tier] for tier in STOP_ORDER]
+    tiers.append([r for r in records if not any(r.service in tier for tier in STOP_ORDER)])
+    return [name for tier in tiers if tier for name in stop_all(tier, grace_s)]
+
+
 def stop_all(records: list[ProcessRecord], grace_s: float) -> list[str]:
     """SIGTERM every live process, wait up to grace_s, SIGKILL the rest; returns names killed hard."""
     for record in filter(is_alive, records):

@@ -21,6 +21,13 @@ _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEA
 KEEPALIVE_S = 10.0
 KEEPALIVE_TIMEOUT_S = 20.0
 
+# A channel to a peer that is not there (yet) retries its connection with exponential backoff.
+# gRPC's defaults (1 s, x1.6, up to 120 s) left a channel that had failed for two minutes finding
+# a server started on its port 67 s late; capped at RECONNECT_MAX_S a new or restarted peer is found
+# within a few seconds of listening (docs/reliability.md, "Reconnecting").
+RECONNECT_INITIAL_S = 0.25
+RECONNECT_MAX_S = 2.0
+
 
 def channel_options(max_message_bytes: int, keepalive_s: float = KEEPALIVE_S,
                     keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S) -> list[tuple[str, int]]:
@@ -39,6 +46,13 @@ def channel_options(max_message_bytes: int, keepalive_s: float = KEEPALIVE_S,
             ("grpc.http2.max_pings_without_data", 0),
         ]
     return options
+
+
+def reconnect_options(initial_s: float = RECONNECT_INITIAL_S, max_s: float = RECONNECT_MAX_S) -> list[tuple[str, int]]:
+    """A client channel's reconnect backoff: from ``initial_s``, growing, never above ``max_s``."""
+    return [("grpc.initial_reconnect_backoff_ms", int(initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(max_s * 1000))]
 
 
 def server_options(max_message_bytes: int, keepalive_s: float = KEEPALIVE_S,
@@ -62,7 +76,7 @@ def make_channel(
 
     Looked up on ``grpc.aio`` at call time, so ``instrument_grpc()`` tracing applies.
     """
-    options = channel_options(max_message_bytes)
+    options = [*channel_options(max_message_bytes), *reconnect_options()]
     credentials = credentials if credentials is not None else process_channel_credentials()
     extra = {"interceptors": list(interceptors)} if interceptors else {}
     if credentials is not None:

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from cloudmatrix.cli import simulate_report, simulate_trace
 from cloudmatrix.simulator.calibration import FITTED
-from cloudmatrix.simulator.decode import DIES_PER_NPU, DecodeResult, DecodeSetup, largest_batch_within, simulate_decode
+from cloudmatrix.simulator.decode import (
+    DIES_PER_NPU,
+    DecodeResult,
+    DecodeSetup,
+    largest_batch_within,
+    paper_proportions,
+    simulate_decode,
+)
 from cloudmatrix.simulator.paper import mean_kv_len
 from cloudmatrix.simulator.planning import parse_duration_s, plan, prefill_setup_for
 from cloudmatrix.simulator.prefill import PrefillResult, PrefillSetup, simulate_prefill
@@ -101,8 +108,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _decode_base(args: argparse.Namespace) -> DecodeSetup:
     # another EP degree keeps the paper's proportions: a tenth of the dies for shared-expert
     # replicas and as many redundant copies (32 + 32 of 320)
-    scaled = {"dies": args.dies, "shared_replicas": max(args.dies // 10, 1), "redundant": args.dies // 10} \
-        if args.dies else {}
+    scaled = paper_proportions(args.dies) if args.dies else {}
     changes = {"int8": not args.no_int8, "mtp": not args.no_mtp, "acceptance": args.acceptance,
                "microbatches": args.microbatches} | scaled
     setup = DecodeSetup(batch_per_die=args.batch // DIES_PER_NPU,

@@ -124,6 +124,12 @@ def attention_path(cfg: ModelConfig, batch: int, queries: int, kv_len: int, dtyp
             .add("o_proj", gemm_s(tokens, h * cfg.v_head_dim, cfg.hidden_size, dtype=dtype, die=die, eff=eff)))
 
 
+def paper_proportions(dies: int) -> dict[str, int]:
+    """An instance of ``dies`` dies laid out as the paper's 320: a tenth of them hosting shared-expert
+    replicas (at least one), and as many redundant routed copies (32 + 32 of 320)."""
+    return {"dies": dies, "shared_replicas": max(1, dies // 10), "redundant": dies // 10}
+
+
 def experts_per_die(setup: DecodeSetup, cfg: ModelConfig) -> int:
     """Routed-expert copies on each routed-expert die (1 in the paper's EP320)."""
     return math.ceil((cfg.n_routed_experts + setup.redundant) / (setup.dies - setup.shared_replicas))

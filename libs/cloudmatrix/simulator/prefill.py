@@ -84,22 +84,28 @@ class PrefillResult:
         return self.tokens_per_s_per_npu / NPU_TERA_OPS
 
 
-def attention_phase(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency) -> PhaseCost:
-    """MLA without absorption: projections of the new tokens, every token's K and V decompressed
-    from the latent KV (kv_b), the causal attention core, o_proj."""
-    seqs, new, h, dtype = setup.sequences, setup.new_per_seq, cfg.num_attention_heads, setup.dtype
-    tokens, kv_tokens = seqs * new, seqs * setup.prompt_len
+def projections(cfg: ModelConfig, tokens: int, dtype: str, die: DieSpec, eff: DieEfficiency) -> PhaseCost:
+    """What attention costs per new token: the norm, the q / kv projections and o_proj."""
+    h = cfg.num_attention_heads
     return (PhaseCost("attention")
             .add("norm", vector_s(2 * ACT_BYTES * tokens * cfg.hidden_size, die=die, eff=eff))
             .add("q_a", gemm_s(tokens, cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, die=die, eff=eff))
             .add("q_b", gemm_s(tokens, cfg.q_lora_rank, h * cfg.qk_head_dim, dtype=dtype, die=die, eff=eff))
             .add("kv_a", gemm_s(tokens, cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype,
                                 die=die, eff=eff))
+            .add("o_proj", gemm_s(tokens, h * cfg.v_head_dim, cfg.hidden_size, dtype=dtype, die=die, eff=eff)))
+
+
+def attention_phase(cfg: ModelConfig, setup: PrefillSetup, die: DieSpec, eff: DieEfficiency) -> PhaseCost:
+    """MLA without absorption: projections of the new tokens, every token's K and V decompressed
+    from the latent KV (kv_b), the causal attention core, o_proj."""
+    seqs, new, h, dtype = setup.sequences, setup.new_per_seq, cfg.num_attention_heads, setup.dtype
+    kv_tokens = seqs * setup.prompt_len
+    return (projections(cfg, seqs * new, dtype, die, eff)
             .add("kv_b", gemm_s(kv_tokens, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
                                 dtype=dtype, die=die, eff=eff))
             .add("mla", mla_attention_for(cfg, [new] * seqs, [setup.prompt_len] * seqs, absorbed=False, die=die,
-                                          eff=eff))
-            .add("o_proj", gemm_s(tokens, h * cfg.v_head_dim, cfg.hidden_size, dtype=dtype, die=die, eff=eff)))
+                                          eff=eff)))
 
 
 def ub_rounds(kind: str, rows: float, ep: int, setup: PrefillSetup, cfg: ModelConfig) -> float:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 
 from cloudmatrix.costmodel.die import ASCEND_910C_DIE, DieEfficiency
-from cloudmatrix.costmodel.ops import DEEPSEEK_V3, PhaseCost, gemm_s, mla_attention_for, vector_s
+from cloudmatrix.costmodel.ops import DEEPSEEK_V3, gemm_s, mla_attention_for
 from cloudmatrix.instance.step import ScheduledChunk
 from cloudmatrix.model.config import ModelConfig
-from cloudmatrix.simulator.decode import ACT_BYTES, DecodeSetup, dense_mlp, simulate_decode
-from cloudmatrix.simulator.prefill import PrefillSetup, moe_phases, overlapped_s
+from cloudmatrix.simulator.decode import DecodeSetup, dense_mlp, paper_proportions, simulate_decode
+from cloudmatrix.simulator.prefill import PrefillSetup, moe_phases, overlapped_s, projections
 
 KV_ROUND = 64        # decode: the mean context is priced to the nearest 64 tokens (a cache key)
 PREFILL_ROUND = 128  # prefill: tokens and context are priced to the nearest 128
@@ -39,15 +39,12 @@ class StepCosts:
     def step_s(self, chunks: list[ScheduledChunk]) -> float:
         """Seconds of a step that runs ``chunks`` (each knows its request's die)."""
         if self.role == "decode":
-            seqs: dict[int, list[int]] = {}  # die -> [sequences, their context, drafts]
-            for c in chunks:
-                die = seqs.setdefault(c.request.die, [0, 0, 0])
-                die[0], die[1], die[2] = die[0] + 1, die[1] + c.start + c.slots, die[2] + (c.draft is not None)
+            seqs = per_die(chunks)
             # the step waits for the busiest die: the most sequences or the most context (the rest
             # cost less on both counts)
             busiest = {tuple(max(seqs.values(), key=lambda v: (v[0], v[1]))),
                        tuple(max(seqs.values(), key=lambda v: (v[1], v[0])))}
-            return max(self._decode_s(n, kv / n, drafts > 0) for n, kv, drafts in busiest)
+            return max(self._decode_s(n, kv / n, drafts > 0) for n, kv, _, drafts in busiest)
         # SP: the step's new tokens are spread over the instance's dies (the paper's prefill splits
         # a prompt's tokens, not whole prompts, across them), whichever die holds each request's KV
         tokens = -(-sum(c.slots for c in chunks) // self.dies)
@@ -76,13 +73,23 @@ class StepCosts:
         return self._cache[key]
 
 
+def per_die(chunks: list[ScheduledChunk]) -> dict[int, list[int]]:
+    """die -> [sequences, their context after the step, new tokens, drafts verified]."""
+    out: dict[int, list[int]] = {}
+    for c in chunks:
+        die = out.setdefault(c.request.die, [0, 0, 0, 0])
+        die[0], die[1], die[2], die[3] = die[0] + 1, die[1] + c.start + c.slots, die[2] + c.slots, \
+            die[3] + (c.draft is not None)
+    return out
+
+
 def _round(n: int) -> int:
     return max(1, -(-n // PREFILL_ROUND)) * PREFILL_ROUND if n > PREFILL_ROUND else n
 
 
 def _decode_step_s(c: StepCosts, batch: int, kv_len: int, drafting: bool) -> float:
-    setup = DecodeSetup(batch_per_die=batch, kv_len=kv_len, dies=c.dies, shared_replicas=max(1, c.dies // 10),
-                        redundant=c.dies // 10, int8=c.int8, mtp=drafting, acceptance=c.acceptance,
+    setup = DecodeSetup(batch_per_die=batch, kv_len=kv_len, **paper_proportions(c.dies), int8=c.int8, mtp=drafting,
+                        acceptance=c.acceptance,
                         microbatches=c.microbatches if batch >= 2 else 1, imbalance=c.imbalance,
                         round_slowdown=c.round_slowdown)
     return simulate_decode(setup, c.cfg, eff=c.eff).step_s
@@ -93,14 +100,7 @@ def _prefill_rest_s(c: StepCosts, tokens: int, sampled: int) -> float:
     q / kv projections, o_proj, the MoE layer (EP over the instance, two microbatches, the SP <->
     TP rounds), the dense layers' FFN, and the LM head over the sampled positions."""
     cfg, eff, dtype = c.cfg, c.eff, "int8" if c.int8 else "bf16"
-    h = cfg.num_attention_heads
-    attention = (PhaseCost("attention")
-                 .add("norm", vector_s(2 * ACT_BYTES * tokens * cfg.hidden_size, eff=eff))
-                 .add("q_a", gemm_s(tokens, cfg.hidden_size, cfg.q_lora_rank, dtype=dtype, eff=eff))
-                 .add("q_b", gemm_s(tokens, cfg.q_lora_rank, h * cfg.qk_head_dim, dtype=dtype, eff=eff))
-                 .add("kv_a", gemm_s(tokens, cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, dtype=dtype,
-                                     eff=eff))
-                 .add("o_proj", gemm_s(tokens, h * cfg.v_head_dim, cfg.hidden_size, dtype=dtype, eff=eff)))
+    attention = projections(cfg, tokens, dtype, ASCEND_910C_DIE, eff)
     # the paper's proportions at any size: one redundant copy per die, attention TP over the dies
     setup = PrefillSetup(prompt_len=tokens, tokens_per_die=tokens, dies=c.dies, int8=c.int8, imbalance=c.imbalance,
                          experts_per_die=-(-(cfg.n_routed_experts + c.dies) // c.dies),
@@ -130,13 +130,10 @@ class GpuStepCosts:
     def step_s(self, chunks: list[ScheduledChunk]) -> float:
         from cloudmatrix.simulator.gpu import GpuDecodeSetup, gpu_prefill_tokens_per_s, simulate_gpu_decode
 
-        per_gpu: dict[int, list[int]] = {}
-        for c in chunks:
-            gpu = per_gpu.setdefault(c.request.die, [0, 0, 0])
-            gpu[0], gpu[1], gpu[2] = gpu[0] + 1, gpu[1] + c.start + c.slots, gpu[2] + c.slots
+        per_gpu = per_die(chunks)
         copies = -(-(self.cfg.n_routed_experts + self.dies) // self.dies)  # one redundant copy per GPU
         if self.role == "decode":
-            n, kv, _ = max(per_gpu.values(), key=lambda v: (v[0], v[1]))
+            n, kv, _, _ = max(per_gpu.values(), key=lambda v: (v[0], v[1]))
             key = (n, max(1, round(kv / n / KV_ROUND)) * KV_ROUND, any(c.draft is not None for c in chunks))
             if key not in self._cache:
                 setup = GpuDecodeSetup(batch=n, kv_len=key[1], ep=self.dies, experts_per_gpu=copies, mtp=key[2],

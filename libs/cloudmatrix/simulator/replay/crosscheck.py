@@ -13,7 +13,7 @@ import dataclasses
 import statistics
 
 from cloudmatrix.simulator.calibration import FITTED
-from cloudmatrix.simulator.decode import DecodeSetup, simulate_decode
+from cloudmatrix.simulator.decode import DecodeSetup, paper_proportions, simulate_decode
 from cloudmatrix.simulator.replay.engine import Deployment, Replay, span_s
 from cloudmatrix.simulator.replay.report import tpot_s
 from cloudmatrix.simulator.replay.workload import MOONCAKE_BLOCK_TOKENS, TraceRequest, synthetic
@@ -31,8 +31,8 @@ def decode_steady_state(dies: int = 32, per_die: int = 16, prompt: int = 1024, o
     replay = Replay(synthetic(4 * n, 0.0, prompt, output), deployment, closed_loop=n).run()
     steady = [t for t in list(replay.tracks.values())[2 * n:] if t.done is not None]
     measured = statistics.mean(tpot_s(t) for t in steady)
-    setup = DecodeSetup(batch_per_die=per_die, kv_len=prompt + output // 2, dies=dies, shared_replicas=max(1, dies // 10),
-                        redundant=dies // 10, imbalance=FITTED.eplb_residual, round_slowdown=FITTED.round_slowdown)
+    setup = DecodeSetup(batch_per_die=per_die, kv_len=prompt + output // 2, **paper_proportions(dies),
+                        imbalance=FITTED.eplb_residual, round_slowdown=FITTED.round_slowdown)
     analytic = simulate_decode(setup, eff=FITTED.efficiency()).tpot_s
     return {"dies": dies, "batch_per_die": per_die, "prompt": prompt, "output": output, "requests": len(steady),
             "replay_tpot_ms": measured * 1e3, "analytic_tpot_ms": analytic * 1e3, "error": measured / analytic - 1}

@@ -6,23 +6,33 @@ What stands in for the cluster:
 - pod network: every pod gets its own loopback address, 127.77.<workload>.<ordinal + 1>, which its
   containers bind (0.0.0.0) and reach each other on (localhost), on the manifests' own ports;
 - DNS: a StatefulSet pod's name ``<set>-<n>.<service>`` (and a ``<set>-{a..b}.<service>`` range of
-  them) is that pod's address;
+  them) is that pod's address; a headless Service's records (``dns:///<service>:<port>``) are its
+  ready pods, which the harness keeps as ready files (the local launcher's format, read by
+  ``ready:`` sources: rpc/discovery.py) in ``<root>/endpoints/<port>/``, written when every
+  container of a pod answers its readiness probe and removed when the pod is being deleted, as the
+  endpoints controller does;
 - volumes: a directory per volume per pod (emptyDir, PVC, or a ConfigMap's files), at the path it
   is mounted on, found by prefix in env values, args and the topology file;
 - image files: what the Dockerfile's final stage COPYs from the build context (the shipped model)
   is that path of this checkout;
 - env: ``value`` with ``$(VAR)`` expansion, ``fieldRef`` (the pod's name, ordinal label, IP) and
   ``envFrom`` ConfigMaps; ``python`` and ``cmx`` are this interpreter's.
-Init containers run first, in order, per pod (pods in parallel); then every container starts.
+Init containers run first, in order, per pod (pods in parallel): an ordinary one to completion, a
+native sidecar (restartPolicy Always) until its startup probe passes, and it keeps running; then
+every container starts. Deleting a pod follows Kubernetes' order: out of the endpoints, SIGTERM to
+the containers, and once they have exited the sidecars one by one in reverse order, SIGKILL for
+what is left at terminationGracePeriodSeconds.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from cloudmatrix.rpc.channel import health_check_sync
-from tests.k8s_render import pod_spec, workloads
+from tests.k8s_render import pod_spec, running, workloads
 
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +72,14 @@ class Container:
     def grpc_target(self) -> str:
         return f"{self.pod.ip}:{self.spec['readinessProbe']['grpc']['port']}"
 
+    @property
+    def sidecar(self) -> bool:
+        return self.spec.get("restartPolicy") == "Always"
+
+    def ready(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and \
+            health_check_sync(self.grpc_target(), timeout=1.0) == "SERVING"
+
     def port(self, name: str) -> int:
         return next(p["containerPort"] for p in self.spec["ports"] if p["name"] == name)
 
@@ -73,16 +91,27 @@ class Pod:
     ip: str
     workload: dict
     root: Path
+    terminating: bool = False
 
     @property
     def spec(self) -> dict:
         return pod_spec(self.workload)
+
+    @property
+    def ports(self) -> list[int]:
+        return [p["containerPort"] for c in running(self.spec) for p in c.get("ports", ())]
 
 
 class LocalCluster:
     def __init__(self, objects: list[dict], root: Path) -> None:
         self.objects, self.root = objects, root
         self.config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+        self.endpoints = root / "endpoints"
+        self._sets = {w["spec"]["serviceName"]: w["metadata"]["name"] for w in workloads(objects)
+                      if w["kind"] == "StatefulSet"}
+        self._watch: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._endpoints_lock = threading.Lock()  # a deleted pod's records never come back
         self.pods: list[Pod] = []
         self._names: list[tuple[re.Pattern, str]] = []  # pod DNS names -> addresses
         for k, workload in enumerate(workloads(objects), start=1):
@@ -94,13 +123,17 @@ class LocalCluster:
                 self._names.append((re.compile(
                     rf"\b{re.escape(name)}-(?:\{{(\d+)\.\.(\d+)\}}|(\d+))\.{re.escape(workload['spec']['serviceName'])}"
                     r"(?:\.[a-z0-9-]+)?(?:\.svc(?:\.cluster\.local)?)?\b"), f"127.77.{k}."))
-        self.containers = [Container(pod, spec) for pod in self.pods for spec in pod.spec["containers"]]
+        self.containers = [Container(pod, spec) for pod in self.pods for spec in running(pod.spec)]
 
     def pod(self, name: str) -> Pod:
         return next(p for p in self.pods if p.name == name)
 
     def container(self, pod: str, name: str) -> Container:
         return next(c for c in self.containers if c.pod.name == pod and c.spec["name"] == name)
+
+    def of(self, pod: Pod) -> list[Container]:
+        """The pod's running containers: sidecars in start order, then its containers."""
+        return [c for c in self.containers if c.pod is pod]
 
     # -- how one pod sees the world ------------------------------------------------------------
 
@@ -117,6 +150,8 @@ class LocalCluster:
 
     def rewrite(self, pod: Pod, container: dict, value: str) -> str:
         """``value`` as this container sees it: pod names, localhost and mount paths made local."""
+        value = re.sub(r"dns:///([a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(\d+)",
+                       lambda m: f"ready:{self.endpoints / m[2] / self._sets.get(m[1], m[1])}", value)
         for pattern, prefix in self._names:
             value = pattern.sub(lambda m: prefix + (f"{{{int(m[1]) + 1}..{int(m[2]) + 1}}}" if m[1] else
                                                      str(int(m[3]) + 1)), value)
@@ -189,24 +224,46 @@ class LocalCluster:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, init_timeout_s: float = 300.0) -> None:
-        """Every pod's init containers (in order; pods in parallel), then every container."""
-        def init(pod: Pod) -> None:
-            for spec in pod.spec.get("initContainers", ()):
-                proc = self._popen(pod, spec)
-                code = proc.wait(timeout=init_timeout_s)
-                if code != 0:
-                    raise RuntimeError(f"init container {pod.name}/{spec['name']} exited {code}:\n"
-                                       f"{(pod.root / (spec['name'] + '.log')).read_text()[-3000:]}")
-
+        """Every pod (in parallel), then the endpoints controller."""
         with ThreadPoolExecutor(len(self.pods)) as pool:
-            list(pool.map(init, self.pods))
-        for container in self.containers:
-            container.proc = self._popen(container.pod, container.spec)
+            list(pool.map(lambda pod: self.start_pod(pod.name, init_timeout_s), self.pods))
+        self._watch = threading.Thread(target=self._endpoints_controller, daemon=True)
+        self._watch.start()
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def start_pod(self, name: str, init_timeout_s: float = 300.0) -> None:
+        """The pod's init containers in order (a sidecar until its startup probe passes, and on),
+        then its containers: a pod created, or created again by its StatefulSet after a delete."""
+        pod = self.pod(name)
+        pod.terminating = False
+        deadline = time.monotonic() + init_timeout_s
+        for spec in pod.spec.get("initContainers", ()):
+            if spec.get("restartPolicy") == "Always":
+                container = self.container(name, spec["name"])
+                container.proc = self._popen(pod, spec)
+                self._wait_started(container, deadline)
+                continue
+            code = self._popen(pod, spec).wait(timeout=max(1.0, deadline - time.monotonic()))
+            if code != 0:
+                raise RuntimeError(f"init container {pod.name}/{spec['name']} exited {code}:\n"
+                                   f"{(pod.root / (spec['name'] + '.log')).read_text()[-3000:]}")
+        for container in self.of(pod):
+            if not container.sidecar:
+                container.proc = self._popen(pod, container.spec)
+
+    @staticmethod
+    def _wait_started(container: Container, deadline: float) -> None:
+        probe = container.spec["startupProbe"]["grpc"]
+        target = f"{container.pod.ip}:{probe['port']}"
+        while health_check_sync(target, timeout=1.0, service=probe.get("service", "")) != "SERVING":
+            if container.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sidecar {container.name} did not start:\n{container.log.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def wait_ready(self, timeout_s: float, pods: list[str] | None = None) -> None:
         """Until every container's readiness probe (gRPC health) answers SERVING; a container that
         exits fails at once, with its log."""
-        deadline, waiting = time.monotonic() + timeout_s, list(self.containers)
+        deadline = time.monotonic() + timeout_s
+        waiting = [c for c in self.containers if pods is None or c.pod.name in pods]
         while waiting:
             for container in waiting:
                 if container.proc.poll() is not None:
@@ -217,14 +274,72 @@ class LocalCluster:
                 raise TimeoutError(f"not ready after {timeout_s} s: {[c.name for c in waiting]}")
             time.sleep(0.2 if waiting else 0)
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        running = [c.proc for c in self.containers if c.proc is not None and c.proc.poll() is None]
-        for proc in running:
-            proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in running:
+    def endpoint_files(self, pod: Pod) -> list[Path]:
+        return [self.endpoints / str(port) / f"{pod.name}.json" for port in pod.ports]
+
+    def _endpoints_controller(self) -> None:
+        """A pod's records while every container of it is ready and it is not being deleted (a
+        pod not ready yet is probed every 0.25 s, a ready one every 2 s)."""
+        checked: dict[str, float] = {}
+        while not self._stopping.is_set():
+            for pod in self.pods:
+                files = self.endpoint_files(pod)
+                listed = all(path.exists() for path in files)
+                if pod.terminating or time.monotonic() - checked.get(pod.name, 0.0) < (2.0 if listed else 0.25):
+                    continue
+                checked[pod.name] = time.monotonic()
+                ready = all(c.ready() for c in self.of(pod))
+                with self._endpoints_lock:
+                    self._publish(pod, files, ready)
+            self._stopping.wait(0.05)
+
+    @staticmethod
+    def _publish(pod: Pod, files: list[Path], ready: bool) -> None:
+        for path in files:
+            if ready and not path.exists() and not pod.terminating:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"host": pod.ip, "port": int(path.parent.name)}))
+                tmp.replace(path)
+            elif not ready:
+                path.unlink(missing_ok=True)
+
+    def delete_pod(self, name: str) -> list[str]:
+        """Kubernetes' termination: the pod leaves the endpoints, its containers get SIGTERM, and
+        once they have all exited its sidecars get it one by one, last started first; what is still
+        running at terminationGracePeriodSeconds is killed. Returns the containers in the order
+        they exited (the harness's record of the drain)."""
+        pod = self.pod(name)
+        with self._endpoints_lock:
+            pod.terminating = True
+            for path in self.endpoint_files(pod):
+                path.unlink(missing_ok=True)
+        deadline = time.monotonic() + pod.spec.get("terminationGracePeriodSeconds", 30)
+        containers = self.of(pod)
+        order: list[str] = []
+        main = [c for c in containers if not c.sidecar]
+        self._terminate(main, deadline, order)
+        for sidecar in reversed([c for c in containers if c.sidecar]):
+            self._terminate([sidecar], deadline, order)
+        return order
+
+    @staticmethod
+    def _terminate(containers: list[Container], deadline: float, order: list[str]) -> None:
+        alive = [c for c in containers if c.proc is not None and c.proc.poll() is None]
+        for container in alive:
+            container.proc.send_signal(signal.SIGTERM)
+        for container in alive:
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                container.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                os.killpg(container.proc.pid, signal.SIGKILL)
+                container.proc.wait(timeout=10)
+            order.append(container.spec["name"])
+
+    def stop(self) -> None:
+        """Every pod deleted (in parallel), each in Kubernetes' order."""
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.join(timeout=10)
+        with ThreadPoolExecutor(max(1, len(self.pods))) as pool:
+            list(pool.map(lambda pod: self.delete_pod(pod.name), self.pods))

@@ -69,6 +69,16 @@ def pod_spec(workload: dict) -> dict:
     return workload["spec"]["template"]["spec"]
 
 
+def sidecars(spec: dict) -> list[dict]:
+    """A pod's native sidecars: init containers with restartPolicy Always, in start order."""
+    return [c for c in spec.get("initContainers", ()) if c.get("restartPolicy") == "Always"]
+
+
+def running(spec: dict) -> list[dict]:
+    """Every container that runs while the pod serves: its sidecars, then its containers."""
+    return [*sidecars(spec), *spec["containers"]]
+
+
 def env_of(container: dict) -> dict[str, str]:
     """The container's literal env values (valueFrom entries left out)."""
     return {e["name"]: e["value"] for e in container.get("env", ()) if "value" in e}

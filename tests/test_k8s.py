@@ -24,7 +24,9 @@ from tests.k8s_render import (
     env_of,
     pod_spec,
     rendered,
+    running,
     service_of,
+    sidecars,
     topology_of,
     validate,
     workloads,
@@ -89,7 +91,7 @@ def test_every_pod_runs_non_root_read_only_with_no_capabilities_and_bounded_reso
         # sum, which emptyDir usage counts against) holds all of them at once
         scratch = [v["emptyDir"] for v in spec.get("volumes", ()) if "emptyDir" in v]
         assert all("sizeLimit" in v for v in scratch), name
-        limit = sum(_bytes(c["resources"]["limits"]["ephemeral-storage"]) for c in spec["containers"])
+        limit = sum(_bytes(c["resources"]["limits"]["ephemeral-storage"]) for c in running(spec))
         assert sum(_bytes(v["sizeLimit"]) for v in scratch) <= limit, name
 
 
@@ -116,10 +118,11 @@ def test_every_service_container_has_grpc_probes_on_its_own_port_and_drains_with
     for workload in workloads(rendered(overlay)):
         spec, name = pod_spec(workload), workload["metadata"]["name"]
         names = [c["name"] for c in _containers(workload)]
-        ports = [p for c in spec["containers"] for p in c.get("ports", ())]
+        ports = [p for c in running(spec) for p in c.get("ports", ())]
         assert len(set(names)) == len(names), name  # one network per pod: names and ports unique
         assert len({p["name"] for p in ports}) == len(ports) == len({p["containerPort"] for p in ports}), name
-        for container in spec["containers"]:
+        drains = {}
+        for container in running(spec):
             where, env = f"{name}/{container['name']}", env_of(container)
             prefix = env_prefix(service_of(container))
             grpc_port = int(env[f"{prefix}__SERVER__PORT"])
@@ -130,8 +133,24 @@ def test_every_service_container_has_grpc_probes_on_its_own_port_and_drains_with
             for probe in ("startupProbe", "livenessProbe"):  # alive while loading or while a die is away
                 assert container[probe]["grpc"] == {"port": grpc_port, "service": "liveness"}, (where, probe)
             pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
-            drain_s = float(env[f"{prefix}__SERVER__GRACE_S"]) + (float(pre_stop[1]) if pre_stop else 0.0)
-            assert spec["terminationGracePeriodSeconds"] > drain_s, where
+            drains[container["name"]] = float(env[f"{prefix}__SERVER__GRACE_S"]) + (float(pre_stop[1]) if pre_stop else 0)
+        # the main containers drain at once, then the sidecars one after another in reverse order
+        main = max(drains[c["name"]] for c in spec["containers"])
+        assert spec["terminationGracePeriodSeconds"] > main + sum(drains[c["name"]] for c in sidecars(spec)), name
+
+
+def test_the_dies_and_the_fabric_are_native_sidecars_started_before_and_stopped_after_their_instance():
+    """Kubernetes stops a pod's main containers first and its sidecars after they have exited, so
+    an instance's drain still has its dies and its fabric; the fabric starts first (the dies join
+    it) and so stops last."""
+    for overlay in OVERLAYS:
+        for tier in ("prefill", "decode"):
+            spec = pod_spec(by_kind(rendered(overlay), "StatefulSet")[tier])
+            assert [service_of(c) for c in spec["containers"]] == [tier]
+            services = [service_of(c) for c in sidecars(spec)]
+            assert services[0] == "ub_fabric" and set(services[1:]) == {"npu_emulator"} and len(services) > 2
+            assert spec["initContainers"][0]["name"] == "quantize"  # the model, before any die loads it
+            assert "restartPolicy" not in spec["initContainers"][0]
 
 
 def _reachable_from_outside(objects, labels: dict) -> set:
@@ -178,7 +197,7 @@ def test_every_container_gets_a_valid_config_from_its_topology_entry_and_env(ove
     topology_file = tmp_path / "topology.yaml"
     topology_file.write_text(yaml.safe_dump(topology_of(objects)))
     for workload in workloads(objects):
-        for container in pod_spec(workload)["containers"]:
+        for container in running(pod_spec(workload)):
             service = service_of(container)
             entry, index = arg(container, "--entry"), arg(container, "--index", "0").replace("$(POD_INDEX)", "1")
             config_path, base = entry_settings(topology_file, entry, int(index), service)
@@ -206,7 +225,7 @@ def test_the_topology_configmap_agrees_with_the_objects(overlay):
     assert expand_addresses([sets["prefill"]["kvcache"]], "kvcache") == tuple(
         f"kvcache-{i}.{statefulsets['kvcache']['spec']['serviceName']}:{grpc_port}" for i in range(replicas["kvcache"]))
     for tier in ("prefill", "decode"):
-        containers = pod_spec(statefulsets[tier])["containers"]
+        containers = running(pod_spec(statefulsets[tier]))
         assert count[tier] == replicas[tier] and sets[tier]["kvcache"] == sets["prefill"]["kvcache"]
         dies = [c for c in containers if service_of(c) == "npu_emulator"]
         fabrics = [c for c in containers if service_of(c) == "ub_fabric"]
@@ -215,9 +234,12 @@ def test_the_topology_configmap_agrees_with_the_objects(overlay):
         die_ports = [int(env_of(c)["CMX_NPU_EMULATOR__SERVER__PORT"]) for c in dies]
         assert expand_addresses([sets[tier]["dies"]], "dies") == tuple(f"localhost:{p}" for p in die_ports)
         assert sets[tier]["fabric"] == f"localhost:{env_of(fabrics[0])['CMX_UB_FABRIC__SERVER__PORT']}"
-        listed = expand_addresses([sets["gateway"][tier]], tier)  # every instance the gateway may pick
-        assert listed[:replicas[tier]] == tuple(f"{tier}-{i}.{tier}:{grpc_port}" for i in range(replicas[tier]))
-        assert len(listed) >= (hpas[tier]["spec"]["maxReplicas"] if tier in hpas else replicas[tier])
+        # the gateway finds the tier's instances in its headless Service's records: its ready pods
+        service = by_kind(objects, "Service")[statefulsets[tier]["spec"]["serviceName"]]
+        assert sets["gateway"][tier] == f"dns:///{service['metadata']['name']}:{grpc_port}"
+        assert service["spec"]["clusterIP"] == "None" and not service["spec"].get("publishNotReadyAddresses")
+        assert service["spec"]["selector"].items() <= statefulsets[tier]["spec"]["template"]["metadata"]["labels"].items()
+        assert {"name": "grpc", "port": grpc_port, "targetPort": "grpc"} in service["spec"]["ports"]
     assert count["gateway"] == replicas["gateway"]
 
 
@@ -258,7 +280,7 @@ def test_the_dev_overlay_has_the_local_default_topologys_entries_counts_and_sett
     assert len(local.processes) == sum(e.get("count", 1) for e in raw_k8s["services"])
     for ours, theirs in zip(raw_k8s["services"], raw_local["services"]):
         for key, value in theirs.get("set", {}).items():
-            if "{addresses:" in str(value):
+            if "{addresses:" in str(value) or "{endpoints:" in str(value):
                 continue  # `cmx up` fills in addresses; Kubernetes names them
             assert Path(str(ours["set"][key])).name == Path(str(value)).name, (ours["name"], key)
 

@@ -30,8 +30,9 @@ def build_core(config: GatewayConfig, backend: GrpcBackend) -> GatewayCore:
                       cfg.vocab_size, cfg.eos_token_id, (Path(config.checkpoint) / "train.json").is_file())
     admission = Admission(config.max_in_flight, config.max_queue)
     return GatewayCore(model, TextTokenizer.load(config.checkpoint), backend,
-                       InstancePicker("prefill", config.prefill, backend.prefill_load),
-                       InstancePicker("decode", config.decode, backend.decode_load),
+                       InstancePicker("prefill", config.prefill, backend.prefill_load,
+                                      on_retire=backend.retire_prefill),
+                       InstancePicker("decode", config.decode, backend.decode_load, on_retire=backend.retire_decode),
                        admission, config.request_timeout_s)
 
 
@@ -48,7 +49,7 @@ def _write_port(path: Path, host: str, port: int) -> None:
 
 
 async def build(config: GatewayConfig) -> ServiceParts:
-    backend = GrpcBackend(config.prefill, config.decode, config.server.max_message_bytes)
+    backend = GrpcBackend(config.server.max_message_bytes)
     core = build_core(config, backend)
     runner = web.AppRunner(OpenAIHttp(core, config.api_keys).app(), handler_cancellation=True, access_log=None,
                            shutdown_timeout=config.server.grace_s)

@@ -65,17 +65,39 @@ class GatewayDecodeStream:
 
 class GrpcBackend:
     """The prefill and decode instances, each through its client (no retries here: the gateway's
-    picker fails a request over to another instance instead)."""
+    picker fails a request over to another instance instead). A client is made at the first call
+    to its instance (instances are discovered while the gateway runs) and closed when the picker
+    retires the instance."""
 
-    def __init__(self, prefill: tuple[str, ...], decode: tuple[str, ...], max_message_bytes: int) -> None:
-        options = ClientOptions(retries=0, max_message_bytes=max_message_bytes)
-        self.prefills = {a: PrefillClient(a, options) for a in prefill}
-        self.decodes = {a: DecodeClient(a, options) for a in decode}
+    def __init__(self, max_message_bytes: int) -> None:
+        self.options = ClientOptions(retries=0, max_message_bytes=max_message_bytes)
+        self.prefills: dict[str, PrefillClient] = {}
+        self.decodes: dict[str, DecodeClient] = {}
+
+    def _prefill(self, address: str) -> PrefillClient:
+        if address not in self.prefills:
+            self.prefills[address] = PrefillClient(address, self.options)
+        return self.prefills[address]
+
+    def _decode(self, address: str) -> DecodeClient:
+        if address not in self.decodes:
+            self.decodes[address] = DecodeClient(address, self.options)
+        return self.decodes[address]
+
+    async def retire_prefill(self, address: str) -> None:
+        client = self.prefills.pop(address, None)
+        if client is not None:
+            await client.close()
+
+    async def retire_decode(self, address: str) -> None:
+        client = self.decodes.pop(address, None)
+        if client is not None:
+            await client.close()
 
     async def prefill(self, address: str, p: Prepared, timeout_s: float) -> AsyncIterator[PrefillOutcome]:
         """The first token as soon as the instance computed it (``kv`` None), then the outcome with
         the KV handle once the prompt's KV is in the pool."""
-        stream = self.prefills[address].prefill_stream(p.request_id, p.model, p.token_ids, p.sampling,
+        stream = self._prefill(address).prefill_stream(p.request_id, p.model, p.token_ids, p.sampling,
                                                        deadline_s=timeout_s)
         try:
             async for r in stream:
@@ -88,21 +110,21 @@ class GrpcBackend:
 
     def decode(self, address: str, p: Prepared, first: PrefillOutcome, timeout_s: float) -> GatewayDecodeStream:
         sampling = dataclasses.replace(p.sampling, prompt_logprobs=None)  # the prefill had the prompt's
-        stream = self.decodes[address].decode(p.request_id, p.model, p.token_ids, first.first_token, first.kv,
+        stream = self._decode(address).decode(p.request_id, p.model, p.token_ids, first.first_token, first.kv,
                                               sampling, deadline_s=timeout_s)
         return GatewayDecodeStream(stream, address)
 
     async def cancel(self, address: str, request_id: str, timeout_s: float) -> bool:
         try:
-            return await self.decodes[address].cancel(request_id, deadline_s=timeout_s)
+            return await self._decode(address).cancel(request_id, deadline_s=timeout_s)
         except grpc.aio.AioRpcError as err:
             raise converted(err, address) from err
 
     async def prefill_load(self, address: str, timeout_s: float) -> int:
-        return await self._load(self.prefills[address], address, timeout_s)
+        return await self._load(self._prefill(address), address, timeout_s)
 
     async def decode_load(self, address: str, timeout_s: float) -> int:
-        return await self._load(self.decodes[address], address, timeout_s)
+        return await self._load(self._decode(address), address, timeout_s)
 
     async def _load(self, client: PrefillClient | DecodeClient, address: str, timeout_s: float) -> int:
         try:
@@ -113,3 +135,5 @@ class GrpcBackend:
     async def close(self) -> None:
         for client in (*self.prefills.values(), *self.decodes.values()):
             await client.close()
+        self.prefills.clear()
+        self.decodes.clear()

@@ -5,7 +5,7 @@ import dataclasses
 
 from cloudmatrix.config import ServerConfig
 from cloudmatrix.errors import FieldError
-from cloudmatrix.rpc.addresses import expand_addresses
+from cloudmatrix.rpc.discovery import parse_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,17 +15,18 @@ class GatewayConfig:
     http_port: int = 0                   # 0 = any free port (written to <run_dir>/ready/<name>.http.json)
     checkpoint: str = ""                 # checkpoint directory: tokenizer and model limits
     model_id: str = ""                   # "" = the checkpoint directory's name
-    prefill: tuple[str, ...] = ()        # prefill instance addresses, {first..last} ranges allowed
-    decode: tuple[str, ...] = ()         # decode instance addresses (rpc/addresses.py); those that
-                                         # do not answer are left out
+    prefill: tuple[str, ...] = ()        # prefill instances: addresses ({first..last} ranges),
+                                         # dns:///<service>:<port>, ready:<dir>/<entry> (rpc/discovery.py)
+    decode: tuple[str, ...] = ()         # decode instances, the same; found again every second,
+                                         # those that do not answer are left out
     max_in_flight: int = 64              # requests running at once
     max_queue: int = 256                 # requests waiting for a slot; beyond, RESOURCE_EXHAUSTED / 429
     request_timeout_s: float = 300.0     # deadline of a whole request, every outbound call included
     api_keys: tuple[str, ...] = ()       # accepted bearer keys; () = no authentication
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "prefill", expand_addresses(self.prefill, "prefill"))
-        object.__setattr__(self, "decode", expand_addresses(self.decode, "decode"))
+        object.__setattr__(self, "prefill", parse_sources(self.prefill, "prefill"))
+        object.__setattr__(self, "decode", parse_sources(self.decode, "decode"))
         if not self.checkpoint:
             raise FieldError("checkpoint", "must name the checkpoint directory (tokenizer, model limits)")
         if not self.prefill:

@@ -131,7 +131,7 @@ def load_topology(path: str | Path) -> Topology:
     return parse_topology(raw, path.parent)
 
 
-_LAUNCHER_ONLY = re.compile(r"\{(addresses:[^}]*|run_dir)\}")
+_LAUNCHER_ONLY = re.compile(r"\{((?:addresses|endpoints):[^}]*|run_dir)\}")
 
 
 def entry_settings(path: str | Path, entry: str, index: int, service: str) -> tuple[str | None, tuple[str, ...]]:
@@ -140,7 +140,7 @@ def entry_settings(path: str | Path, entry: str, index: int, service: str) -> tu
     its pod ordinal as ``index``, any index: an autoscaler may run more than ``count``).
 
     The file is checked whole first. ``service`` must be the entry's; the topology's
-    ``otlp_endpoint`` applies. `cmx up`'s own placeholders ({addresses:...}, {run_dir}) and
+    ``otlp_endpoint`` applies. `cmx up`'s own placeholders ({addresses:...}, {endpoints:...}, {run_dir}) and
     ``tls: true`` (certificates `cmx up` makes) are refused: give addresses and files instead."""
     path = Path(path)
     topology = load_topology(path)

@@ -1,15 +1,18 @@
 """Start order from references: an override may name the addresses of another entry's processes,
-``{addresses:<entry name>}`` (comma-joined, in process order). A process starts once every entry
-it references is SERVING, so a topology starts in waves (e.g. shards and dies, then the instances
-driving them, then the gateway)."""
+``{addresses:<entry name>}`` (comma-joined, in process order), or the entry's processes as they
+come and go, ``{endpoints:<entry name>}`` (``ready:<run_dir>/ready/<entry>``: the ready files of
+the entry's SERVING processes, read again while the user runs, rpc/discovery.py). A process starts
+once every entry it references is SERVING, so a topology starts in waves (e.g. shards and dies,
+then the instances driving them, then the gateway)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from cloudmatrix.launcher.processes import ProcessRecord
 from cloudmatrix.launcher.topology import ProcessSpec
 
-_REF = re.compile(r"\{addresses:([A-Za-z0-9_.-]+)\}")
+_REF = re.compile(r"\{(addresses|endpoints):([A-Za-z0-9_.-]+)\}")
 
 
 def entry_of(process_name: str) -> str:
@@ -19,7 +22,7 @@ def entry_of(process_name: str) -> str:
 
 def referenced_entries(value: str) -> list[str]:
     """The entries a setting's value names with {addresses:<entry>}."""
-    return _REF.findall(value)
+    return [entry for _, entry in _REF.findall(value)]
 
 
 def references(spec: ProcessSpec) -> set[str]:
@@ -46,8 +49,12 @@ def waves(processes: tuple[ProcessSpec, ...]) -> list[list[ProcessSpec]]:
 
 
 def resolve(spec: ProcessSpec, records: list[ProcessRecord]) -> ProcessSpec:
-    """Replace every {addresses:X} by the addresses of entry X's running processes."""
+    """Replace every {addresses:X} by the addresses of entry X's running processes, and every
+    {endpoints:X} by the source that finds X's SERVING processes from their ready files."""
     def addresses(match: re.Match) -> str:
-        return ",".join(r.address for r in records if entry_of(r.name) == match.group(1))
+        started = [r for r in records if entry_of(r.name) == match.group(2)]
+        if match.group(1) == "endpoints":
+            return f"ready:{Path(started[0].ready_file).parent / match.group(2)}" if started else ""
+        return ",".join(r.address for r in started)
     overrides = tuple(_REF.sub(addresses, o) for o in spec.overrides)
     return ProcessSpec(spec.name, spec.service, spec.host, spec.port, spec.config, overrides)

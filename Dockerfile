@@ -3,7 +3,10 @@
 # Build stage: a virtual environment with torch's CPU build (from TORCH_INDEX_URL) and the project.
 # Final stage: that environment on a slim Python, no compilers or package caches, a non-root user,
 # a root filesystem the pods mount read-only (HOME and temporary files under /tmp, a volume).
-FROM python:3.11-slim AS build
+# BASE: any image with Python 3.11 as `python` (venv included); `make image` passes a Debian
+# bookworm base it makes with mmdebstrap (docs/kubernetes-image.md).
+ARG BASE=python:3.11-slim
+FROM ${BASE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -16,7 +19,7 @@ RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
  && pip install -c constraints.txt . \
  && pip uninstall -y pip setuptools wheel
 
-FROM python:3.11-slim
+FROM ${BASE}
 COPY --from=build /opt/venv /opt/venv
 # The shipped trained model; each instance pod's init container quantizes it to INT8.
 COPY models /opt/cmx/models

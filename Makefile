@@ -10,7 +10,7 @@ RUN_DIR ?= runs/local
 MODEL := models/cmx-tiny-py
 CKPT_INT8 := $(RUN_DIR)/checkpoints/cmx-tiny-py-int8
 
-.PHONY: install run test test-reliability protos clean
+.PHONY: install run test test-reliability protos clean image test-k8s-podman
 
 install: $(STAMP)
 
@@ -43,6 +43,16 @@ RELIABILITY_TESTS := tests/test_reliability.py tests/test_fuzz.py tests/test_sec
 	tests/test_pool_faults.py
 test-reliability: install
 	CMX_FUZZ_EXAMPLES=200 $(PY) -m pytest -q -s -p no:cacheprovider $(RELIABILITY_TESTS)
+
+# Opt-in, not in `make test` (docs/kubernetes-image.md): the Dockerfile's image built with podman on a
+# Debian bookworm base made by mmdebstrap (as root it apt-installs podman and mmdebstrap when
+# missing; about 2 min on 2 cores), and the dev overlay's pods run from it with `podman kube play`,
+# answering the openai client through the gateway (about 40 s once the image exists).
+image:
+	bash scripts/image/build.sh
+
+test-k8s-podman: install
+	$(PY) scripts/image/podman_pods.py
 
 protos: install
 	$(PY) scripts/gen_protos.py

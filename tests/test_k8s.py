@@ -5,6 +5,7 @@ container's settings (its topology entry, then its env) make a valid service con
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.k8s_render import (
     by_kind,
     env_of,
     pod_spec,
+    render,
     rendered,
     running,
     service_of,
@@ -222,11 +224,14 @@ def test_the_topology_configmap_agrees_with_the_objects(overlay):
                 for n, w in {**statefulsets, **deployments}.items()}  # an HPA's target starts at its minimum
     assert count["kvcache"] == replicas["kvcache"]
     grpc_port = 50051
-    assert expand_addresses([sets["prefill"]["kvcache"]], "kvcache") == tuple(
-        f"kvcache-{i}.{statefulsets['kvcache']['spec']['serviceName']}:{grpc_port}" for i in range(replicas["kvcache"]))
+    # the pool's members are the kvcache headless Service's records, each shard named by its pod
+    pool = f"dns:///{statefulsets['kvcache']['spec']['serviceName']}:{grpc_port}"
+    assert sets["kvcache"]["members"] == pool
+    kvcache = running(pod_spec(statefulsets["kvcache"]))[0]
+    assert env_of(kvcache)["CMX_KVCACHE__ADVERTISE"] == f"$(POD_NAME).kvcache:{grpc_port}"
     for tier in ("prefill", "decode"):
         containers = running(pod_spec(statefulsets[tier]))
-        assert count[tier] == replicas[tier] and sets[tier]["kvcache"] == sets["prefill"]["kvcache"]
+        assert count[tier] == replicas[tier] and sets[tier]["kvcache"] == pool
         dies = [c for c in containers if service_of(c) == "npu_emulator"]
         fabrics = [c for c in containers if service_of(c) == "ub_fabric"]
         assert len(dies) == count[f"{tier}-die"] and len(fabrics) == count["fabric"] == 1
@@ -298,3 +303,37 @@ def test_the_old_flat_manifests_are_gone_and_the_image_is_multi_stage_and_non_ro
     used = {c["image"] for o in rendered("dev") if o["kind"] in ("Deployment", "StatefulSet")
             for c in _containers(o)}
     assert used == {"cloudmatrix-infer:0.1.0"}
+
+
+def test_scaling_the_pool_or_an_instance_tier_changes_no_other_object(tmp_path):
+    """Nothing lists the shards or the instances (the pool and the gateway find them in their
+    headless Services' records), so a scale is one number: no other pod template changes, and no
+    other pod restarts."""
+    base = rendered("dev")
+    for workload in ("kvcache", "decode", "prefill"):
+        overlay = tmp_path / workload
+        overlay.mkdir()
+        (overlay / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+            f"resources: [{os.path.relpath(K8S / 'overlays' / 'dev', overlay)}]\n"
+            f"replicas: [{{name: {workload}, count: 3}}]\n")
+        scaled = render(overlay)
+        changed = [(a["kind"], a["metadata"]["name"]) for a, b in zip(base, scaled) if a != b]
+        assert len(base) == len(scaled) and changed == [("StatefulSet", workload)]
+        before, after = (next(o for o in objs if o["metadata"]["name"] == workload and o["kind"] == "StatefulSet")
+                         for objs in (base, scaled))
+        assert before["spec"]["template"] == after["spec"]["template"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shards_and_gateways_spread_over_nodes_and_zones(overlay):
+    """Both replicas of a block (R = 2) on one node would go together; so would every gateway."""
+    for name in ("kvcache", "gateway"):
+        workload = {**by_kind(rendered(overlay), "StatefulSet"), **by_kind(rendered(overlay), "Deployment")}[name]
+        spec, own = pod_spec(workload), workload["spec"]["template"]["metadata"]["labels"]
+        keys = {c["topologyKey"] for c in spec["topologySpreadConstraints"]
+                if c["labelSelector"]["matchLabels"].items() <= own.items() and c["maxSkew"] == 1}
+        assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys, name
+        [term] = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+        assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= own.items()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cloudmatrix.instance.build import build_loop, kv_namespace, model_id_of, start_loop
-from cloudmatrix.kvcache import KvPoolClient
+from cloudmatrix.instance.pool import open_pool
 from cloudmatrix.model.config import load_config
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.decode.v1 import decode_pb2, decode_pb2_grpc
@@ -15,8 +15,8 @@ SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
 
 async def build(config: DecodeConfig) -> ServiceParts:
     cfg = load_config(config.checkpoint)
-    loop = build_loop(config, config.instance_id, config.microbatches)
-    pool = KvPoolClient(list(config.kvcache), replication=min(config.replication, len(config.kvcache)))
+    pool = await open_pool(config)
+    loop = build_loop(config, config.instance_id, config.microbatches, pool)
     core = DecodeCore(loop, pool, cfg.eos_token_id, cfg.vocab_size, cfg.max_position_embeddings, config.chunk_tokens)
 
     async def on_ready(host) -> None:

@@ -7,6 +7,7 @@ import os
 
 from cloudmatrix.config import ServerConfig
 from cloudmatrix.errors import FieldError
+from cloudmatrix.rpc.discovery import parse_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,13 @@ class KvCacheConfig:
                                              # power loss, ~2 syncs per block (default: crash-safe only)
     max_lease_s: float = 600.0               # a lease's ttl is capped at this
     blob_dir: str | None = None              # where blobs persist; None = <disk_dir>/blobs, or memory only
+    members: tuple[str, ...] = ()            # where the pool's shards are found (rpc/discovery.py:
+                                             # dns:///kvcache:50051, ready:<run_dir>/ready/kvcache);
+                                             # () = no membership: this shard never moves blocks
+    advertise: str = ""                      # this shard's name on the ring; "" = its host:port
+    replication: int = 2                     # the pool's replicas per block (as its instances')
+    membership_interval_s: float = 2.0       # how often the members are looked up again
+    leave_after_s: float = 30.0              # a member not found for this long has left the pool
 
     def __post_init__(self) -> None:
         if self.capacity_bytes < 1:
@@ -35,6 +43,15 @@ class KvCacheConfig:
             raise FieldError("disk_capacity_bytes", f"must be >= 1, got {self.disk_capacity_bytes}")
         if not (self.max_lease_s > 0 and math.isfinite(self.max_lease_s)):
             raise FieldError("max_lease_s", f"must be a finite number > 0, got {self.max_lease_s}")
+        object.__setattr__(self, "members", parse_sources(self.members, "members"))
+        if self.members and not self.advertise and self.server.host in ("0.0.0.0", "::", ""):
+            raise FieldError("advertise", "a shard listening on every interface must say its name on the "
+                             "ring, e.g. $(POD_NAME).kvcache:50051")
+        if self.replication < 1:
+            raise FieldError("replication", f"must be >= 1, got {self.replication}")
+        for name in ("membership_interval_s", "leave_after_s"):
+            if not getattr(self, name) > 0:
+                raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
         for name in ("disk_dir", "blob_dir"):
             if getattr(self, name) == "":
                 raise FieldError(name, "must be a directory path or none, got an empty string")

@@ -9,6 +9,7 @@ client simply retries the whole stream after fixing the block).
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import grpc
 
@@ -43,9 +44,11 @@ MAX_LIST_KEYS = 10_000
 
 
 class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
-    def __init__(self, store: ShardStore, blob_chunk_bytes: int = BLOB_CHUNK_BYTES) -> None:
+    def __init__(self, store: ShardStore, blob_chunk_bytes: int = BLOB_CHUNK_BYTES, name: str = "") -> None:
         self.store = store
         self.blob_chunk_bytes = blob_chunk_bytes
+        self.name = name                  # on the ring; set once the bound address is known if ""
+        self.boot_id = uuid.uuid4().hex   # a restarted shard is a new boot
 
     @map_errors
     async def Put(self, request_iterator, context):
@@ -120,8 +123,9 @@ class KvCacheServicer(kvcache_pb2_grpc.KvCacheShardServicer):
     @map_errors
     async def Stats(self, request, context):
         s = await asyncio.to_thread(self.store.stats)
-        fields = kvcache_pb2.StatsReply.DESCRIPTOR.fields_by_name
-        return kvcache_pb2.StatsReply(**{name: getattr(s, name) for name in fields})
+        counters = {name: getattr(s, name) for name in kvcache_pb2.StatsReply.DESCRIPTOR.fields_by_name
+                    if name not in ("name", "boot_id")}
+        return kvcache_pb2.StatsReply(**counters, name=self.name, boot_id=self.boot_id)
 
     @map_errors
     async def ListKeys(self, request, context):

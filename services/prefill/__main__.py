@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cloudmatrix.instance.build import build_loop, kv_namespace, model_id_of, start_loop
-from cloudmatrix.kvcache import KvPoolClient
+from cloudmatrix.instance.pool import open_pool
 from cloudmatrix.model.config import load_config
 from cloudmatrix.service_main import ServiceParts, run_service
 from cmx.prefill.v1 import prefill_pb2, prefill_pb2_grpc
@@ -15,9 +15,8 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 async def build(config: PrefillConfig) -> ServiceParts:
     cfg = load_config(config.checkpoint)
-    loop = build_loop(config, config.instance_id)
-    pool = KvPoolClient(list(config.kvcache), replication=min(config.replication, len(config.kvcache))) \
-        if config.kvcache else None
+    pool = await open_pool(config)
+    loop = build_loop(config, config.instance_id, pool=pool)
     core = PrefillCore(loop, pool, PrefillSettings(kv_namespace(config), config.block_size, config.chunk_tokens,
                                                    cfg.vocab_size, cfg.max_position_embeddings,
                                                    config.kv_lease_ttl_s))

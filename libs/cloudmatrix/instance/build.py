@@ -11,6 +11,7 @@ from cloudmatrix.instance.loop import InstanceUnavailable, StepLoop
 from cloudmatrix.instance.metrics import register_scheduler_metrics
 from cloudmatrix.instance.settings import InstanceSettings
 from cloudmatrix.kv.hashing import namespace
+from cloudmatrix.kvcache import KvPoolClient
 from cmx.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -26,13 +27,16 @@ def kv_namespace(settings: InstanceSettings) -> str:
                      mtp=bool(settings.speculative))
 
 
-def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int = 1) -> StepLoop:
+def build_loop(settings: InstanceSettings, instance_id: str, microbatches: int = 1,
+               pool: KvPoolClient | None = None) -> StepLoop:
+    """The step loop over the instance's dies; with ``settings.model_cache`` the dies load the
+    weights through ``pool``'s shards."""
     driver = InstanceDriver(list(settings.dies), settings.fabric, group=instance_id, timeout_s=settings.rpc_timeout_s)
 
     async def load():
         blocks = await driver.load(str(Path(settings.checkpoint).resolve()), settings.precision,
                                    block_size=settings.block_size, max_blocks=settings.kv_blocks_per_die,
-                                   model_cache=list(settings.kvcache) if settings.model_cache else None,
+                                   model_cache=pool.ring.shards if settings.model_cache and pool else None,
                                    speculative_tokens=settings.speculative)
         log.info("dies loaded", extra={"instance": instance_id, "dies": len(driver.loaded),
                                        "from_model_cache": sum(m.from_model_cache for m in driver.loaded)})

@@ -11,6 +11,7 @@ from cloudmatrix.instance.scheduler import SchedulerLimits
 from cloudmatrix.model.config import load_config
 from cloudmatrix.model.precision import PRECISIONS
 from cloudmatrix.rpc.addresses import expand_addresses
+from cloudmatrix.rpc.discovery import parse_sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,8 +22,11 @@ class InstanceSettings:
     dies: tuple[str, ...] = ()           # npu_emulator addresses this instance drives ({first..last}
                                          # ranges: rpc/addresses.py)
     fabric: str = ""                     # ub_fabric address (needed for more than one die)
-    kvcache: tuple[str, ...] = ()        # kvcache shard addresses
+    kvcache: tuple[str, ...] = ()        # kvcache shards: addresses, or where the pool's members are
+                                         # found (dns:///kvcache:50051, ready:<dir>/kvcache)
     replication: int = 2                 # pool replicas per block (capped at the shard count)
+    pool_refresh_s: float = 2.0          # members found again this often (dynamic kvcache sources)
+    pool_leave_after_s: float = 30.0     # a member not found for this long has left the pool
     model_cache: bool = False            # dies load weights through the pool (the paper's EMS model
                                          # cache; the first loader publishes them): a restarted die reloads
                                          # from pooled memory instead of the checkpoint's disk
@@ -42,7 +46,7 @@ class InstanceSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dies", expand_addresses(self.dies, "dies"))
-        object.__setattr__(self, "kvcache", expand_addresses(self.kvcache, "kvcache"))
+        object.__setattr__(self, "kvcache", parse_sources(self.kvcache, "kvcache"))
         if not self.checkpoint:
             raise FieldError("checkpoint", "must name the checkpoint directory the dies load")
         if not self.dies:
@@ -59,7 +63,7 @@ class InstanceSettings:
         for name in ("max_waiting", "kv_blocks_per_die"):
             if getattr(self, name) < 0:
                 raise FieldError(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("rpc_timeout_s", "probe_interval_s", "probe_timeout_s"):
+        for name in ("rpc_timeout_s", "probe_interval_s", "probe_timeout_s", "pool_refresh_s", "pool_leave_after_s"):
             if not getattr(self, name) > 0:
                 raise FieldError(name, f"must be > 0, got {getattr(self, name)}")
         if self.speculative_tokens not in (None, 0, 1):

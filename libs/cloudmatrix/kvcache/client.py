@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -30,6 +30,7 @@ from cloudmatrix.kvcache.blocks import (
 )
 from cloudmatrix.kvcache.coalesce import PutCoalescer
 from cloudmatrix.kvcache.connections import CALL_ERRORS, ShardConnections, describe
+from cloudmatrix.kvcache.membership import Change, Membership
 from cloudmatrix.kvcache.ring import HashRing
 from cloudmatrix.kvcache.shard_client import KvShardClient
 from cloudmatrix.rpc.channel import DEFAULT_MAX_MESSAGE_BYTES
@@ -51,9 +52,11 @@ class KvPoolClient:
     def __init__(self, shards: list[str], *, replication: int = 2, write_quorum: int | None = None,
                  deadline_s: float = 5.0, retries: int = 2, down_after: int = 2, probe_interval_s: float = 2.0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, vnodes: int = 64, backoff_s: float = 0.05,
-                 blob_deadline_s: float = 300.0) -> None:
+                 blob_deadline_s: float = 300.0, elastic: bool = False, repair_on_rejoin: bool = True) -> None:
         write_quorum = replication if write_quorum is None else write_quorum
-        if not 1 <= replication <= len(shards):
+        if not shards:
+            raise ValueError("a pool needs at least one shard")
+        if not 1 <= replication <= (replication if elastic else len(shards)):
             raise ValueError(f"replication must be in 1..{len(shards)} (the shard count), got {replication}")
         if not 1 <= write_quorum <= replication:
             raise ValueError(f"write_quorum must be in 1..replication={replication}, got {write_quorum}")
@@ -66,10 +69,11 @@ class KvPoolClient:
                                        probe_interval_s=probe_interval_s)
         self._repairs = reads.Repairs(self._conns)
         self._puts = PutCoalescer(lambda blocks, leases: writes.put_blocks(
-            self._conns, self._preference, self.replication, blocks, self.write_quorum, leases))
+            self._conns, self._preference, self.replication, blocks, self.quorum, leases))
         self._passes: set[asyncio.Task[int]] = set()
         self._rejoin_copies = 0
-        self._conns.on_rejoin = self._rejoined
+        self._follower: asyncio.Task[None] | None = None
+        self._conns.on_rejoin = self._rejoined if repair_on_rejoin else None
 
     async def __aenter__(self) -> KvPoolClient:
         return self
@@ -78,7 +82,10 @@ class KvPoolClient:
         await self.close()
 
     async def close(self) -> None:
-        """Cancel repairs, anti-entropy passes and probes, close every channel."""
+        """Cancel repairs, anti-entropy passes, probes and the membership follower, close every channel."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         for task in self._passes:
             task.cancel()
         await asyncio.gather(*self._passes, return_exceptions=True)
@@ -115,6 +122,43 @@ class KvPoolClient:
         self.ring.remove(shard)
         self._conns.health.forget(shard)
         self._conns.reset(shard)
+
+    @property
+    def quorum(self) -> int:
+        """The write quorum, at most the shards on the ring (an elastic pool may have fewer than R)."""
+        return min(self.write_quorum, len(self.ring))
+
+    # -- membership
+
+    def apply(self, change: Change) -> None:
+        """Members that joined go on the ring, those that left come off it (never the last one);
+        a restarted member is dialled afresh."""
+        for shard in change.joined:
+            if shard not in self.ring:
+                self.add_shard(shard)
+        for shard in change.left:
+            if shard in self.ring and len(self.ring) > 1:
+                self.remove_shard(shard)
+        for shard in change.restarted:
+            self._conns.reset(shard)
+
+    def follow(self, membership: Membership, interval_s: float,
+               on_change: Callable[[Change], Awaitable[None]] | None = None) -> None:
+        """Keep the ring on ``membership`` (membership.py), refreshed every ``interval_s`` until
+        ``close()``; ``on_change`` runs after each round, its change applied (empty when none)."""
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    change = await membership.refresh()
+                except Exception as err:  # a round that fails is retried at the next one
+                    log.warning("kvcache membership refresh failed: %s", err)
+                    continue
+                self.apply(change)
+                if on_change is not None:
+                    await on_change(change)
+
+        self._follower = asyncio.get_running_loop().create_task(run(), name="kvcache-membership")
 
     # -- anti-entropy
 
@@ -158,14 +202,17 @@ class KvPoolClient:
 
     async def get_blocks(self, keys: Iterable[bytes], release: Lease | None = None
                          ) -> dict[bytes, FetchedBlock | None]:
-        """Each distinct key -> its checksum-verified block, or None when no up replica has it.
+        """Each distinct key -> its checksum-verified block, or None when no up shard has it.
         ``release`` ends once they are read: with the Gets of the shards read from, by Release on
         the others.
 
         Starts read repairs in the background; ``drain_repairs()`` waits for them.
         """
         pending = dict(release.lease_ids) if release else {}
-        found = await reads.get_blocks(self._conns, self.replicas, list(keys), self._repairs, pending)
+        # the replicas first, then the other shards in ring order: while the membership changes a
+        # block may still sit only on a shard that is no longer its replica (the keeper is moving
+        # it); found there, it is written back to the replicas that missed it (read repair)
+        found = await reads.get_blocks(self._conns, self._preference, list(keys), self._repairs, pending)
         if pending:
             await self.release(Lease(pending, (), 0.0))
         return found
@@ -244,7 +291,7 @@ class KvPoolClient:
         self._check_chunk(chunk_bytes)
         return await blobs.put_blob(self._conns, self._blob_replicas(name), name,
                                     lambda: blobs.chunks_from_bytes(name, data, chunk_bytes), len(data),
-                                    self.write_quorum, self.blob_deadline_s)
+                                    self.quorum, self.blob_deadline_s)
 
     async def put_blob_from_file(self, name: str, path: str | Path, chunk_bytes: int = 4 << 20) -> BlobPutResult:
         """``put_blob`` of a file's contents, read chunk by chunk (never whole in memory)."""
@@ -252,7 +299,7 @@ class KvPoolClient:
         path = Path(path)
         return await blobs.put_blob(self._conns, self._blob_replicas(name), name,
                                     lambda: blobs.chunks_from_file(name, path, chunk_bytes), path.stat().st_size,
-                                    self.write_quorum, self.blob_deadline_s)
+                                    self.quorum, self.blob_deadline_s)
 
     async def get_blob(self, name: str) -> bytes | None:
         """The blob from the first up replica serving it intact, or None when none does."""

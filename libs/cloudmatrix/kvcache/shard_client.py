@@ -45,6 +45,9 @@ class ShardLease:
     ttl_s: float
 
 
+IDENTITY = ("name", "boot_id")  # the StatsReply fields that are not counters
+
+
 class KvShardClient(ServiceClient):
     SERVICE = "cmx.kvcache.v1.KvCacheShard"
     STUB = kvcache_pb2_grpc.KvCacheShardStub
@@ -136,7 +139,13 @@ class KvShardClient(ServiceClient):
         """Every counter of the shard (blocks, used_bytes, hits, misses, evictions, ...)."""
         reply = await self.unary("Stats", kvcache_pb2.StatsRequest(), idempotent=True, deadline_s=deadline_s)
         return {k: int(v) for k, v in json_format.MessageToDict(
-            reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True).items()}
+            reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True).items()
+            if k not in IDENTITY}
+
+    async def identity(self, deadline_s: float | None = None) -> tuple[str, str]:
+        """The shard's name on the ring (its advertised address) and its boot id (new at every start)."""
+        reply = await self.unary("Stats", kvcache_pb2.StatsRequest(), idempotent=True, deadline_s=deadline_s)
+        return reply.name, reply.boot_id
 
     # -- blobs
 

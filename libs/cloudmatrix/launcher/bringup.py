@@ -37,7 +37,7 @@ def bring_up(topology: Topology, run_dir: Path, timeout_s: float) -> list[Proces
     records: list[ProcessRecord] = []
     try:
         for wave in waves(topology.processes):
-            procs = [spawn(resolve(spec, records), run_dir) for spec in wave]
+            procs = [spawn(resolve(spec, records, run_dir), run_dir) for spec in wave]
             records += [r for _, r in procs]
             save_state(run_dir, topology, records)
             wait_healthy(procs, health_check_sync, timeout_s)

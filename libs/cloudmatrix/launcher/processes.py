@@ -50,9 +50,14 @@ def _command(spec: ProcessSpec, run_dir: Path, ready_file: Path) -> list[str]:
     return cmd + [arg for s in sets for arg in ("--set", s)]
 
 
+def ready_dir(run_dir: Path) -> Path:
+    """Where a run's processes write their ready files (<name>.json, while SERVING)."""
+    return run_dir / "ready"
+
+
 def spawn(spec: ProcessSpec, run_dir: Path) -> tuple[subprocess.Popen, ProcessRecord]:
     log = run_dir / "logs" / f"{spec.name}.log"
-    ready = run_dir / "ready" / f"{spec.name}.json"
+    ready = ready_dir(run_dir) / f"{spec.name}.json"
     log.parent.mkdir(parents=True, exist_ok=True)
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)

@@ -72,7 +72,7 @@ class Supervisor:
         log.warning("restarting %s (restart %d of %d, after %.0f s of backoff)", record.name, attempt,
                     spec.max_restarts, backoff_s(record.restarts))
         # the same port: its peers were given this address
-        again = dataclasses.replace(resolve(spec, records), port=record.port or spec.port)
+        again = dataclasses.replace(resolve(spec, records, self.run_dir), port=record.port or spec.port)
         proc, new = spawn(again, self.run_dir)
         new.restarts, new.port = attempt, again.port
         self.died_at.pop(record.name, None)

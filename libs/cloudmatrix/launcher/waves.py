@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cloudmatrix.launcher.processes import ProcessRecord
+from cloudmatrix.launcher.processes import ProcessRecord, ready_dir
 from cloudmatrix.launcher.topology import ProcessSpec
 
 _REF = re.compile(r"\{(addresses|endpoints):([A-Za-z0-9_.-]+)\}")
@@ -26,7 +26,11 @@ def referenced_entries(value: str) -> list[str]:
 
 
 def references(spec: ProcessSpec) -> set[str]:
-    return {m for o in spec.overrides for m in referenced_entries(o)}
+    """The entries ``spec`` waits for: every one it names, but its own entry's endpoints (a
+    kvcache shard finds its peers, itself included, as they come)."""
+    own = entry_of(spec.name)
+    return {entry for o in spec.overrides for kind, entry in _REF.findall(o)
+            if not (kind == "endpoints" and entry == own)}
 
 
 def waves(processes: tuple[ProcessSpec, ...]) -> list[list[ProcessSpec]]:
@@ -48,13 +52,13 @@ def waves(processes: tuple[ProcessSpec, ...]) -> list[list[ProcessSpec]]:
     return out
 
 
-def resolve(spec: ProcessSpec, records: list[ProcessRecord]) -> ProcessSpec:
+def resolve(spec: ProcessSpec, records: list[ProcessRecord], run_dir: Path | None = None) -> ProcessSpec:
     """Replace every {addresses:X} by the addresses of entry X's running processes, and every
     {endpoints:X} by the source that finds X's SERVING processes from their ready files."""
     def addresses(match: re.Match) -> str:
-        started = [r for r in records if entry_of(r.name) == match.group(2)]
         if match.group(1) == "endpoints":
-            return f"ready:{Path(started[0].ready_file).parent / match.group(2)}" if started else ""
-        return ",".join(r.address for r in started)
+            ready = ready_dir(run_dir) if run_dir is not None else Path(records[0].ready_file).parent
+            return f"ready:{ready / match.group(2)}"
+        return ",".join(r.address for r in records if entry_of(r.name) == match.group(2))
     overrides = tuple(_REF.sub(addresses, o) for o in spec.overrides)
     return ProcessSpec(spec.name, spec.service, spec.host, spec.port, spec.config, overrides)

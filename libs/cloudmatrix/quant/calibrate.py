@@ -79,13 +79,22 @@ def calibration_prompts(tokenizer: TextTokenizer, vocab_size: int, n_samples: in
 TRAINED_CALIBRATION_FILES = 8
 
 
+def _readable_dir(path: str) -> bool:
+    """False for a directory this user may not look into (the training machine's corpus path, as a
+    non-root container user sees it) as for one that is not there."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
 def calibration_texts(checkpoint_dir: str | Path) -> list[str] | None:
     """Text like the model's training data, when the checkpoint was trained by `cmx train` (it has
     a train.json): the first files of this machine's standard library train split. Else None."""
     if not (Path(checkpoint_dir) / "train.json").is_file():
         return None
     root = json.loads((Path(checkpoint_dir) / "train.json").read_text()).get("corpus", {}).get("root")
-    corpus = load_corpus(root if root and Path(root).is_dir() else None)
+    corpus = load_corpus(root if root and _readable_dir(root) else None)
     names = corpus.files["train"][:TRAINED_CALIBRATION_FILES]
     return [(corpus.root / name).read_bytes().decode("utf-8", errors="replace") for name in names]
 

@@ -182,7 +182,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("blocks", "used_bytes", "capacity_bytes", "leased_blocks", "disk_blocks", "disk_bytes", "hits", "misses", "stored", "duplicates", "rejected", "evictions", "blobs", "blob_bytes", "checksum_failures", "conflicts", "promotions", "spills")
+    __slots__ = ("blocks", "used_bytes", "capacity_bytes", "leased_blocks", "disk_blocks", "disk_bytes", "hits", "misses", "stored", "duplicates", "rejected", "evictions", "blobs", "blob_bytes", "checksum_failures", "conflicts", "promotions", "spills", "name", "boot_id")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,8 @@ class StatsReply(_message.Message):
     CONFLICTS_FIELD_NUMBER: _ClassVar[int]
     PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
     SPILLS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     blocks: int
     used_bytes: int
     capacity_bytes: int
@@ -219,7 +221,9 @@ class StatsReply(_message.Message):
     conflicts: int
     promotions: int
     spills: int
-    def __init__(self, blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., blobs: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., conflicts: _Optional[int] = ..., promotions: _Optional[int] = ..., spills: _Optional[int] = ...) -> None: ...
+    name: str
+    boot_id: str
+    def __init__(self, blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., leased_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., stored: _Optional[int] = ..., duplicates: _Optional[int] = ..., rejected: _Optional[int] = ..., evictions: _Optional[int] = ..., blobs: _Optional[int] = ..., blob_bytes: _Optional[int] = ..., checksum_failures: _Optional[int] = ..., conflicts: _Optional[int] = ..., promotions: _Optional[int] = ..., spills: _Optional[int] = ..., name: _Optional[str] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class BlobChunk(_message.Message):
     __slots__ = ("name", "chunk_index", "data", "checksum", "last", "total_bytes")

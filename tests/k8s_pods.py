@@ -92,6 +92,7 @@ class Pod:
     workload: dict
     root: Path
     terminating: bool = False
+    generation: int = 0  # one more each time the pod is created again
 
     @property
     def spec(self) -> dict:
@@ -234,7 +235,8 @@ class LocalCluster:
         """The pod's init containers in order (a sidecar until its startup probe passes, and on),
         then its containers: a pod created, or created again by its StatefulSet after a delete."""
         pod = self.pod(name)
-        pod.terminating = False
+        with self._endpoints_lock:
+            pod.terminating, pod.generation = False, pod.generation + 1
         deadline = time.monotonic() + init_timeout_s
         for spec in pod.spec.get("initContainers", ()):
             if spec.get("restartPolicy") == "Always":
@@ -259,9 +261,9 @@ class LocalCluster:
                 raise RuntimeError(f"sidecar {container.name} did not start:\n{container.log.read_text()[-3000:]}")
             time.sleep(0.1)
 
-    def wait_ready(self, timeout_s: float, pods: list[str] | None = None) -> None:
-        """Until every container's readiness probe (gRPC health) answers SERVING; a container that
-        exits fails at once, with its log."""
+    def wait_ready(self, timeout_s: float, pods: list[str] | None = None, listed: bool = True) -> None:
+        """Until every container's readiness probe (gRPC health) answers SERVING, and (``listed``)
+        its pod is in the endpoints; a container that exits fails at once, with its log."""
         deadline = time.monotonic() + timeout_s
         waiting = [c for c in self.containers if pods is None or c.pod.name in pods]
         while waiting:
@@ -270,6 +272,9 @@ class LocalCluster:
                     raise RuntimeError(f"{container.name} exited {container.proc.returncode}:\n"
                                        f"{container.log.read_text()[-3000:]}")
             waiting = [c for c in waiting if health_check_sync(c.grpc_target(), timeout=1.0) != "SERVING"]
+            if not waiting and listed and self._watch is not None:  # ready as the cluster sees it: in the endpoints
+                waiting = [c for c in self.containers if (pods is None or c.pod.name in pods)
+                           and not all(path.exists() for path in self.endpoint_files(c.pod))][:1]
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"not ready after {timeout_s} s: {[c.name for c in waiting]}")
             time.sleep(0.2 if waiting else 0)
@@ -288,15 +293,17 @@ class LocalCluster:
                 if pod.terminating or time.monotonic() - checked.get(pod.name, 0.0) < (2.0 if listed else 0.25):
                     continue
                 checked[pod.name] = time.monotonic()
+                generation = pod.generation
                 ready = all(c.ready() for c in self.of(pod))
-                with self._endpoints_lock:
-                    self._publish(pod, files, ready)
+                with self._endpoints_lock:  # not a verdict on a pod deleted or created since
+                    if generation == pod.generation and not pod.terminating:
+                        self._publish(pod, files, ready)
             self._stopping.wait(0.05)
 
     @staticmethod
     def _publish(pod: Pod, files: list[Path], ready: bool) -> None:
         for path in files:
-            if ready and not path.exists() and not pod.terminating:
+            if ready and not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"host": pod.ip, "port": int(path.parent.name)}))
@@ -325,16 +332,22 @@ class LocalCluster:
 
     @staticmethod
     def _terminate(containers: list[Container], deadline: float, order: list[str]) -> None:
+        """SIGTERM to ``containers``; each is added to ``order`` when it has exited (killed at
+        ``deadline``)."""
         alive = [c for c in containers if c.proc is not None and c.proc.poll() is None]
         for container in alive:
             container.proc.send_signal(signal.SIGTERM)
-        for container in alive:
-            try:
-                container.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(container.proc.pid, signal.SIGKILL)
-                container.proc.wait(timeout=10)
-            order.append(container.spec["name"])
+        while alive:
+            for container in [c for c in alive if c.proc.poll() is not None]:
+                order.append(container.spec["name"])
+                alive.remove(container)
+            if alive and time.monotonic() > deadline:
+                for container in alive:
+                    os.killpg(container.proc.pid, signal.SIGKILL)
+                    container.proc.wait(timeout=10)
+                    order.append(container.spec["name"])
+                alive = []
+            time.sleep(0.02 if alive else 0)
 
     def stop(self) -> None:
         """Every pod deleted (in parallel), each in Kubernetes' order."""

@@ -14,6 +14,7 @@ from cloudmatrix.launcher.processes import ProcessRecord
 from cloudmatrix.launcher.topology import ProcessSpec
 from cloudmatrix.launcher.waves import references, resolve
 from cloudmatrix.rpc.discovery import Discovery, parse_sources
+from cloudmatrix.rpc.errors import PeerUnavailable
 from services.gateway.config import GatewayConfig
 from services.gateway.picker import InstancePicker
 
@@ -55,11 +56,17 @@ def test_ready_files_give_the_entrys_serving_processes_in_index_order(tmp_path):
     assert asyncio.run(discovery.resolve()) == (f"[::1]:{ports[0]}", f"127.0.0.1:{ports[1]}", "fixed:9")
 
 
-def test_a_source_that_cannot_be_read_gives_nothing_that_round_and_the_others_still_count(tmp_path):
+def test_a_source_that_cannot_be_read_gives_its_last_answer_and_the_others_still_count(tmp_path):
     discovery = Discovery((f"ready:{tmp_path / 'gone' / 'decode'}", "fixed:9"), "decode")
-    assert asyncio.run(discovery.resolve()) == ("fixed:9",)
+    assert asyncio.run(discovery.resolve()) == ("fixed:9",)  # never read: nothing
     (tmp_path / "gone").mkdir()
     _ready(tmp_path / "gone", "decode-0", 7)
+    (tmp_path / "gone" / "decode-1.json").write_text("[]")               # JSON, but no ready file
+    (tmp_path / "gone" / "decode-2.json").write_text('{"host": "h"}')   # no port
+    assert asyncio.run(discovery.resolve()) == ("127.0.0.1:7", "fixed:9")
+    for child in (tmp_path / "gone").iterdir():
+        child.unlink()
+    (tmp_path / "gone").rmdir()  # a resolver's hiccup must not empty the list
     assert asyncio.run(discovery.resolve()) == ("127.0.0.1:7", "fixed:9")
 
 
@@ -94,3 +101,19 @@ def test_the_launcher_gives_an_entry_s_endpoints_as_its_ready_files_and_starts_a
     assert references(spec) == {"decode"}
     records = [ProcessRecord("decode-0", "decode", 1, "log", str(tmp_path / "ready" / "decode-0.json"))]
     assert resolve(spec, records).overrides == (f"decode=ready:{tmp_path / 'ready' / 'decode'}",)
+
+
+def test_with_no_instance_in_its_snapshot_the_picker_looks_again_at_once(tmp_path):
+    """An instance that turned SERVING just after a snapshot that found none is picked by the next
+    request, not after the next scheduled snapshot."""
+    async def main() -> None:
+        async def load(address: str, timeout_s: float) -> int:
+            return 0
+
+        picker = InstancePicker("decode", (f"ready:{tmp_path / 'decode'}",), load, refresh_s=3600.0)
+        with pytest.raises(PeerUnavailable, match="no decode instance"):
+            await picker.pick()
+        _ready(tmp_path, "decode-0", 5)
+        assert await picker.pick() == "127.0.0.1:5"
+
+    asyncio.run(main())

@@ -99,7 +99,7 @@ def _running(cluster: LocalCluster, pod: str) -> int:
 
 def _serving_at(cluster: LocalCluster, pod: str) -> float:
     """The moment every container of the (re)created ``pod`` answers SERVING."""
-    cluster.wait_ready(timeout_s=300.0, pods=[pod])
+    cluster.wait_ready(timeout_s=300.0, pods=[pod], listed=False)
     return time.monotonic()
 
 

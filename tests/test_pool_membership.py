@@ -167,3 +167,41 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_membership_joins_at_once_leaves_after_its_grace_and_tells_a_restart_by_its_boot_id(tmp_path):
+    """Against fake shards: what answers is a member at once, one not found (gone, or not
+    answering) leaves only after ``leave_after_s``, a new boot id is a restart, and the pool's
+    ring follows, never left without a shard and never keeping one that left."""
+    shards = {"a:1": ("kvcache-0", "boot-1"), "b:1": ("kvcache-1", "boot-1")}
+
+    async def identify(address: str) -> tuple[str, str]:
+        if address not in shards:
+            raise ConnectionError(address)
+        return shards[address]
+
+    async def scenario() -> None:
+        membership = Membership(("a:1", "b:1"), leave_after_s=10.0, identify=identify)
+        assert await membership.refresh(now=0.0) == Change(joined=("kvcache-0", "kvcache-1"))
+        pool = KvPoolClient(membership.names, replication=2, elastic=True, repair_on_rejoin=False)
+        del shards["b:1"]                                        # away: a restart, or leaving
+        assert not await membership.refresh(now=5.0) and membership.names == ["kvcache-0", "kvcache-1"]
+        shards["b:1"] = ("kvcache-1", "boot-2")                  # back within the grace, restarted
+        assert await membership.refresh(now=9.0) == Change(restarted=("kvcache-1",))
+        del shards["b:1"]
+        assert not await membership.refresh(now=20.0)
+        change = await membership.refresh(now=30.0)              # 10 s not found: it left
+        assert change == Change(left=("kvcache-1",))
+        pool.apply(change, membership.members)
+        assert pool.ring.shards == ["kvcache-0"]
+        del shards["a:1"]                                        # the last one leaves: kept on the ring
+        await membership.refresh(now=31.0)
+        pool.apply(await membership.refresh(now=45.0), membership.members)
+        assert pool.ring.shards == ["kvcache-0"] and membership.members == {}
+        shards["c:1"] = ("kvcache-2", "boot-1")
+        membership.discovery.sources = ("c:1",)
+        pool.apply(await membership.refresh(now=46.0), membership.members)
+        assert pool.ring.shards == ["kvcache-2"]                 # the stale one is dropped then
+        await pool.close()
+
+    asyncio.run(scenario())

@@ -50,13 +50,15 @@ class InstancePicker:
         return max(0, remote + self.in_flight.get(address, 0) - self._at_snapshot.get(address, 0))
 
     async def pick(self, exclude: frozenset[str] = frozenset()) -> str:
-        """The least-loaded reachable instance not in ``exclude`` (ties: the first listed)."""
-        await self._refresh()
-        loads = [(load, i) for i, a in enumerate(self.addresses)
-                 if a not in exclude and (load := self.load(a)) is not None]
-        if not loads:
-            raise PeerUnavailable(f"no {self.kind} instance is available")
-        return self.addresses[min(loads)[1]]
+        """The least-loaded reachable instance not in ``exclude`` (ties: the first listed); with
+        none, the instances are found again at once (one may have appeared since the snapshot)."""
+        for force in (False, True):
+            await self._refresh(force)
+            loads = [(load, i) for i, a in enumerate(self.addresses)
+                     if a not in exclude and (load := self.load(a)) is not None]
+            if loads:
+                return self.addresses[min(loads)[1]]
+        raise PeerUnavailable(f"no {self.kind} instance is available")
 
     async def reachable(self) -> list[str]:
         """The instances whose last GetLoad answered (refreshed when stale)."""
@@ -76,9 +78,9 @@ class InstancePicker:
         finally:
             self.in_flight[address] -= 1
 
-    async def _refresh(self) -> None:
+    async def _refresh(self, force: bool = False) -> None:
         async with self._lock:
-            if time.monotonic() - self._taken < self.refresh_s:
+            if not force and time.monotonic() - self._taken < self.refresh_s:
                 return
             await self._discover()
             answers = await asyncio.gather(*(self._load(a, self.load_timeout_s) for a in self.addresses),

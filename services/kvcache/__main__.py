@@ -15,6 +15,7 @@ from services.kvcache.servicer import KvCacheServicer, add_to_server
 from services.kvcache.store import ShardStore
 
 SERVICE_NAME = kvcache_pb2.DESCRIPTOR.services_by_name["KvCacheShard"].full_name
+WILDCARDS = ("0.0.0.0", "::", "")
 DISK_HEADROOM = 0.9  # the disk tier fills at most this share of its volume: eviction before ENOSPC
 
 log = logging.getLogger("services.kvcache")
@@ -42,9 +43,11 @@ async def build(config: KvCacheConfig) -> ServiceParts:
     keepers: list[PoolKeeper] = []
 
     async def on_ready(host) -> None:
-        servicer.name = servicer.name or host.address
+        if not servicer.name and config.server.host not in WILDCARDS:
+            servicer.name = host.address  # else "": clients name it by the address they reached
+
         if config.members:
-            keepers.append(PoolKeeper(servicer.name, config.members, replication=config.replication,
+            keepers.append(PoolKeeper(servicer.name or host.address, config.members, replication=config.replication,
                                       interval_s=config.membership_interval_s, leave_after_s=config.leave_after_s))
             keepers[0].start()
 

@@ -3,9 +3,9 @@
 Every shard started with ``members`` follows the membership (libs/cloudmatrix/kvcache/
 membership.py). The member with the lowest name, as a shard sees them, is the keeper: after a
 shard joined, left or restarted it runs one anti-entropy pass over the members (antientropy.py),
-which copies every block to the replicas the new ring gives it and that lack it. A pass that could
-not reach every member is run again at the next round, and a keeper that starts (or restarts) runs
-one at once. The other shards only follow, and the instances only place blocks by the ring: one
+which copies every block to the replicas the new ring gives it and that lack it. A pass during
+which a member was down is run again ``RETRY_S`` later (the member may lack what the stand-ins
+took), and a keeper that starts (or restarts) runs one at once. One pass at a time. The other shards only follow, and the instances only place blocks by the ring: one
 change is one pass, not one per client.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cloudmatrix.kvcache.client import KvPoolClient
 from cloudmatrix.kvcache.membership import Change, Membership
 
 log = logging.getLogger(__name__)
+RETRY_S = 30.0  # a pass that a down member missed is run again this much later
 
 
 class PoolKeeper:
@@ -29,6 +30,8 @@ class PoolKeeper:
         self.passes = 0            # anti-entropy passes this shard ran as the keeper
         self.copied = 0            # blocks they copied
         self._owed = True          # a pass is due (at start: this shard may be the keeper)
+        self._retry_at = 0.0       # loop time before which a pass owed to a down member waits
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -38,22 +41,32 @@ class PoolKeeper:
     def start(self) -> None:
         """Find the members (in the background: this shard may not be listed yet), then follow them."""
         self._task = asyncio.get_running_loop().create_task(self._start(), name="kvcache-keeper")
+        self._task.add_done_callback(self._failed)
+
+    @staticmethod
+    def _failed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("kvcache keeper stopped: this shard will not move blocks: %s", task.exception())
 
     async def _start(self) -> None:
         names = await self.membership.wait_for_members(self.start_timeout_s, self.interval_s)
         self.pool = KvPoolClient(names, replication=self.replication, elastic=True, repair_on_rejoin=False)
-        self.pool.follow(self.membership, self.interval_s, self._round)
         await self._round(Change())
+        self.pool.follow(self.membership, self.interval_s, self._round)
 
     async def _round(self, change: Change) -> None:
-        self._owed = self._owed or bool(change)
-        if not self._owed or not self.is_keeper:
+        loop = asyncio.get_running_loop()
+        if change:
+            self._owed, self._retry_at = True, 0.0
+        if not self._owed or not self.is_keeper or loop.time() < self._retry_at or self._lock.locked():
             return
-        copied = await self.pool.anti_entropy()
-        self.passes += 1
-        self.copied += copied
-        # a member down during the pass may still lack blocks: run it again next round
-        self._owed = bool(self.pool.down_shards & set(self.pool.ring.shards))
+        async with self._lock:
+            copied = await self.pool.anti_entropy()
+            self.passes += 1
+            self.copied += copied
+            # a member down during the pass may lack what its stand-ins took: again, later
+            self._owed = bool(self.pool.down_shards & set(self.pool.ring.shards))
+            self._retry_at = loop.time() + RETRY_S if self._owed else 0.0
         log.info("kvcache keeper pass", extra={"keeper": self.name, "copied": copied, "members": self.membership.names,
                                                "again": self._owed})
 

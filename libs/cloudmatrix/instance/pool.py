@@ -10,7 +10,8 @@ from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.kvcache.membership import Membership
 from cloudmatrix.rpc.discovery import Discovery
 
-START_TIMEOUT_S = 600.0  # an instance waits this long for a first shard (NOT_SERVING meanwhile)
+START_TIMEOUT_S = 90.0  # an instance waits this long for a first shard, before it listens; then it
+                        # exits naming the source (in Kubernetes, within the startup probe's 120 s)
 
 
 async def open_pool(settings: InstanceSettings) -> KvPoolClient | None:

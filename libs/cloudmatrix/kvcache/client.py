@@ -130,17 +130,16 @@ class KvPoolClient:
 
     # -- membership
 
-    def apply(self, change: Change) -> None:
-        """Members that joined go on the ring, those that left come off it (never the last one);
-        a restarted member is dialled afresh."""
+    def apply(self, change: Change, members: Iterable[str] | None = None) -> None:
+        """Members that joined go on the ring, those that left come off it, and with ``members``
+        (the whole membership) any shard on the ring that is not a member; never the last one."""
         for shard in change.joined:
             if shard not in self.ring:
                 self.add_shard(shard)
-        for shard in change.left:
+        members = set(members) if members else None
+        for shard in [*change.left, *(s for s in self.ring.shards if members and s not in members)]:
             if shard in self.ring and len(self.ring) > 1:
                 self.remove_shard(shard)
-        for shard in change.restarted:
-            self._conns.reset(shard)
 
     def follow(self, membership: Membership, interval_s: float,
                on_change: Callable[[Change], Awaitable[None]] | None = None) -> None:
@@ -151,12 +150,11 @@ class KvPoolClient:
                 await asyncio.sleep(interval_s)
                 try:
                     change = await membership.refresh()
+                    self.apply(change, membership.members)
+                    if on_change is not None:
+                        await on_change(change)
                 except Exception as err:  # a round that fails is retried at the next one
-                    log.warning("kvcache membership refresh failed: %s", err)
-                    continue
-                self.apply(change)
-                if on_change is not None:
-                    await on_change(change)
+                    log.warning("kvcache membership round failed: %s", err)
 
         self._follower = asyncio.get_running_loop().create_task(run(), name="kvcache-membership")
 
@@ -212,7 +210,8 @@ class KvPoolClient:
         # the replicas first, then the other shards in ring order: while the membership changes a
         # block may still sit only on a shard that is no longer its replica (the keeper is moving
         # it); found there, it is written back to the replicas that missed it (read repair)
-        found = await reads.get_blocks(self._conns, self._preference, list(keys), self._repairs, pending)
+        found = await reads.get_blocks(self._conns, self._preference, list(keys), self._repairs, pending,
+                                       owners=self.replicas)
         if pending:
             await self.release(Lease(pending, (), 0.0))
         return found

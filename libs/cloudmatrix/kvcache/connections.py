@@ -76,8 +76,8 @@ class ShardConnections:
         outage delays the first call.
         """
         client = self._clients.pop(shard, None)
-        if client is not None:
-            task = asyncio.create_task(client.close())
+        if client is not None:  # calls in flight on it finish (or fail) as they would have
+            task = asyncio.create_task(client.close(grace_s=self.deadline_s))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 

@@ -61,8 +61,11 @@ class Repairs:
 
 
 async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], list[str]], keys: list[bytes],
-                     repairs: Repairs, release: dict[str, str] | None = None) -> dict[bytes, FetchedBlock | None]:
-    """Each distinct key -> its block from the first replica that has it intact, or None.
+                     repairs: Repairs, release: dict[str, str] | None = None,
+                     owners: Callable[[bytes], list[str]] | None = None) -> dict[bytes, FetchedBlock | None]:
+    """Each distinct key -> its block from the first shard in ``replicas_of`` that has it intact,
+    or None. Read repair writes it back to the earlier shards that missed it, only those among
+    ``owners(key)`` when given (the key's replicas, when the walk goes on past them).
 
     ``release`` (shard -> lease id): each shard read from ends that lease with its Get, and the
     shards that answered are taken out of the dict (the caller releases what is left)."""
@@ -84,7 +87,8 @@ async def get_blocks(conns: ShardConnections, replicas_of: Callable[[bytes], lis
                 if block is not None:
                     found[key] = block
                     for earlier in missed[key]:
-                        repairs.schedule(earlier, block)
+                        if owners is None or earlier in owners(key):
+                            repairs.schedule(earlier, block)
                     continue
                 if key in answer:
                     missed[key].append(shard)

@@ -143,9 +143,11 @@ class ServiceClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float | None = None) -> None:
+        """Close the channel; with ``grace_s``, calls in flight have that long to finish first
+        (without it they are cancelled at once)."""
         if self._owns_channel:
-            await self.channel.close(grace=None)
+            await self.channel.close(grace=grace_s)
 
     def _method(self, name: str) -> str:
         return f"{self.SERVICE}/{name.removesuffix('Serialized')}"  # PutSerialized: Put, with raw bytes

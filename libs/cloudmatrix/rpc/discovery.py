@@ -12,8 +12,9 @@ An address setting (the gateway's ``prefill`` and ``decode``) is a list of sourc
   begins), so a process started or restarted later is found the same way.
 
 ``Discovery.resolve()`` reads every source again (its user calls it once per refresh, every second
-or so); a source that cannot be read gives no address that round, and is logged when it fails and
-when it recovers, not at every round.
+or so). A source that cannot be read that round (a DNS server not answering within
+``TIMEOUT_S``, a missing directory) gives what it gave last time, so a resolver's hiccup does not
+empty the list; it is logged when it fails and when it recovers, not at every round.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 DNS = "dns:///"
 READY = "ready:"
+TIMEOUT_S = 5.0
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
@@ -58,6 +60,7 @@ class Discovery:
     def __init__(self, sources: tuple[str, ...], kind: str) -> None:
         self.sources, self.kind = sources, kind
         self._failing: set[str] = set()
+        self._last: dict[str, list[str]] = {}  # each dynamic source's last answer
 
     @property
     def dynamic(self) -> bool:
@@ -71,13 +74,17 @@ class Discovery:
                 found.append(source)
                 continue
             try:
-                addresses = await (_dns(source) if source.startswith(DNS) else asyncio.to_thread(_ready, source))
-            except (OSError, ValueError) as err:
+                read = _dns(source) if source.startswith(DNS) else asyncio.to_thread(_ready, source)
+                addresses = await asyncio.wait_for(read, TIMEOUT_S)
+            except (OSError, ValueError, asyncio.TimeoutError) as err:
                 if source not in self._failing:
-                    log.warning("cannot resolve instances", extra={"kind": self.kind, "source": source,
-                                                                   "error": str(err)})
+                    log.warning("cannot resolve instances; keeping the last answer",
+                                extra={"kind": self.kind, "source": source, "error": str(err) or type(err).__name__,
+                                       "last": self._last.get(source, [])})
                 self._failing.add(source)
+                found += self._last.get(source, [])
                 continue
+            self._last[source] = addresses
             if source in self._failing:
                 log.info("instances resolve again", extra={"kind": self.kind, "source": source})
                 self._failing.discard(source)
@@ -114,8 +121,8 @@ def _ready(source: str) -> list[str]:
             continue
         try:
             info = json.loads(child.read_text())
-        except (OSError, ValueError):
-            continue
-        host = info.get("host", "")
-        found.append((int(match.group(1)), f"[{host}]:{info['port']}" if ":" in host else f"{host}:{info['port']}"))
+            host, port = str(info["host"]), int(info["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not a ready file
+        found.append((int(match.group(1)), f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
     return [address for _, address in sorted(found)]

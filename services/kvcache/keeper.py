@@ -76,3 +76,4 @@ class PoolKeeper:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
+        await self.membership.close()  # idempotent; the pool closed it if it followed it

@@ -86,6 +86,7 @@ class KvPoolClient:
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
+            await self._membership.close()
         for task in self._passes:
             task.cancel()
         await asyncio.gather(*self._passes, return_exceptions=True)
@@ -156,6 +157,7 @@ class KvPoolClient:
                 except Exception as err:  # a round that fails is retried at the next one
                     log.warning("kvcache membership round failed: %s", err)
 
+        self._membership = membership
         self._follower = asyncio.get_running_loop().create_task(run(), name="kvcache-membership")
 
     # -- anti-entropy

@@ -32,11 +32,7 @@ log = logging.getLogger(__name__)
 Identify = Callable[[str], Awaitable[tuple[str, str]]]  # address -> (name on the ring, boot id)
 
 
-async def identify_shard(address: str, timeout_s: float = 2.0) -> tuple[str, str]:
-    """The shard's advertised name (its address when it advertises none) and boot id."""
-    async with KvShardClient(address, ClientOptions(deadline_s=timeout_s, retries=0)) as shard:
-        name, boot_id = await shard.identity()
-    return name or address, boot_id
+IDENTIFY_TIMEOUT_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,14 +49,26 @@ class Membership:
     """The members now (names on the ring), updated by ``refresh``."""
 
     def __init__(self, sources: tuple[str, ...], *, leave_after_s: float = 30.0,
-                 identify: Identify = identify_shard) -> None:
+                 identify: Identify | None = None) -> None:
         if leave_after_s < 0:
             raise ValueError(f"leave_after_s must be >= 0, got {leave_after_s}")
         self.discovery = Discovery(sources, "kvcache")
         self.leave_after_s = leave_after_s
-        self._identify = identify
+        self._identify = identify or self._identify_shard
         self.members: dict[str, str] = {}      # name -> boot id
         self._missing_since: dict[str, float] = {}
+        self._clients: dict[str, KvShardClient] = {}  # address -> its client, kept between rounds
+
+    async def _identify_shard(self, address: str) -> tuple[str, str]:
+        """The shard's advertised name (its address when it advertises none) and boot id."""
+        if address not in self._clients:
+            self._clients[address] = KvShardClient(address, ClientOptions(deadline_s=IDENTIFY_TIMEOUT_S, retries=0))
+        name, boot_id = await self._clients[address].identity()
+        return name or address, boot_id
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     @property
     def names(self) -> list[str]:
@@ -70,6 +78,8 @@ class Membership:
         """Find the shards again; what changed since the last refresh."""
         now = time.monotonic() if now is None else now
         addresses = await self.discovery.resolve()
+        for gone in [a for a in self._clients if a not in addresses]:
+            await self._clients.pop(gone).close()
         answers = await asyncio.gather(*(self._identify(a) for a in addresses), return_exceptions=True)
         seen: dict[str, str] = {}
         for address, answer in zip(addresses, answers):

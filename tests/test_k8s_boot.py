@@ -31,6 +31,7 @@ from cloudmatrix.rpc.channel import health_check_sync
 from cloudmatrix.sampling_params import SamplingParams
 from tests.k8s_pods import LocalCluster
 from tests.k8s_render import K8S, render, rendered
+from tests.waiting import under_traffic
 
 pytestmark = pytest.mark.timeout(600)
 PROMPTS = [f"Kubernetes pod {i} asks the supernode about" for i in range(6)]
@@ -103,25 +104,11 @@ def _serving_at(cluster: LocalCluster, pod: str) -> float:
     return time.monotonic()
 
 
-def _until(condition, client: openai.OpenAI, timeout_s: float = 120.0) -> float:
-    """Keep 4 streams running through the gateway until ``condition()``; the moment it held."""
-    done, deadline = threading.Event(), time.monotonic() + timeout_s
-
-    def traffic(i: int) -> None:
-        while not done.is_set() and time.monotonic() < deadline:
-            assert _stream(client, PROMPTS[i], max_tokens=4)[1] == 4
-
-    with ThreadPoolExecutor(4) as pool:
-        workers = [pool.submit(traffic, i) for i in range(4)]
-        try:
-            while not condition():
-                assert time.monotonic() < deadline, "the condition did not hold while requests ran"
-                time.sleep(0.05)
-            return time.monotonic()
-        finally:
-            done.set()
-            for worker in workers:
-                worker.result()
+def _until(condition, client: openai.OpenAI) -> float:
+    """Short streams through the gateway until ``condition()``; the moment it held."""
+    def request(i: int) -> None:
+        assert _stream(client, PROMPTS[i], max_tokens=4)[1] == 4
+    return under_traffic(condition, request)
 
 
 def test_the_dev_overlay_boots_from_its_manifests_and_serves_a_streamed_completion(tmp_path):

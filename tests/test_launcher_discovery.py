@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -22,6 +20,7 @@ from cloudmatrix.launcher.bringup import bring_down, bring_up
 from cloudmatrix.launcher.processes import ProcessRecord, spawn, stop_all, wait_healthy
 from cloudmatrix.launcher.topology import ProcessSpec, parse_topology
 from cloudmatrix.rpc.channel import health_check_sync
+from tests.waiting import under_traffic
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -58,28 +57,15 @@ def _stored(record: ProcessRecord) -> int:
     return asyncio.run(stats())
 
 
-def _until(condition, client: openai.OpenAI, timeout_s: float = 120.0) -> float:
-    """Keep 4 streams running through the gateway until ``condition()``; the moment it held."""
-    done, deadline = threading.Event(), time.monotonic() + timeout_s
+def _until(condition, client: openai.OpenAI) -> float:
+    """Short completions through the gateway until ``condition()``; the moment it held."""
     model = client.models.list().data[0].id
 
-    def traffic(i: int) -> None:
-        while not done.is_set() and time.monotonic() < deadline:
-            reply = client.completions.create(model=model, prompt=f"A late process {i} and the pool", max_tokens=4,
-                                              temperature=0, extra_body={"ignore_eos": True})
-            assert reply.usage.completion_tokens == 4
-
-    with ThreadPoolExecutor(4) as pool:
-        workers = [pool.submit(traffic, i) for i in range(4)]
-        try:
-            while not condition():
-                assert time.monotonic() < deadline, "the condition did not hold while requests ran"
-                time.sleep(0.05)
-            return time.monotonic()
-        finally:
-            done.set()
-            for worker in workers:
-                worker.result()
+    def request(i: int) -> None:
+        reply = client.completions.create(model=model, prompt=f"A late process {i} and the pool", max_tokens=4,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 4
+    return under_traffic(condition, request)
 
 
 def test_processes_started_after_cmx_up_are_found_by_the_gateway_and_the_pool(tmp_path, tiny_checkpoint,

@@ -100,7 +100,7 @@ def test_the_launcher_gives_an_entry_s_endpoints_as_its_ready_files_and_starts_a
     spec = ProcessSpec("gateway-0", "gateway", "127.0.0.1", 0, None, ("decode={endpoints:decode}",))
     assert references(spec) == {"decode"}
     records = [ProcessRecord("decode-0", "decode", 1, "log", str(tmp_path / "ready" / "decode-0.json"))]
-    assert resolve(spec, records).overrides == (f"decode=ready:{tmp_path / 'ready' / 'decode'}",)
+    assert resolve(spec, records, tmp_path).overrides == (f"decode=ready:{tmp_path / 'ready' / 'decode'}",)
 
 
 def test_with_no_instance_in_its_snapshot_the_picker_looks_again_at_once(tmp_path):

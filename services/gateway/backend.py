@@ -75,24 +75,16 @@ class GrpcBackend:
         self.decodes: dict[str, DecodeClient] = {}
 
     def _prefill(self, address: str) -> PrefillClient:
-        if address not in self.prefills:
-            self.prefills[address] = PrefillClient(address, self.options)
-        return self.prefills[address]
+        return self.prefills.get(address) or self.prefills.setdefault(address, PrefillClient(address, self.options))
 
     def _decode(self, address: str) -> DecodeClient:
-        if address not in self.decodes:
-            self.decodes[address] = DecodeClient(address, self.options)
-        return self.decodes[address]
+        return self.decodes.get(address) or self.decodes.setdefault(address, DecodeClient(address, self.options))
 
     async def retire_prefill(self, address: str) -> None:
-        client = self.prefills.pop(address, None)
-        if client is not None:
-            await client.close()
+        await _close(self.prefills.pop(address, None))
 
     async def retire_decode(self, address: str) -> None:
-        client = self.decodes.pop(address, None)
-        if client is not None:
-            await client.close()
+        await _close(self.decodes.pop(address, None))
 
     async def prefill(self, address: str, p: Prepared, timeout_s: float) -> AsyncIterator[PrefillOutcome]:
         """The first token as soon as the instance computed it (``kv`` None), then the outcome with
@@ -137,3 +129,8 @@ class GrpcBackend:
             await client.close()
         self.prefills.clear()
         self.decodes.clear()
+
+
+async def _close(client: PrefillClient | DecodeClient | None) -> None:
+    if client is not None:
+        await client.close()

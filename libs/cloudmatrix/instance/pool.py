@@ -8,7 +8,7 @@ from __future__ import annotations
 from cloudmatrix.instance.settings import InstanceSettings
 from cloudmatrix.kvcache import KvPoolClient
 from cloudmatrix.kvcache.membership import Membership
-from cloudmatrix.rpc.discovery import Discovery
+from cloudmatrix.rpc.discovery import dynamic
 
 START_TIMEOUT_S = 90.0  # an instance waits this long for a first shard, before it listens; then it
                         # exits naming the source (in Kubernetes, within the startup probe's 120 s)
@@ -17,7 +17,7 @@ START_TIMEOUT_S = 90.0  # an instance waits this long for a first shard, before 
 async def open_pool(settings: InstanceSettings) -> KvPoolClient | None:
     if not settings.kvcache:
         return None
-    if not Discovery(settings.kvcache, "kvcache").dynamic:
+    if not dynamic(settings.kvcache):
         shards = list(settings.kvcache)
         return KvPoolClient(shards, replication=min(settings.replication, len(shards)))
     membership = Membership(settings.kvcache, leave_after_s=settings.pool_leave_after_s)

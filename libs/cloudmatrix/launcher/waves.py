@@ -57,8 +57,9 @@ def resolve(spec: ProcessSpec, records: list[ProcessRecord], run_dir: Path | Non
     {endpoints:X} by the source that finds X's SERVING processes from their ready files."""
     def addresses(match: re.Match) -> str:
         if match.group(1) == "endpoints":
-            ready = ready_dir(run_dir) if run_dir is not None else Path(records[0].ready_file).parent
-            return f"ready:{ready / match.group(2)}"
+            if run_dir is None:
+                raise ValueError(f"{spec.name}: {{endpoints:{match.group(2)}}} needs the run directory")
+            return f"ready:{ready_dir(run_dir) / match.group(2)}"
         return ",".join(r.address for r in records if entry_of(r.name) == match.group(2))
     overrides = tuple(_REF.sub(addresses, o) for o in spec.overrides)
     return ProcessSpec(spec.name, spec.service, spec.host, spec.port, spec.config, overrides)

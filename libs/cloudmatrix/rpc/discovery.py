@@ -54,6 +54,11 @@ def _dynamic(spec: str) -> bool:
     return spec.startswith((DNS, READY))
 
 
+def dynamic(sources: tuple[str, ...]) -> bool:
+    """True when some source is read again at every resolve (dns:, ready:)."""
+    return any(_dynamic(s) for s in sources)
+
+
 class Discovery:
     """The current addresses of a list of sources (``parse_sources``), in source order."""
 
@@ -64,8 +69,7 @@ class Discovery:
 
     @property
     def dynamic(self) -> bool:
-        """True when some source is read again at every resolve (dns:, ready:)."""
-        return any(_dynamic(s) for s in self.sources)
+        return dynamic(self.sources)
 
     async def resolve(self) -> tuple[str, ...]:
         found: list[str] = []
